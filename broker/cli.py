@@ -1,0 +1,111 @@
+"""The ``broker`` command: a thin shell over :class:`~broker.config.Config` and :class:`Broker`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from broker import __version__
+from broker.config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, load_config
+from broker.logs import setup_logging
+from broker.server import Broker
+
+log = logging.getLogger("broker")
+
+DESCRIPTION = """\
+A Trio pub/sub broker. WebSocket clients subscribe to topics (NATS-style patterns with
+'*' and '>') and receive every message published to them, msgpack- or JSON-encoded,
+with bounded queues and a per-topic policy for slow subscribers."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for ``broker`` and its subcommands."""
+    parser = argparse.ArgumentParser(prog="broker", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the broker daemon",
+        description="Run the broker until SIGINT or SIGTERM, then drain and exit 0. "
+        "With no config file it listens on 127.0.0.1:8765 with the documented defaults. "
+        "Flags override the file.",
+    )
+    serve.add_argument("--config", metavar="PATH", help="TOML config file (see config/broker.toml)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port to listen on; 0 picks a free one "
+                       "(default 8765)")  # fmt: skip
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, help="default: text")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the config file named by ``--config`` and apply the flags over it."""
+    config = load_config(args.config)
+    server = config.server
+    if args.host is not None:
+        server = dataclasses.replace(server, host=args.host)
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError(f"--port: {args.port} is not a TCP port (0..65535)")
+        server = dataclasses.replace(server, port=args.port)
+    log_config = config.log
+    if args.log_level is not None:
+        log_config = dataclasses.replace(log_config, level=args.log_level)
+    if args.log_format is not None:
+        log_config = dataclasses.replace(log_config, format=args.log_format)
+    return config.replace(server=server, log=log_config)
+
+
+async def run_until_signalled(broker: Broker) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal stops at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+            async for signum in signals:
+                if broker.shutting_down:
+                    log.warning("second %s: stopping without draining", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+                log.info("received %s", signal.Signals(signum).name)
+                broker.shutdown()
+                nursery.start_soon(_stop_listening_for_signals, nursery, broker)
+
+    log.info("bye")
+
+
+async def _stop_listening_for_signals(nursery: trio.Nursery, broker: Broker) -> None:
+    await broker.wait_stopped()
+    nursery.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``broker`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"broker: config error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level, config.log.format)
+    status = 0
+    try:
+        trio.run(run_until_signalled, Broker(config))
+    except* OSError as group:
+        error = _first_leaf(group)
+        where = f"{config.server.host}:{config.server.port}"
+        print(f"broker: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
+        status = 1
+    return status
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -1,0 +1,260 @@
+"""One client connection: a nursery holding a reader, a writer and a keep-alive task.
+
+- The **reader** decodes each WebSocket message into frames and executes them in order:
+  ``sub``/``unsub`` change the hub, ``pub`` awaits :meth:`Hub.publish` (so a ``block``
+  policy slows this publisher's reads, and TCP pushes back on it). Bad frames are answered
+  with ``err``; ``max_bad_frames`` of them in a row close the connection with 4008.
+- The **writer** waits for the outbound queue, takes everything in it (up to
+  ``max_message_size``) and sends it as one WebSocket message: idle connections get each
+  message at once, busy ones get batches, and nothing waits on a timer.
+- The **keep-alive** pings every ``ping_interval`` and closes a peer that does not answer
+  within ``ping_timeout``.
+
+Closing is a request (:meth:`Connection.close`): the writer flushes or discards what is
+queued, sends the close frame, and the nursery ends. Whatever ends it, the subscriptions are
+removed from the hub on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from broker.frames import (
+    Command,
+    Encoding,
+    ErrorCode,
+    FrameError,
+    Pub,
+    Sub,
+    decode_batch,
+    encode_err,
+    encode_lag,
+    encode_ok,
+    join_batch,
+)
+from broker.hub import Hub, Subscription
+from broker.outbound import OutboundQueue
+
+log = logging.getLogger("broker.connection")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_BIG = 1009
+CLOSE_SLOW_CONSUMER = 4002
+CLOSE_FORBIDDEN = 4003
+CLOSE_POLICY = 4008
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """The per-connection limits a :class:`Connection` enforces."""
+
+    max_subscriptions: int = 1024
+    queue_messages: int = 1024
+    queue_bytes: int = 8 * 1024 * 1024
+    max_payload: int = 1024 * 1024
+    max_bad_frames: int = 10
+    max_message_size: int = 1024 * 1024
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    close_timeout: float = 5.0
+
+
+class Connection:
+    """Serves one accepted WebSocket until either side closes it (see the module doc)."""
+
+    def __init__(
+        self,
+        websocket: WebSocketConnection,
+        encoding: Encoding,
+        hub: Hub,
+        limits: ConnectionLimits,
+        peer: str,
+    ) -> None:
+        self.websocket = websocket
+        self._encoding = encoding
+        self.hub = hub
+        self.limits = limits
+        self.peer = peer
+        self._queue = OutboundQueue(limits.queue_messages, limits.queue_bytes)
+        self.subscriptions: dict[str, Subscription] = {}
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._send_scope: trio.CancelScope | None = None
+        self._bad_in_a_row = 0
+
+    @property
+    def queue(self) -> OutboundQueue:
+        """This connection's outbound queue."""
+        return self._queue
+
+    @property
+    def encoding(self) -> Encoding:
+        """The encoding negotiated at the handshake."""
+        return self._encoding
+
+    # --- closing ---
+
+    def close(self, code: int, reason: str, *, flush: bool = True) -> None:
+        """Ask the connection to close with ``code``; the first request wins. Never blocks.
+
+        With ``flush``, what is already queued is sent first (bounded by ``close_timeout``
+        or, on shutdown, the drain timeout); without, it is discarded.
+        """
+        if self.close_code is not None:
+            return
+        self.close_code, self.close_reason = code, reason
+        if not flush:
+            self._queue.clear()
+        self._queue.close()
+        if self._send_scope is not None:  # a write in progress gets close_timeout to finish
+            self._send_scope.deadline = trio.current_time() + self.limits.close_timeout
+
+    def close_slow_consumer(self, why: str) -> None:
+        """Close with 4002, discarding what is queued (called by the hub)."""
+        if self.close_code is None:
+            log.warning("slow consumer peer=%s: %s; closing with 4002", self.peer, why)
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer", flush=False)
+
+    # --- the connection's life ---
+
+    async def serve(self) -> None:
+        """Run the reader, writer and keep-alive until the connection ends, then clean up."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self._keepalive_loop)
+                await self._write_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            for subscription in self.subscriptions.values():
+                self.hub.unsubscribe(subscription)
+            self._queue.close()
+            self._queue.clear()
+        await self._send_close()
+
+    async def _send_close(self) -> None:
+        if self.websocket.closed is not None:
+            return  # the peer closed first, or the socket died
+        code = self.close_code if self.close_code is not None else CLOSE_NORMAL
+        with trio.move_on_after(self.limits.close_timeout):
+            await self.websocket.aclose(code, self.close_reason or None)
+
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        encoding = self._encoding
+        while True:
+            await queue.wait_batch()
+            batch = queue.take_batch(self.limits.max_message_size)
+            if not batch.frames and not batch.lags:
+                return  # closed, and flushed or discarded
+            frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
+            frames += batch.frames
+            with trio.CancelScope() as scope:
+                self._send_scope = scope
+                if self.close_code is not None:
+                    scope.deadline = trio.current_time() + self.limits.close_timeout
+                try:
+                    await self.websocket.send_message(join_batch(frames, encoding))
+                except ConnectionClosed:
+                    return
+                finally:
+                    self._send_scope = None
+            if scope.cancelled_caught:
+                return  # the peer stopped reading while we were closing
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                message = await self.websocket.get_message()
+                for item in decode_batch(message, self._encoding):
+                    if isinstance(item, FrameError):
+                        if self._refuse(item):
+                            return
+                    else:
+                        self._bad_in_a_row = 0
+                        try:
+                            await self._execute(item)
+                        except Exception:
+                            log.exception("peer=%s: internal error on %r", self.peer, item)
+                            self._reply_error(
+                                FrameError(ErrorCode.INTERNAL, "internal error", item.id)
+                            )
+                    if self._queue.closed:
+                        return
+                await self._queue.wait_reply_room()
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            if reason is not None and reason.code == CLOSE_TOO_BIG:
+                self.close(CLOSE_TOO_BIG, "message too big")
+            elif self.close_code is None:
+                code = reason.code if reason is not None else 1006
+                self.close(code, f"closed by peer ({code})", flush=False)
+
+    def _refuse(self, error: FrameError) -> bool:
+        """Answer a bad frame; True if this was one too many in a row."""
+        self._reply_error(error)
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row >= self.limits.max_bad_frames:
+            log.info("peer=%s sent %d bad frames in a row", self.peer, self._bad_in_a_row)
+            self.close(CLOSE_POLICY, f"{self._bad_in_a_row} bad frames in a row")
+            return True
+        return False
+
+    async def _execute(self, command: Command) -> None:
+        if isinstance(command, Pub):
+            if command.size > self.limits.max_payload:
+                self._reply_error(
+                    FrameError(
+                        ErrorCode.TOO_LARGE,
+                        f"publish of {command.size} bytes exceeds max_payload "
+                        f"({self.limits.max_payload})",
+                        command.id,
+                    )
+                )
+                return
+            await self.hub.publish(command.topic, command.data)
+            if command.id is not None:
+                self._queue.put_reply(encode_ok(command.id, self._encoding))
+        elif isinstance(command, Sub):
+            if command.topic not in self.subscriptions:
+                if len(self.subscriptions) >= self.limits.max_subscriptions:
+                    self._reply_error(
+                        FrameError(
+                            ErrorCode.TOO_MANY_SUBS,
+                            f"at most {self.limits.max_subscriptions} subscriptions per connection",
+                            command.id,
+                        )
+                    )
+                    return
+                subscription = Subscription(self, command.topic)
+                self.subscriptions[command.topic] = subscription
+                self.hub.subscribe(subscription)
+            self._queue.put_reply(encode_ok(command.id, self._encoding))
+        else:
+            dropped = self.subscriptions.pop(command.topic, None)
+            if dropped is not None:
+                self.hub.unsubscribe(dropped)
+            self._queue.put_reply(encode_ok(command.id, self._encoding))
+
+    def _reply_error(self, error: FrameError) -> None:
+        log.debug("peer=%s err %s: %s", self.peer, error.code, error.msg)
+        self._queue.put_reply(encode_err(error, self._encoding))
+
+    async def _keepalive_loop(self) -> None:
+        interval, timeout = self.limits.ping_interval, self.limits.ping_timeout
+        try:
+            while True:
+                await trio.sleep(interval)
+                with trio.move_on_after(timeout) as scope:
+                    await self.websocket.ping()
+                if scope.cancelled_caught:
+                    log.info("peer=%s did not answer a ping within %g s", self.peer, timeout)
+                    self.close(CLOSE_GOING_AWAY, "ping timeout", flush=False)
+                    return
+        except ConnectionClosed:
+            return

@@ -1,0 +1,286 @@
+"""The wire codec, sans I/O: WebSocket messages in, validated commands out; frames out as bytes.
+
+One WebSocket message carries one frame or a batch: consecutive msgpack values, or JSON
+objects one per line. :func:`decode_batch` turns a message into a list of commands and
+:class:`FrameError` values, in order, so the connection answers each bad frame and carries
+on with the rest. Everything outbound is encoded here too, and a published message is encoded
+once per encoding (:func:`encode_message_body`); only the short per-subscription tail
+(:func:`encode_message_tail`) differs between subscribers.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from broker.topics import InvalidTopic, validate_pattern, validate_topic
+
+MAX_ID = 2**64 - 1
+
+
+class Encoding(enum.Enum):
+    """A connection's encoding, named by its WebSocket subprotocol."""
+
+    MSGPACK = "pubsub.v1.msgpack"
+    JSON = "pubsub.v1.json"
+
+    @property
+    def binary(self) -> bool:
+        """True if frames travel in binary WebSocket messages."""
+        return self is Encoding.MSGPACK
+
+
+SUBPROTOCOLS: Final = tuple(encoding.value for encoding in Encoding)
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` of an ``err`` frame, as fixed by the protocol."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    INVALID_TOPIC = "invalid_topic"
+    FORBIDDEN = "forbidden"
+    TOO_LARGE = "too_large"
+    TOO_MANY_SUBS = "too_many_subs"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class Sub:
+    """``sub``: subscribe to a (valid) pattern."""
+
+    id: int
+    topic: str
+    since: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsub:
+    """``unsub``: drop the subscription made with exactly this pattern."""
+
+    id: int
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pub:
+    """``pub``: publish ``data`` to a concrete topic; ``size`` is the frame's encoded size."""
+
+    id: int | None
+    topic: str
+    data: Any
+    size: int
+
+
+Command = Sub | Unsub | Pub
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """A frame that cannot be executed: answer it with ``err`` and go on."""
+
+    code: ErrorCode
+    msg: str
+    id: int | None = None
+
+
+def decode_batch(message: bytes | str, encoding: Encoding) -> list[Command | FrameError]:
+    """Decode one WebSocket message into its frames, each a command or a :class:`FrameError`.
+
+    Frames are returned in order. Bytes that do not decode end the batch with a single
+    ``bad_request`` for the undecodable rest; frames decoded before them still count.
+    """
+    if encoding is Encoding.MSGPACK:
+        if not isinstance(message, bytes):
+            return [FrameError(ErrorCode.BAD_REQUEST, "text message on the msgpack subprotocol")]
+        return _decode_msgpack(message)
+    if not isinstance(message, str):
+        return [FrameError(ErrorCode.BAD_REQUEST, "binary message on the json subprotocol")]
+    return _decode_json(message)
+
+
+def _decode_msgpack(message: bytes) -> list[Command | FrameError]:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(message))
+    unpacker.feed(message)
+    frames: list[Command | FrameError] = []
+    start = 0
+    while True:
+        try:
+            value = unpacker.unpack()
+        except msgpack.OutOfData:
+            if start < len(message):
+                frames.append(_undecodable(len(message) - start, "truncated msgpack value"))
+            return frames
+        except Exception as exc:  # msgpack raises several types for malformed input
+            frames.append(_undecodable(len(message) - start, str(exc) or type(exc).__name__))
+            return frames
+        end = unpacker.tell()
+        frames.append(validate_frame(value, end - start))
+        start = end
+
+
+def _decode_json(message: str) -> list[Command | FrameError]:
+    frames: list[Command | FrameError] = []
+    lines = message.split("\n")
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            rest = sum(len(rest_line) + 1 for rest_line in lines[index:]) - 1
+            frames.append(_undecodable(rest, f"invalid JSON: {exc}"))
+            return frames
+        frames.append(validate_frame(value, len(line)))
+    return frames
+
+
+def _undecodable(size: int, why: str) -> FrameError:
+    return FrameError(ErrorCode.BAD_REQUEST, f"undecodable frame ({size} bytes dropped): {why}")
+
+
+def validate_frame(value: Any, size: int) -> Command | FrameError:
+    """Check one decoded frame against the protocol and build its command."""
+    if not isinstance(value, dict):
+        return FrameError(ErrorCode.BAD_REQUEST, f"a frame must be a map, not {_kind(value)}")
+    raw_id = value.get("id")
+    frame_id: int | None = None
+    if raw_id is not None:
+        if type(raw_id) is not int or not 0 <= raw_id <= MAX_ID:
+            return FrameError(ErrorCode.BAD_REQUEST, "'id' must be an unsigned 64-bit integer")
+        frame_id = raw_id
+    op = value.get("op")
+    if not isinstance(op, str):
+        return FrameError(ErrorCode.BAD_REQUEST, "missing 'op' (a string)", frame_id)
+    if op not in ("sub", "unsub", "pub"):
+        return FrameError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", frame_id)
+    if op != "pub" and frame_id is None:
+        return FrameError(ErrorCode.BAD_REQUEST, f"'{op}' needs an 'id'")
+    topic = value.get("topic")
+    if not isinstance(topic, str):
+        return FrameError(ErrorCode.BAD_REQUEST, "missing 'topic' (a string)", frame_id)
+    try:
+        if op == "pub":
+            validate_topic(topic)
+        else:
+            validate_pattern(topic)
+    except InvalidTopic as exc:
+        return FrameError(ErrorCode.INVALID_TOPIC, str(exc), frame_id)
+    if op == "pub":
+        if "data" not in value:
+            return FrameError(ErrorCode.BAD_REQUEST, "'pub' needs 'data'", frame_id)
+        return Pub(frame_id, topic, value["data"], size)
+    assert frame_id is not None
+    if op == "sub":
+        return Sub(frame_id, topic, value.get("since"))
+    return Unsub(frame_id, topic)
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bytes: "binary", int: "an integer"}.get(
+        type(value), type(value).__name__
+    )
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def encode_frame(frame: dict[str, Any], encoding: Encoding) -> bytes:
+    """Encode one control frame (``ok``, ``err``, ``lag``)."""
+    if encoding is Encoding.MSGPACK:
+        return _pack(frame)
+    return _json_dumps(frame).encode()
+
+
+def encode_ok(frame_id: int, encoding: Encoding, **fields: Any) -> bytes:
+    """Encode ``ok`` for the command with ``frame_id``, with any extra fields."""
+    return encode_frame({"op": "ok", "id": frame_id, **fields}, encoding)
+
+
+def encode_err(error: FrameError, encoding: Encoding) -> bytes:
+    """Encode ``err`` for ``error``; ``id`` is left out when the bad frame had none."""
+    frame: dict[str, Any] = {"op": "err", "code": str(error.code), "msg": error.msg}
+    if error.id is not None:
+        frame["id"] = error.id
+    return encode_frame(frame, encoding)
+
+
+def encode_lag(pattern: str, dropped: int, encoding: Encoding) -> bytes:
+    """Encode ``lag``: ``dropped`` messages for subscription ``pattern`` were dropped."""
+    return encode_frame({"op": "lag", "sub": pattern, "dropped": dropped}, encoding)
+
+
+def _pack(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value)
+    return packed
+
+
+_MSGPACK_BODY_HEAD: Final = b"\x84" + _pack("op") + _pack("msg")
+_MSGPACK_TOPIC_KEY: Final = _pack("topic")
+_MSGPACK_DATA_KEY: Final = _pack("data")
+_MSGPACK_SUB_KEY: Final = _pack("sub")
+
+
+def encode_message_body(topic: str, data: Any, encoding: Encoding) -> bytes:
+    """Encode the shared part of a ``msg`` frame: everything except ``sub``.
+
+    ``body + encode_message_tail(pattern, encoding)`` is one complete ``msg`` frame.
+    """
+    if encoding is Encoding.MSGPACK:
+        return b"".join(
+            (_MSGPACK_BODY_HEAD, _MSGPACK_TOPIC_KEY, _pack(topic), _MSGPACK_DATA_KEY,
+             _pack(data))
+        )  # fmt: skip
+    return f'{{"op":"msg","topic":{_json_dumps(topic)},"data":{_json_dumps(data)},'.encode()
+
+
+def encode_message_tail(pattern: str, encoding: Encoding) -> bytes:
+    """Encode the per-subscription part of a ``msg`` frame (its ``sub``), once per subscription."""
+    if encoding is Encoding.MSGPACK:
+        return _MSGPACK_SUB_KEY + _pack(pattern)
+    return f'"sub":{_json_dumps(pattern)}}}'.encode()
+
+
+def join_batch(frames: list[bytes], encoding: Encoding) -> bytes | str:
+    """Join encoded frames into the payload of one WebSocket message."""
+    if encoding is Encoding.MSGPACK:
+        return b"".join(frames)
+    return b"\n".join(frames).decode()
+
+
+def _json_dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_jsonable(value), separators=(",", ":"), ensure_ascii=False)
+
+
+def _jsonable(value: Any) -> Any:
+    """Map msgpack-only values onto JSON: bytes become base64 strings, keys become strings."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {_json_key(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return repr(value)  # msgpack ext types and timestamps have no JSON form
+
+
+def _json_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "backslashreplace")
+    return json.dumps(_jsonable(key))

@@ -1,0 +1,267 @@
+"""A subscriber connection's bounded outbound queue and the ``on_full`` policies.
+
+The queue holds encoded frames waiting for the connection's writer. Messages (``msg``) are
+bounded by count and bytes; when a message does not fit, the topic's policy decides:
+
+=============== ===========================================================================
+``block``       :meth:`OutboundQueue.offer` answers ``FULL``; the publisher waits for room
+                (:meth:`OutboundQueue.wait_room`) and gives up on the subscriber after
+                ``slow_timeout`` of continuous fullness.
+``drop_oldest`` the oldest queued messages *of the same subscription* make room; if it has
+                none queued, the new message is dropped instead.
+``drop_newest`` the new message is dropped.
+``conflate``    the new message replaces the queued one of the same subscription and topic;
+                without one, as ``drop_oldest``.
+``disconnect``  :meth:`OutboundQueue.offer` answers ``DISCONNECT``: close the subscriber.
+=============== ===========================================================================
+
+A policy never evicts another subscription's messages, so a flood on one subscription cannot
+cost a quiet one its messages. Every dropped or replaced message is counted per subscription
+and reported by the writer as one ``lag`` frame ahead of the next batch. Replies (``ok``,
+``err``) are never dropped; their own bound stops the reader of a client that does not read
+its replies. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+
+
+class Policy(enum.StrEnum):
+    """What happens to a message for a subscriber whose queue is full."""
+
+    BLOCK = "block"
+    DROP_OLDEST = "drop_oldest"
+    DROP_NEWEST = "drop_newest"
+    CONFLATE = "conflate"
+    DISCONNECT = "disconnect"
+
+
+class Offer(enum.Enum):
+    """The outcome of :meth:`OutboundQueue.offer`."""
+
+    QUEUED = "queued"  # in the queue (possibly after evicting or replacing older messages)
+    DROPPED = "dropped"  # not queued; counted as lag
+    FULL = "full"  # block policy: wait for room, then offer again
+    DISCONNECT = "disconnect"  # disconnect policy: the subscriber must be closed
+    CLOSED = "closed"  # the queue is closed; the subscriber is going away
+
+
+@dataclass(slots=True)
+class _Entry:
+    frame: bytes
+    tail: bytes  # the per-subscription part of a msg frame; b"" for replies
+    sub: str | None  # subscription pattern; None for replies
+    topic: str
+    live: bool = True
+
+    @property
+    def size(self) -> int:
+        return len(self.frame) + len(self.tail)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What the writer sends next: lag counts per subscription, then frames in queue order."""
+
+    lags: dict[str, int]
+    frames: list[bytes]
+
+
+class OutboundQueue:
+    """A bounded queue of encoded frames with per-topic full policies (see the module doc)."""
+
+    def __init__(self, max_messages: int, max_bytes: int, max_replies: int | None = None) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_replies = max_replies if max_replies is not None else max_messages
+        self._entries: deque[_Entry] = deque()
+        self._dead = 0  # evicted entries still in _entries (removed lazily)
+        self._messages = 0
+        self._replies = 0
+        self._bytes = 0
+        self._evictable: dict[str, deque[_Entry]] = {}  # per subscription, oldest first
+        self._latest: dict[tuple[str, str], _Entry] = {}  # conflate: (sub, topic) -> entry
+        self._lags: dict[str, int] = {}
+        self._closed = False
+        self._readable = trio.Event()
+        self._room = trio.Event()
+        self.full_since: float | None = None
+        self.dropped_total = 0
+
+    # --- state ---
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def __len__(self) -> int:
+        return self._messages + self._replies
+
+    def statistics(self) -> dict[str, int]:
+        """Current depth and totals, for logs and metrics."""
+        return {
+            "messages": self._messages,
+            "replies": self._replies,
+            "bytes": self._bytes,
+            "dropped_total": self.dropped_total,
+        }
+
+    def _fits(self, size: int) -> bool:
+        if self._messages == 0:
+            return True  # an oversized message still passes through an empty queue
+        return self._messages < self.max_messages and self._bytes + size <= self.max_bytes
+
+    # --- producers ---
+
+    def put_reply(self, frame: bytes) -> None:
+        """Queue a reply frame. Never dropped; see :meth:`wait_reply_room` for the bound."""
+        if self._closed:
+            return
+        self._entries.append(_Entry(frame, b"", None, ""))
+        self._replies += 1
+        self._bytes += len(frame)
+        self._readable.set()
+
+    def offer(self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy) -> Offer:
+        """Try to queue ``frame + tail``, a message of ``topic`` for subscription ``sub``."""
+        if self._closed:
+            return Offer.CLOSED
+        entry = _Entry(frame, tail, sub, topic)
+        if self._fits(entry.size):
+            self._append(entry, policy)
+            return Offer.QUEUED
+        if policy is Policy.BLOCK:
+            return Offer.FULL
+        if policy is Policy.DISCONNECT:
+            return Offer.DISCONNECT
+        if policy is Policy.CONFLATE:
+            queued = self._latest.get((sub, topic))
+            if queued is not None:
+                self._bytes += entry.size - queued.size
+                queued.frame, queued.tail = frame, tail
+                self._count_lag(sub)
+                return Offer.QUEUED
+        if policy is not Policy.DROP_NEWEST:
+            own = self._evictable.get(sub)
+            while own and not self._fits(entry.size):
+                self._evict(own.popleft())
+            if self._fits(entry.size):
+                self._append(entry, policy)
+                return Offer.QUEUED
+        self._count_lag(sub)
+        return Offer.DROPPED
+
+    def _append(self, entry: _Entry, policy: Policy) -> None:
+        self._entries.append(entry)
+        self._messages += 1
+        self._bytes += entry.size
+        assert entry.sub is not None
+        if policy is Policy.DROP_OLDEST or policy is Policy.CONFLATE:
+            self._evictable.setdefault(entry.sub, deque()).append(entry)
+            if policy is Policy.CONFLATE:
+                self._latest[(entry.sub, entry.topic)] = entry
+        self._readable.set()
+
+    def _evict(self, entry: _Entry) -> None:
+        assert entry.sub is not None
+        entry.live = False
+        self._dead += 1
+        self._messages -= 1
+        self._bytes -= entry.size
+        if self._latest.get((entry.sub, entry.topic)) is entry:
+            del self._latest[(entry.sub, entry.topic)]
+        self._count_lag(entry.sub)
+        if self._dead > 64 and self._dead > len(self._entries) // 2:
+            self._entries = deque(e for e in self._entries if e.live)
+            self._dead = 0
+
+    def _count_lag(self, sub: str) -> None:
+        self._lags[sub] = self._lags.get(sub, 0) + 1
+        self.dropped_total += 1
+        self._readable.set()  # a lag notice is worth a write even with nothing else queued
+
+    # --- waiting ---
+
+    async def wait_room(self) -> None:
+        """Wait until the writer takes a batch (or the queue closes)."""
+        if self._closed:
+            return
+        if self.full_since is None:
+            self.full_since = trio.current_time()
+        await self._room.wait()
+
+    async def wait_reply_room(self) -> None:
+        """Wait while more than ``max_replies`` replies are queued (the client is not reading)."""
+        while self._replies >= self.max_replies and not self._closed:
+            await self._room.wait()
+
+    async def wait_batch(self) -> None:
+        """Wait until there is something to write, or the queue is closed."""
+        while not (self._messages or self._replies or self._lags or self._closed):
+            await self._readable.wait()
+
+    # --- consumer ---
+
+    def take_batch(self, max_bytes: int) -> Batch:
+        """Take lag counts and the oldest frames, up to ``max_bytes`` (at least one frame)."""
+        frames: list[bytes] = []
+        taken = 0
+        entries = self._entries
+        while entries:
+            entry = entries[0]
+            if not entry.live:
+                entries.popleft()
+                self._dead -= 1
+                continue
+            size = entry.size
+            if frames and taken + size > max_bytes:
+                break
+            entries.popleft()
+            taken += size
+            frames.append(entry.frame)
+            if entry.tail:
+                frames[-1] += entry.tail
+            if entry.sub is None:
+                self._replies -= 1
+            else:
+                self._messages -= 1
+                self._forget(entry)
+        self._bytes -= taken
+        lags, self._lags = self._lags, {}
+        self._readable = trio.Event()
+        if self._messages or self._replies:
+            self._readable.set()
+        self.full_since = None
+        self._room.set()
+        self._room = trio.Event()
+        return Batch(lags, frames)
+
+    def _forget(self, entry: _Entry) -> None:
+        assert entry.sub is not None
+        own = self._evictable.get(entry.sub)
+        if own and own[0] is entry:
+            own.popleft()
+            if not own:
+                del self._evictable[entry.sub]
+        if self._latest.get((entry.sub, entry.topic)) is entry:
+            del self._latest[(entry.sub, entry.topic)]
+
+    def close(self) -> None:
+        """Refuse new frames and wake every waiter; what is queued can still be taken."""
+        self._closed = True
+        self._readable.set()
+        self._room.set()
+
+    def clear(self) -> None:
+        """Discard everything queued (a closing slow consumer gets no more messages)."""
+        self._entries.clear()
+        self._evictable.clear()
+        self._latest.clear()
+        self._lags.clear()
+        self._messages = self._replies = self._bytes = self._dead = 0

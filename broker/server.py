@@ -1,0 +1,180 @@
+"""The broker: a nursery holding the WebSocket listener and one task per client connection.
+
+:meth:`Broker.serve` listens, negotiates each handshake (the subprotocol picks the
+encoding), and runs a :class:`~broker.connection.Connection` per client. :meth:`Broker.shutdown`
+stops accepting, lets every connection flush what is queued for up to ``drain_timeout``,
+closes each with 1001, and lets :meth:`serve` return.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
+
+from broker.config import Config
+from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
+from broker.frames import SUBPROTOCOLS, Encoding
+from broker.hub import Hub, PolicyTable
+
+log = logging.getLogger("broker.server")
+
+
+def choose_encoding(offered: tuple[str, ...]) -> Encoding | None:
+    """The encoding for the subprotocols a client offered: its first known one, msgpack if none.
+
+    ``None`` means the client offered only subprotocols this broker does not speak.
+    """
+    if not offered:
+        return Encoding.MSGPACK
+    for name in offered:
+        if name in SUBPROTOCOLS:
+            return Encoding(name)
+    return None
+
+
+class Broker:
+    """A single-node broker; run :meth:`serve` in a nursery (``await nursery.start(...)``)."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else Config()
+        limits, server = self.config.limits, self.config.server
+        self.hub = Hub(PolicyTable(self.config.topics), limits.slow_timeout)
+        self.connection_limits = ConnectionLimits(
+            max_subscriptions=limits.max_subscriptions,
+            queue_messages=limits.queue_messages,
+            queue_bytes=limits.queue_bytes,
+            max_payload=limits.max_payload,
+            max_bad_frames=limits.max_bad_frames,
+            max_message_size=server.max_message_size,
+            ping_interval=server.ping_interval,
+            ping_timeout=server.ping_timeout,
+            close_timeout=server.drain_timeout,
+        )
+        self.connections: set[Connection] = set()
+        self.port: int | None = None
+        self._shutdown = trio.Event()
+        self._connection_ended = trio.Event()
+        self._stopped = trio.Event()
+
+    @property
+    def url(self) -> str:
+        """The ``ws://`` URL clients connect to (once :meth:`serve` has started)."""
+        if self.port is None:
+            raise RuntimeError("the broker is not listening yet")
+        host = self.config.server.host
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{self.port}/"
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; :meth:`serve` returns once it is done."""
+        self._shutdown.set()
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once :meth:`shutdown` was called."""
+        return self._shutdown.is_set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`serve` has returned."""
+        await self._stopped.wait()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until :meth:`shutdown`; reports ``self`` once listening."""
+        server = self.config.server
+        async with trio.open_nursery() as nursery:
+            listener_scope = trio.CancelScope()
+
+            async def listen(*, task_status: trio.TaskStatus[WebSocketServer]) -> None:
+                with listener_scope:
+                    await serve_websocket(
+                        self._handle,
+                        server.host,
+                        server.port,
+                        None,
+                        handler_nursery=nursery,
+                        max_message_size=server.max_message_size,
+                        receive_buffer_size=None,
+                        connect_timeout=server.handshake_timeout,
+                        disconnect_timeout=server.drain_timeout,
+                        task_status=task_status,
+                    )
+
+            ws_server: WebSocketServer = await nursery.start(listen)
+            endpoint = ws_server.listeners[0]
+            assert not isinstance(endpoint, str)
+            self.port = endpoint.port
+            self._log_startup()
+            task_status.started(self)
+            await self._shutdown.wait()
+            listener_scope.cancel()
+            await self._drain()
+            nursery.cancel_scope.cancel()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def _drain(self) -> None:
+        timeout = self.config.server.drain_timeout
+        log.info(
+            "shutting down: closing %d connection(s) with 1001, draining for up to %g s",
+            len(self.connections),
+            timeout,
+        )
+        for connection in list(self.connections):
+            connection.close(CLOSE_GOING_AWAY, "server shutting down")
+        with trio.move_on_after(2 * timeout):  # a flush, then the closing handshake
+            while self.connections:
+                await self._connection_ended.wait()
+                self._connection_ended = trio.Event()
+
+    def _log_startup(self) -> None:
+        config = self.config
+        rules = ", ".join(f"{rule.pattern}={rule.on_full}" for rule in config.topics) or "none"
+        log.info(
+            "listening on %s (config: %s; on_full: %s, default block; slow_timeout %g s)",
+            self.url,
+            config.path or "defaults",
+            rules,
+            config.limits.slow_timeout,
+        )
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        remote = request.remote
+        peer = f"{remote.address}:{remote.port}" if not isinstance(remote, str) else remote
+        encoding = choose_encoding(request.proposed_subprotocols)
+        if encoding is None:
+            offered = ", ".join(request.proposed_subprotocols)
+            log.info("rejected peer=%s: unsupported subprotocol(s) %s", peer, offered)
+            await request.reject(
+                400,
+                body=f"unsupported subprotocol; offer one of {', '.join(SUBPROTOCOLS)}\n".encode(),
+            )
+            return
+        if self._shutdown.is_set():
+            await request.reject(503, body=b"shutting down\n")
+            return
+        subprotocol = encoding.value if request.proposed_subprotocols else None
+        websocket = await request.accept(subprotocol=subprotocol)
+        connection = Connection(websocket, encoding, self.hub, self.connection_limits, peer)
+        self.connections.add(connection)
+        log.info("connect peer=%s encoding=%s", peer, encoding.value)
+        started = trio.current_time()
+        try:
+            await connection.serve()
+        except Exception:
+            log.exception("peer=%s: connection failed", peer)
+            connection.close_code, connection.close_reason = 1011, "internal error"
+        finally:
+            self.connections.discard(connection)
+            self._connection_ended.set()
+            log.info(
+                "disconnect peer=%s code=%s reason=%r subs=%d after %.1f s",
+                peer,
+                connection.close_code,
+                connection.close_reason,
+                len(connection.subscriptions),
+                trio.current_time() - started,
+            )
