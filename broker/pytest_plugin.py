@@ -1,0 +1,42 @@
+"""A pytest plugin (loaded through the ``pytest11`` entry point) for testing against a real broker.
+
+Fixtures, for pytest-trio tests:
+
+- ``broker_config``: the :class:`~broker.config.Config` the broker starts with. Override it in
+  your ``conftest.py`` to set limits or policies; the host is 127.0.0.1 and the port a free one.
+- ``broker``: a running, in-process :class:`~broker.server.Broker`, shut down after the test.
+- ``broker_url``: its ``ws://127.0.0.1:PORT/`` URL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from broker.config import Config
+from broker.server import Broker
+
+
+@pytest.fixture
+def broker_config() -> Config:
+    """The config the ``broker`` fixture starts with (defaults; override to customise)."""
+    return Config()
+
+
+@pytest.fixture
+async def broker(broker_config: Config, nursery: trio.Nursery) -> AsyncIterator[Broker]:
+    """A broker serving on 127.0.0.1 and a free port for the duration of one test."""
+    server = dataclasses.replace(broker_config.server, host="127.0.0.1", port=0)
+    running: Broker = await nursery.start(Broker(broker_config.replace(server=server)).serve)
+    yield running
+    running.shutdown()
+    await running.wait_stopped()
+
+
+@pytest.fixture
+def broker_url(broker: Broker) -> str:
+    """The URL of the ``broker`` fixture's broker."""
+    return broker.url

@@ -1,0 +1,39 @@
+"""Starting brokers with a custom config inside a test."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from broker.config import Config, LimitsConfig, ServerConfig
+from broker.hub import TopicRule
+from broker.outbound import Policy
+from broker.server import Broker
+
+
+def make_config(
+    topics: dict[str, str] | None = None, server: dict[str, Any] | None = None, **limits: Any
+) -> Config:
+    """A config on 127.0.0.1 port 0 with the given limits, server settings and topic policies."""
+    rules = tuple(TopicRule(pattern, Policy(policy)) for pattern, policy in (topics or {}).items())
+    return Config(
+        server=dataclasses.replace(ServerConfig(host="127.0.0.1", port=0), **(server or {})),
+        limits=dataclasses.replace(LimitsConfig(), **limits),
+        topics=rules,
+    )
+
+
+async def start_broker(nursery: trio.Nursery, config: Config) -> Broker:
+    """Start a broker in ``nursery`` and return it once it listens."""
+    broker: Broker = await nursery.start(Broker(config).serve)
+    return broker
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    """Poll ``condition`` at every scheduler turn until it holds; fail after ``timeout``."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.001)

@@ -1,0 +1,106 @@
+"""A bare protocol client for end-to-end tests: frames in, frames out, nothing hidden."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgpack
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+Frame = dict[str, Any]
+
+
+class WireClient:
+    """Sends frames (one batch per call) and reads frames back one at a time."""
+
+    def __init__(self, websocket: WebSocketConnection, encoding: str) -> None:
+        self.websocket = websocket
+        self.encoding = encoding
+        self.messages_received = 0
+        self._pending: list[Frame] = []
+
+    def encode(self, *frames: Any) -> bytes | str:
+        if self.encoding == "json":
+            return "\n".join(json.dumps(frame) for frame in frames)
+        return b"".join(msgpack.packb(frame) for frame in frames)
+
+    async def send(self, *frames: Any) -> None:
+        await self.websocket.send_message(self.encode(*frames))
+
+    async def receive_batch(self) -> list[Frame]:
+        """The frames of the next WebSocket message."""
+        message = await self.websocket.get_message()
+        self.messages_received += 1
+        if isinstance(message, str):
+            return [json.loads(line) for line in message.split("\n")]
+        return _unpack(message)
+
+    async def next(self, timeout: float = 5) -> Frame:
+        """The next frame, whichever message it came in."""
+        with trio.fail_after(timeout):
+            while not self._pending:
+                self._pending.extend(await self.receive_batch())
+        return self._pending.pop(0)
+
+    async def expect(self, op: str, timeout: float = 5, **fields: Any) -> Frame:
+        """The next frame, asserting its ``op`` and any given fields."""
+        frame = await self.next(timeout)
+        assert frame.get("op") == op, f"expected {op} {fields}, got {frame}"
+        for key, value in fields.items():
+            assert frame.get(key) == value, f"expected {key}={value!r} in {frame}"
+        return frame
+
+    async def reply(self, id: int, timeout: float = 5) -> Frame:
+        """The ``ok``/``err`` for ``id``; frames before it stay queued for :meth:`next`."""
+        skipped: list[Frame] = []
+        while True:
+            frame = await self.next(timeout)
+            if frame.get("op") in ("ok", "err") and frame.get("id") == id:
+                self._pending[:0] = skipped
+                return frame
+            skipped.append(frame)
+
+    async def subscribe(self, pattern: str, id: int = 1) -> None:
+        await self.send({"op": "sub", "id": id, "topic": pattern})
+        reply = await self.reply(id)
+        assert reply["op"] == "ok", reply
+
+    async def publish(self, topic: str, data: Any, id: int = 1) -> None:
+        await self.send({"op": "pub", "id": id, "topic": topic, "data": data})
+        reply = await self.reply(id)
+        assert reply["op"] == "ok", reply
+
+    async def expect_close(self, timeout: float = 5) -> int:
+        """Read until the broker closes the connection; return the close code."""
+        from trio_websocket import ConnectionClosed
+
+        with trio.fail_after(timeout):
+            try:
+                while True:
+                    await self.websocket.get_message()
+            except ConnectionClosed as exc:
+                assert exc.reason is not None
+                return exc.reason.code
+
+
+def _unpack(message: bytes) -> list[Frame]:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(message)
+    return list(unpacker)
+
+
+@asynccontextmanager
+async def connect(
+    url: str, encoding: str = "msgpack", *, subprotocols: list[str] | None = None
+) -> AsyncIterator[WireClient]:
+    """Open a WebSocket to the broker offering the given encoding's subprotocol."""
+    if subprotocols is None:
+        subprotocols = [f"pubsub.v1.{encoding}"]
+    async with open_websocket_url(
+        url, subprotocols=subprotocols, max_message_size=16 * 1024 * 1024
+    ) as websocket:
+        yield WireClient(websocket, encoding)
