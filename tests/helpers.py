@@ -32,8 +32,8 @@ async def start_broker(nursery: trio.Nursery, config: Config) -> Broker:
     return broker
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
-    """Poll ``condition`` at every scheduler turn until it holds; fail after ``timeout``."""
-    with trio.fail_after(timeout):
-        while not condition():
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (broker state a test cannot await) until it holds; fail after 5 s."""
+    with trio.fail_after(5):
+        while not condition():  # noqa: ASYNC110 - the state has no event to wait on
             await trio.sleep(0.001)

@@ -50,7 +50,8 @@ async def publish_burst(
             if pace is not None:
                 await wait_until(lambda: len(pace) >= stop)  # noqa: B023
         await pub.send({"op": "pub", "id": 1, "topic": "done", "data": 0})
-        await pub.expect("ok", id=1, timeout=30)
+        pub.timeout = 30
+        await pub.expect("ok", id=1)
 
 
 async def drain(raw: RawClient, expected: int) -> tuple[list[int], list[dict[str, Any]]]:
@@ -81,13 +82,15 @@ def assert_lag_precedes_every_gap(frames: list[dict[str, Any]], pattern: str) ->
             reported += frame["dropped"]
         elif frame["op"] == "msg":
             missing = frame["data"][0] - received
-            assert reported >= missing, f"{missing} missing before {frame['data'][0]}, {reported} told"
+            told = f"{missing} missing before {frame['data'][0]}, {reported} told"
+            assert reported >= missing, told
             received += 1
 
 
 async def collect(client: WireClient, count: int, into: list[int]) -> None:
+    client.timeout = 30
     for _ in range(count):
-        into.append((await client.expect("msg", timeout=30))["data"][0])
+        into.append((await client.expect("msg"))["data"][0])
 
 
 async def test_block_slows_publisher_then_disconnects_stuck_subscriber_with_4002(

@@ -21,6 +21,7 @@ class WireClient:
         self.websocket = websocket
         self.encoding = encoding
         self.messages_received = 0
+        self.timeout = 5.0  # seconds any one read may take before the test fails
         self._pending: list[Frame] = []
 
     def encode(self, *frames: Any) -> bytes | str:
@@ -39,26 +40,26 @@ class WireClient:
             return [json.loads(line) for line in message.split("\n")]
         return _unpack(message)
 
-    async def next(self, timeout: float = 5) -> Frame:
+    async def next(self) -> Frame:
         """The next frame, whichever message it came in."""
-        with trio.fail_after(timeout):
+        with trio.fail_after(self.timeout):
             while not self._pending:
                 self._pending.extend(await self.receive_batch())
         return self._pending.pop(0)
 
-    async def expect(self, op: str, timeout: float = 5, **fields: Any) -> Frame:
+    async def expect(self, op: str, **fields: Any) -> Frame:
         """The next frame, asserting its ``op`` and any given fields."""
-        frame = await self.next(timeout)
+        frame = await self.next()
         assert frame.get("op") == op, f"expected {op} {fields}, got {frame}"
         for key, value in fields.items():
             assert frame.get(key) == value, f"expected {key}={value!r} in {frame}"
         return frame
 
-    async def reply(self, id: int, timeout: float = 5) -> Frame:
+    async def reply(self, id: int) -> Frame:
         """The ``ok``/``err`` for ``id``; frames before it stay queued for :meth:`next`."""
         skipped: list[Frame] = []
         while True:
-            frame = await self.next(timeout)
+            frame = await self.next()
             if frame.get("op") in ("ok", "err") and frame.get("id") == id:
                 self._pending[:0] = skipped
                 return frame
@@ -74,11 +75,11 @@ class WireClient:
         reply = await self.reply(id)
         assert reply["op"] == "ok", reply
 
-    async def expect_close(self, timeout: float = 5) -> int:
+    async def expect_close(self) -> int:
         """Read until the broker closes the connection; return the close code."""
         from trio_websocket import ConnectionClosed
 
-        with trio.fail_after(timeout):
+        with trio.fail_after(self.timeout):
             try:
                 while True:
                     await self.websocket.get_message()
