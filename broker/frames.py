@@ -269,13 +269,13 @@ def _jsonable(value: Any) -> Any:
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, dict):
         return {_json_key(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple):  # an ExtType is a tuple: [code, base64 data]
         return [_jsonable(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, str | int | float | bool) or value is None:
         return value
-    return repr(value)  # msgpack ext types and timestamps have no JSON form
+    return repr(value)  # msgpack timestamps have no JSON form
 
 
 def _json_key(key: Any) -> str:
