@@ -87,7 +87,7 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML must be UTF-8
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
         return config_from_dict(raw, path)
@@ -142,7 +142,7 @@ def _check_value(key: str, value: Any, kind: type) -> Any:
     if isinstance(value, bool) or not isinstance(value, numeric):
         wanted = "an integer" if kind is int else "a number of seconds"
         raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
-    if key != "server.port" and value <= 0:
+    if key != "server.port" and not value > 0:  # NaN too
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     return kind(value)
 
