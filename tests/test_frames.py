@@ -507,8 +507,10 @@ def test_msgpack_batch_of_pubs_decodes_to_the_same_pubs(frames: list[dict[str, A
 def test_arbitrary_bytes_never_raise(junk: bytes) -> None:
     decoded = decode_batch(pack(SUB) + junk, MSGPACK)
     assert decoded[0] == Sub(1, "chat.*")
-    errors = [frame for frame in decoded if isinstance(frame, FrameError)]
-    assert all(error.code in ErrorCode for error in errors)
+    undecodable = [f for f in decoded if isinstance(f, FrameError) and "undecodable" in f.msg]
+    assert len(undecodable) <= 1
+    if undecodable:
+        assert decoded[-1] is undecodable[0]
 
 
 @given(junk=st.text(max_size=64))
