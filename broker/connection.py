@@ -172,6 +172,8 @@ class Connection:
             while True:
                 message = await self.websocket.get_message()
                 for item in decode_batch(message, self._encoding):
+                    if self._queue.closed:
+                        return  # closing: the rest of the batch is not executed
                     if isinstance(item, FrameError):
                         if self._refuse(item):
                             return
@@ -184,8 +186,6 @@ class Connection:
                             self._reply_error(
                                 FrameError(ErrorCode.INTERNAL, "internal error", item.id)
                             )
-                    if self._queue.closed:
-                        return
                 await self._queue.wait_reply_room()
         except ConnectionClosed as exc:
             reason = exc.reason

@@ -14,6 +14,7 @@ import base64
 import enum
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -134,13 +135,34 @@ def _decode_json(message: str) -> list[Command | FrameError]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = _JSON_DECODER.decode(line)
         except (ValueError, RecursionError) as exc:
             rest = sum(len(rest_line) + 1 for rest_line in lines[index:]) - 1
             frames.append(_undecodable(rest, f"invalid JSON: {exc}"))
             return frames
-        frames.append(validate_frame(value, len(line)))
+        frame = validate_frame(value, len(line) if line.isascii() else len(line.encode()))
+        if _SURROGATE_ESCAPE.search(line) and not _is_text(value):
+            # JSON escapes can spell a lone surrogate, which no encoder can send on.
+            frame = FrameError(ErrorCode.BAD_REQUEST, "a lone surrogate is not text", frame.id)
+        frames.append(frame)
     return frames
+
+
+def _is_text(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Strict JSON: NaN and Infinity are not numbers a JSON peer could read back.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _undecodable(size: int, why: str) -> FrameError:

@@ -145,11 +145,24 @@ def test_undecodable_rest_counts_the_bytes_dropped() -> None:
     )
 
 
-def test_json_nan_literal_is_accepted_as_python_json_does() -> None:
-    # Python's json accepts NaN/Infinity; the broker does not re-validate numbers.
-    (pub,) = decode_batch('{"op":"pub","topic":"a","data":NaN}', JSON)
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_json_non_finite_literals_are_undecodable(literal: str) -> None:
+    # Strict JSON: a JSON subscriber could not read such a number back.
+    (error,) = decode_batch(f'{{"op":"pub","topic":"a","data":{literal}}}', JSON)
+    assert isinstance(error, FrameError)
+    assert error.code is ErrorCode.BAD_REQUEST
+    assert f"{literal} is not JSON" in error.msg
+
+
+def test_json_lone_surrogate_is_bad_request_with_the_frames_id() -> None:
+    (error,) = decode_batch('{"op":"pub","id":4,"topic":"a","data":["\\ud800"]}', JSON)
+    assert error == FrameError(ErrorCode.BAD_REQUEST, "a lone surrogate is not text", 4)
+
+
+def test_json_escaped_surrogate_pair_is_one_character() -> None:
+    (pub,) = decode_batch('{"op":"pub","topic":"a","data":"\\ud83d\\ude00"}', JSON)
     assert isinstance(pub, Pub)
-    assert math.isnan(pub.data)
+    assert pub.data == "\U0001f600"
 
 
 @pytest.mark.parametrize("text", ["", "\n", "\n\n   \n", " \r\n\t"])
