@@ -269,3 +269,22 @@ def test_an_unreadable_public_key_file_is_a_config_error(tmp_path: Path) -> None
         auth = jwt_auth(algorithm="RS256", public_key_file=str(path))
         with pytest.raises(ConfigError, match=re.escape("auth.jwt.public_key_file")):
             Broker(make_config().replace(auth=auth))
+
+
+@pytest.mark.parametrize(
+    ("host", "mode", "warned"),
+    [("0.0.0.0", "none", True), ("::", "none", True), ("192.0.2.1", "none", True),
+     ("127.0.0.1", "none", False), ("::1", "none", False), ("localhost", "none", False),
+     ("0.0.0.0", "tokens", False)],
+)  # fmt: skip
+def test_no_auth_on_a_non_loopback_address_is_logged_loudly(
+    caplog: pytest.LogCaptureFixture, host: str, mode: str, warned: bool
+) -> None:
+    config = make_config(server={"host": host})
+    broker = Broker(config.replace(auth=AuthConfig(mode=mode, tokens=(ALICE,))))
+    broker.port = 8765  # as if listening: the startup lines need a URL
+    broker._log_startup()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warnings) is warned
+    if warned:
+        assert "AUTH IS OFF" in warnings[0].getMessage()
