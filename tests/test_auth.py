@@ -165,6 +165,15 @@ async def test_an_invalid_jwt_is_refused_with_401(nursery: trio.Nursery, token: 
     assert (await rejection(broker.url, extra_headers=bearer(token))).status_code == 401
 
 
+async def test_a_jwt_for_some_audience_is_refused_when_the_broker_names_none(
+    nursery: trio.Nursery,
+) -> None:
+    broker = await start_with_auth(nursery, jwt_auth(audience=""))
+    assert (await rejection(broker.url, extra_headers=bearer(make_jwt()))).status_code == 401
+    async with connect(broker.url, extra_headers=bearer(make_jwt(aud=None))) as client:
+        await client.subscribe("chat.x")
+
+
 async def test_a_jwt_without_grants_is_refused_with_403(nursery: trio.Nursery) -> None:
     broker = await start_with_auth(nursery, jwt_auth())
     token = make_jwt(publish=None, subscribe=None)
