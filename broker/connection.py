@@ -276,16 +276,17 @@ class Connection:
             self._queue.put_reply(encode_ok(command.id, self._encoding))
 
     def _refuse_publish(self, command: Pub) -> FrameError | None:
-        if not self.identity.permissions.may_publish(command.topic):
-            return FrameError(
-                ErrorCode.FORBIDDEN, f"not allowed to publish to {command.topic!r}", command.id
-            )
+        # The rate comes first, so that forbidden publishes cannot be sent without limit either.
         if not self._publish_limiter.try_publish(command.size, trio.current_time()):
             return FrameError(
                 ErrorCode.RATE_LIMITED,
                 f"over the publish rate ({self.limits.publish_rate:g} messages, "
                 f"{self.limits.publish_bytes_rate} bytes per second)",
                 command.id,
+            )
+        if not self.identity.permissions.may_publish(command.topic):
+            return FrameError(
+                ErrorCode.FORBIDDEN, f"not allowed to publish to {command.topic!r}", command.id
             )
         return None
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from broker.config import ConfigError, config_from_dict
+from broker.config import AuthConfig, ConfigError, TokenGrant, config_from_dict
 from tests.helpers import make_config, start_broker, wait_until
 from tests.wire import connect, rejection
 
@@ -68,6 +68,18 @@ async def test_publishes_over_the_message_rate_get_rate_limited_and_the_connecti
         assert {r.get("code") for r in replies[3:]} == {"rate_limited"}
         assert [(await client.expect("msg"))["data"] for _ in range(3)] == [0, 1, 2]
         await client.subscribe("u", id=101)  # subscribing is not rate limited
+
+
+async def test_forbidden_publishes_count_against_the_rate(nursery: trio.Nursery) -> None:
+    grant = TokenGrant("t", "limited", publish=("mine",))
+    config = make_config(publish_rate=0.001, publish_burst=2)
+    broker = await start_broker(nursery, config.replace(auth=AuthConfig("tokens", (grant,))))
+    async with connect(broker.url + "?token=t") as client:
+        for id, (topic, code) in enumerate(
+            [("theirs", "forbidden"), ("theirs", "forbidden"), ("mine", "rate_limited")]
+        ):
+            await client.send({"op": "pub", "id": id, "topic": topic, "data": 0})
+            await client.expect("err", id=id, code=code)
 
 
 async def test_publishes_over_the_byte_rate_get_rate_limited(nursery: trio.Nursery) -> None:
