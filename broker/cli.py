@@ -91,13 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        broker = Broker(config)  # loads the TLS and JWT key files
     except ConfigError as exc:
         print(f"broker: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log.level, config.log.format)
     status = 0
     try:
-        trio.run(run_until_signalled, Broker(config))
+        trio.run(run_until_signalled, broker)
     except* OSError as group:
         error = _first_leaf(group)
         where = f"{config.server.host}:{config.server.port}"

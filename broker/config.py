@@ -34,6 +34,7 @@ class ServerConfig:
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     drain_timeout: float = 5.0  # on shutdown (and on any close), how long queued data may flush
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed; empty allows any
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,57 @@ class LimitsConfig:
     slow_timeout: float = 5.0
     max_payload: int = 1024 * 1024  # encoded size of one pub frame; more gets err too_large
     max_bad_frames: int = 10  # bad frames in a row before closing with 4008
+    max_connections: int = 10000  # in total; one more is refused with HTTP 503
+    max_connections_per_ip: int = 100  # from one client address; one more gets HTTP 503
+    publish_rate: float = 10000.0  # pub frames per second per connection (token bucket)
+    publish_burst: int = 10000
+    publish_bytes_rate: int = 16 * 1024 * 1024  # pub bytes per second per connection
+    publish_bytes_burst: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """One ``[[auth.tokens]]`` entry: a static token, who it is, and what it may do."""
+
+    token: str = ""
+    subject: str = ""
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """``[auth.jwt]``: how JWTs are verified and where their permissions are."""
+
+    algorithm: str = "HS256"
+    secret: str = ""  # HS256
+    public_key_file: str = ""  # RS256: a PEM public key
+    audience: str = ""  # if set, the token's aud must contain it
+    issuer: str = ""  # if set, the token's iss must equal it
+    publish_claim: str = "publish"
+    subscribe_claim: str = "subscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """``[auth]``: who may connect (``mode``) and with which permissions."""
+
+    mode: str = "none"
+    tokens: tuple[TokenGrant, ...] = ()
+    jwt: JwtConfig = field(default_factory=JwtConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``[tls]``: a certificate chain and its key (PEM files) make the broker serve ``wss://``."""
+
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        """True if TLS is configured."""
+        return bool(self.cert)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +110,8 @@ class LogConfig:
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+AUTH_MODES = ("none", "tokens", "jwt")
+JWT_ALGORITHMS = ("HS256", "RS256")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +122,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     topics: tuple[TopicRule, ...] = ()
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     path: Path | None = None
 
     def replace(self, **sections: Any) -> Config:
@@ -97,22 +153,26 @@ def load_config(path: str | Path | None) -> Config:
 
 def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     """Validate a parsed TOML document (a dict) into a :class:`Config`."""
-    sections = {"server": ServerConfig, "limits": LimitsConfig, "log": LogConfig}
-    _reject_unknown(raw, [*sections, "topics"], "")
+    sections = {"server": ServerConfig, "limits": LimitsConfig, "log": LogConfig, "tls": TlsConfig}
+    _reject_unknown(raw, [*sections, "topics", "auth"], "")
     built: dict[str, Any] = {}
     for name, cls in sections.items():
         table = raw.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{name}: expected a table ([{name}])")
         built[name] = _build_section(cls, table, name)
-    server, limits, log = built["server"], built["limits"], built["log"]
+    server, limits, log, tls = built["server"], built["limits"], built["log"], built["tls"]
     if not 0 <= server.port <= 65535:
         raise ConfigError(f"server.port: {server.port} is not a TCP port (0..65535)")
     if log.level not in LOG_LEVELS:
         raise ConfigError(f"log.level: {log.level!r} is not one of {', '.join(LOG_LEVELS)}")
     if log.format not in LOG_FORMATS:
         raise ConfigError(f"log.format: {log.format!r} is not one of {', '.join(LOG_FORMATS)}")
-    return Config(server, limits, log, _build_topics(raw.get("topics", [])), path)
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError("tls: set both cert and key (PEM files), or neither")
+    topics = _build_topics(raw.get("topics", []))
+    auth = _build_auth(raw.get("auth", {}))
+    return Config(server, limits, log, topics, auth, tls, path)
 
 
 def _reject_unknown(table: Mapping[str, Any], known: list[str], prefix: str) -> None:
@@ -134,6 +194,10 @@ def _build_section(cls: Any, table: Mapping[str, Any], name: str) -> Any:
 
 
 def _check_value(key: str, value: Any, kind: type) -> Any:
+    if kind is tuple:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{key}: expected an array of strings, got {value!r}")
+        return tuple(value)
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -145,6 +209,62 @@ def _check_value(key: str, value: Any, kind: type) -> Any:
     if key != "server.port" and not value > 0:  # NaN too
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     return kind(value)
+
+
+def _build_auth(raw: Any) -> AuthConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("auth: expected a table ([auth])")
+    _reject_unknown(raw, ["mode", "tokens", "jwt"], "auth.")
+    mode = raw.get("mode", "none")
+    if mode not in AUTH_MODES:
+        raise ConfigError(f"auth.mode: {mode!r} is not one of {', '.join(AUTH_MODES)}")
+    tokens = _build_tokens(raw.get("tokens", []))
+    if mode == "tokens" and not tokens:
+        raise ConfigError("auth.tokens: mode is 'tokens' but no [[auth.tokens]] is given")
+    jwt_table = raw.get("jwt", {})
+    if not isinstance(jwt_table, dict):
+        raise ConfigError("auth.jwt: expected a table ([auth.jwt])")
+    jwt: JwtConfig = _build_section(JwtConfig, jwt_table, "auth.jwt")
+    if mode == "jwt":
+        if jwt.algorithm not in JWT_ALGORITHMS:
+            raise ConfigError(
+                f"auth.jwt.algorithm: {jwt.algorithm!r} is not one of {', '.join(JWT_ALGORITHMS)}"
+            )
+        if jwt.algorithm == "HS256" and len(jwt.secret.encode()) < 32:
+            raise ConfigError("auth.jwt.secret: required with HS256, at least 32 bytes")
+        if jwt.algorithm == "RS256" and not jwt.public_key_file:
+            raise ConfigError("auth.jwt.public_key_file: required with algorithm RS256")
+    return AuthConfig(mode, tokens, jwt)
+
+
+def _build_tokens(raw: Any) -> tuple[TokenGrant, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("auth.tokens: expected an array of tables ([[auth.tokens]])")
+    grants = []
+    seen: set[str] = set()
+    for index, table in enumerate(raw):
+        where = f"auth.tokens[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table")
+        for key in ("token", "subject"):
+            if not isinstance(table.get(key), str) or not table[key]:
+                raise ConfigError(f"{where}.{key}: required, a non-empty string")
+        grant: TokenGrant = _build_section(TokenGrant, table, where)
+        if grant.token in seen:
+            raise ConfigError(f"{where}.token: the same token is given twice")
+        seen.add(grant.token)
+        for key in ("publish", "subscribe"):
+            _check_patterns(f"{where}.{key}", getattr(grant, key))
+        grants.append(grant)
+    return tuple(grants)
+
+
+def _check_patterns(key: str, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        try:
+            validate_pattern(pattern)
+        except InvalidTopic as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
 
 def _build_topics(raw: Any) -> tuple[TopicRule, ...]:

@@ -9,6 +9,11 @@
   message at once, busy ones get batches, and nothing waits on a timer.
 - The **keep-alive** pings every ``ping_interval`` and closes a peer that does not answer
   within ``ping_timeout``.
+- When the client's token expires, the connection is closed with 4003.
+
+Every ``sub`` and ``pub`` is checked against the client's :class:`~broker.auth.Identity`
+(``err forbidden``) and every ``pub`` against its publish rate (``err rate_limited``); the
+connection stays open after either.
 
 Closing is a request (:meth:`Connection.close`): the writer flushes or discards what is
 queued, sends the close frame, and the nursery ends. Whatever ends it, the subscriptions are
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from broker.auth import ANONYMOUS, Identity, seconds_left
 from broker.frames import (
     Command,
     Encoding,
@@ -38,6 +44,7 @@ from broker.frames import (
 )
 from broker.hub import Hub, Subscription
 from broker.outbound import OutboundQueue
+from broker.ratelimit import PublishLimiter
 
 log = logging.getLogger("broker.connection")
 
@@ -62,6 +69,10 @@ class ConnectionLimits:
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     close_timeout: float = 5.0
+    publish_rate: float = 10000.0
+    publish_burst: int = 10000
+    publish_bytes_rate: int = 16 * 1024 * 1024
+    publish_bytes_burst: int = 16 * 1024 * 1024
 
 
 class Connection:
@@ -74,12 +85,21 @@ class Connection:
         hub: Hub,
         limits: ConnectionLimits,
         peer: str,
+        identity: Identity = ANONYMOUS,
     ) -> None:
         self.websocket = websocket
         self._encoding = encoding
         self.hub = hub
         self.limits = limits
         self.peer = peer
+        self.identity = identity
+        self._publish_limiter = PublishLimiter(
+            limits.publish_rate,
+            limits.publish_burst,
+            limits.publish_bytes_rate,
+            limits.publish_bytes_burst,
+            trio.current_time(),
+        )
         self._queue = OutboundQueue(limits.queue_messages, limits.queue_bytes)
         self.subscriptions: dict[str, Subscription] = {}
         self.close_code: int | None = None
@@ -128,6 +148,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._keepalive_loop)
+                nursery.start_soon(self._close_when_token_expires)
                 await self._write_loop()
                 nursery.cancel_scope.cancel()
         finally:
@@ -217,10 +238,23 @@ class Connection:
                     )
                 )
                 return
+            refusal = self._refuse_publish(command)
+            if refusal is not None:
+                self._reply_error(refusal)
+                return
             await self.hub.publish(command.topic, command.data)
             if command.id is not None:
                 self._queue.put_reply(encode_ok(command.id, self._encoding))
         elif isinstance(command, Sub):
+            if not self.identity.permissions.may_subscribe(command.topic):
+                self._reply_error(
+                    FrameError(
+                        ErrorCode.FORBIDDEN,
+                        f"not allowed to subscribe to {command.topic!r}",
+                        command.id,
+                    )
+                )
+                return
             if command.topic not in self.subscriptions:
                 if len(self.subscriptions) >= self.limits.max_subscriptions:
                     self._reply_error(
@@ -241,9 +275,32 @@ class Connection:
                 self.hub.unsubscribe(dropped)
             self._queue.put_reply(encode_ok(command.id, self._encoding))
 
+    def _refuse_publish(self, command: Pub) -> FrameError | None:
+        # The rate comes first, so that forbidden publishes cannot be sent without limit either.
+        if not self._publish_limiter.try_publish(command.size, trio.current_time()):
+            return FrameError(
+                ErrorCode.RATE_LIMITED,
+                f"over the publish rate ({self.limits.publish_rate:g} messages, "
+                f"{self.limits.publish_bytes_rate} bytes per second)",
+                command.id,
+            )
+        if not self.identity.permissions.may_publish(command.topic):
+            return FrameError(
+                ErrorCode.FORBIDDEN, f"not allowed to publish to {command.topic!r}", command.id
+            )
+        return None
+
     def _reply_error(self, error: FrameError) -> None:
         log.debug("peer=%s err %s: %s", self.peer, error.code, error.msg)
         self._queue.put_reply(encode_err(error, self._encoding))
+
+    async def _close_when_token_expires(self) -> None:
+        left = seconds_left(self.identity)
+        if left is None:
+            return
+        await trio.sleep(max(0.0, left))
+        log.info("peer=%s subject=%s: token expired", self.peer, self.identity.subject)
+        self.close(CLOSE_FORBIDDEN, "token expired")
 
     async def _keepalive_loop(self) -> None:
         interval, timeout = self.limits.ping_interval, self.limits.ping_timeout

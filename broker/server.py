@@ -1,19 +1,25 @@
 """The broker: a nursery holding the WebSocket listener and one task per client connection.
 
-:meth:`Broker.serve` listens, negotiates each handshake (the subprotocol picks the
-encoding), and runs a :class:`~broker.connection.Connection` per client. :meth:`Broker.shutdown`
-stops accepting, lets every connection flush what is queued for up to ``drain_timeout``,
-closes each with 1001, and lets :meth:`serve` return.
+:meth:`Broker.serve` listens (``wss://`` when ``[tls]`` is set), admits each handshake
+(connection limits, ``Origin``, the token: see :meth:`Broker.admit`), negotiates the encoding
+(the subprotocol picks it), and runs a :class:`~broker.connection.Connection` per client.
+:meth:`Broker.shutdown` stops accepting, lets every connection flush what is queued for up
+to ``drain_timeout``, closes each with 1001, and lets :meth:`serve` return.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import ssl
+from collections import Counter
+from collections.abc import Sequence
 
 import trio
 from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
 
-from broker.config import Config
+from broker.auth import AuthError, Identity, build_authenticator, token_from_request
+from broker.config import Config, ConfigError, TlsConfig
 from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
 from broker.frames import SUBPROTOCOLS, Encoding
 from broker.hub import Hub, PolicyTable
@@ -34,6 +40,49 @@ def choose_encoding(offered: tuple[str, ...]) -> Encoding | None:
     return None
 
 
+class Refused(Exception):
+    """A handshake refused with HTTP ``status``; ``str()`` is the reason sent in the body."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The value of the first header called ``name`` (lower case), if any."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
+    """True if no allow-list is set, no ``Origin`` was sent (not a browser), or it is listed."""
+    if not allowed or origin is None:
+        return True
+    return origin.lower().rstrip("/") in {entry.lower().rstrip("/") for entry in allowed}
+
+
+def is_loopback(host: str) -> bool:
+    """True if listening on ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A TLS server context for ``[tls]``; unreadable or mismatched files are a ConfigError."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: cannot load cert {tls.cert} and key {tls.key}: {exc}") from None
+    return context
+
+
 class Broker:
     """A single-node broker; run :meth:`serve` in a nursery (``await nursery.start(...)``)."""
 
@@ -51,8 +100,15 @@ class Broker:
             ping_interval=server.ping_interval,
             ping_timeout=server.ping_timeout,
             close_timeout=server.drain_timeout,
+            publish_rate=limits.publish_rate,
+            publish_burst=limits.publish_burst,
+            publish_bytes_rate=limits.publish_bytes_rate,
+            publish_bytes_burst=limits.publish_bytes_burst,
         )
+        self.authenticator = build_authenticator(self.config.auth)
+        self.ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
         self.connections: set[Connection] = set()
+        self.admitted_per_ip: Counter[str] = Counter()  # accepted or being accepted
         self.port: int | None = None
         self._shutdown = trio.Event()
         self._connection_ended = trio.Event()
@@ -65,7 +121,8 @@ class Broker:
             raise RuntimeError("the broker is not listening yet")
         host = self.config.server.host
         host = f"[{host}]" if ":" in host else host
-        return f"ws://{host}:{self.port}/"
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        return f"{scheme}://{host}:{self.port}/"
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`serve` returns once it is done."""
@@ -94,7 +151,7 @@ class Broker:
                         self._handle,
                         server.host,
                         server.port,
-                        None,
+                        self.ssl_context,
                         handler_nursery=nursery,
                         max_message_size=server.max_message_size,
                         receive_buffer_size=None,
@@ -140,6 +197,13 @@ class Broker:
             rules,
             config.limits.slow_timeout,
         )
+        log.info("auth mode: %s", config.auth.mode)
+        if config.auth.mode == "none" and not is_loopback(config.server.host):
+            log.warning(
+                "AUTH IS OFF on %s, a non-loopback address: anyone who can reach it may publish "
+                "and subscribe to every topic. Set [auth] mode in the config (docs/security.md).",
+                config.server.host,
+            )
 
     async def _handle(self, request: WebSocketRequest) -> None:
         remote = request.remote
@@ -153,14 +217,63 @@ class Broker:
                 body=f"unsupported subprotocol; offer one of {', '.join(SUBPROTOCOLS)}\n".encode(),
             )
             return
-        if self._shutdown.is_set():
-            await request.reject(503, body=b"shutting down\n")
+        ip = str(remote.address) if not isinstance(remote, str) else remote
+        try:
+            identity = self.admit(request, ip)
+        except Refused as refused:
+            log.info("rejected peer=%s: %d %s", peer, refused.status, refused)
+            extra = [(b"WWW-Authenticate", b'Bearer realm="broker"')]
+            await request.reject(
+                refused.status,
+                extra_headers=extra if refused.status == 401 else None,
+                body=f"{refused}\n".encode(),
+            )
             return
+        self.admitted_per_ip[ip] += 1
+        try:
+            await self._serve_admitted(request, encoding, identity, peer)
+        finally:
+            self.admitted_per_ip[ip] -= 1
+            if not self.admitted_per_ip[ip]:
+                del self.admitted_per_ip[ip]
+
+    def admit(self, request: WebSocketRequest, ip: str) -> Identity:
+        """Who the handshake's client is, if it may connect now; raises :class:`Refused`.
+
+        Checked cheapest first: shutting down and connection limits (503), a browser
+        ``Origin`` not in ``allowed_origins`` (403), then the token (401 or 403).
+        """
+        limits = self.config.limits
+        if self._shutdown.is_set():
+            raise Refused(503, "shutting down")
+        if self.admitted_per_ip.total() >= limits.max_connections:
+            raise Refused(503, f"too many connections (max_connections {limits.max_connections})")
+        if self.admitted_per_ip[ip] >= limits.max_connections_per_ip:
+            raise Refused(
+                503,
+                f"too many connections from {ip} "
+                f"(max_connections_per_ip {limits.max_connections_per_ip})",
+            )
+        origin = header(request.headers, b"origin")
+        if not origin_allowed(origin, self.config.server.allowed_origins):
+            raise Refused(403, f"origin {origin} is not allowed")
+        try:
+            return self.authenticator.authenticate(
+                token_from_request(request.headers, request.path)
+            )
+        except AuthError as exc:
+            raise Refused(exc.status, str(exc)) from None
+
+    async def _serve_admitted(
+        self, request: WebSocketRequest, encoding: Encoding, identity: Identity, peer: str
+    ) -> None:
         subprotocol = encoding.value if request.proposed_subprotocols else None
         websocket = await request.accept(subprotocol=subprotocol)
-        connection = Connection(websocket, encoding, self.hub, self.connection_limits, peer)
+        connection = Connection(
+            websocket, encoding, self.hub, self.connection_limits, peer, identity
+        )
         self.connections.add(connection)
-        log.info("connect peer=%s encoding=%s", peer, encoding.value)
+        log.info("connect peer=%s subject=%s encoding=%s", peer, identity.subject, encoding.value)
         started = trio.current_time()
         try:
             await connection.serve()

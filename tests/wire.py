@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import msgpack
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url
 
 Frame = dict[str, Any]
 
@@ -96,12 +97,36 @@ def _unpack(message: bytes) -> list[Frame]:
 
 @asynccontextmanager
 async def connect(
-    url: str, encoding: str = "msgpack", *, subprotocols: list[str] | None = None
+    url: str,
+    encoding: str = "msgpack",
+    *,
+    subprotocols: list[str] | None = None,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[WireClient]:
     """Open a WebSocket to the broker offering the given encoding's subprotocol."""
     if subprotocols is None:
         subprotocols = [f"pubsub.v1.{encoding}"]
     async with open_websocket_url(
-        url, subprotocols=subprotocols, max_message_size=16 * 1024 * 1024
+        url,
+        ssl_context,
+        subprotocols=subprotocols,
+        extra_headers=extra_headers,
+        max_message_size=16 * 1024 * 1024,
     ) as websocket:
         yield WireClient(websocket, encoding)
+
+
+async def rejection(url: str, **kwargs: Any) -> ConnectionRejected:
+    """Connect expecting the broker to refuse the handshake; the refusal (status, headers)."""
+    try:
+        async with connect(url, **kwargs):
+            pass
+    except ConnectionRejected as exc:
+        return exc
+    raise AssertionError(f"the broker accepted a connection to {url} it should refuse")
+
+
+def bearer(token: str) -> list[tuple[bytes, bytes]]:
+    """The ``Authorization`` header for ``token``."""
+    return [(b"Authorization", f"Bearer {token}".encode())]
