@@ -204,7 +204,7 @@ def _check_value(key: str, value: Any, kind: type) -> Any:
         return value
     numeric = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, numeric):
-        wanted = "an integer" if kind is int else "a number of seconds"
+        wanted = "an integer" if kind is int else "a number"
         raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
     if key != "server.port" and not value > 0:  # NaN too
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")

@@ -280,6 +280,8 @@ class Broker:
         except Exception:
             log.exception("peer=%s: connection failed", peer)
             connection.close_code, connection.close_reason = 1011, "internal error"
+            with trio.move_on_after(self.connection_limits.close_timeout):
+                await websocket.aclose(1011, "internal error")
         finally:
             self.connections.discard(connection)
             self._connection_ended.set()

@@ -144,7 +144,7 @@ def test_unknown_key_is_named(raw: dict[str, Any], key: str) -> None:
 
 
 def test_unknown_key_error_lists_the_known_keys() -> None:
-    assert "known here: limits, log, server, topics" in error_of({"x": 1})
+    assert "known here: auth, limits, log, server, tls, topics" in error_of({"x": 1})
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_unknown_key_error_lists_the_known_keys() -> None:
         ({"server": {"port": 80.0}}, "server.port: expected an integer, got 80.0"),
         ({"server": {"host": 127}}, "server.host: expected a string, got 127"),
         ({"limits": {"queue_bytes": 1.5}}, "limits.queue_bytes: expected an integer, got 1.5"),
-        ({"limits": {"slow_timeout": "5s"}}, "limits.slow_timeout: expected a number of seconds"),
+        ({"limits": {"slow_timeout": "5s"}}, "limits.slow_timeout: expected a number"),
         ({"log": {"level": 1}}, "log.level: expected a string, got 1"),
         ({"server": []}, "server: expected a table ([server])"),
         ({"limits": 3}, "limits: expected a table ([limits])"),
