@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.history import HistoryLimits
 from broker.hub import TopicRule
 from broker.outbound import Policy
 from broker.topics import InvalidTopic, validate_pattern
@@ -56,6 +57,13 @@ class LogConfig:
     format: str = "text"
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    """``[history]``: the in-memory history store (topics keep history per ``[[topics]]``)."""
+
+    max_bytes: int = 64 * 1024 * 1024  # all topics together; least recently published evicted
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -67,6 +75,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     topics: tuple[TopicRule, ...] = ()
     path: Path | None = None
 
@@ -97,7 +106,12 @@ def load_config(path: str | Path | None) -> Config:
 
 def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     """Validate a parsed TOML document (a dict) into a :class:`Config`."""
-    sections = {"server": ServerConfig, "limits": LimitsConfig, "log": LogConfig}
+    sections = {
+        "server": ServerConfig,
+        "limits": LimitsConfig,
+        "log": LogConfig,
+        "history": HistoryConfig,
+    }
     _reject_unknown(raw, [*sections, "topics"], "")
     built: dict[str, Any] = {}
     for name, cls in sections.items():
@@ -112,7 +126,8 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         raise ConfigError(f"log.level: {log.level!r} is not one of {', '.join(LOG_LEVELS)}")
     if log.format not in LOG_FORMATS:
         raise ConfigError(f"log.format: {log.format!r} is not one of {', '.join(LOG_FORMATS)}")
-    return Config(server, limits, log, _build_topics(raw.get("topics", [])), path)
+    topics = _build_topics(raw.get("topics", []))
+    return Config(server, limits, log, built["history"], topics, path)
 
 
 def _reject_unknown(table: Mapping[str, Any], known: list[str], prefix: str) -> None:
@@ -156,7 +171,7 @@ def _build_topics(raw: Any) -> tuple[TopicRule, ...]:
         where = f"topics[{index}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table")
-        _reject_unknown(table, ["pattern", "on_full"], f"{where}.")
+        _reject_unknown(table, ["pattern", "on_full", "history_size", "history_ttl"], f"{where}.")
         pattern = table.get("pattern")
         if not isinstance(pattern, str):
             raise ConfigError(f"{where}.pattern: required, a topic pattern such as 'ticks.>'")
@@ -171,5 +186,17 @@ def _build_topics(raw: Any) -> tuple[TopicRule, ...]:
             raise ConfigError(
                 f"{where}.on_full: {on_full!r} is not a policy (one of {policies})"
             ) from None
-        rules.append(TopicRule(pattern, policy))
+        rules.append(TopicRule(pattern, policy, _build_history(table, where)))
     return tuple(rules)
+
+
+def _build_history(table: Mapping[str, Any], where: str) -> HistoryLimits | None:
+    size, ttl = table.get("history_size"), table.get("history_ttl")
+    if size is None:
+        if ttl is not None:
+            raise ConfigError(f"{where}.history_ttl: needs history_size (the messages kept)")
+        return None
+    size = _check_value(f"{where}.history_size", size, int)
+    if ttl is not None:
+        ttl = _check_value(f"{where}.history_ttl", ttl, float)
+    return HistoryLimits(size, ttl)

@@ -128,6 +128,13 @@ class OutboundQueue:
         self._bytes += len(frame)
         self._readable.set()
 
+    def put_replay(self, sub: str, topic: str, frame: bytes, tail: bytes) -> None:
+        """Queue a recovered message whatever the bounds (a replay is bounded by the topic's
+        history size instead); it is never dropped, and counts as queued for later offers."""
+        if self._closed:
+            return
+        self._append(_Entry(frame, tail, sub, topic), Policy.BLOCK)
+
     def offer(self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy) -> Offer:
         """Try to queue ``frame + tail``, a message of ``topic`` for subscription ``sub``."""
         if self._closed:
