@@ -122,6 +122,7 @@ class Hub:
         self.slow_timeout = slow_timeout
         self.history = history if history is not None else MemoryHistory(policies.history_for)
         self._trie: PatternTrie[Subscription] = PatternTrie()
+        self._in_order: dict[str, trio.StrictFIFOLock] = {}  # history topics being published
 
     def subscription_count(self) -> int:
         """How many subscriptions exist, over all connections."""
@@ -177,12 +178,25 @@ class Hub:
         Returns once the message is queued (or dropped, per policy) for all of them.
         """
         rule = self.policies.rule_for(topic)
-        policy = rule.on_full
-        offset: int | None = None
-        packed: bytes | None = None
-        if rule.history is not None:
-            packed = pack_data(data)
-            offset = self.history.append(topic, packed, trio.current_time())
+        if rule.history is None:
+            return await self._fan_out(topic, data, rule.on_full, None, None)
+        # Offsets must reach every subscriber in order, so the publishes of a history topic go
+        # one at a time: otherwise, under block, a newer message could be queued while an
+        # older one waits for room. (The append and the offers still happen without a
+        # checkpoint between them, which Hub.subscribe relies on.)
+        lock = self._in_order.setdefault(topic, trio.StrictFIFOLock())
+        try:
+            async with lock:
+                packed = pack_data(data)
+                offset = self.history.append(topic, packed, trio.current_time())
+                return await self._fan_out(topic, data, rule.on_full, offset, packed)
+        finally:
+            if not lock.locked() and self._in_order.get(topic) is lock:
+                del self._in_order[topic]
+
+    async def _fan_out(
+        self, topic: str, data: Any, policy: Policy, offset: int | None, packed: bytes | None
+    ) -> int:
         bodies: dict[Encoding, bytes] = {}
         waiting: list[tuple[Subscription, bytes]] = []
         matched = 0

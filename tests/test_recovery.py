@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 import trio.testing
 
 from broker.config import Config, HistoryConfig
+from broker.frames import Encoding
 from broker.history import HistoryLimits
-from broker.hub import TopicRule
-from broker.outbound import Policy
+from broker.hub import Hub, PolicyTable, Subscription, TopicRule
+from broker.outbound import OutboundQueue, Policy
 from broker.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, open_raw
@@ -301,3 +303,40 @@ async def test_since_on_a_subscription_already_held_is_refused_without_a_replay(
         assert reply["op"] == "err" and "already subscribed" in reply["msg"]
         await publish_numbers(client, 2, 3)
         assert (await client.next())["offset"] == 3
+
+
+# --- the hub alone ----------------------------------------------------------------------------
+
+
+class FakeSubscriber:
+    """A subscriber whose queue holds one message, drained by the test."""
+
+    def __init__(self) -> None:
+        self.queue = OutboundQueue(max_messages=1, max_bytes=1 << 20)
+        self.encoding = Encoding.MSGPACK
+
+    def close_slow_consumer(self, why: str) -> None:
+        raise AssertionError(why)
+
+
+async def test_blocked_publishes_of_a_history_topic_keep_offset_order() -> None:
+    """A newer publish never overtakes an older one that waits for room in a full queue."""
+    rule = TopicRule("chat.>", Policy.BLOCK, HistoryLimits(10))
+    hub = Hub(PolicyTable([rule]), slow_timeout=60)
+    subscriber = FakeSubscriber()
+    hub.subscribe(Subscription(subscriber, TOPIC))
+    frames: list[bytes] = []
+
+    async def drain() -> None:
+        while len(frames) < 3:
+            await subscriber.queue.wait_batch()
+            frames.extend(subscriber.queue.take_batch(1 << 20).frames)
+
+    async with trio.open_nursery() as nursery:
+        await hub.publish(TOPIC, 1)  # the queue is now full
+        nursery.start_soon(hub.publish, TOPIC, 2)  # waits for room
+        await trio.testing.wait_all_tasks_blocked()
+        frames += subscriber.queue.take_batch(1 << 20).frames  # room: 2 may go now ...
+        nursery.start_soon(drain)
+        await hub.publish(TOPIC, 3)  # ... and 3, published before 2 wakes, must not overtake
+    assert [msgpack.unpackb(frame)["offset"] for frame in frames] == [1, 2, 3]
