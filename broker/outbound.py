@@ -19,7 +19,8 @@ A policy never evicts another subscription's messages, so a flood on one subscri
 cost a quiet one its messages. Every dropped or replaced message is counted per subscription
 and reported by the writer as one ``lag`` frame ahead of the next batch. Replies (``ok``,
 ``err``) are never dropped; their own bound stops the reader of a client that does not read
-its replies. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
+its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued past the bounds
+and never dropped. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
 """
 
 from __future__ import annotations

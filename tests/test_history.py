@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.config import ConfigError, config_from_dict
+from broker.config import ConfigError, config_from_dict, load_config
 from broker.frames import (
     Encoding,
     ErrorCode,
@@ -278,3 +279,11 @@ def test_history_config_is_read_from_topic_rules() -> None:
 def test_bad_history_config_names_the_key(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config_from_dict(raw)
+
+
+def test_example_config_keeps_chat_history() -> None:
+    config = load_config(Path(__file__).parent.parent / "config" / "broker.toml")
+    assert config.history.max_bytes == 64 * 1024 * 1024
+    histories = {rule.pattern: rule.history for rule in config.topics}
+    assert histories["chat.>"] == HistoryLimits(1000, 3600.0)
+    assert histories["ticks.>"] is None
