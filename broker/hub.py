@@ -12,7 +12,8 @@ For topics whose rule keeps history, :meth:`Hub.publish` first appends the messa
 that ``offset`` (the same for every subscriber, so it is still encoded once per encoding).
 :meth:`Hub.subscribe` with a ``since`` position reads the kept tail and registers the live
 subscription in one step with no checkpoint: see its doc for why that means no gap and no
-duplicate.
+duplicate. The publishes of one history topic run one at a time, so that its offsets reach
+every subscriber in order even when some wait for room under ``block``.
 """
 
 from __future__ import annotations
@@ -184,7 +185,9 @@ class Hub:
         # one at a time: otherwise, under block, a newer message could be queued while an
         # older one waits for room. (The append and the offers still happen without a
         # checkpoint between them, which Hub.subscribe relies on.)
-        lock = self._in_order.setdefault(topic, trio.StrictFIFOLock())
+        lock = self._in_order.get(topic)
+        if lock is None:
+            lock = self._in_order[topic] = trio.StrictFIFOLock()
         try:
             async with lock:
                 packed = pack_data(data)
