@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.history import HistoryLimits
 from broker.hub import TopicRule
 from broker.outbound import Policy
 from broker.topics import InvalidTopic, validate_pattern
@@ -108,6 +109,13 @@ class LogConfig:
     format: str = "text"
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    """``[history]``: the in-memory history store (topics keep history per ``[[topics]]``)."""
+
+    max_bytes: int = 64 * 1024 * 1024  # all topics together; least recently published evicted
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 AUTH_MODES = ("none", "tokens", "jwt")
@@ -121,6 +129,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     topics: tuple[TopicRule, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -153,7 +162,13 @@ def load_config(path: str | Path | None) -> Config:
 
 def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     """Validate a parsed TOML document (a dict) into a :class:`Config`."""
-    sections = {"server": ServerConfig, "limits": LimitsConfig, "log": LogConfig, "tls": TlsConfig}
+    sections = {
+        "server": ServerConfig,
+        "limits": LimitsConfig,
+        "log": LogConfig,
+        "history": HistoryConfig,
+        "tls": TlsConfig,
+    }
     _reject_unknown(raw, [*sections, "topics", "auth"], "")
     built: dict[str, Any] = {}
     for name, cls in sections.items():
@@ -172,7 +187,16 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         raise ConfigError("tls: set both cert and key (PEM files), or neither")
     topics = _build_topics(raw.get("topics", []))
     auth = _build_auth(raw.get("auth", {}))
-    return Config(server, limits, log, topics, auth, tls, path)
+    return Config(
+        server=server,
+        limits=limits,
+        log=log,
+        history=built["history"],
+        topics=topics,
+        auth=auth,
+        tls=tls,
+        path=path,
+    )
 
 
 def _reject_unknown(table: Mapping[str, Any], known: list[str], prefix: str) -> None:
@@ -276,7 +300,7 @@ def _build_topics(raw: Any) -> tuple[TopicRule, ...]:
         where = f"topics[{index}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table")
-        _reject_unknown(table, ["pattern", "on_full"], f"{where}.")
+        _reject_unknown(table, ["pattern", "on_full", "history_size", "history_ttl"], f"{where}.")
         pattern = table.get("pattern")
         if not isinstance(pattern, str):
             raise ConfigError(f"{where}.pattern: required, a topic pattern such as 'ticks.>'")
@@ -291,5 +315,17 @@ def _build_topics(raw: Any) -> tuple[TopicRule, ...]:
             raise ConfigError(
                 f"{where}.on_full: {on_full!r} is not a policy (one of {policies})"
             ) from None
-        rules.append(TopicRule(pattern, policy))
+        rules.append(TopicRule(pattern, policy, _build_history(table, where)))
     return tuple(rules)
+
+
+def _build_history(table: Mapping[str, Any], where: str) -> HistoryLimits | None:
+    size, ttl = table.get("history_size"), table.get("history_ttl")
+    if size is None:
+        if ttl is not None:
+            raise ConfigError(f"{where}.history_ttl: needs history_size (the messages kept)")
+        return None
+    size = _check_value(f"{where}.history_size", size, int)
+    if ttl is not None:
+        ttl = _check_value(f"{where}.history_ttl", ttl, float)
+    return HistoryLimits(size, ttl)

@@ -246,29 +246,7 @@ class Connection:
             if command.id is not None:
                 self._queue.put_reply(encode_ok(command.id, self._encoding))
         elif isinstance(command, Sub):
-            if not self.identity.permissions.may_subscribe(command.topic):
-                self._reply_error(
-                    FrameError(
-                        ErrorCode.FORBIDDEN,
-                        f"not allowed to subscribe to {command.topic!r}",
-                        command.id,
-                    )
-                )
-                return
-            if command.topic not in self.subscriptions:
-                if len(self.subscriptions) >= self.limits.max_subscriptions:
-                    self._reply_error(
-                        FrameError(
-                            ErrorCode.TOO_MANY_SUBS,
-                            f"at most {self.limits.max_subscriptions} subscriptions per connection",
-                            command.id,
-                        )
-                    )
-                    return
-                subscription = Subscription(self, command.topic)
-                self.subscriptions[command.topic] = subscription
-                self.hub.subscribe(subscription)
-            self._queue.put_reply(encode_ok(command.id, self._encoding))
+            self._subscribe(command)
         else:
             dropped = self.subscriptions.pop(command.topic, None)
             if dropped is not None:
@@ -289,6 +267,47 @@ class Connection:
                 ErrorCode.FORBIDDEN, f"not allowed to publish to {command.topic!r}", command.id
             )
         return None
+
+    def _subscribe(self, command: Sub) -> None:
+        if not self.identity.permissions.may_subscribe(command.topic):
+            self._reply_error(
+                FrameError(
+                    ErrorCode.FORBIDDEN,
+                    f"not allowed to subscribe to {command.topic!r}",
+                    command.id,
+                )
+            )
+            return
+        if command.topic in self.subscriptions:
+            if command.since is None:
+                self._queue.put_reply(encode_ok(command.id, self._encoding))
+            else:
+                self._reply_error(
+                    FrameError(
+                        ErrorCode.BAD_REQUEST,
+                        f"already subscribed to {command.topic!r}; 'since' only applies to a "
+                        "new subscription (unsub first)",
+                        command.id,
+                    )
+                )
+            return
+        if len(self.subscriptions) >= self.limits.max_subscriptions:
+            self._reply_error(
+                FrameError(
+                    ErrorCode.TOO_MANY_SUBS,
+                    f"at most {self.limits.max_subscriptions} subscriptions per connection",
+                    command.id,
+                )
+            )
+            return
+        subscription = Subscription(self, command.topic)
+        self.subscriptions[command.topic] = subscription
+        # No checkpoint from here until the replay is queued: the replay must sit in the queue
+        # ahead of every live message of a later publish (see Hub.subscribe).
+        subscribed = self.hub.subscribe(subscription, command.since)
+        self._queue.put_reply(encode_ok(command.id, self._encoding, **subscribed.fields))
+        for body in subscribed.replay:
+            self._queue.put_replay(subscription.pattern, command.topic, body, subscription.tail)
 
     def _reply_error(self, error: FrameError) -> None:
         log.debug("peer=%s err %s: %s", self.peer, error.code, error.msg)

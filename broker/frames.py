@@ -20,7 +20,8 @@ from typing import Any, Final
 
 import msgpack
 
-from broker.topics import InvalidTopic, validate_pattern, validate_topic
+from broker.history import Position
+from broker.topics import InvalidTopic, is_wildcard, validate_pattern, validate_topic
 
 MAX_ID = 2**64 - 1
 
@@ -56,11 +57,11 @@ class ErrorCode(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Sub:
-    """``sub``: subscribe to a (valid) pattern."""
+    """``sub``: subscribe to a (valid) pattern; ``since`` asks for a replay (concrete topics)."""
 
     id: int
     topic: str
-    since: Any = None
+    since: Position | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +203,30 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
         return Pub(frame_id, topic, value["data"], size)
     assert frame_id is not None
     if op == "sub":
-        return Sub(frame_id, topic, value.get("since"))
+        since = value.get("since")
+        if since is None:
+            return Sub(frame_id, topic)
+        return _validate_since(frame_id, topic, since)
     return Unsub(frame_id, topic)
+
+
+def _validate_since(frame_id: int, topic: str, since: Any) -> Sub | FrameError:
+    if is_wildcard(topic):
+        return FrameError(
+            ErrorCode.BAD_REQUEST,
+            f"'since' needs a concrete topic, not the pattern {topic!r}: recover each topic "
+            "with its own subscription",
+            frame_id,
+        )
+    epoch = since.get("epoch") if isinstance(since, dict) else None
+    offset = since.get("offset") if isinstance(since, dict) else None
+    if not isinstance(epoch, str) or type(offset) is not int or not 0 <= offset <= MAX_ID:
+        return FrameError(
+            ErrorCode.BAD_REQUEST,
+            "'since' must be a map {epoch: string, offset: unsigned integer}",
+            frame_id,
+        )
+    return Sub(frame_id, topic, Position(epoch, offset))
 
 
 def _kind(value: Any) -> str:
@@ -245,23 +268,50 @@ def _pack(value: Any) -> bytes:
     return packed
 
 
-_MSGPACK_BODY_HEAD: Final = b"\x84" + _pack("op") + _pack("msg")
+def pack_data(data: Any) -> bytes:
+    """The msgpack encoding of a message's ``data`` (what history keeps)."""
+    return _pack(data)
+
+
+def unpack_data(packed: bytes) -> Any:
+    """The ``data`` value of :func:`pack_data`'s output."""
+    return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+
+
+_MSGPACK_OP_MSG: Final = _pack("op") + _pack("msg")
 _MSGPACK_TOPIC_KEY: Final = _pack("topic")
 _MSGPACK_DATA_KEY: Final = _pack("data")
+_MSGPACK_OFFSET_KEY: Final = _pack("offset")
 _MSGPACK_SUB_KEY: Final = _pack("sub")
 
 
-def encode_message_body(topic: str, data: Any, encoding: Encoding) -> bytes:
+def encode_message_body(
+    topic: str,
+    data: Any,
+    encoding: Encoding,
+    offset: int | None = None,
+    packed: bytes | None = None,
+) -> bytes:
     """Encode the shared part of a ``msg`` frame: everything except ``sub``.
 
-    ``body + encode_message_tail(pattern, encoding)`` is one complete ``msg`` frame.
+    ``offset`` is given for topics with history. ``packed``, if given, is ``pack_data(data)``
+    already computed (msgpack then reuses it). ``body + encode_message_tail(pattern, encoding)``
+    is one complete ``msg`` frame.
     """
     if encoding is Encoding.MSGPACK:
-        return b"".join(
-            (_MSGPACK_BODY_HEAD, _MSGPACK_TOPIC_KEY, _pack(topic), _MSGPACK_DATA_KEY,
-             _pack(data))
-        )  # fmt: skip
-    return f'{{"op":"msg","topic":{_json_dumps(topic)},"data":{_json_dumps(data)},'.encode()
+        parts = [
+            b"\x84" if offset is None else b"\x85",
+            _MSGPACK_OP_MSG,
+            _MSGPACK_TOPIC_KEY,
+            _pack(topic),
+            _MSGPACK_DATA_KEY,
+            packed if packed is not None else _pack(data),
+        ]
+        if offset is not None:
+            parts += (_MSGPACK_OFFSET_KEY, _pack(offset))
+        return b"".join(parts)
+    head = f'{{"op":"msg","topic":{_json_dumps(topic)},"data":{_json_dumps(data)},'
+    return (head if offset is None else f'{head}"offset":{offset},').encode()
 
 
 def encode_message_tail(pattern: str, encoding: Encoding) -> bytes:

@@ -6,6 +6,14 @@ encodes the message once per encoding in use, and offers it to each subscriber's
 the message is queued for every matching subscription, which is when a ``pub`` with an ``id``
 is acknowledged. Under ``block`` that may mean waiting for a slow subscriber, for at most
 ``slow_timeout``, after which that subscriber is closed with 4002 and the others carry on.
+
+For topics whose rule keeps history, :meth:`Hub.publish` first appends the message to the
+:class:`~broker.history.HistoryStore`, which numbers it, and every ``msg`` frame of it carries
+that ``offset`` (the same for every subscriber, so it is still encoded once per encoding).
+:meth:`Hub.subscribe` with a ``since`` position reads the kept tail and registers the live
+subscription in one step with no checkpoint: see its doc for why that means no gap and no
+duplicate. The publishes of one history topic run one at a time, so that its offsets reach
+every subscriber in order even when some wait for room under ``block``.
 """
 
 from __future__ import annotations
@@ -16,9 +24,16 @@ from typing import Any, Protocol
 
 import trio
 
-from broker.frames import Encoding, encode_message_body, encode_message_tail
+from broker.frames import (
+    Encoding,
+    encode_message_body,
+    encode_message_tail,
+    pack_data,
+    unpack_data,
+)
+from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position
 from broker.outbound import Offer, OutboundQueue, Policy
-from broker.topics import PatternTrie, pattern_matches
+from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
 
 class Subscriber(Protocol):
@@ -48,49 +63,111 @@ class Subscription:
 
 @dataclass(frozen=True, slots=True)
 class TopicRule:
-    """``on_full`` policy for the topics matching ``pattern`` (the first matching rule wins)."""
+    """Settings for the topics matching ``pattern`` (the first matching rule wins):
+    the ``on_full`` policy and the history kept (``None``: none)."""
 
     pattern: str
     on_full: Policy
+    history: HistoryLimits | None = None
 
 
 class PolicyTable:
-    """Resolves a topic's ``on_full`` policy from ordered rules, caching the answer per topic."""
+    """Resolves a topic's rule from ordered rules, caching the answer per topic."""
 
     def __init__(self, rules: Sequence[TopicRule], default: Policy = Policy.BLOCK) -> None:
         self._rules = tuple(rules)
-        self._default = default
-        self._cache: dict[str, Policy] = {}
+        self._default = TopicRule(">", default)
+        self._cache: dict[str, TopicRule] = {}
 
-    def for_topic(self, topic: str) -> Policy:
-        """The policy of the first rule matching ``topic``, else the default (``block``)."""
-        policy = self._cache.get(topic)
-        if policy is None:
-            policy = next(
-                (rule.on_full for rule in self._rules if pattern_matches(rule.pattern, topic)),
+    def rule_for(self, topic: str) -> TopicRule:
+        """The first rule matching ``topic``, else the default (``block``, no history)."""
+        rule = self._cache.get(topic)
+        if rule is None:
+            rule = next(
+                (rule for rule in self._rules if pattern_matches(rule.pattern, topic)),
                 self._default,
             )
             if len(self._cache) >= 65536:
                 self._cache.clear()
-            self._cache[topic] = policy
-        return policy
+            self._cache[topic] = rule
+        return rule
+
+    def for_topic(self, topic: str) -> Policy:
+        """The ``on_full`` policy of ``topic``."""
+        return self.rule_for(topic).on_full
+
+    def history_for(self, topic: str) -> HistoryLimits | None:
+        """The history ``topic`` keeps, or ``None``."""
+        return self.rule_for(topic).history
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """What :meth:`Hub.subscribe` did: the ``ok`` reply's extra fields, and the replay.
+
+    ``replay`` holds the encoded bodies (without the ``sub`` tail) of the recovered messages,
+    oldest first; the caller must queue them before its next checkpoint.
+    """
+
+    fields: dict[str, Any]
+    replay: list[bytes]
 
 
 class Hub:
     """Routes published messages to every matching subscription (see the module doc)."""
 
-    def __init__(self, policies: PolicyTable, slow_timeout: float) -> None:
+    def __init__(
+        self, policies: PolicyTable, slow_timeout: float, history: HistoryStore | None = None
+    ) -> None:
         self.policies = policies
         self.slow_timeout = slow_timeout
+        self.history = history if history is not None else MemoryHistory(policies.history_for)
         self._trie: PatternTrie[Subscription] = PatternTrie()
+        self._in_order: dict[str, trio.StrictFIFOLock] = {}  # history topics being published
 
     def subscription_count(self) -> int:
         """How many subscriptions exist, over all connections."""
         return len(self._trie)
 
-    def subscribe(self, subscription: Subscription) -> None:
-        """Start routing matching messages to ``subscription``."""
-        self._trie.add(subscription.pattern, subscription)
+    def subscribe(self, subscription: Subscription, since: Position | None = None) -> Subscribed:
+        """Start routing matching messages to ``subscription``; recover from ``since``.
+
+        On a concrete topic with history, the reply fields carry the topic's ``epoch`` and
+        latest ``offset``; with ``since`` also ``recovered``, and ``replay`` holds the kept
+        messages after ``since``. ``since`` on a topic without history gives
+        ``recovered: false`` and no replay.
+
+        No gap, no duplicate: this method reads the history and adds the subscription without
+        a checkpoint, and :meth:`publish` appends to the history and offers to every matching
+        subscription without one either. So each publish happens wholly before this call (its
+        offset is in the replay, it did not see the subscription) or wholly after (its offset
+        is above ``offset``, and it is queued live). The caller queues ``replay`` before its
+        next checkpoint, hence before any live message of a later publish.
+        """
+        pattern = subscription.pattern
+        self._trie.add(pattern, subscription)
+        if is_wildcard(pattern) or self.policies.history_for(pattern) is None:
+            return Subscribed({} if since is None else {"recovered": False}, [])
+        now = trio.current_time()
+        if since is None:
+            position = self.history.position(pattern, now)
+            return Subscribed({"epoch": position.epoch, "offset": position.offset}, [])
+        replay = self.history.since(pattern, since, now)
+        latest = replay.latest
+        encoding = subscription.subscriber.encoding
+        binary = encoding is Encoding.MSGPACK
+        bodies = [
+            encode_message_body(
+                pattern,
+                None if binary else unpack_data(stored.data),
+                encoding,
+                stored.offset,
+                stored.data if binary else None,
+            )
+            for stored in replay.messages
+        ]
+        fields = {"epoch": latest.epoch, "offset": latest.offset, "recovered": replay.recovered}
+        return Subscribed(fields, bodies)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop routing to ``subscription``; messages already queued are still delivered."""
@@ -101,7 +178,28 @@ class Hub:
 
         Returns once the message is queued (or dropped, per policy) for all of them.
         """
-        policy = self.policies.for_topic(topic)
+        rule = self.policies.rule_for(topic)
+        if rule.history is None:
+            return await self._fan_out(topic, data, rule.on_full, None, None)
+        # Offsets must reach every subscriber in order, so the publishes of a history topic go
+        # one at a time: otherwise, under block, a newer message could be queued while an
+        # older one waits for room. (The append and the offers still happen without a
+        # checkpoint between them, which Hub.subscribe relies on.)
+        lock = self._in_order.get(topic)
+        if lock is None:
+            lock = self._in_order[topic] = trio.StrictFIFOLock()
+        try:
+            async with lock:
+                packed = pack_data(data)
+                offset = self.history.append(topic, packed, trio.current_time())
+                return await self._fan_out(topic, data, rule.on_full, offset, packed)
+        finally:
+            if not lock.locked() and self._in_order.get(topic) is lock:
+                del self._in_order[topic]
+
+    async def _fan_out(
+        self, topic: str, data: Any, policy: Policy, offset: int | None, packed: bytes | None
+    ) -> int:
         bodies: dict[Encoding, bytes] = {}
         waiting: list[tuple[Subscription, bytes]] = []
         matched = 0
@@ -111,7 +209,7 @@ class Hub:
             encoding = subscriber.encoding
             body = bodies.get(encoding)
             if body is None:
-                body = bodies[encoding] = encode_message_body(topic, data, encoding)
+                body = bodies[encoding] = encode_message_body(topic, data, encoding, offset, packed)
             outcome = subscriber.queue.offer(
                 subscription.pattern, topic, body, subscription.tail, policy
             )

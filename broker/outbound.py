@@ -19,7 +19,8 @@ A policy never evicts another subscription's messages, so a flood on one subscri
 cost a quiet one its messages. Every dropped or replaced message is counted per subscription
 and reported by the writer as one ``lag`` frame ahead of the next batch. Replies (``ok``,
 ``err``) are never dropped; their own bound stops the reader of a client that does not read
-its replies. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
+its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued past the bounds
+and never dropped. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
 """
 
 from __future__ import annotations
@@ -127,6 +128,13 @@ class OutboundQueue:
         self._replies += 1
         self._bytes += len(frame)
         self._readable.set()
+
+    def put_replay(self, sub: str, topic: str, frame: bytes, tail: bytes) -> None:
+        """Queue a recovered message whatever the bounds (a replay is bounded by the topic's
+        history size instead); it is never dropped, and counts as queued for later offers."""
+        if self._closed:
+            return
+        self._append(_Entry(frame, tail, sub, topic), Policy.BLOCK)
 
     def offer(self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy) -> Offer:
         """Try to queue ``frame + tail``, a message of ``topic`` for subscription ``sub``."""

@@ -22,7 +22,8 @@ from broker.auth import AuthError, Identity, build_authenticator, token_from_req
 from broker.config import Config, ConfigError, TlsConfig
 from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
 from broker.frames import SUBPROTOCOLS, Encoding
-from broker.hub import Hub, PolicyTable
+from broker.history import MemoryHistory
+from broker.hub import Hub, PolicyTable, TopicRule
 
 log = logging.getLogger("broker.server")
 
@@ -89,7 +90,9 @@ class Broker:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config()
         limits, server = self.config.limits, self.config.server
-        self.hub = Hub(PolicyTable(self.config.topics), limits.slow_timeout)
+        policies = PolicyTable(self.config.topics)
+        history = MemoryHistory(policies.history_for, self.config.history.max_bytes)
+        self.hub = Hub(policies, limits.slow_timeout, history)
         self.connection_limits = ConnectionLimits(
             max_subscriptions=limits.max_subscriptions,
             queue_messages=limits.queue_messages,
@@ -189,7 +192,7 @@ class Broker:
 
     def _log_startup(self) -> None:
         config = self.config
-        rules = ", ".join(f"{rule.pattern}={rule.on_full}" for rule in config.topics) or "none"
+        rules = ", ".join(_describe(rule) for rule in config.topics) or "none"
         log.info(
             "listening on %s (config: %s; on_full: %s, default block; slow_timeout %g s)",
             self.url,
@@ -293,3 +296,10 @@ class Broker:
                 len(connection.subscriptions),
                 trio.current_time() - started,
             )
+
+
+def _describe(rule: TopicRule) -> str:
+    if rule.history is None:
+        return f"{rule.pattern}={rule.on_full}"
+    ttl = f" ttl {rule.history.ttl:g} s" if rule.history.ttl is not None else ""
+    return f"{rule.pattern}={rule.on_full} (history {rule.history.size}{ttl})"

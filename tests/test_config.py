@@ -14,12 +14,14 @@ from broker.cli import main
 from broker.config import (
     Config,
     ConfigError,
+    HistoryConfig,
     LimitsConfig,
     LogConfig,
     ServerConfig,
     config_from_dict,
     load_config,
 )
+from broker.history import HistoryLimits
 from broker.hub import TopicRule
 from broker.outbound import Policy
 
@@ -71,8 +73,9 @@ def test_example_config_loads_and_sets_every_key_to_its_default() -> None:
     assert config.topics == (
         TopicRule("ticks.>", Policy.DROP_OLDEST),
         TopicRule("prices.*", Policy.CONFLATE),
-        TopicRule("chat.>", Policy.BLOCK),
+        TopicRule("chat.>", Policy.BLOCK, HistoryLimits(size=1000, ttl=3600.0)),
     )
+    assert config.history == HistoryConfig()
     assert config.path == EXAMPLE
 
 
@@ -144,7 +147,7 @@ def test_unknown_key_is_named(raw: dict[str, Any], key: str) -> None:
 
 
 def test_unknown_key_error_lists_the_known_keys() -> None:
-    assert "known here: auth, limits, log, server, tls, topics" in error_of({"x": 1})
+    assert "known here: auth, history, limits, log, server, tls, topics" in error_of({"x": 1})
 
 
 @pytest.mark.parametrize(

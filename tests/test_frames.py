@@ -28,6 +28,7 @@ from broker.frames import (
     join_batch,
     validate_frame,
 )
+from broker.history import Position
 from broker.topics import MAX_TOPIC_BYTES
 
 MSGPACK, JSON = Encoding.MSGPACK, Encoding.JSON
@@ -210,7 +211,8 @@ def check(value: Any) -> Any:
 def test_valid_frames_become_commands() -> None:
     assert check({"op": "sub", "id": 0, "topic": "a.>"}) == Sub(0, "a.>")
     since = {"epoch": "e", "offset": 3}
-    assert check({"op": "sub", "id": 1, "topic": "a", "since": since}) == Sub(1, "a", since)
+    command = check({"op": "sub", "id": 1, "topic": "a", "since": since})
+    assert command == Sub(1, "a", Position("e", 3))
     assert check({"op": "unsub", "id": MAX_ID, "topic": "a.*"}) == Unsub(MAX_ID, "a.*")
     assert check({"op": "pub", "topic": "a", "data": None}) == Pub(None, "a", None, 10)
     assert check({"op": "pub", "id": 7, "topic": "a", "data": b"\x00"}) == Pub(7, "a", b"\x00", 10)

@@ -192,9 +192,9 @@ async def test_message_is_encoded_once_per_encoding_and_the_body_shared(
     encoded: list[Encoding] = []
     real = encode_message_body
 
-    def counting(topic: str, data: Any, encoding: Encoding) -> bytes:
+    def counting(topic: str, data: Any, encoding: Encoding, *args: Any) -> bytes:
         encoded.append(encoding)
-        return real(topic, data, encoding)
+        return real(topic, data, encoding, *args)
 
     monkeypatch.setattr("broker.hub.encode_message_body", counting)
     hub = make_hub()

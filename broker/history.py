@@ -1,0 +1,212 @@
+"""Message history per topic, so a reconnecting subscriber can recover what it missed.
+
+A topic whose config keeps history numbers its messages: ``offset`` is 1 for the first message
+and grows by 1 per message. Its ``epoch`` is a random string naming one generation of that
+numbering; a new epoch (with offsets starting again from 1) means the kept history was lost
+(the in-memory store was restarted, or the topic was evicted whole), so positions of the old
+epoch mean nothing any more.
+
+:class:`HistoryStore` is the hub's whole view of a store: :meth:`~HistoryStore.append`,
+:meth:`~HistoryStore.position`, :meth:`~HistoryStore.since`. Its calls are synchronous on
+purpose: the hub relies on "read the history, then register the live subscription" happening
+with no checkpoint in between (see :meth:`broker.hub.Hub.subscribe`). :class:`MemoryHistory`
+is the embedded store. It keeps at most ``size`` messages per topic, drops messages older than
+``ttl`` seconds lazily (when the topic is next touched), and keeps the whole store under
+``max_bytes`` by evicting the least recently published topics first.
+
+Messages are stored as their msgpack encoding (``data`` bytes), as a Redis store would store
+them, so the msgpack ``msg`` frame of a replay is built without re-encoding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger("broker.history")
+
+# What one kept message or one topic costs on top of its bytes, roughly (object headers,
+# deque slots, dict entries): the cap counts it so that many tiny messages or many empty
+# topics cannot outgrow max_bytes either.
+MESSAGE_OVERHEAD = 64
+TOPIC_OVERHEAD = 256
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLimits:
+    """How much history a topic keeps: at most ``size`` messages, none older than ``ttl`` s."""
+
+    size: int
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A place in a topic's history: the last offset seen, in the numbering named by ``epoch``."""
+
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One kept message: its offset, its msgpack-encoded ``data``, and when it was published."""
+
+    offset: int
+    data: bytes
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The answer to :meth:`HistoryStore.since`.
+
+    ``latest`` is the topic's current position; ``messages`` are the kept messages after the
+    asked offset, oldest first; ``recovered`` is true when they are *all* the messages after it.
+    """
+
+    latest: Position
+    messages: list[Stored]
+    recovered: bool
+
+
+class HistoryStore(Protocol):
+    """Where the hub keeps history; every call is synchronous (no checkpoint)."""
+
+    def append(self, topic: str, data: bytes, now: float) -> int:
+        """Keep ``data`` (a msgpack value) as the topic's next message; return its offset."""
+
+    def position(self, topic: str, now: float) -> Position:
+        """The topic's epoch and latest offset (0 before its first message)."""
+
+    def since(self, topic: str, position: Position, now: float) -> Replay:
+        """The kept messages after ``position`` (none if its epoch is not the topic's)."""
+
+
+def new_epoch() -> str:
+    """A fresh, random epoch name."""
+    return secrets.token_hex(8)
+
+
+@dataclass(eq=False, slots=True)
+class _Topic:
+    epoch: str
+    cost: int  # bytes counted against max_bytes, this topic's share
+    offset: int = 0  # the latest offset given out
+    kept: deque[Stored] = field(default_factory=deque)  # contiguous offsets, oldest first
+
+
+class MemoryHistory:
+    """The in-memory :class:`HistoryStore` (see the module doc).
+
+    ``limits_for(topic)`` gives a topic's :class:`HistoryLimits`; only topics for which it is
+    not ``None`` may be appended to. ``evicted_topics`` counts the topics evicted by the cap.
+    """
+
+    def __init__(
+        self,
+        limits_for: Callable[[str], HistoryLimits | None],
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.limits_for = limits_for
+        self.max_bytes = max_bytes
+        self._topics: OrderedDict[str, _Topic] = OrderedDict()  # least recently published first
+        self._bytes = 0
+        self.evicted_topics = 0
+
+    def statistics(self) -> dict[str, int]:
+        """Topics and messages kept, bytes counted against ``max_bytes``, topics evicted."""
+        return {
+            "topics": len(self._topics),
+            "messages": sum(len(state.kept) for state in self._topics.values()),
+            "bytes": self._bytes,
+            "evicted_topics": self.evicted_topics,
+        }
+
+    def append(self, topic: str, data: bytes, now: float) -> int:
+        """Keep ``data`` as the topic's next message; return its offset."""
+        limits = self.limits_for(topic)
+        if limits is None:
+            raise ValueError(f"topic {topic!r} keeps no history")
+        state = self._touch(topic, limits, now)
+        state.offset += 1
+        self._keep(state, Stored(state.offset, data, now))
+        while len(state.kept) > limits.size:
+            self._drop_oldest(state)
+        self._topics.move_to_end(topic)
+        self._enforce_cap(topic)
+        return state.offset
+
+    def position(self, topic: str, now: float) -> Position:
+        """The topic's epoch and latest offset; a topic never seen starts a new epoch at 0."""
+        state = self._touch(topic, self.limits_for(topic), now)
+        return Position(state.epoch, state.offset)
+
+    def since(self, topic: str, position: Position, now: float) -> Replay:
+        """The kept messages after ``position.offset``, if ``position.epoch`` is current."""
+        state = self._touch(topic, self.limits_for(topic), now)
+        latest = Position(state.epoch, state.offset)
+        if position.epoch != state.epoch or not 0 <= position.offset <= state.offset:
+            return Replay(latest, [], False)
+        first = state.kept[0].offset if state.kept else state.offset + 1
+        start = max(position.offset + 1 - first, 0)
+        messages = list(itertools.islice(state.kept, start, None))
+        return Replay(latest, messages, position.offset + 1 >= first)
+
+    # --- internals ---
+
+    def _touch(self, topic: str, limits: HistoryLimits | None, now: float) -> _Topic:
+        """The topic's state, expired messages dropped; created (a new epoch) if absent."""
+        state = self._topics.get(topic)
+        if state is None:
+            state = self._topics[topic] = _Topic(new_epoch(), TOPIC_OVERHEAD + len(topic))
+            self._bytes += state.cost
+            self._enforce_cap(topic)
+        elif limits is not None and limits.ttl is not None:
+            expired = now - limits.ttl
+            while state.kept and state.kept[0].time <= expired:
+                self._drop_oldest(state)
+        return state
+
+    def _keep(self, state: _Topic, message: Stored) -> None:
+        state.kept.append(message)
+        cost = MESSAGE_OVERHEAD + len(message.data)
+        state.cost += cost
+        self._bytes += cost
+
+    def _drop_oldest(self, state: _Topic) -> None:
+        cost = MESSAGE_OVERHEAD + len(state.kept.popleft().data)
+        state.cost -= cost
+        self._bytes -= cost
+
+    def _enforce_cap(self, current: str) -> None:
+        """Evict whole topics, least recently published first, until under ``max_bytes``.
+
+        The topic being written is never evicted whole; if it alone is over the cap, its
+        oldest messages go instead (its epoch stays, so a recovery sees the gap).
+        """
+        while self._bytes > self.max_bytes:
+            oldest = next(iter(self._topics))
+            if oldest != current:
+                state = self._topics.pop(oldest)
+                self._bytes -= state.cost
+                self.evicted_topics += 1
+                log.info(
+                    "history: evicted topic %r (%d messages, %d bytes) to stay under "
+                    "max_bytes=%d; %d topic(s) evicted so far",
+                    oldest,
+                    len(state.kept),
+                    state.cost,
+                    self.max_bytes,
+                    self.evicted_topics,
+                )
+                continue
+            state = self._topics[current]
+            if not state.kept:
+                return
+            self._drop_oldest(state)
