@@ -51,6 +51,7 @@ log = logging.getLogger("broker_client")
 
 CLOSE_FORBIDDEN = 4003
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+HANDSHAKE_ERRORS = (OSError, HandshakeError, trio.TooSlowError)
 
 
 class Client:
@@ -225,23 +226,13 @@ class Client:
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         attempt = 0
         while True:
-            async with trio.open_nursery() as nursery:
-                try:
+            websocket: WebSocketConnection | None = None
+            try:
+                async with trio.open_nursery() as nursery:
                     websocket = await self._open(nursery)
-                except (OSError, HandshakeError, trio.TooSlowError) as exc:
-                    error = self._handshake_error(exc)
-                    websocket = None
-                if websocket is None:
-                    if not self._started:
-                        raise error
-                    if isinstance(error, Forbidden):
-                        self._finish(error)
-                        return
-                    log.warning("reconnect to %s failed: %s", self.url, error)
-                else:
                     attempt = 0
                     reconnected = self._started
-                    if not self._started:
+                    if not reconnected:
                         self._started = True
                         task_status.started()
                     await self._serve(websocket, reconnected)
@@ -249,7 +240,20 @@ class Client:
                         with trio.move_on_after(self.connect_timeout):
                             await websocket.aclose()
                     nursery.cancel_scope.cancel()
-            if websocket is not None:
+            except BaseExceptionGroup as group:
+                # trio-websocket raises a rejection from its reader task, hence the group
+                failed, rest = group.split(HANDSHAKE_ERRORS)
+                if rest is not None or failed is None or self._websocket is not None:
+                    raise
+                error = self._handshake_error(_first_leaf(failed))
+                if not self._started:
+                    raise error from None
+                if isinstance(error, Forbidden):
+                    self._finish(error)
+                    return
+                log.warning("reconnect to %s failed: %s", self.url, error)
+            else:
+                assert websocket is not None
                 ended = self._connection_ended(websocket)
                 if ended is not None:
                     self._finish(ended)
@@ -271,7 +275,7 @@ class Client:
         self._websocket = websocket
         return websocket
 
-    def _handshake_error(self, exc: Exception) -> ClientError:
+    def _handshake_error(self, exc: BaseException) -> ClientError:
         if isinstance(exc, ConnectionRejected) and exc.status_code in (401, 403):
             body = (exc.body or b"").decode("utf-8", "replace").strip()
             return Forbidden(f"handshake rejected with HTTP {exc.status_code} {body}".strip())
@@ -280,7 +284,7 @@ class Client:
         elif isinstance(exc, trio.TooSlowError):
             reason = f"no handshake within {self.connect_timeout} s"
         elif isinstance(exc, OSError):
-            reason = exc.strerror or str(exc)
+            reason = _os_reason(exc)
         else:
             reason = str(exc) or type(exc).__name__
         return CannotConnect(f"cannot connect to {self.url}: {reason}")
@@ -406,6 +410,16 @@ class Client:
                 subscription._end(end_with)
 
 
+def _os_reason(exc: OSError) -> str:
+    """The useful part of a connect error: trio wraps each address's error in a group."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return exc.strerror or str(exc)
+
+
 @asynccontextmanager
 async def connect(
     url: str = "ws://127.0.0.1:8765",
@@ -449,6 +463,10 @@ async def connect(
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         _raise_single(group)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    return next(_leaves(group))
 
 
 def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
