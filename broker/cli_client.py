@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import trio
+
 from broker_client import ClientError, connect
 
 DEFAULT_URL = "ws://127.0.0.1:8765"

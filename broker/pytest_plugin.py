@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from broker_client import Client, connect
 
 from broker.config import Config
 from broker.server import Broker
+from broker_client import Client, connect
 
 
 @pytest.fixture

@@ -293,36 +293,44 @@ class Client:
         """Run the reader and writer until the connection ends; resubscribe if reconnected."""
         async with trio.open_nursery() as nursery:
             self._serve_scope = nursery.cancel_scope
-            if reconnected:
-                nursery.start_soon(self._resubscribe)
+            if reconnected:  # the subscriptions go first, ahead of anything queued
+                nursery.start_soon(self._confirm_resubscribed, self._queue_resubscriptions())
             nursery.start_soon(self._write_loop, websocket, nursery.cancel_scope)
             await self._read_loop(websocket)
             nursery.cancel_scope.cancel()
         self._serve_scope = None
 
-    async def _resubscribe(self) -> None:
-        pendings: dict[str, Pending] = {}
-        items: list[tuple[bytes, Pending | None]] = []
-        ids = []
+    def _queue_resubscriptions(self) -> dict[int, tuple[str, Pending]]:
+        """Queue a ``sub`` for every live pattern ahead of everything; returns them by id."""
+        queued: dict[int, tuple[str, Pending]] = {}
         for pattern in self._subscriptions:
             self._next_id += 1
-            ids.append(self._next_id)
-            pendings[pattern] = self._pending[self._next_id] = Pending()
-            frame = {"op": "sub", "id": self._next_id, "topic": pattern}
-            items.append((codec.encode(frame, self.encoding), pendings[pattern]))
-        self._outbox.put_first(items)
-        with trio.move_on_after(self.reply_timeout):
-            for pattern, pending in pendings.items():
-                await pending.done.wait()
-                if pending.reply is not None and pending.reply.get("op") == "err":
-                    error = error_from_frame(pending.reply.get("code"), pending.reply.get("msg"))
-                    log.error("resubscribing %r failed: %s", pattern, error)
-                    for subscription in self._subscriptions.pop(pattern, []):
-                        subscription._end(error)
-        for frame_id in ids:
-            del self._pending[frame_id]
+            queued[self._next_id] = (pattern, Pending())
+            self._pending[self._next_id] = queued[self._next_id][1]
+        self._outbox.put_first([
+            (codec.encode({"op": "sub", "id": frame_id, "topic": pattern}, self.encoding), pending)
+            for frame_id, (pattern, pending) in queued.items()
+        ])  # fmt: skip
+        return queued
+
+    async def _confirm_resubscribed(self, queued: dict[int, tuple[str, Pending]]) -> None:
+        """Await the resubscriptions' replies, then tell the user we are back."""
+        try:
+            with trio.move_on_after(self.reply_timeout):
+                for pattern, pending in queued.values():
+                    await pending.done.wait()
+                    if pending.reply is not None and pending.reply.get("op") == "err":
+                        error = error_from_frame(
+                            pending.reply.get("code"), pending.reply.get("msg")
+                        )
+                        log.error("resubscribing %r failed: %s", pattern, error)
+                        for subscription in self._subscriptions.pop(pattern, []):
+                            subscription._end(error)
+        finally:
+            for frame_id in queued:
+                self._pending.pop(frame_id, None)
         self.reconnects += 1
-        log.info("reconnected to %s; %d subscription(s) restored", self.url, len(pendings))
+        log.info("reconnected to %s; %d subscription(s) restored", self.url, len(queued))
         self._reconnected.set()
         self._reconnected = trio.Event()
         if self.on_reconnect is not None:
