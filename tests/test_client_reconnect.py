@@ -6,9 +6,18 @@ import dataclasses
 
 import pytest
 import trio
+from trio_websocket import WebSocketRequest, serve_websocket
 
 from broker.server import Broker
-from broker_client import Backoff, Client, ConnectionLost, Forbidden, Message, connect
+from broker_client import (
+    Backoff,
+    Client,
+    ConnectionLost,
+    Forbidden,
+    Message,
+    ReplyTimeout,
+    connect,
+)
 from tests.helpers import make_config, start_broker, wait_until
 
 TINY = Backoff(base=0.001, max=0.01)
@@ -131,3 +140,27 @@ async def test_forbidden_close_stops_reconnecting(broker: Broker) -> None:
             await sub.receive()
         assert client.reconnects == 0
         await wait_until(lambda: not broker.connections)  # and it does not come back
+
+
+async def test_peer_that_stops_answering_pings_is_dropped_and_reconnected(
+    nursery: trio.Nursery,
+) -> None:
+    accepted: list[object] = []
+    second = trio.Event()
+
+    async def never_read(request: WebSocketRequest) -> None:
+        # Its reader stalls once its one-message queue is full, so pings go unanswered.
+        accepted.append(await request.accept(subprotocol="pubsub.v1.msgpack"))
+        if len(accepted) == 2:
+            second.set()
+        await trio.sleep_forever()
+
+    server = await nursery.start(serve_websocket, never_read, "127.0.0.1", 0, None)
+    url = f"ws://127.0.0.1:{server.port}/"
+    async with connect(url, backoff=TINY, ping_interval=0.05, reply_timeout=0.05) as client:
+        for n in range(3):  # one WebSocket message each
+            with pytest.raises(ReplyTimeout):
+                await client.publish("x", n)
+        with trio.fail_after(5):
+            await second.wait()
+        assert client.reconnects <= 1

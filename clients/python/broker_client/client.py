@@ -70,6 +70,7 @@ class Client:
         buffer_size: int = 100,
         outbox_size: int = 1000,
         on_reconnect: Callable[[Client], None] | None = None,
+        ping_interval: float | None = 20.0,
     ) -> None:
         self.url = url
         self.encoding = Encoding(f"pubsub.v1.{encoding}")
@@ -79,6 +80,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.buffer_size = buffer_size
         self.on_reconnect = on_reconnect
+        self.ping_interval = ping_interval
         self.reconnects = 0
         self._headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
         self._outbox = Outbox(outbox_size)
@@ -91,6 +93,9 @@ class Client:
         self._error: BaseException | None = None
         self._started = False
         self._serve_scope: trio.CancelScope | None = None
+        self._stalls = 0  # times the reader waited on a full subscription buffer
+        self._stalled = False
+        self._dead_peer = False  # the keep-alive gave up on this connection
         self._stopped = trio.Event()
 
     # --- the public API ---
@@ -236,9 +241,9 @@ class Client:
                         self._started = True
                         task_status.started()
                     await self._serve(websocket, reconnected)
-                    if self._closing:
-                        with trio.move_on_after(self.connect_timeout):
-                            await websocket.aclose()
+                    # closing: the closing handshake; a dead peer: drop the socket at once
+                    with trio.move_on_after(self.connect_timeout if self._closing else 0):
+                        await websocket.aclose()
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 # trio-websocket raises a rejection from its reader task, hence the group
@@ -296,6 +301,7 @@ class Client:
             if reconnected:  # the subscriptions go first, ahead of anything queued
                 nursery.start_soon(self._confirm_resubscribed, self._queue_resubscriptions())
             nursery.start_soon(self._write_loop, websocket, nursery.cancel_scope)
+            nursery.start_soon(self._keepalive_loop, websocket, nursery.cancel_scope)
             await self._read_loop(websocket)
             nursery.cancel_scope.cancel()
         self._serve_scope = None
@@ -350,6 +356,29 @@ class Client:
             finally:
                 self._outbox.sent()
 
+    async def _keepalive_loop(
+        self, websocket: WebSocketConnection, scope: trio.CancelScope
+    ) -> None:
+        """Ping every ``ping_interval``; no pong within as long again means a dead peer.
+
+        While the reader waits on a full subscription buffer, pongs are not read either, so a
+        late pong then is backpressure, not death, and does not count.
+        """
+        if self.ping_interval is None:
+            return
+        try:
+            while True:
+                await trio.sleep(self.ping_interval)
+                stalls = self._stalls
+                with trio.move_on_after(self.ping_interval) as ping:
+                    await websocket.ping()
+                if ping.cancelled_caught and not self._stalled and stalls == self._stalls:
+                    self._dead_peer = True
+                    scope.cancel()
+                    return
+        except ConnectionClosed:
+            return
+
     async def _read_loop(self, websocket: WebSocketConnection) -> None:
         try:
             while True:
@@ -370,7 +399,12 @@ class Client:
                     subscription._deliver_nowait(message)
                 except trio.WouldBlock:
                     log.debug("subscription %r is full: pausing the reader", pattern)
-                    await subscription._deliver(message)
+                    self._stalls += 1
+                    self._stalled = True
+                    try:
+                        await subscription._deliver(message)
+                    finally:
+                        self._stalled = False
         elif op in ("ok", "err"):
             pending = self._pending.get(frame.get("id", -1))
             if pending is not None:
@@ -386,11 +420,16 @@ class Client:
     def _connection_ended(self, websocket: WebSocketConnection) -> ClientError | None:
         """Fail what was in flight; return the error that ends the client, if this one does."""
         self._websocket = None
-        reason = websocket.closed
+        reason = None if self._dead_peer else websocket.closed
         code = reason.code if reason is not None else None
-        why = (
-            f"connection to {self.url} lost (close code {code}: {reason.reason if reason else ''})"
-        )
+        if self._dead_peer:
+            detail = f"no pong within {self.ping_interval} s"
+        elif reason is not None:
+            detail = f"close code {code}: {reason.reason}"
+        else:
+            detail = "no close frame"
+        self._dead_peer = False
+        why = f"connection to {self.url} lost ({detail})"
         for pending in list(self._pending.values()):
             if pending.written:
                 pending.resolve(None, ConnectionLost(why, code))
@@ -441,6 +480,7 @@ async def connect(
     buffer_size: int = 100,
     outbox_size: int = 1000,
     on_reconnect: Callable[[Client], None] | None = None,
+    ping_interval: float | None = 20.0,
 ) -> AsyncIterator[Client]:
     """Connect to the broker at ``url`` and yield a :class:`Client`; close it on exit.
 
@@ -448,8 +488,9 @@ async def connect(
     ``Authorization: Bearer``. ``buffer_size`` bounds each subscription's buffer,
     ``outbox_size`` the frames waiting to be sent. With ``reconnect`` (default) a dropped
     connection is retried for ever with ``backoff`` delays; close code 4003 or a 401/403
-    handshake ends the client with :class:`Forbidden` instead. Raises :class:`CannotConnect`
-    if the first connection fails.
+    handshake ends the client with :class:`Forbidden` instead. A ping every ``ping_interval``
+    seconds (``None``: never) unanswered for as long again counts as a drop. Raises
+    :class:`CannotConnect` if the first connection fails.
     """
     if encoding not in ("msgpack", "json"):
         raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
@@ -458,7 +499,7 @@ async def connect(
     client = Client(
         url, token=token, encoding=encoding, reconnect=reconnect, backoff=backoff,
         reply_timeout=reply_timeout, connect_timeout=connect_timeout, buffer_size=buffer_size,
-        outbox_size=outbox_size, on_reconnect=on_reconnect,
+        outbox_size=outbox_size, on_reconnect=on_reconnect, ping_interval=ping_interval,
     )  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:

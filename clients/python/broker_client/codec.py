@@ -38,7 +38,7 @@ def decode(message: bytes | str) -> list[dict[str, Any]]:
     if isinstance(message, str):
         values = [json.loads(line) for line in message.split("\n") if line.strip()]
     else:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(message))
         unpacker.feed(message)
         values = list(unpacker)
     return [value for value in values if isinstance(value, dict)]
