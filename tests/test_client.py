@@ -128,6 +128,12 @@ async def test_async_for_ends_when_the_client_closes(broker_url: str) -> None:
 # --- errors ---
 
 
+async def test_an_error_in_the_block_propagates_as_it_is(broker_url: str) -> None:
+    with pytest.raises(KeyError, match="mine"):
+        async with connect(broker_url):
+            raise KeyError("mine")
+
+
 async def test_broker_errors_carry_code_and_message(broker_client: Client) -> None:
     with pytest.raises(InvalidTopic) as caught:
         await broker_client.publish("orders.*", 1)

@@ -116,8 +116,8 @@ class Client:
         broker is slow or unreachable). A refusal by the broker is only logged.
         """
         self._check_open()
-        self._outbox.put_nowait(codec.encode({"op": "pub", "topic": topic, "data": data},
-                                             self.encoding))  # fmt: skip
+        frame = {"op": "pub", "topic": topic, "data": data}
+        self._outbox.put_nowait(codec.encode(frame, self.encoding))
 
     @asynccontextmanager
     async def subscribe(self, pattern: str) -> AsyncIterator[Subscription]:
@@ -230,7 +230,7 @@ class Client:
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         attempt = 0
-        while True:
+        while not self._closing:
             websocket: WebSocketConnection | None = None
             try:
                 async with trio.open_nursery() as nursery:
@@ -340,7 +340,10 @@ class Client:
         self._reconnected.set()
         self._reconnected = trio.Event()
         if self.on_reconnect is not None:
-            self.on_reconnect(self)
+            try:
+                self.on_reconnect(self)
+            except Exception:
+                log.exception("the on_reconnect hook failed")
 
     async def _write_loop(self, websocket: WebSocketConnection, scope: trio.CancelScope) -> None:
         while True:
@@ -521,9 +524,14 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     """Re-raise the one exception a nursery wrapped, as it was (the user's own, or ours)."""
     leaves = list(_leaves(group))
-    if len(leaves) == 1:
-        raise leaves[0] from None
-    raise group
+    if len(leaves) != 1:
+        raise group
+    error, context = leaves[0], leaves[0].__context__
+    try:
+        raise error
+    finally:
+        error.__context__ = context  # as it was, not the group we caught
+        del error, context
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
