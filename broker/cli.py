@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import trio
 
 from broker import __version__
+from broker.cli_client import add_client_commands, run_client_command
 from broker.config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, load_config
 from broker.logs import setup_logging
 from broker.server import Broker
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default 8765)")  # fmt: skip
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     serve.add_argument("--log-format", choices=LOG_FORMATS, help="default: text")
+    add_client_commands(commands)
     return parser
 
 
@@ -89,6 +91,8 @@ async def _stop_listening_for_signals(nursery: trio.Nursery, broker: Broker) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``broker`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        return run_client_command(args)
     try:
         config = config_from_args(args)
         broker = Broker(config)  # loads the TLS and JWT key files

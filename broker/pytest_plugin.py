@@ -6,6 +6,11 @@ Fixtures, for pytest-trio tests:
   your ``conftest.py`` to set limits or policies; the host is 127.0.0.1 and the port a free one.
 - ``broker``: a running, in-process :class:`~broker.server.Broker`, shut down after the test.
 - ``broker_url``: its ``ws://127.0.0.1:PORT/`` URL.
+- ``broker_client``: a :class:`broker_client.Client` connected to that broker, closed after
+  the test.
+
+Outside this project, the plugin loads when the package is installed; or add
+``pytest_plugins = ["broker.pytest_plugin"]`` to your top-level ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import trio
 
 from broker.config import Config
 from broker.server import Broker
+from broker_client import Client, connect
 
 
 @pytest.fixture
@@ -40,3 +46,10 @@ async def broker(broker_config: Config, nursery: trio.Nursery) -> AsyncIterator[
 def broker_url(broker: Broker) -> str:
     """The URL of the ``broker`` fixture's broker."""
     return broker.url
+
+
+@pytest.fixture
+async def broker_client(broker_url: str) -> AsyncIterator[Client]:
+    """A client connected to the ``broker`` fixture (msgpack, reconnecting)."""
+    async with connect(broker_url) as client:
+        yield client

@@ -1,0 +1,129 @@
+"""``broker pub`` and ``broker sub``: poke a running broker from a shell, through the client.
+
+``pub`` publishes DATA (a string, or JSON with ``--json``) once, ``--count`` times, or each
+line of stdin, each acked, so a refusal is reported. ``sub`` prints one line per message,
+``TOPIC DATA`` with DATA as JSON (or a JSON object per line with ``--json``), until ^C or
+``--count`` messages. Failures are one ``broker: ...`` line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from typing import Any
+
+import trio
+
+from broker_client import ClientError, connect
+
+DEFAULT_URL = "ws://127.0.0.1:8765"
+
+
+def add_client_commands(commands: Any) -> None:
+    """Add the ``pub`` and ``sub`` subcommands to ``broker``'s subparsers."""
+    pub = commands.add_parser(
+        "pub",
+        help="publish a message to a running broker",
+        description="Publish DATA to TOPIC and wait for the broker to accept it. DATA is sent "
+        "as a string; with --json it is parsed as JSON first ('{\"id\": 7}', '42', 'null'). "
+        "Without DATA, each line of stdin is published as one message.",
+    )
+    pub.add_argument("topic", metavar="TOPIC", help="a concrete topic, e.g. orders.created")
+    pub.add_argument("data", metavar="DATA", nargs="?", help="the message (default: stdin lines)")
+    pub.add_argument("--json", action="store_true", help="parse DATA (or each line) as JSON")
+    pub.add_argument("--count", type=int, default=1, metavar="N", help="publish DATA N times")
+    _add_connection_flags(pub)
+
+    sub = commands.add_parser(
+        "sub",
+        help="print the messages matching a pattern",
+        description="Subscribe to PATTERN ('*' matches one segment, '>' the rest) and print "
+        "'TOPIC DATA' per message, DATA as JSON (bytes as base64), until ^C.",
+    )
+    sub.add_argument("pattern", metavar="PATTERN", help="e.g. 'orders.*' or 'metrics.>'")
+    sub.add_argument("--json", action="store_true",
+                     help='print {"topic", "sub", "data"} as one JSON object per line')  # fmt: skip
+    sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    _add_connection_flags(sub)
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"the broker (default {DEFAULT_URL})")
+    parser.add_argument("--encoding", choices=("msgpack", "json"), default="msgpack",
+                        help="wire encoding (default msgpack)")  # fmt: skip
+    parser.add_argument("--token", help="sent as 'Authorization: Bearer TOKEN'")
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run ``pub`` or ``sub``; returns the exit status."""
+    command = publish_command if args.command == "pub" else subscribe_command
+    try:
+        trio.run(command, args)
+    except ClientError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # bad --json input, bad --count
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `broker sub ... | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+async def publish_command(args: argparse.Namespace) -> None:
+    """``broker pub``: publish DATA ``--count`` times, or each stdin line."""
+    if args.count < 1:
+        raise ValueError("--count must be at least 1")
+    parse = _parse_json if args.json else str
+    payloads = [parse(args.data)] * args.count if args.data is not None else None
+    async with connect(args.url, token=args.token, encoding=args.encoding) as client:
+        if payloads is not None:
+            for data in payloads:
+                await client.publish(args.topic, data)
+            return
+        stdin = trio.wrap_file(sys.stdin)
+        async for line in stdin:
+            await client.publish(args.topic, parse(line.rstrip("\n")))
+
+
+async def subscribe_command(args: argparse.Namespace) -> None:
+    """``broker sub``: print each message until ^C or ``--count`` messages."""
+    if args.count is not None and args.count < 1:
+        raise ValueError("--count must be at least 1")
+    seen = 0
+    async with (
+        connect(args.url, token=args.token, encoding=args.encoding) as client,
+        client.subscribe(args.pattern) as subscription,
+    ):
+        async for message in subscription:
+            if args.json:
+                line = _dumps({"topic": message.topic, "sub": message.pattern,
+                               "data": message.data})  # fmt: skip
+            else:
+                line = f"{message.topic} {_dumps(message.data)}"
+            print(line, flush=True)
+            seen += 1
+            if seen == args.count:
+                return
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--json: {text!r} is not JSON: {exc}") from None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=_bytes_as_base64)
+
+
+def _bytes_as_base64(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    return repr(value)

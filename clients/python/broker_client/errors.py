@@ -1,0 +1,114 @@
+"""What can go wrong, as specific exceptions.
+
+Errors the broker reports (an ``err`` frame, a 4003 close, a 401/403 handshake) are
+:class:`BrokerError` subclasses, one per protocol error code, carrying the broker's ``code`` and
+``message``. Errors of the connection itself (:class:`CannotConnect`, :class:`ConnectionLost`,
+:class:`ReplyTimeout`, :class:`Closed`) are :class:`ClientError` subclasses too.
+"""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Base of every exception this package raises."""
+
+
+class BrokerError(ClientError):
+    """The broker refused a command; ``code`` is the protocol's error code, ``message`` its text."""
+
+    code = "unknown"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(f"{code or self.code}: {message}")
+        if code is not None:
+            self.code = code
+        self.message = message
+
+
+class BadRequest(BrokerError):
+    """``bad_request``: the frame was malformed (a client bug)."""
+
+    code = "bad_request"
+
+
+class UnknownOp(BrokerError):
+    """``unknown_op``: the broker does not know this operation."""
+
+    code = "unknown_op"
+
+
+class InvalidTopic(BrokerError):
+    """``invalid_topic``: not a valid topic (or pattern); publish needs a concrete topic."""
+
+    code = "invalid_topic"
+
+
+class Forbidden(BrokerError):
+    """``forbidden``: not allowed, or the token was rejected (401/403, close 4003)."""
+
+    code = "forbidden"
+
+
+class TooLarge(BrokerError):
+    """``too_large``: the published message exceeds the broker's ``max_payload``."""
+
+    code = "too_large"
+
+
+class TooManySubscriptions(BrokerError):
+    """``too_many_subs``: this connection already has the most subscriptions allowed."""
+
+    code = "too_many_subs"
+
+
+class RateLimited(BrokerError):
+    """``rate_limited``: slow down and retry later."""
+
+    code = "rate_limited"
+
+
+class Unavailable(BrokerError):
+    """``unavailable``: the cluster backplane is down; only this node's subscribers got it."""
+
+    code = "unavailable"
+
+
+class Internal(BrokerError):
+    """``internal``: the broker failed; the connection stays usable."""
+
+    code = "internal"
+
+
+ERRORS_BY_CODE: dict[str, type[BrokerError]] = {
+    cls.code: cls
+    for cls in (BadRequest, UnknownOp, InvalidTopic, Forbidden, TooLarge, TooManySubscriptions,
+                RateLimited, Unavailable, Internal)
+}  # fmt: skip
+
+
+def error_from_frame(code: object, message: object) -> BrokerError:
+    """The exception for an ``err`` frame; unknown codes give a plain :class:`BrokerError`."""
+    code, message = str(code), str(message)
+    return ERRORS_BY_CODE.get(code, BrokerError)(message, code)
+
+
+class CannotConnect(ClientError):
+    """The first connection to the broker failed (unreachable, refused, bad handshake)."""
+
+
+class ConnectionLost(ClientError):
+    """The connection dropped while a reply was awaited (the command may or may not have been
+    applied), or for good when reconnecting is off. ``close_code`` is the WebSocket code, if any.
+    """
+
+    def __init__(self, message: str, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class ReplyTimeout(ClientError, TimeoutError):
+    """The broker did not answer within the client's ``reply_timeout``."""
+
+
+class Closed(ClientError):
+    """The client is closed: it was used after its ``async with`` block ended."""

@@ -1,0 +1,94 @@
+"""The client's bounded send queue, shared by every connection the client makes.
+
+Frames wait here until a writer sends them, so publishing during a reconnect buffers (up to
+the bound) instead of failing. A frame whose caller gave up (timeout, cancellation) before it
+was sent is skipped, so a publish that raised is never delivered behind the caller's back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+
+class Pending:
+    """A command awaiting its reply: set by the reader (``reply``) or the client (``error``)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: dict[str, object] | None = None
+        self.error: BaseException | None = None
+        self.written = False  # handed to a connection: a drop before the reply loses it
+        self.abandoned = False  # the caller gave up: do not send it
+
+    def resolve(self, reply: dict[str, object] | None, error: BaseException | None) -> None:
+        """Answer the waiting caller (first answer wins)."""
+        if not self.done.is_set():
+            self.reply, self.error = reply, error
+            self.done.set()
+
+
+Item = tuple[bytes, Pending | None]
+
+
+class Outbox:
+    """A FIFO of encoded frames holding at most ``max_frames``."""
+
+    def __init__(self, max_frames: int) -> None:
+        self.max_frames = max_frames
+        self._items: deque[Item] = deque()
+        self._in_flight = 0
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, frame: bytes, pending: Pending | None = None) -> None:
+        """Queue ``frame``; raises ``trio.WouldBlock`` when the outbox is full."""
+        if len(self._items) >= self.max_frames:
+            raise trio.WouldBlock
+        self._items.append((frame, pending))
+        self._changed.unpark_all()
+
+    async def put(self, frame: bytes, pending: Pending | None = None) -> None:
+        """Queue ``frame``, waiting for room."""
+        while len(self._items) >= self.max_frames:
+            await self._changed.park()
+        self.put_nowait(frame, pending)
+
+    def put_first(self, items: list[Item]) -> None:
+        """Queue ``items`` ahead of everything (resubscriptions after a reconnect)."""
+        self._items.extendleft(reversed(items))
+        self._changed.unpark_all()
+
+    async def take_batch(self, max_bytes: int) -> list[Item]:
+        """Wait for frames, then take what is queued, up to ``max_bytes`` (at least one frame).
+
+        Call :meth:`sent` once the batch is written.
+        """
+        while True:
+            while not self._items:
+                await self._changed.park()
+            batch: list[Item] = []
+            size = 0
+            while self._items and (not batch or size + len(self._items[0][0]) <= max_bytes):
+                frame, pending = self._items.popleft()
+                if pending is not None and pending.abandoned:
+                    continue
+                batch.append((frame, pending))
+                size += len(frame)
+            if batch:
+                self._in_flight = len(batch)
+                self._changed.unpark_all()
+                return batch
+
+    def sent(self) -> None:
+        """The batch from :meth:`take_batch` is written (or lost)."""
+        self._in_flight = 0
+        self._changed.unpark_all()
+
+    async def wait_flushed(self) -> None:
+        """Wait until nothing is queued or being written."""
+        while self._items or self._in_flight:
+            await self._changed.park()

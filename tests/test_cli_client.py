@@ -1,0 +1,132 @@
+"""``broker pub`` and ``broker sub`` as real processes, and the example, against a real broker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from broker.server import Broker
+from broker_client import Client
+from tests.helpers import make_config, start_broker, wait_until
+
+BROKER = [sys.executable, "-m", "broker"]
+EXAMPLE = Path(__file__).parent.parent / "examples" / "publish_subscribe.py"
+
+
+async def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [*BROKER, *args], stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+async def test_pub_publishes_a_string_by_default(broker_client: Client) -> None:
+    async with broker_client.subscribe("greetings") as sub:
+        result = await run("pub", "greetings", "hello", "--url", broker_client.url)
+        assert result.returncode == 0, result.stderr
+        assert (result.stdout, result.stderr) == (b"", b"")
+        with trio.fail_after(5):
+            assert (await sub.receive()).data == "hello"
+
+
+async def test_pub_json_count_and_stdin_lines(broker_client: Client) -> None:
+    url = broker_client.url
+    async with broker_client.subscribe("n") as sub:
+        assert (
+            await run("pub", "n", '{"id": 7}', "--json", "--count", "2", "--url", url)
+        ).returncode == 0
+        assert (await run("pub", "n", "--url", url, stdin=b"one\ntwo\n")).returncode == 0
+        assert (await run("pub", "n", "--json", "--url", url, "--encoding", "json",
+                          stdin=b"[1]\nnull\n")).returncode == 0  # fmt: skip
+        with trio.fail_after(5):
+            data = [(await sub.receive()).data for _ in range(6)]
+    assert data == [{"id": 7}, {"id": 7}, "one", "two", [1], None]
+
+
+async def test_sub_prints_topic_and_json_data_per_line(
+    broker: Broker, broker_client: Client
+) -> None:
+    async with trio.open_nursery() as nursery:
+        results: list[subprocess.CompletedProcess[bytes]] = []
+
+        async def subscribe() -> None:
+            results.append(await run("sub", "orders.*", "--count", "3", "--url", broker.url))
+
+        nursery.start_soon(subscribe)
+        await wait_until(lambda: any("orders.*" in c.subscriptions for c in broker.connections))
+        await broker_client.publish("orders.created", {"id": 7})
+        await broker_client.publish("orders.paid", "ok")
+        await broker_client.publish("orders.blob", b"\x00\x01")
+    (result,) = results
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        'orders.created {"id": 7}',
+        'orders.paid "ok"',
+        'orders.blob "AAE="',
+    ]
+
+
+async def test_sub_json_prints_one_object_per_line(broker: Broker, broker_client: Client) -> None:
+    async with trio.open_nursery() as nursery:
+        results: list[subprocess.CompletedProcess[bytes]] = []
+
+        async def subscribe() -> None:
+            results.append(await run("sub", "a.>", "--json", "--count", "1", "--url", broker.url))
+
+        nursery.start_soon(subscribe)
+        await wait_until(lambda: any("a.>" in c.subscriptions for c in broker.connections))
+        await broker_client.publish("a.b.c", [1, 2])
+    assert results[0].stdout == b'{"topic": "a.b.c", "sub": "a.>", "data": [1, 2]}\n'
+
+
+async def test_unreachable_broker_is_one_line_and_exit_1(nursery: trio.Nursery) -> None:
+    broker = await start_broker(nursery, make_config())
+    url = broker.url
+    broker.shutdown()
+    await broker.wait_stopped()
+    for command in (["pub", "x", "1"], ["sub", "x"]):
+        result = await run(*command, "--url", url)
+        assert result.returncode == 1
+        lines = result.stderr.decode().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"broker: cannot connect to {url}: ")
+
+
+async def test_refused_publish_is_one_line_and_exit_1(broker_url: str) -> None:
+    result = await run("pub", "orders.*", "1", "--url", broker_url)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        "broker: invalid_topic: topic 'orders.*' contains a wildcard; publish to a concrete topic"
+    ]
+
+
+async def test_bad_json_data_is_a_usage_error(broker_url: str) -> None:
+    result = await run("pub", "x", "{", "--json", "--url", broker_url)
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith("broker: --json: '{' is not JSON")
+
+
+async def test_help_explains_pub_and_sub() -> None:
+    pub = (await run("pub", "--help")).stdout.decode()
+    for flag in ("TOPIC", "DATA", "--json", "--count", "--url", "stdin"):
+        assert flag in pub
+    sub = (await run("sub", "--help")).stdout.decode()
+    for flag in ("PATTERN", "--json", "--count", "--url"):
+        assert flag in sub
+
+
+async def test_example_runs_against_a_broker(broker_url: str) -> None:
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, str(EXAMPLE), broker_url], capture_stdout=True, capture_stderr=True
+        )
+    lines = result.stdout.decode().splitlines()
+    assert lines == [
+        "orders.created (matched orders.*): {'id': 0}",
+        "orders.created (matched orders.*): {'id': 1}",
+        "orders.created (matched orders.*): {'id': 2}",
+        "done; the broker dropped 0 message(s) for us",
+    ]
