@@ -222,7 +222,7 @@ export class Subscription {
     }
     const again = this.accepted;
     this.accepted = true;
-    if (again) this.options.onResubscribe?.(this);
+    if (again) this.client._safely(() => this.options.onResubscribe?.(this));
     else this._resolve(this);
   }
 
@@ -367,8 +367,8 @@ export class Client {
           if (this._subscriptions.get(subscription.pattern) === subscription) {
             this._subscriptions.delete(subscription.pattern);
           }
-          if (subscription.accepted && error instanceof PubSubError) {
-            this._report(new PubSubError(error.code, `resubscribing ${subscription.pattern}: ${error.message}`));
+          if (subscription.accepted) {
+            this._report(new Error(`resubscribing to ${subscription.pattern} failed: ${error.message}`));
           }
           subscription._end(error);
         },
@@ -422,13 +422,29 @@ export class Client {
   _setState(state) {
     if (this.state === state) return;
     this.state = state;
-    this.options.onState?.(state);
+    this._safely(() => this.options.onState?.(state));
+  }
+
+  /**
+   * Run an application callback; what it throws is reported, not let loose in the client.
+   * @param {() => void} callback
+   */
+  _safely(callback) {
+    try {
+      callback();
+    } catch (error) {
+      this._report(/** @type {Error} */ (error));
+    }
   }
 
   /** @param {Error} error */
   _report(error) {
-    if (this.options.onError) this.options.onError(error);
-    else console.error(error);
+    try {
+      if (!this.options.onError) throw error;
+      this.options.onError(error);
+    } catch (unhandled) {
+      console.error(unhandled);
+    }
   }
 
   /** Become `closed`: reject everything still waiting. */
@@ -489,7 +505,9 @@ export class Client {
       this._report(new PubSubError("bad_request", `undecodable message from the broker: ${error}`));
       return;
     }
-    for (const frame of frames) this._dispatch(frame);
+    for (const frame of frames) {
+      if (typeof frame === "object" && frame !== null) this._safely(() => this._dispatch(frame));
+    }
   }
 
   /** @param {Frame} frame */

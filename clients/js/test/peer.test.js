@@ -1,8 +1,8 @@
 // @ts-check
 /**
- * What the client sends for auth and recovery, checked against a scripted peer (the broker does
- * not keep history yet): `?token=` on every connect, and `since` with the epoch from the `ok`
- * and the offset of the last `msg` when it subscribes again.
+ * The client against a scripted peer, for what the broker cannot show yet (it keeps no history
+ * and checks no tokens): `?token=` on every connect; `since` with the epoch from the `ok` and the
+ * offset of the last `msg` when it subscribes again; and a batch whose handler throws.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -19,7 +19,7 @@ import { Inbox, makeClient } from "./helpers.js";
 async function scriptedPeer() {
   const server = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols: (offered) => [...offered][0] });
   await new Promise((resolve) => server.once("listening", resolve));
-  /** @type {Inbox<{url: string, protocol: string, frames: Inbox<any>, send: (...frames: object[]) => void, drop: () => void}>} */
+  /** @type {Inbox<{url: string, protocol: string, frames: Inbox<any>, send: (...frames: unknown[]) => void, drop: () => void}>} */
   const connections = new Inbox();
   server.on("connection", (socket, request) => {
     /** @type {Inbox<any>} */
@@ -31,7 +31,7 @@ async function scriptedPeer() {
       url: request.url ?? "",
       protocol: socket.protocol,
       frames,
-      send: (...sent) => socket.send(jsonCodec.encode(sent)),
+      send: (...sent) => socket.send(sent.map((frame) => JSON.stringify(frame)).join("\n")),
       drop: () => socket.terminate(),
     });
   });
@@ -110,6 +110,41 @@ test("subscribe with since sends it on the first sub too", async () => {
     void client.subscribe("news", () => {}, { since: { epoch: "e9", offset: 12 } });
     const sub = await connection.frames.next();
     assert.deepEqual(sub.since, { epoch: "e9", offset: 12 });
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("a throwing handler is reported and the rest of the batch still arrives", async () => {
+  const peer = await scriptedPeer();
+  /** @type {Inbox<Error>} */
+  const errors = new Inbox();
+  const client = makeClient(peer.url, { onError: errors.push });
+  try {
+    const connection = await peer.connections.next();
+    /** @type {Inbox<unknown>} */
+    const inbox = new Inbox();
+    const subscribed = Promise.all([
+      client.subscribe("bad", () => {
+        throw new Error("handler bug");
+      }),
+      client.subscribe("good", (message) => inbox.push(message.data)),
+    ]);
+    const subs = [await connection.frames.next(), await connection.frames.next()];
+    connection.send(...subs.map((sub) => ({ op: "ok", id: sub.id })));
+    await subscribed;
+    const published = client.publish("good", 0);
+    const pub = await connection.frames.next();
+    connection.send(
+      { op: "msg", topic: "bad", sub: "bad", data: 1 },
+      null,
+      { op: "msg", topic: "good", sub: "good", data: 2 },
+      { op: "ok", id: pub.id },
+    );
+    await published;
+    assert.equal(await inbox.next(), 2);
+    assert.equal((await errors.next()).message, "handler bug");
   } finally {
     await client.close();
     peer.close();
