@@ -68,13 +68,13 @@ async function joinRoom(room) {
   const announce = (/** @type {string} */ type) =>
     client.publish(topics.presence, { type, id: me.id, name: me.name }, { ack: false });
 
-  let messages = await client.subscribe(topics.messages, showMessage);
-  if (messages.epoch !== undefined && (messages.offset ?? 0) > 0) {
+  const live = await client.subscribe(topics.messages, showMessage);
+  if (live.epoch !== undefined && (live.offset ?? 0) > 0) {
     // The room keeps history: subscribe again from its start, so the view fills with it.
-    const epoch = messages.epoch;
-    await messages.unsubscribe();
+    await live.unsubscribe();
     $("log").replaceChildren();
-    messages = await client.subscribe(topics.messages, showMessage, { since: { epoch, offset: 0 } });
+    const since = { epoch: live.epoch, offset: 0 };
+    await client.subscribe(topics.messages, showMessage, { since });
   }
   await client.subscribe(topics.presence, (message) => onPresence(message, announce), {
     // Back after a drop: who left meanwhile is unknown, so ask everyone again.

@@ -181,7 +181,7 @@ export class Subscription {
       this._resolve = resolve;
       this._reject = reject;
     });
-    this._firstAnswer.catch(() => {}); // rejections are reported through subscribe()
+    this._firstAnswer.catch(() => {}); // subscribe() returns it: a caller that ignores it chose to
   }
 
   /** @returns {Position | undefined} where to resume from, if the topic keeps history */
