@@ -31,8 +31,13 @@ const client = new Client(brokerUrl, {
   token: params.get("token") ?? undefined,
   onState(state) {
     status.dataset.state = state;
-    status.textContent = { connecting: "connecting…", connected: "connected",
-      disconnected: "reconnecting…", closed: "closed" }[state];
+    status.textContent = {
+      connecting: "connecting…",
+      connected: "connected",
+      // A refused token or Origin looks the same to a page as a broker that is down.
+      disconnected: `cannot reach ${brokerUrl} (down, or refusing this page's token or origin); retrying…`,
+      closed: "closed",
+    }[state];
   },
   onError: (error) => showEvent(`⚠ ${error.message}`),
 });
