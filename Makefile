@@ -4,7 +4,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test lint bench clean
+JS      = clients/js
+
+.PHONY: run test lint bench clean chat chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +24,32 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/broker serve $(ARGS)
 
+# The JS client's packages, from its lockfile; without Node its tests skip.
+$(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix $(JS) --no-audit --no-fund && touch $@; \
+	else echo "npm not found: the JS client's tests will be skipped"; fi
+
+# Debian's chromium for the browser test (tests/test_browser.py), installed only when missing.
+chromium:
+	@test -x /usr/bin/chromium || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
 ## test: install what the tests need and run them
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(JS)/node_modules/.installed chromium
 	$(BIN)/python -m pytest $(ARGS)
 
 ## lint: ruff and mypy, as CI runs them
-lint: $(VENV)/.installed-test
+lint: $(VENV)/.installed-test $(JS)/node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	@if command -v npm >/dev/null; then echo "tsc (JS client, chat page)"; npm --prefix $(JS) run --silent check; fi
+
+## chat: the broker plus a static server for the chat page; open the URL it prints in two tabs
+chat: $(VENV)/.installed-run
+	@echo "chat: open http://127.0.0.1:8000/examples/chat/ in two tabs (Ctrl-C stops both)"
+	$(BIN)/python -m http.server --bind 127.0.0.1 8000 & trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
+	  $(BIN)/broker serve $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,552 @@
+// @ts-check
+/**
+ * A client for the Trio pub/sub broker (wire protocol v1), for browsers and Node.
+ *
+ * One {@link Client} holds one WebSocket. It subscribes with NATS-style patterns, publishes with
+ * acknowledgements, and when the connection drops it reconnects with exponential backoff and
+ * subscribes again, asking for what it missed (`since`) on topics that keep history.
+ *
+ * This file has no imports, so a page can load it as it is. JSON is built in
+ * ({@link jsonCodec}); msgpack lives in `./msgpack.js`, which needs `@msgpack/msgpack`.
+ */
+
+/**
+ * How frames travel: the WebSocket subprotocol, and a batch of frames to and from one message.
+ * @typedef {object} Codec
+ * @property {string} subprotocol offered in the handshake; it picks the broker's encoding
+ * @property {(frames: Frame[]) => string | Uint8Array<ArrayBuffer>} encode one WebSocket message of frames
+ * @property {(message: string | ArrayBuffer | Uint8Array) => Frame[]} decode every frame of one
+ *   WebSocket message, in order
+ */
+
+/** @typedef {Record<string, any>} Frame */
+
+/**
+ * A published message, as the broker delivers it.
+ * @typedef {object} Message
+ * @property {string} topic the concrete topic it was published to
+ * @property {string} sub the pattern of the subscription that matched
+ * @property {unknown} data whatever the publisher sent
+ * @property {number} [offset] its place in the topic's history, where the topic keeps one
+ */
+
+/**
+ * A place in a topic's history: `offset` is the last message seen in the numbering `epoch` names.
+ * @typedef {{ epoch: string, offset: number }} Position
+ */
+
+/**
+ * @typedef {"connecting" | "connected" | "disconnected" | "closed"} State
+ * `disconnected` means waiting to reconnect; `closed` is final (after {@link Client#close}).
+ */
+
+/**
+ * @typedef {object} Backoff
+ * @property {number} [initial] first delay in ms (default 250)
+ * @property {number} [max] longest delay in ms (default 10000)
+ * @property {number} [factor] growth per failed attempt (default 2)
+ */
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {Codec} [codec] default {@link jsonCodec}; pass `msgpackCodec` from `./msgpack.js`
+ * @property {string | (() => string | Promise<string>)} [token] sent as `?token=`; a function
+ *   is asked again before every (re)connect, so it can hand out a fresh token
+ * @property {new (url: string, protocols: string[]) => WebSocket} [WebSocket] the constructor
+ *   to use; default `globalThis.WebSocket` (Node 20 needs one, such as the `ws` package's)
+ * @property {boolean} [reconnect] reconnect after the connection drops (default true)
+ * @property {Backoff} [backoff] reconnect delays
+ * @property {number} [timeout] ms to wait for the broker's answer to a command (default 10000)
+ * @property {(state: State) => void} [onState] called on every state change
+ * @property {(error: Error) => void} [onError] errors no promise reports: an `err` without
+ *   `id`, a subscription the broker refused again after a reconnect, an undecodable message
+ */
+
+/**
+ * @typedef {object} SubscribeOptions
+ * @property {Position} [since] replay the kept messages after this position, then go live
+ * @property {(dropped: number) => void} [onLag] the broker dropped this many messages for
+ *   this subscription (a drop policy: the subscriber was too slow)
+ * @property {(subscription: Subscription) => void} [onResubscribe] called once the broker has
+ *   accepted the subscription again after a reconnect; check `subscription.recovered`
+ */
+
+/** The broker answered a command with `err`; `code` is the protocol's error code. */
+export class PubSubError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.name = "PubSubError";
+    this.code = code;
+  }
+}
+
+/**
+ * A command got no answer: `reason` is `"disconnected"` (the connection dropped first; the
+ * command may or may not have taken effect), `"closed"` (the client was closed) or `"timeout"`.
+ */
+export class NotAnswered extends Error {
+  /**
+   * @param {"disconnected" | "closed" | "timeout"} reason
+   * @param {string} message
+   */
+  constructor(reason, message) {
+    super(message);
+    this.name = "NotAnswered";
+    this.reason = reason;
+  }
+}
+
+/** JSON frames in text messages, one object per line: the `pubsub.v1.json` subprotocol. */
+export const jsonCodec = Object.freeze({
+  subprotocol: "pubsub.v1.json",
+  /** @param {Frame[]} frames */
+  encode: (frames) => frames.map((frame) => JSON.stringify(frame)).join("\n"),
+  /** @param {string | ArrayBuffer | Uint8Array} message */
+  decode(message) {
+    if (typeof message !== "string") throw new TypeError("binary message on the json subprotocol");
+    return message
+      .split("\n")
+      .filter((line) => line.trim() !== "")
+      .map((line) => JSON.parse(line));
+  },
+});
+
+/**
+ * The delay before reconnect attempt `attempt` (0 for the first): exponential, capped, and
+ * jittered to between half and all of it so that many clients do not come back in step.
+ * @param {number} attempt
+ * @param {Backoff} [backoff]
+ * @param {() => number} [random] a number in [0, 1)
+ */
+export function backoffDelay(attempt, backoff = {}, random = Math.random) {
+  const { initial = 250, max = 10000, factor = 2 } = backoff;
+  const ceiling = Math.min(max, initial * factor ** attempt);
+  return ceiling / 2 + (random() * ceiling) / 2;
+}
+
+/**
+ * `url` with `?token=` set (and any query it had kept).
+ * @param {string} url
+ * @param {string | undefined} token
+ */
+export function withToken(url, token) {
+  if (token === undefined) return url;
+  const parsed = new URL(url);
+  parsed.searchParams.set("token", token);
+  return parsed.toString();
+}
+
+/** True if `pattern` names one concrete topic (no `*` or `>` segment). */
+const isConcrete = (/** @type {string} */ pattern) =>
+  !pattern.split(".").some((segment) => segment === "*" || segment === ">");
+
+/**
+ * One subscription of a {@link Client}; it lasts across reconnects until `unsubscribe()`.
+ *
+ * For a concrete topic that keeps history it tracks the topic's `epoch` (from the broker's
+ * `ok`) and the `offset` of the last message received, and resubscribes with them as `since`.
+ */
+export class Subscription {
+  /**
+   * @param {Client} client
+   * @param {string} pattern
+   * @param {(message: Message) => void} onMessage
+   * @param {SubscribeOptions} options
+   */
+  constructor(client, pattern, onMessage, options) {
+    this.client = client;
+    this.pattern = pattern;
+    this.onMessage = onMessage;
+    this.options = options;
+    /** @type {string | undefined} the topic's history epoch, once the broker named it */
+    this.epoch = options.since?.epoch;
+    /** @type {number | undefined} the offset of the last message received */
+    this.offset = options.since?.offset;
+    /** @type {boolean | undefined} from the last `ok`: false if messages were missed */
+    this.recovered = undefined;
+    /** True until `unsubscribe()`, a refusal by the broker, or `close()`. */
+    this.active = true;
+    /** True once the broker has accepted it (on some connection). */
+    this.accepted = false;
+    /** @type {(value: Subscription) => void} */
+    this._resolve = () => {};
+    /** @type {(error: Error) => void} */
+    this._reject = () => {};
+    /** @type {Promise<Subscription>} settles with the first answer to its `sub` */
+    this._firstAnswer = new Promise((resolve, reject) => {
+      this._resolve = resolve;
+      this._reject = reject;
+    });
+    this._firstAnswer.catch(() => {}); // subscribe() returns it: a caller that ignores it chose to
+  }
+
+  /** @returns {Position | undefined} where to resume from, if the topic keeps history */
+  get position() {
+    if (this.epoch === undefined || this.offset === undefined) return undefined;
+    return { epoch: this.epoch, offset: this.offset };
+  }
+
+  /** Stop receiving; resolves once the broker confirmed (at once when disconnected). */
+  unsubscribe() {
+    return this.client._unsubscribe(this);
+  }
+
+  /** The `sub` frame that (re)creates this subscription. */
+  _frame(/** @type {number} */ id) {
+    /** @type {Frame} */
+    const frame = { op: "sub", id, topic: this.pattern };
+    const position = this.position;
+    if (position !== undefined) frame.since = position;
+    return frame;
+  }
+
+  /** @param {Message} message */
+  _deliver(message) {
+    if (typeof message.offset === "number" && isConcrete(this.pattern)) this.offset = message.offset;
+    this.onMessage(message);
+  }
+
+  /** @param {Frame} reply the broker's `ok` to a `sub` */
+  _accept(reply) {
+    if (typeof reply.recovered === "boolean") this.recovered = reply.recovered;
+    if (typeof reply.epoch === "string" && typeof reply.offset === "number") {
+      // A new epoch voids the old offsets: resume from the latest. Otherwise keep the offset
+      // of what was actually received, so a drop in the middle of a replay resumes inside it.
+      const newEpoch = this.epoch !== undefined && this.epoch !== reply.epoch;
+      if (newEpoch || this.offset === undefined) this.offset = reply.offset;
+      this.epoch = reply.epoch;
+    }
+    const again = this.accepted;
+    this.accepted = true;
+    if (again) this.client._safely(() => this.options.onResubscribe?.(this));
+    else this._resolve(this);
+  }
+
+  /** @param {Error} error why it ended without being unsubscribed */
+  _end(error) {
+    this.active = false;
+    this._reject(error);
+  }
+}
+
+/**
+ * A connection to the broker that reconnects by itself. It starts connecting at once.
+ *
+ * Commands given while disconnected wait for the next connection. Subscriptions survive
+ * reconnects. A command whose answer a dropped connection swallowed is rejected with
+ * {@link NotAnswered} (reason `"disconnected"`): it may or may not have taken effect.
+ */
+export class Client {
+  /**
+   * @param {string} url the broker's `ws://` or `wss://` URL
+   * @param {ClientOptions} [options]
+   */
+  constructor(url, options = {}) {
+    const protocol = new URL(url).protocol;
+    if (protocol !== "ws:" && protocol !== "wss:") {
+      throw new TypeError(`the broker URL must be ws:// or wss://, not ${url}`);
+    }
+    const Socket = options.WebSocket ?? globalThis.WebSocket;
+    if (Socket === undefined) {
+      throw new TypeError("no WebSocket here: pass options.WebSocket (in Node, the ws package's)");
+    }
+    this.url = url;
+    this.codec = options.codec ?? jsonCodec;
+    this.options = options;
+    this._Socket = Socket;
+    /** @type {State} */
+    this.state = "connecting";
+    /** @type {WebSocket | null} */
+    this._socket = null;
+    this._nextId = 1;
+    this._attempt = 0;
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    this._retryTimer = undefined;
+    /** @type {Map<number, {resolve: (frame: Frame) => void, reject: (error: Error) => void}>} */
+    this._pending = new Map();
+    /** @type {Map<string, Subscription>} by pattern */
+    this._subscriptions = new Map();
+    /** @type {Array<{resolve: () => void, reject: (error: Error) => void}>} */
+    this._waiters = [];
+    /** @type {Promise<void>} resolves once the socket of a closed client has closed */
+    this._closed = Promise.resolve();
+    void this._open();
+  }
+
+  /**
+   * Subscribe to a pattern (`*` is one segment, `>` the rest). Resolves once the broker
+   * accepted it (waiting for a connection if need be); rejects with {@link PubSubError} if it
+   * refused (`invalid_topic`, `forbidden`, ...).
+   * @param {string} pattern
+   * @param {(message: Message) => void} onMessage
+   * @param {SubscribeOptions} [options]
+   * @returns {Promise<Subscription>}
+   */
+  subscribe(pattern, onMessage, options = {}) {
+    if (this.state === "closed") return Promise.reject(this._closedError());
+    if (this._subscriptions.has(pattern)) {
+      return Promise.reject(
+        new Error(`already subscribed to ${JSON.stringify(pattern)}; unsubscribe first`),
+      );
+    }
+    const subscription = new Subscription(this, pattern, onMessage, options);
+    this._subscriptions.set(pattern, subscription);
+    if (this.state === "connected") this._send(this._subscribeFrames([subscription]));
+    // Otherwise the next connection sends it, with every other subscription.
+    return subscription._firstAnswer;
+  }
+
+  /**
+   * Publish `data` to a concrete topic. With `ack` (the default) resolves once the broker has
+   * queued it for every subscriber, and rejects with {@link PubSubError} if it refused; without,
+   * resolves once sent. When connected, the frame is sent before this returns, so it works in a
+   * page's `pagehide` handler.
+   * @param {string} topic
+   * @param {unknown} data
+   * @param {{ ack?: boolean }} [options]
+   * @returns {Promise<void>}
+   */
+  async publish(topic, data, { ack = true } = {}) {
+    if (this.state !== "connected") await this._whenConnected();
+    if (!ack) {
+      this._send([{ op: "pub", topic, data }]);
+      return;
+    }
+    const id = this._nextId++;
+    const reply = this._request(id);
+    this._send([{ op: "pub", id, topic, data }]);
+    await reply;
+  }
+
+  /**
+   * Close for good: no more reconnects; unanswered commands are rejected.
+   * @returns {Promise<void>} resolves once the WebSocket has closed
+   */
+  close() {
+    if (this.state === "closed") return this._closed;
+    clearTimeout(this._retryTimer);
+    const socket = this._socket;
+    this._socket = null;
+    if (socket !== null && socket.readyState !== socket.CLOSED) {
+      this._closed = new Promise((resolve) => socket.addEventListener("close", () => resolve()));
+      socket.close(1000, "client closed");
+    }
+    this._finish();
+    return this._closed;
+  }
+
+  /** @param {Subscription} subscription */
+  async _unsubscribe(subscription) {
+    if (this._subscriptions.get(subscription.pattern) !== subscription) return;
+    this._subscriptions.delete(subscription.pattern);
+    subscription._end(new NotAnswered("closed", "unsubscribed before the broker answered"));
+    if (this.state !== "connected") return;
+    const id = this._nextId++;
+    const reply = this._request(id);
+    this._send([{ op: "unsub", id, topic: subscription.pattern }]);
+    await reply;
+  }
+
+  /**
+   * The `sub` frames for `subscriptions`, each with its answer wired to the subscription.
+   * @param {Iterable<Subscription>} subscriptions
+   */
+  _subscribeFrames(subscriptions) {
+    const frames = [];
+    for (const subscription of subscriptions) {
+      const id = this._nextId++;
+      this._request(id).then(
+        (reply) => subscription.active && subscription._accept(reply),
+        (/** @type {Error} */ error) => {
+          // A dropped connection is not an answer: the next connection sends it again.
+          if (error instanceof NotAnswered && error.reason === "disconnected") return;
+          if (this._subscriptions.get(subscription.pattern) === subscription) {
+            this._subscriptions.delete(subscription.pattern);
+          }
+          if (subscription.accepted) {
+            this._report(new Error(`resubscribing to ${subscription.pattern} failed: ${error.message}`));
+          }
+          subscription._end(error);
+        },
+      );
+      frames.push(subscription._frame(id));
+    }
+    return frames;
+  }
+
+  /**
+   * A promise for the broker's answer to command `id`: the `ok` frame, or a rejection.
+   * @param {number} id
+   * @returns {Promise<Frame>}
+   */
+  _request(id) {
+    const timeout = this.options.timeout ?? 10000;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new NotAnswered("timeout", `no answer from the broker within ${timeout} ms`));
+      }, timeout);
+      const settle = () => {
+        clearTimeout(timer);
+        this._pending.delete(id);
+      };
+      this._pending.set(id, {
+        resolve: (frame) => (settle(), resolve(frame)),
+        reject: (error) => (settle(), reject(error)),
+      });
+    });
+  }
+
+  /** @param {Frame[]} frames sent as one WebSocket message */
+  _send(frames) {
+    if (this._socket === null) throw new NotAnswered("disconnected", "not connected");
+    this._socket.send(this.codec.encode(frames));
+  }
+
+  /** @returns {Promise<void>} */
+  _whenConnected() {
+    if (this.state === "closed") return Promise.reject(this._closedError());
+    if (this.state === "connected") return Promise.resolve();
+    return new Promise((resolve, reject) => this._waiters.push({ resolve, reject }));
+  }
+
+  _closedError() {
+    return new NotAnswered("closed", "the client is closed");
+  }
+
+  /** @param {State} state */
+  _setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this._safely(() => this.options.onState?.(state));
+  }
+
+  /**
+   * Run an application callback; what it throws is reported, not let loose in the client.
+   * @param {() => void} callback
+   */
+  _safely(callback) {
+    try {
+      callback();
+    } catch (error) {
+      this._report(/** @type {Error} */ (error));
+    }
+  }
+
+  /** @param {Error} error */
+  _report(error) {
+    try {
+      if (!this.options.onError) throw error;
+      this.options.onError(error);
+    } catch (unhandled) {
+      console.error(unhandled);
+    }
+  }
+
+  /** Become `closed`: reject everything still waiting. */
+  _finish() {
+    this._setState("closed");
+    const error = this._closedError();
+    for (const pending of [...this._pending.values()]) pending.reject(error);
+    for (const waiter of this._waiters.splice(0)) waiter.reject(error);
+    for (const subscription of this._subscriptions.values()) subscription._end(error);
+  }
+
+  async _open() {
+    this._setState("connecting");
+    let url;
+    try {
+      const source = this.options.token;
+      const token = typeof source === "function" ? await source() : source;
+      if (/** @type {State} */ (this.state) === "closed") return;
+      url = withToken(this.url, token);
+    } catch (error) {
+      this._report(/** @type {Error} */ (error));
+      this._retry();
+      return;
+    }
+    let socket;
+    try {
+      socket = new this._Socket(url, [this.codec.subprotocol]);
+    } catch (error) {
+      this._report(/** @type {Error} */ (error));
+      this._retry();
+      return;
+    }
+    socket.binaryType = "arraybuffer";
+    this._socket = socket;
+    socket.addEventListener("open", () => this._onOpen(socket));
+    socket.addEventListener("message", (event) => this._onMessage(event.data));
+    socket.addEventListener("close", () => this._onClose(socket));
+    socket.addEventListener("error", () => {}); // always followed by "close", which acts
+  }
+
+  /** @param {WebSocket} socket */
+  _onOpen(socket) {
+    if (socket !== this._socket) return;
+    this._attempt = 0;
+    // Every subscription again, as one batch; `since` where the topic keeps history.
+    const frames = this._subscribeFrames(this._subscriptions.values());
+    if (frames.length > 0) this._send(frames);
+    this._setState("connected");
+    for (const waiter of this._waiters.splice(0)) waiter.resolve();
+  }
+
+  /** @param {string | ArrayBuffer} data */
+  _onMessage(data) {
+    let frames;
+    try {
+      frames = this.codec.decode(data);
+    } catch (error) {
+      this._report(new PubSubError("bad_request", `undecodable message from the broker: ${error}`));
+      return;
+    }
+    for (const frame of frames) {
+      if (typeof frame === "object" && frame !== null) this._safely(() => this._dispatch(frame));
+    }
+  }
+
+  /** @param {Frame} frame */
+  _dispatch(frame) {
+    switch (frame.op) {
+      case "msg":
+        this._subscriptions.get(frame.sub)?._deliver(/** @type {Message} */ (frame));
+        break;
+      case "ok":
+        this._pending.get(frame.id)?.resolve(frame);
+        break;
+      case "err": {
+        const error = new PubSubError(String(frame.code), String(frame.msg));
+        const pending = frame.id === undefined ? undefined : this._pending.get(frame.id);
+        if (pending) pending.reject(error);
+        else this._report(error);
+        break;
+      }
+      case "lag":
+        this._subscriptions.get(frame.sub)?.options.onLag?.(frame.dropped);
+        break;
+      default:
+        break; // unknown frames are ignored, as the protocol asks of both sides
+    }
+  }
+
+  /** @param {WebSocket} socket */
+  _onClose(socket) {
+    if (socket !== this._socket) return;
+    this._socket = null;
+    const dropped = new NotAnswered("disconnected", "the connection dropped before the answer");
+    for (const pending of [...this._pending.values()]) pending.reject(dropped);
+    if (this.options.reconnect === false) this._finish();
+    else this._retry();
+  }
+
+  _retry() {
+    this._setState("disconnected");
+    const delay = backoffDelay(this._attempt++, this.options.backoff);
+    this._retryTimer = setTimeout(() => void this._open(), delay);
+  }
+}

@@ -1,0 +1,117 @@
+// @ts-check
+/** Test helpers: a message inbox to await, a TCP proxy that can cut connections, a client maker. */
+import net from "node:net";
+import WebSocket from "ws";
+
+import { Client } from "../src/client.js";
+
+/** The broker the tests run against (the pytest wrapper sets it). */
+export const BROKER_URL = process.env.BROKER_URL;
+/** Pass as a test's options: skips it, saying why, when there is no broker. */
+export const needsBroker = { skip: BROKER_URL ? false : "BROKER_URL is not set (run through pytest)" };
+
+/**
+ * A client on the `ws` package's WebSocket, with short reconnect delays.
+ * @param {string} url
+ * @param {import("../src/client.js").ClientOptions} [options]
+ */
+export function makeClient(url, options = {}) {
+  return new Client(url, {
+    WebSocket: /** @type {any} */ (WebSocket),
+    backoff: { initial: 20, max: 200 },
+    timeout: 5000,
+    ...options,
+  });
+}
+
+/**
+ * Collects values pushed to it; `next()` waits for the next one (failing after 5 s).
+ * @template T
+ */
+export class Inbox {
+  constructor() {
+    /** @type {T[]} */
+    this.items = [];
+    /** @type {Array<(item: T) => void>} */
+    this.waiting = [];
+    this.push = this.push.bind(this);
+  }
+
+  /** @param {T} item */
+  push(item) {
+    const waiter = this.waiting.shift();
+    if (waiter) waiter(item);
+    else this.items.push(item);
+  }
+
+  /** @returns {Promise<T>} */
+  next() {
+    if (this.items.length > 0) return Promise.resolve(/** @type {T} */ (this.items.shift()));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error("nothing arrived within 5 s")), 5000);
+      this.waiting.push((item) => {
+        clearTimeout(timer);
+        resolve(item);
+      });
+    });
+  }
+
+  /**
+   * Wait for the first item that satisfies `predicate`, discarding the others.
+   * @param {(item: T) => boolean} predicate
+   */
+  async until(predicate) {
+    for (;;) {
+      const item = await this.next();
+      if (predicate(item)) return item;
+    }
+  }
+}
+
+/**
+ * A TCP proxy in front of the broker, so a test can cut the network under a client.
+ * `cut()` destroys every connection; `refuse` makes it drop new ones at once.
+ */
+export class Proxy {
+  /** @param {string} target a ws:// URL */
+  constructor(target) {
+    const { hostname, port } = new URL(target);
+    this.refuse = false;
+    this.accepted = 0;
+    /** @type {Set<net.Socket>} */
+    this.sockets = new Set();
+    this.server = net.createServer((downstream) => {
+      this.accepted += 1;
+      if (this.refuse) {
+        downstream.destroy();
+        return;
+      }
+      const upstream = net.connect(Number(port), hostname);
+      for (const [from, to] of [[downstream, upstream], [upstream, downstream]]) {
+        this.sockets.add(from);
+        from.pipe(to);
+        from.on("error", () => to.destroy());
+        from.on("close", () => {
+          this.sockets.delete(from);
+          to.destroy();
+        });
+      }
+    });
+  }
+
+  /** Listen on 127.0.0.1 and a free port; resolves to the proxy's ws:// URL. */
+  async start() {
+    await new Promise((resolve) => this.server.listen(0, "127.0.0.1", () => resolve(undefined)));
+    const address = /** @type {net.AddressInfo} */ (this.server.address());
+    return `ws://127.0.0.1:${address.port}/`;
+  }
+
+  cut() {
+    for (const socket of this.sockets) socket.destroy();
+  }
+
+  async stop() {
+    this.cut();
+    await new Promise((resolve) => this.server.close(() => resolve(undefined)));
+  }
+}

@@ -1,0 +1,152 @@
+// @ts-check
+/**
+ * The client against a scripted peer, for what the broker cannot show yet (it keeps no history
+ * and checks no tokens): `?token=` on every connect; `since` with the epoch from the `ok` and the
+ * offset of the last `msg` when it subscribes again; and a batch whose handler throws.
+ */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { WebSocketServer } from "ws";
+
+import { jsonCodec } from "../src/client.js";
+import { Inbox, makeClient } from "./helpers.js";
+
+/**
+ * A WebSocket server on a free port speaking JSON frames; each connection is pushed to
+ * `connections` with its request URL and an inbox of the frames it receives.
+ */
+async function scriptedPeer() {
+  const server = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols: (offered) => [...offered][0] });
+  await new Promise((resolve) => server.once("listening", resolve));
+  /** @type {Inbox<{url: string, protocol: string, frames: Inbox<any>, send: (...frames: unknown[]) => void, drop: () => void}>} */
+  const connections = new Inbox();
+  server.on("connection", (socket, request) => {
+    /** @type {Inbox<any>} */
+    const frames = new Inbox();
+    socket.on("message", (data) => {
+      for (const frame of jsonCodec.decode(data.toString())) frames.push(frame);
+    });
+    connections.push({
+      url: request.url ?? "",
+      protocol: socket.protocol,
+      frames,
+      send: (...sent) => socket.send(sent.map((frame) => JSON.stringify(frame)).join("\n")),
+      drop: () => socket.terminate(),
+    });
+  });
+  const { port } = /** @type {import("node:net").AddressInfo} */ (server.address());
+  return { url: `ws://127.0.0.1:${port}/`, connections, close: () => server.close() };
+}
+
+test("the token is sent as ?token= on every connect, asked afresh each time", async () => {
+  const peer = await scriptedPeer();
+  let issued = 0;
+  const client = makeClient(peer.url, { token: async () => `t${++issued}` });
+  try {
+    const first = await peer.connections.next();
+    assert.equal(first.url, "/?token=t1");
+    assert.equal(first.protocol, "pubsub.v1.json");
+    first.drop();
+    assert.equal((await peer.connections.next()).url, "/?token=t2");
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("a resubscribe asks for what was missed: since = epoch of the ok, offset of the last msg", async () => {
+  const peer = await scriptedPeer();
+  /** @type {Inbox<boolean | undefined>} */
+  const resubscribed = new Inbox();
+  const client = makeClient(peer.url);
+  try {
+    const first = await peer.connections.next();
+    /** @type {Inbox<unknown>} */
+    const inbox = new Inbox();
+    const subscribing = client.subscribe("room.1", (message) => inbox.push(message.data), {
+      onResubscribe: (subscription) => resubscribed.push(subscription.recovered),
+    });
+    const wildcard = client.subscribe("room.*", () => {}); // no position: never `since`
+    const sub = await first.frames.next();
+    assert.deepEqual(sub, { op: "sub", id: sub.id, topic: "room.1" });
+    first.send({ op: "ok", id: sub.id, epoch: "e1", offset: 4 });
+    first.send({ op: "ok", id: (await first.frames.next()).id });
+    await wildcard;
+    const subscription = await subscribing;
+    assert.deepEqual(subscription.position, { epoch: "e1", offset: 4 });
+    first.send(
+      { op: "msg", topic: "room.1", sub: "room.1", data: "five", offset: 5 },
+      { op: "msg", topic: "room.1", sub: "room.1", data: "six", offset: 6 },
+    );
+    assert.deepEqual([await inbox.next(), await inbox.next()], ["five", "six"]);
+
+    first.drop();
+    const second = await peer.connections.next();
+    const resubs = [await second.frames.next(), await second.frames.next()];
+    const again = resubs.find((frame) => frame.topic === "room.1");
+    assert.deepEqual(again.since, { epoch: "e1", offset: 6 });
+    assert.equal(resubs.find((frame) => frame.topic === "room.*").since, undefined);
+    // The history was lost meanwhile: a new epoch, recovered false, resume from its latest.
+    second.send({ op: "ok", id: again.id, epoch: "e2", offset: 1, recovered: false });
+    assert.equal(await resubscribed.next(), false);
+    assert.deepEqual(subscription.position, { epoch: "e2", offset: 1 });
+
+    second.drop();
+    const third = await peer.connections.next();
+    const [resub] = [await third.frames.next(), await third.frames.next()].filter((f) => f.topic === "room.1");
+    assert.deepEqual(resub.since, { epoch: "e2", offset: 1 });
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("subscribe with since sends it on the first sub too", async () => {
+  const peer = await scriptedPeer();
+  const client = makeClient(peer.url);
+  try {
+    const connection = await peer.connections.next();
+    void client.subscribe("news", () => {}, { since: { epoch: "e9", offset: 12 } });
+    const sub = await connection.frames.next();
+    assert.deepEqual(sub.since, { epoch: "e9", offset: 12 });
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("a throwing handler is reported and the rest of the batch still arrives", async () => {
+  const peer = await scriptedPeer();
+  /** @type {Inbox<Error>} */
+  const errors = new Inbox();
+  const client = makeClient(peer.url, { onError: errors.push });
+  try {
+    const connection = await peer.connections.next();
+    /** @type {Inbox<unknown>} */
+    const inbox = new Inbox();
+    const subscribed = Promise.all([
+      client.subscribe("bad", () => {
+        throw new Error("handler bug");
+      }),
+      client.subscribe("good", (message) => inbox.push(message.data)),
+    ]);
+    const subs = [await connection.frames.next(), await connection.frames.next()];
+    connection.send(...subs.map((sub) => ({ op: "ok", id: sub.id })));
+    await subscribed;
+    const published = client.publish("good", 0);
+    const pub = await connection.frames.next();
+    connection.send(
+      { op: "msg", topic: "bad", sub: "bad", data: 1 },
+      null,
+      { op: "msg", topic: "good", sub: "good", data: 2 },
+      { op: "ok", id: pub.id },
+    );
+    await published;
+    assert.equal(await inbox.next(), 2);
+    assert.equal((await errors.next()).message, "handler bug");
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
