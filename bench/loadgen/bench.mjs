@@ -45,6 +45,7 @@ class BrokerClient {
     ws.on("message", (buf) => this.receive(buf));
   }
   receive(buf) {
+    wsMessages++;
     const len = this.frameLen;
     if (len && this.onCount && buf.length % len === 0) {
       let ok = true;
@@ -97,6 +98,7 @@ class NatsClient {
     ws.on("message", (buf) => this.receive(buf));
   }
   receive(buf) {
+    wsMessages++;
     const len = this.frameLen;
     if (!this.rest && len && this.onCount && buf.length % len === 0) {
       let ok = true;
@@ -142,6 +144,7 @@ class NatsClient {
 
 const Client = target === "nats" ? NatsClient : BrokerClient;
 let lagged = 0;
+let wsMessages = 0; // WebSocket messages received by the counting subscribers
 
 async function connect() {
   const options = { perMessageDeflate: false, maxPayload: 64 * 1024 * 1024 };
@@ -187,6 +190,7 @@ async function throughput({ subscribers, topicOf, seconds, window, batch }) {
   // Warm-up: one message per topic, fully decoded, teaches every subscriber its frame length.
   await sendAndWait(publisher, Buffer.concat(frames), () => received >= subscribers.length);
   received = 0;
+  wsMessages = 0;
   let sent = 0;
   const start = now();
   const stopAt = start + seconds * 1000;
@@ -217,6 +221,7 @@ async function throughput({ subscribers, topicOf, seconds, window, batch }) {
     "deliveries/s": Math.round(received / elapsed),
     lost: expected - received,
     lagged,
+    "frames/ws-msg": Number((received / Math.max(1, wsMessages)).toFixed(1)),
     seconds: Number(elapsed.toFixed(2)),
   };
 }
@@ -249,7 +254,7 @@ async function fanout(idle) {
   const subscribers = await connectMany(subs);
   await Promise.all(subscribers.map((c) => c.subscribe(["bench.fanout"])));
   const result = await throughput({
-    subscribers, topicOf: () => "bench.fanout", seconds: num("seconds", 3), window: 1000, batch: 4,
+    subscribers, topicOf: () => "bench.fanout", seconds: num("seconds", 3), window: 1000, batch: num("batch", 4),
   });
   return { subs, idle: idle || 0, ...result };
 }
@@ -259,7 +264,7 @@ async function topics() {
   const subscribers = await connectMany(subs);
   await Promise.all(subscribers.map((c, i) => c.subscribe([`bench.t.${i}`])));
   const result = await throughput({
-    subscribers, topicOf: (i) => `bench.t.${i}`, seconds: num("seconds", 3), window: 64, batch: 64,
+    subscribers, topicOf: (i) => `bench.t.${i}`, seconds: num("seconds", 3), window: 64, batch: num("batch", 64),
   });
   return { subs, "routed/s": result["deliveries/s"], ...result };
 }
