@@ -40,13 +40,13 @@ async def scenario(subscribers: int, messages: int, own_topics: bool) -> float:
     best = float("inf")
     every = 64 * len(topics)
     for _ in range(5):
-        start = time.perf_counter()
+        start = time.process_time()
         for n in range(messages):
             await hub.publish(topics[n % len(topics)], data)
             if n % every == every - 1:  # each subscriber has ~64 messages queued
                 for sub in subs:
                     sub.queue.take_batch(1 << 20)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         for sub in subs:
             sub.queue.take_batch(1 << 30)
         deliveries = messages * (1 if own_topics else subscribers)

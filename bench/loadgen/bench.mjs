@@ -168,6 +168,13 @@ async function connectMany(n, parallel = 100) {
   return clients;
 }
 
+/** CPU seconds (user + system) the server process has used so far. */
+function cpuSeconds(pid) {
+  if (!pid) return NaN;
+  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in USER_HZ (100)
+}
+
 function rssKiB(pid) {
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
   return Number(/VmRSS:\s+(\d+)/.exec(status)[1]);
@@ -192,6 +199,7 @@ async function throughput({ subscribers, topicOf, seconds, window, batch }) {
   received = 0;
   wsMessages = 0;
   let sent = 0;
+  const cpuStart = cpuSeconds(num("pid"));
   const start = now();
   const stopAt = start + seconds * 1000;
   let lastReceive = start;
@@ -215,12 +223,14 @@ async function throughput({ subscribers, topicOf, seconds, window, batch }) {
   const expected = sent * perPub;
   await waitQuiet(() => received >= expected, () => received, 2000);
   const elapsed = (lastReceive - start) / 1000;
+  const cpu = cpuSeconds(num("pid")) - cpuStart;
   return {
     msgs: sent,
     deliveries: received,
     "deliveries/s": Math.round(received / elapsed),
     lost: expected - received,
     lagged,
+    "server_cpu_us/delivery": Number(((cpu * 1e6) / Math.max(1, received)).toFixed(2)),
     "frames/ws-msg": Number((received / Math.max(1, wsMessages)).toFixed(1)),
     seconds: Number(elapsed.toFixed(2)),
   };
