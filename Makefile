@@ -32,5 +32,13 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+## bench: install the Node load generator and run the benchmarks (ARGS="--compare --repeat 3")
+bench: $(VENV)/.installed-run bench/loadgen/node_modules
+	bench/run $(ARGS)
+
+bench/loadgen/node_modules: bench/loadgen/package-lock.json
+	cd bench/loadgen && npm ci --no-audit --no-fund
+	touch $@
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
