@@ -51,5 +51,13 @@ chat: $(VENV)/.installed-run
 	$(BIN)/python -m http.server --bind 127.0.0.1 8000 & trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
 	  $(BIN)/broker serve $(ARGS)
 
+## bench: install the Node load generator and run the benchmarks (ARGS="--compare --repeat 3")
+bench: $(VENV)/.installed-run bench/loadgen/node_modules
+	bench/run $(ARGS)
+
+bench/loadgen/node_modules: bench/loadgen/package-lock.json
+	cd bench/loadgen && npm ci --no-audit --no-fund
+	touch $@
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -35,6 +35,10 @@ from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position
 from broker.outbound import Offer, OutboundQueue, Policy
 from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
+# Per-delivery comparisons read module globals: an Enum member read through its class is ten
+# times slower on Python 3.11 (see broker/outbound.py).
+_FULL, _DISCONNECT = Offer.FULL, Offer.DISCONNECT
+
 
 class Subscriber(Protocol):
     """The hub's view of a connection: its queue, its encoding, and a way to drop it."""
@@ -213,9 +217,9 @@ class Hub:
             outcome = subscriber.queue.offer(
                 subscription.pattern, topic, body, subscription.tail, policy
             )
-            if outcome is Offer.FULL:
+            if outcome is _FULL:
                 waiting.append((subscription, body))
-            elif outcome is Offer.DISCONNECT:
+            elif outcome is _DISCONNECT:
                 subscriber.close_slow_consumer(f"outbound queue full on {topic!r} (disconnect)")
         for subscription, body in waiting:
             await self._offer_blocking(subscription, topic, body)

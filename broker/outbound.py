@@ -52,6 +52,14 @@ class Offer(enum.Enum):
     CLOSED = "closed"  # the queue is closed; the subscriber is going away
 
 
+# The hot path compares against these module globals: on Python 3.11 reading a member
+# through its Enum class (``Policy.BLOCK``) costs ~0.14 us, ten times a global read, and
+# ``offer`` runs once per delivery.
+_BLOCK, _DROP_OLDEST, _DROP_NEWEST = Policy.BLOCK, Policy.DROP_OLDEST, Policy.DROP_NEWEST
+_CONFLATE, _DISCONNECT = Policy.CONFLATE, Policy.DISCONNECT
+_QUEUED, _DROPPED, _FULL = Offer.QUEUED, Offer.DROPPED, Offer.FULL
+
+
 @dataclass(slots=True)
 class _Entry:
     frame: bytes
@@ -143,36 +151,36 @@ class OutboundQueue:
         entry = _Entry(frame, tail, sub, topic)
         if self._fits(entry.size):
             self._append(entry, policy)
-            return Offer.QUEUED
-        if policy is Policy.BLOCK:
-            return Offer.FULL
-        if policy is Policy.DISCONNECT:
+            return _QUEUED
+        if policy is _BLOCK:
+            return _FULL
+        if policy is _DISCONNECT:
             return Offer.DISCONNECT
-        if policy is Policy.CONFLATE:
+        if policy is _CONFLATE:
             queued = self._latest.get((sub, topic))
             if queued is not None:
                 self._bytes += entry.size - queued.size
                 queued.frame, queued.tail = frame, tail
                 self._count_lag(sub)
-                return Offer.QUEUED
-        if policy is not Policy.DROP_NEWEST:
+                return _QUEUED
+        if policy is not _DROP_NEWEST:
             own = self._evictable.get(sub)
             while own and not self._fits(entry.size):
                 self._evict(own.popleft())
             if self._fits(entry.size):
                 self._append(entry, policy)
-                return Offer.QUEUED
+                return _QUEUED
         self._count_lag(sub)
-        return Offer.DROPPED
+        return _DROPPED
 
     def _append(self, entry: _Entry, policy: Policy) -> None:
         self._entries.append(entry)
         self._messages += 1
         self._bytes += entry.size
         assert entry.sub is not None
-        if policy is Policy.DROP_OLDEST or policy is Policy.CONFLATE:
+        if policy is _DROP_OLDEST or policy is _CONFLATE:
             self._evictable.setdefault(entry.sub, deque()).append(entry)
-            if policy is Policy.CONFLATE:
+            if policy is _CONFLATE:
                 self._latest[(entry.sub, entry.topic)] = entry
         self._readable.set()
 
