@@ -23,6 +23,8 @@ removed from the hub on the way out.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
@@ -106,6 +108,10 @@ class Connection:
         self.close_reason = ""
         self._send_scope: trio.CancelScope | None = None
         self._bad_in_a_row = 0
+        # While a publish waits for a slow subscriber (block), nothing reads this socket, so
+        # its pong cannot arrive: the keep-alive must not blame the publisher for that.
+        self._reads_paused = 0
+        self._paused_since_ping = False
 
     @property
     def queue(self) -> OutboundQueue:
@@ -207,7 +213,7 @@ class Connection:
                             self._reply_error(
                                 FrameError(ErrorCode.INTERNAL, "internal error", item.id)
                             )
-                await self._queue.wait_reply_room()
+                await self._queue.wait_reply_room()  # a peer not reading its replies: no hold
         except ConnectionClosed as exc:
             reason = exc.reason
             if reason is not None and reason.code == CLOSE_TOO_BIG:
@@ -242,7 +248,8 @@ class Connection:
             if refusal is not None:
                 self._reply_error(refusal)
                 return
-            await self.hub.publish(command.topic, command.data)
+            with self._reads_held():
+                await self.hub.publish(command.topic, command.data)
             if command.id is not None:
                 self._queue.put_reply(encode_ok(command.id, self._encoding))
         elif isinstance(command, Sub):
@@ -321,14 +328,24 @@ class Connection:
         log.info("peer=%s subject=%s: token expired", self.peer, self.identity.subject)
         self.close(CLOSE_FORBIDDEN, "token expired")
 
+    @contextmanager
+    def _reads_held(self) -> Iterator[None]:
+        self._reads_paused += 1
+        self._paused_since_ping = True
+        try:
+            yield
+        finally:
+            self._reads_paused -= 1
+
     async def _keepalive_loop(self) -> None:
         interval, timeout = self.limits.ping_interval, self.limits.ping_timeout
         try:
             while True:
                 await trio.sleep(interval)
+                self._paused_since_ping = self._reads_paused > 0
                 with trio.move_on_after(timeout) as scope:
                     await self.websocket.ping()
-                if scope.cancelled_caught:
+                if scope.cancelled_caught and not self._paused_since_ping:
                     log.info("peer=%s did not answer a ping within %g s", self.peer, timeout)
                     self.close(CLOSE_GOING_AWAY, "ping timeout", flush=False)
                     return
