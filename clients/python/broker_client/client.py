@@ -25,7 +25,7 @@ import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import trio
 from trio_websocket import (
@@ -312,20 +312,26 @@ class Client:
             await trio.sleep(delay)
 
     async def _open(self, nursery: trio.Nursery) -> WebSocketConnection:
-        headers = [(b"Authorization", f"Bearer {token}".encode())] if (
-            token := await self._current_token()
-        ) else []  # fmt: skip
+        token = await self._current_token()
+        headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
         with trio.fail_after(self.connect_timeout):
             stream = await self._open_stream()
-            websocket = await wrap_client_stream(
-                nursery,
-                stream,
-                self._host_header,
-                self._resource,
-                subprotocols=[self.encoding.value],
-                extra_headers=headers,
-                max_message_size=MAX_MESSAGE_SIZE,
-            )
+            with trio.CancelScope() as handshake:
+                # trio-websocket's reader returns when the peer closes during the handshake,
+                # but never wakes the handshake (trio-websocket issue #199): wake it ourselves.
+                reader_nursery = _OnReturn(nursery, handshake.cancel)
+                websocket = await wrap_client_stream(
+                    cast(trio.Nursery, reader_nursery),
+                    stream,
+                    self._host_header,
+                    self._resource,
+                    subprotocols=[self.encoding.value],
+                    extra_headers=headers,
+                    max_message_size=MAX_MESSAGE_SIZE,
+                )
+        if handshake.cancelled_caught:
+            await trio.aclose_forcefully(stream)
+            raise CannotConnect(f"cannot connect to {self.url}: closed during the handshake")
         self._websocket = websocket
         return websocket
 
@@ -553,6 +559,20 @@ class Client:
         for route in self._routes.values():
             for subscription in route.subscriptions:
                 subscription._end(end_with)
+
+
+class _OnReturn:
+    """Starts tasks in ``nursery`` and calls ``then()`` when one returns (not if it raises)."""
+
+    def __init__(self, nursery: trio.Nursery, then: Callable[[], None]) -> None:
+        self._nursery, self._then = nursery, then
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        async def run() -> None:
+            await fn(*args)
+            self._then()
+
+        self._nursery.start_soon(run)
 
 
 def _call_hook(name: str, hook: Callable[..., object], *args: object) -> None:
