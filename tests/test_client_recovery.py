@@ -59,6 +59,13 @@ def test_recovery_restarts_from_the_latest_offset_when_its_own_is_void(
     assert recovery.accept(int(str(reply["offset"])) + 1)  # the next one is new, not a repeat
 
 
+def test_an_unanswered_resubscription_forgets_the_position_rather_than_skip_messages() -> None:
+    recovery = Recovery(TOPIC)
+    recovery.subscribed({"epoch": "e1", "offset": 8})
+    assert recovery.forget("no answer") == "no answer" and recovery.recovered is False
+    assert recovery.accept(1) and recovery.since() is None  # a new epoch's first message
+
+
 def test_a_wildcard_never_asks_for_since_and_reports_a_possible_loss_once_it_saw_offsets() -> None:
     recovery = Recovery("chat.>")
     recovery.subscribed({"op": "ok"})

@@ -70,6 +70,7 @@ class _Route:
     """One subscription at the broker, shared by the client's subscriptions to its pattern."""
 
     def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
         self.recovery = Recovery(pattern)
         self.subscriptions: list[Subscription] = []
 
@@ -391,11 +392,11 @@ class Client:
             nursery.cancel_scope.cancel()
         self._serve_scope = None
 
-    def _queue_resubscriptions(self) -> dict[int, tuple[str, Pending]]:
+    def _queue_resubscriptions(self) -> dict[int, tuple[_Route, Pending]]:
         """Queue a ``sub`` for every live pattern ahead of everything, with ``since`` where the
         topic keeps history; returns them by id.
         """
-        queued: dict[int, tuple[str, Pending]] = {}
+        queued: dict[int, tuple[_Route, Pending]] = {}
         items: list[Item] = []
         for pattern, route in self._routes.items():
             self._next_id += 1
@@ -403,15 +404,17 @@ class Client:
             if (since := route.recovery.since()) is not None:
                 frame["since"] = since
             pending = Pending(functools.partial(self._resubscribed, route))
-            queued[self._next_id] = (pattern, pending)
+            queued[self._next_id] = (route, pending)
             self._pending[self._next_id] = pending
             items.append((codec.encode(frame, self.encoding), pending))
         self._outbox.put_first(items)
         return queued
 
     def _resubscribed(self, route: _Route, reply: dict[str, object]) -> None:
-        """The broker took a resubscription: tell the user if messages may be missing."""
-        why = route.recovery.resubscribed(reply)
+        """The broker took a resubscription (the reader, before the frames behind the ``ok``)."""
+        self._tell_gap(route, route.recovery.resubscribed(reply))
+
+    def _tell_gap(self, route: _Route, why: str | None) -> None:
         if why is None:
             return
         for subscription in route.subscriptions:
@@ -419,23 +422,28 @@ class Client:
             if self.on_gap is not None:
                 _call_hook("on_gap", self.on_gap, subscription, why)
 
-    async def _confirm_resubscribed(self, queued: dict[int, tuple[str, Pending]]) -> None:
+    async def _confirm_resubscribed(self, queued: dict[int, tuple[_Route, Pending]]) -> None:
         """Await the resubscriptions' replies, then tell the user we are back."""
         try:
             with trio.move_on_after(self.reply_timeout):
-                for pattern, pending in queued.values():
+                for route, pending in queued.values():
                     await pending.done.wait()
                     if pending.reply is not None and pending.reply.get("op") == "err":
                         error = error_from_frame(
                             pending.reply.get("code"), pending.reply.get("msg")
                         )
-                        log.error("resubscribing %r failed: %s", pattern, error)
-                        route = self._routes.pop(pattern, None)
-                        for subscription in route.subscriptions if route else ():
+                        log.error("resubscribing %r failed: %s", route.pattern, error)
+                        if self._routes.get(route.pattern) is route:
+                            del self._routes[route.pattern]
+                        for subscription in route.subscriptions:
                             subscription._end(error)
         finally:
             for frame_id in queued:
                 self._pending.pop(frame_id, None)
+        for route, pending in queued.values():
+            if not pending.done.is_set():  # its ok, if late, will not update the position
+                self._tell_gap(route, route.recovery.forget(
+                    f"no answer to the resubscription within {self.reply_timeout} s"))  # fmt: skip
         self.reconnects += 1
         log.info("reconnected to %s; %d subscription(s) restored", self.url, len(queued))
         self._reconnected.set()

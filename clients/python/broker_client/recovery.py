@@ -81,6 +81,13 @@ class Recovery:
         self._take_position(reply)
         return why
 
+    def forget(self, why: str) -> str:
+        """The position is unknown (the resubscription went unanswered): deliver every offset
+        from now on, and resubscribe without ``since`` next time. Returns ``why``.
+        """
+        self._epoch, self.recovered = None, False
+        return why
+
     def _loss(self, reply: Mapping[str, object]) -> str | None:
         if reply.get("recovered") is True:
             return None
