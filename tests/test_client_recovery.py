@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import trio
+import trio.testing
 
 from broker.server import Broker
 from broker_client import Backoff, Client, Message, Position, Subscription, connect
@@ -23,15 +24,23 @@ TINY = Backoff(base=0.001, max=0.01)
 # --- the pure part ---
 
 
+def take(recovery: Recovery, offset: int | None) -> bool:
+    """What the client's reader does with a ``msg``: deliver it if new; True if delivered."""
+    if not recovery.is_new(offset):
+        return False
+    recovery.delivered(offset)
+    return True
+
+
 def test_recovery_remembers_the_last_offset_and_skips_what_was_delivered() -> None:
     recovery = Recovery(TOPIC)
     assert recovery.since() is None and recovery.position is None
     recovery.subscribed({"op": "ok", "epoch": "e1", "offset": 4})
-    assert [recovery.accept(n) for n in (5, 6, 6, 3, 7)] == [True, True, False, False, True]
+    assert [take(recovery, n) for n in (5, 6, 6, 3, 7)] == [True, True, False, False, True]
     assert recovery.since() == {"epoch": "e1", "offset": 7}
     assert recovery.resubscribed({"epoch": "e1", "offset": 9, "recovered": True}) is None
     assert recovery.recovered is True
-    assert [recovery.accept(n) for n in (7, 8, 9)] == [False, True, True]  # the replay
+    assert [take(recovery, n) for n in (7, 8, 9)] == [False, True, True]  # the replay
     assert recovery.position == Position("e1", 9)
 
 
@@ -40,7 +49,7 @@ def test_recovery_after_eviction_keeps_its_offset_so_the_kept_tail_is_delivered(
     recovery.subscribed({"epoch": "e1", "offset": 2})
     why = recovery.resubscribed({"epoch": "e1", "offset": 50, "recovered": False})
     assert why == "messages after offset 2 were no longer kept" and recovery.recovered is False
-    assert recovery.accept(46) and recovery.position == Position("e1", 46)
+    assert take(recovery, 46) and recovery.position == Position("e1", 46)
 
 
 @pytest.mark.parametrize(
@@ -56,21 +65,21 @@ def test_recovery_restarts_from_the_latest_offset_when_its_own_is_void(
     recovery = Recovery(TOPIC)
     recovery.subscribed({"epoch": "e1", "offset": 8})
     assert why in (recovery.resubscribed(reply) or "")
-    assert recovery.accept(int(str(reply["offset"])) + 1)  # the next one is new, not a repeat
+    assert take(recovery, int(str(reply["offset"])) + 1)  # the next one is new, not a repeat
 
 
 def test_an_unanswered_resubscription_forgets_the_position_rather_than_skip_messages() -> None:
     recovery = Recovery(TOPIC)
     recovery.subscribed({"epoch": "e1", "offset": 8})
     assert recovery.forget("no answer") == "no answer" and recovery.recovered is False
-    assert recovery.accept(1) and recovery.since() is None  # a new epoch's first message
+    assert take(recovery, 1) and recovery.since() is None  # a new epoch's first message
 
 
 def test_a_wildcard_never_asks_for_since_and_reports_a_possible_loss_once_it_saw_offsets() -> None:
     recovery = Recovery("chat.>")
     recovery.subscribed({"op": "ok"})
     assert recovery.resubscribed({"op": "ok"}) is None and recovery.recovered is None
-    assert recovery.accept(5) and recovery.accept(5)  # offsets of different topics
+    assert take(recovery, 5) and take(recovery, 5)  # offsets of different topics
     assert recovery.since() is None
     assert "wildcard" in (recovery.resubscribed({"op": "ok"}) or "")
     assert recovery.recovered is False
@@ -79,7 +88,7 @@ def test_a_wildcard_never_asks_for_since_and_reports_a_possible_loss_once_it_saw
 def test_a_topic_without_history_has_nothing_to_recover() -> None:
     recovery = Recovery("news.a")
     recovery.subscribed({"op": "ok"})
-    assert recovery.accept(None) and recovery.since() is None
+    assert take(recovery, None) and recovery.since() is None
     assert recovery.resubscribed({"op": "ok"}) is None and recovery.recovered is None
     history_lost = Recovery(TOPIC)
     history_lost.subscribed({"epoch": "e1", "offset": 0})
@@ -233,3 +242,27 @@ async def reconnect_through(proxy: Proxy, client: Client) -> None:
     await wait_until(lambda: not client.connected)
     proxy.up()
     await wait_until(lambda: client.reconnects == count + 1)
+
+
+async def test_a_message_whose_delivery_a_drop_cancelled_is_asked_for_again(
+    nursery: trio.Nursery,
+) -> None:
+    broker = await start_broker(nursery, history_config())
+    proxy = await start_proxy(nursery, broker)
+    async with (
+        connect(proxy.url, backoff=TINY, buffer_size=1) as client,
+        client.subscribe(TOPIC) as sub,
+        connect(broker.url) as publisher,
+    ):
+        for n in range(3):
+            await publisher.publish(TOPIC, n)
+        await wait_until(lambda: sub.buffered == 1)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits to deliver offset 2
+        proxy.down()
+        await wait_until(lambda: not client.connected)
+        client.publish_nowait("elsewhere", "x")  # the failed write ends the connection
+        proxy.up()
+        await wait_until(lambda: client.reconnects == 1)
+        with trio.fail_after(5):
+            assert [(await sub.receive()).offset for _ in range(3)] == [1, 2, 3]
+        assert sub.recovered is True

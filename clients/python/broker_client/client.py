@@ -501,7 +501,7 @@ class Client:
         if op == "msg":
             pattern, offset = str(frame.get("sub")), frame.get("offset")
             route = self._routes.get(pattern)
-            if route is None or not route.recovery.accept(offset):
+            if route is None or not route.recovery.is_new(offset):
                 return  # no longer subscribed, or a replayed message already delivered
             message = Message(frame.get("topic", ""), frame.get("data"), pattern,
                               offset if isinstance(offset, int) else None)  # fmt: skip
@@ -516,6 +516,7 @@ class Client:
                         await subscription._deliver(message)
                     finally:
                         self._stalled = False
+            route.recovery.delivered(offset)
         elif op in ("ok", "err"):
             pending = self._pending.get(frame.get("id", -1))
             if pending is not None:

@@ -55,17 +55,23 @@ class Recovery:
             return None
         return {"epoch": self._epoch, "offset": self._offset}
 
-    def accept(self, offset: object) -> bool:
-        """Take a ``msg``'s offset; ``False`` if that message was already delivered."""
-        if not isinstance(offset, int):
-            return True
-        self._offsets_seen = True
-        if not self.concrete:
-            return True
-        if self._epoch is not None and offset <= self._offset:
-            return False
-        self._offset = offset
-        return True
+    def is_new(self, offset: object) -> bool:
+        """``False`` for a replayed message that was already delivered."""
+        return not (
+            self.concrete
+            and self._epoch is not None
+            and isinstance(offset, int)
+            and offset <= self._offset
+        )
+
+    def delivered(self, offset: object) -> None:
+        """A message reached the subscriptions: it is the last one seen (call it after, not
+        before: a message whose delivery was cancelled by a drop must be asked for again).
+        """
+        if isinstance(offset, int):
+            self._offsets_seen = True
+            if self.concrete:
+                self._offset = offset
 
     def subscribed(self, reply: Mapping[str, object]) -> None:
         """Take the ``ok`` of the first ``sub``."""
