@@ -5,8 +5,9 @@ connection a **reader** (replies resolve waiting commands; messages go to subscr
 buffers, waiting when one is full, so TCP pushes back on the broker) and a **writer** (sends
 what is queued in the :class:`~broker_client.outbox.Outbox`, as one batch per WebSocket
 message). When the connection drops, the client waits a :class:`Backoff` delay, reconnects,
-subscribes again to every live pattern (ahead of anything queued) and then tells the user
-(``on_reconnect``, :meth:`Client.wait_reconnected`).
+subscribes again to every live pattern (ahead of anything queued; with ``since`` where the
+topic keeps history, see :mod:`broker_client.recovery`) and then tells the user
+(``on_reconnect``, :meth:`Client.wait_reconnected`; ``on_gap`` if messages were missed).
 
 Delivery is at most once across a drop: a ``publish`` whose frame was already sent on the lost
 connection raises :class:`ConnectionLost` (it may or may not have been applied; retry if a
