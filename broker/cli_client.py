@@ -13,11 +13,12 @@ import base64
 import json
 import os
 import sys
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
 
-from broker_client import ClientError, connect
+from broker_client import Client, ClientError, connect
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
@@ -55,6 +56,9 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding", choices=("msgpack", "json"), default="msgpack",
                         help="wire encoding (default msgpack)")  # fmt: skip
     parser.add_argument("--token", help="sent as 'Authorization: Bearer TOKEN'")
+    parser.add_argument(
+        "--ca-file", metavar="PEM", help="trust this CA for wss:// (default: the system's CAs)"
+    )
 
 
 def run_client_command(args: argparse.Namespace) -> int:
@@ -81,7 +85,7 @@ async def publish_command(args: argparse.Namespace) -> None:
         raise ValueError("--count must be at least 1")
     parse = _parse_json if args.json else str
     payloads = [parse(args.data)] * args.count if args.data is not None else None
-    async with connect(args.url, token=args.token, encoding=args.encoding) as client:
+    async with _connect(args) as client:
         if payloads is not None:
             for data in payloads:
                 await client.publish(args.topic, data)
@@ -97,7 +101,7 @@ async def subscribe_command(args: argparse.Namespace) -> None:
         raise ValueError("--count must be at least 1")
     seen = 0
     async with (
-        connect(args.url, token=args.token, encoding=args.encoding) as client,
+        _connect(args) as client,
         client.subscribe(args.pattern) as subscription,
     ):
         async for message in subscription:
@@ -110,6 +114,10 @@ async def subscribe_command(args: argparse.Namespace) -> None:
             seen += 1
             if seen == args.count:
                 return
+
+
+def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
+    return connect(args.url, token=args.token, encoding=args.encoding, ca_file=args.ca_file)
 
 
 def _parse_json(text: str) -> Any:

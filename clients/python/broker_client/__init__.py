@@ -20,14 +20,17 @@ from broker_client.errors import (
     Forbidden,
     Internal,
     InvalidTopic,
+    Overloaded,
     RateLimited,
     ReplyTimeout,
     TooLarge,
     TooManySubscriptions,
+    Unauthorized,
     Unavailable,
     UnknownOp,
 )
 from broker_client.reconnect import Backoff
+from broker_client.recovery import Position
 from broker_client.subscription import Message, Subscription
 
 __all__ = [
@@ -43,11 +46,14 @@ __all__ = [
     "Internal",
     "InvalidTopic",
     "Message",
+    "Overloaded",
+    "Position",
     "RateLimited",
     "ReplyTimeout",
     "Subscription",
     "TooLarge",
     "TooManySubscriptions",
+    "Unauthorized",
     "Unavailable",
     "UnknownOp",
     "connect",

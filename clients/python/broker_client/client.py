@@ -5,8 +5,9 @@ connection a **reader** (replies resolve waiting commands; messages go to subscr
 buffers, waiting when one is full, so TCP pushes back on the broker) and a **writer** (sends
 what is queued in the :class:`~broker_client.outbox.Outbox`, as one batch per WebSocket
 message). When the connection drops, the client waits a :class:`Backoff` delay, reconnects,
-subscribes again to every live pattern (ahead of anything queued) and then tells the user
-(``on_reconnect``, :meth:`Client.wait_reconnected`).
+subscribes again to every live pattern (ahead of anything queued; with ``since`` where the
+topic keeps history, see :mod:`broker_client.recovery`) and then tells the user
+(``on_reconnect``, :meth:`Client.wait_reconnected`; ``on_gap`` if messages were missed).
 
 Delivery is at most once across a drop: a ``publish`` whose frame was already sent on the lost
 connection raises :class:`ConnectionLost` (it may or may not have been applied; retry if a
@@ -17,11 +18,15 @@ failed are lost.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import trio
 from trio_websocket import (
@@ -29,7 +34,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
+    wrap_client_stream,
 )
 
 from broker_client import codec
@@ -40,18 +45,35 @@ from broker_client.errors import (
     Closed,
     ConnectionLost,
     Forbidden,
+    Overloaded,
     ReplyTimeout,
+    Unauthorized,
     error_from_frame,
 )
-from broker_client.outbox import Outbox, Pending
+from broker_client.outbox import Item, Outbox, Pending
 from broker_client.reconnect import Backoff
+from broker_client.recovery import Recovery
 from broker_client.subscription import Message, Subscription
 
 log = logging.getLogger("broker_client")
 
 CLOSE_FORBIDDEN = 4003
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
-HANDSHAKE_ERRORS = (OSError, HandshakeError, trio.TooSlowError)
+HANDSHAKE_ERRORS = (
+    OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError, CannotConnect
+)  # fmt: skip
+
+Token = str | Callable[[], str | Awaitable[str]] | None
+"""A bearer token, or a function returning a fresh one (called before every connection)."""
+
+
+class _Route:
+    """One subscription at the broker, shared by the client's subscriptions to its pattern."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.recovery = Recovery(pattern)
+        self.subscriptions: list[Subscription] = []
 
 
 class Client:
@@ -61,7 +83,7 @@ class Client:
         self,
         url: str,
         *,
-        token: str | None = None,
+        token: Token = None,
         encoding: str = "msgpack",
         reconnect: bool = True,
         backoff: Backoff | None = None,
@@ -70,9 +92,25 @@ class Client:
         buffer_size: int = 100,
         outbox_size: int = 1000,
         on_reconnect: Callable[[Client], None] | None = None,
+        on_gap: Callable[[Subscription, str], None] | None = None,
         ping_interval: float | None = 20.0,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.url = url
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"the URL must be ws://HOST[:PORT] or wss://HOST[:PORT], not {url!r}")
+        if parts.scheme == "ws" and (ssl_context is not None or ca_file is not None):
+            raise ValueError("ssl_context and ca_file need a wss:// URL")
+        if ssl_context is not None and ca_file is not None:
+            raise ValueError("give ssl_context or ca_file, not both")
+        if parts.scheme == "wss" and ssl_context is None:
+            ssl_context = ssl.create_default_context(cafile=ca_file)
+        self._ssl_context = ssl_context
+        self._host, self._port = parts.hostname, parts.port or (443 if self._ssl_context else 80)
+        self._host_header = parts.netloc.rpartition("@")[2]
+        self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.encoding = Encoding(f"pubsub.v1.{encoding}")
         self.reconnect = reconnect
         self.backoff = backoff if backoff is not None else Backoff()
@@ -80,12 +118,13 @@ class Client:
         self.connect_timeout = connect_timeout
         self.buffer_size = buffer_size
         self.on_reconnect = on_reconnect
+        self.on_gap = on_gap
         self.ping_interval = ping_interval
         self.reconnects = 0
-        self._headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
+        self._token = token
         self._outbox = Outbox(outbox_size)
         self._pending: dict[int, Pending] = {}
-        self._subscriptions: dict[str, list[Subscription]] = {}
+        self._routes: dict[str, _Route] = {}
         self._next_id = 0
         self._websocket: WebSocketConnection | None = None
         self._reconnected = trio.Event()
@@ -128,18 +167,18 @@ class Client:
         pattern on one client share the broker's subscription and each get every message.
         """
         self._check_open()
-        subscription = Subscription(pattern, self.buffer_size)
-        sharing = self._subscriptions.setdefault(pattern, [])
-        sharing.append(subscription)
+        route = self._routes.setdefault(pattern, _Route(pattern))
+        subscription = Subscription(pattern, self.buffer_size, route.recovery)
+        route.subscriptions.append(subscription)
         try:
-            if len(sharing) == 1:
-                await self._subscribe(pattern)
+            if len(route.subscriptions) == 1:
+                await self._subscribe(pattern, route)
             yield subscription
         finally:
             subscription._discard()
-            sharing.remove(subscription)
-            if not sharing and self._subscriptions.get(pattern) is sharing:
-                del self._subscriptions[pattern]
+            route.subscriptions.remove(subscription)
+            if not route.subscriptions and self._routes.get(pattern) is route:
+                del self._routes[pattern]
                 self._unsubscribe_nowait(pattern)
 
     async def wait_reconnected(self) -> None:
@@ -170,13 +209,15 @@ class Client:
         if self._error is not None:
             raise self._error
 
-    async def _request(self, frame: dict[str, Any]) -> dict[str, object]:
+    async def _request(
+        self, frame: dict[str, Any], on_ok: Callable[[dict[str, object]], None] | None = None
+    ) -> dict[str, object]:
         """Send ``frame`` with a fresh id and return the ``ok`` reply (see :meth:`publish`)."""
         self._check_open()
         self._next_id += 1
         frame["id"] = frame_id = self._next_id
         encoded = codec.encode(frame, self.encoding)
-        pending = Pending()
+        pending = Pending(on_ok)
         self._pending[frame_id] = pending
         try:
             with trio.move_on_after(self.reply_timeout):
@@ -195,10 +236,10 @@ class Client:
             raise error_from_frame(pending.reply.get("code"), pending.reply.get("msg"))
         return pending.reply
 
-    async def _subscribe(self, pattern: str) -> None:
+    async def _subscribe(self, pattern: str, route: _Route) -> None:
         while True:
             try:
-                await self._request({"op": "sub", "topic": pattern})
+                await self._request({"op": "sub", "topic": pattern}, route.recovery.subscribed)
                 return
             except ConnectionLost:
                 if not self.reconnect or self._error is not None:
@@ -230,6 +271,7 @@ class Client:
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         attempt = 0
+        give_up_at = trio.current_time() + self.connect_timeout  # the first connection's 503s
         while not self._closing:
             websocket: WebSocketConnection | None = None
             try:
@@ -251,45 +293,90 @@ class Client:
                 if rest is not None or failed is None or self._websocket is not None:
                     raise
                 error = self._handshake_error(_first_leaf(failed))
-                if not self._started:
+                delay = self.backoff.delay(attempt)
+                if not self._started and not (
+                    isinstance(error, Overloaded) and trio.current_time() + delay < give_up_at
+                ):
                     raise error from None
                 if isinstance(error, Forbidden):
                     self._finish(error)
                     return
-                log.warning("reconnect to %s failed: %s", self.url, error)
+                log.warning("connecting to %s failed: %s", self.url, error)
             else:
                 assert websocket is not None
                 ended = self._connection_ended(websocket)
                 if ended is not None:
                     self._finish(ended)
                     return
-            delay = self.backoff.delay(attempt)
+                delay = self.backoff.delay(attempt)
             attempt += 1
             log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
             await trio.sleep(delay)
 
     async def _open(self, nursery: trio.Nursery) -> WebSocketConnection:
+        token = await self._current_token()
+        headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
         with trio.fail_after(self.connect_timeout):
-            websocket = await connect_websocket_url(
-                nursery,
-                self.url,
-                subprotocols=[self.encoding.value],
-                extra_headers=self._headers,
-                max_message_size=MAX_MESSAGE_SIZE,
-            )
+            stream = await self._open_stream()
+            with trio.CancelScope() as handshake:
+                # trio-websocket's reader returns when the peer closes during the handshake,
+                # but never wakes the handshake (trio-websocket issue #199): wake it ourselves.
+                reader_nursery = _OnReturn(nursery, handshake.cancel)
+                websocket = await wrap_client_stream(
+                    cast(trio.Nursery, reader_nursery),
+                    stream,
+                    self._host_header,
+                    self._resource,
+                    subprotocols=[self.encoding.value],
+                    extra_headers=headers,
+                    max_message_size=MAX_MESSAGE_SIZE,
+                )
+        if handshake.cancelled_caught:
+            await trio.aclose_forcefully(stream)
+            raise CannotConnect(f"cannot connect to {self.url}: closed during the handshake")
         self._websocket = websocket
         return websocket
 
+    async def _current_token(self) -> str | None:
+        """The token to connect with: the one given, or a fresh one from the token function."""
+        if not callable(self._token):
+            return self._token
+        try:
+            token = self._token()
+            return await token if inspect.isawaitable(token) else token
+        except Exception as exc:
+            raise CannotConnect(f"the token function failed: {exc!r}") from exc
+
+    async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+        if self._ssl_context is None:
+            return await trio.open_tcp_stream(self._host, self._port)
+        stream = await trio.open_ssl_over_tcp_stream(
+            self._host, self._port, ssl_context=self._ssl_context, https_compatible=True
+        )
+        try:  # here: a failure in trio-websocket's reader hangs (trio-websocket issue #199)
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
     def _handshake_error(self, exc: BaseException) -> ClientError:
+        if isinstance(exc, ClientError):
+            return exc
         if isinstance(exc, ConnectionRejected) and exc.status_code in (401, 403):
             body = (exc.body or b"").decode("utf-8", "replace").strip()
-            return Forbidden(f"handshake rejected with HTTP {exc.status_code} {body}".strip())
+            refused = Unauthorized if exc.status_code == 401 else Forbidden
+            return refused(f"handshake rejected with HTTP {exc.status_code} {body}".strip())
         if isinstance(exc, ConnectionRejected):
             reason = f"handshake rejected with HTTP {exc.status_code}"
+            if exc.status_code == 503:
+                return Overloaded(f"cannot connect to {self.url}: {reason} (busy or stopping)")
         elif isinstance(exc, trio.TooSlowError):
             reason = f"no handshake within {self.connect_timeout} s"
         elif isinstance(exc, OSError):
             reason = _os_reason(exc)
+        elif isinstance(exc, trio.BrokenResourceError):
+            reason = _tls_reason(exc)
         else:
             reason = str(exc) or type(exc).__name__
         return CannotConnect(f"cannot connect to {self.url}: {reason}")
@@ -306,44 +393,64 @@ class Client:
             nursery.cancel_scope.cancel()
         self._serve_scope = None
 
-    def _queue_resubscriptions(self) -> dict[int, tuple[str, Pending]]:
-        """Queue a ``sub`` for every live pattern ahead of everything; returns them by id."""
-        queued: dict[int, tuple[str, Pending]] = {}
-        for pattern in self._subscriptions:
+    def _queue_resubscriptions(self) -> dict[int, tuple[_Route, Pending]]:
+        """Queue a ``sub`` for every live pattern ahead of everything, with ``since`` where the
+        topic keeps history; returns them by id.
+        """
+        queued: dict[int, tuple[_Route, Pending]] = {}
+        items: list[Item] = []
+        for pattern, route in self._routes.items():
             self._next_id += 1
-            queued[self._next_id] = (pattern, Pending())
-            self._pending[self._next_id] = queued[self._next_id][1]
-        self._outbox.put_first([
-            (codec.encode({"op": "sub", "id": frame_id, "topic": pattern}, self.encoding), pending)
-            for frame_id, (pattern, pending) in queued.items()
-        ])  # fmt: skip
+            frame: dict[str, Any] = {"op": "sub", "id": self._next_id, "topic": pattern}
+            if (since := route.recovery.since()) is not None:
+                frame["since"] = since
+            pending = Pending(functools.partial(self._resubscribed, route))
+            queued[self._next_id] = (route, pending)
+            self._pending[self._next_id] = pending
+            items.append((codec.encode(frame, self.encoding), pending))
+        self._outbox.put_first(items)
         return queued
 
-    async def _confirm_resubscribed(self, queued: dict[int, tuple[str, Pending]]) -> None:
+    def _resubscribed(self, route: _Route, reply: dict[str, object]) -> None:
+        """The broker took a resubscription (the reader, before the frames behind the ``ok``)."""
+        self._tell_gap(route, route.recovery.resubscribed(reply))
+
+    def _tell_gap(self, route: _Route, why: str | None) -> None:
+        if why is None:
+            return
+        for subscription in route.subscriptions:
+            subscription._gap(why)
+            if self.on_gap is not None:
+                _call_hook("on_gap", self.on_gap, subscription, why)
+
+    async def _confirm_resubscribed(self, queued: dict[int, tuple[_Route, Pending]]) -> None:
         """Await the resubscriptions' replies, then tell the user we are back."""
         try:
             with trio.move_on_after(self.reply_timeout):
-                for pattern, pending in queued.values():
+                for route, pending in queued.values():
                     await pending.done.wait()
                     if pending.reply is not None and pending.reply.get("op") == "err":
                         error = error_from_frame(
                             pending.reply.get("code"), pending.reply.get("msg")
                         )
-                        log.error("resubscribing %r failed: %s", pattern, error)
-                        for subscription in self._subscriptions.pop(pattern, []):
+                        log.error("resubscribing %r failed: %s", route.pattern, error)
+                        if self._routes.get(route.pattern) is route:
+                            del self._routes[route.pattern]
+                        for subscription in route.subscriptions:
                             subscription._end(error)
         finally:
             for frame_id in queued:
                 self._pending.pop(frame_id, None)
+        for route, pending in queued.values():
+            if not pending.done.is_set():  # its ok, if late, will not update the position
+                self._tell_gap(route, route.recovery.forget(
+                    f"no answer to the resubscription within {self.reply_timeout} s"))  # fmt: skip
         self.reconnects += 1
         log.info("reconnected to %s; %d subscription(s) restored", self.url, len(queued))
         self._reconnected.set()
         self._reconnected = trio.Event()
         if self.on_reconnect is not None:
-            try:
-                self.on_reconnect(self)
-            except Exception:
-                log.exception("the on_reconnect hook failed")
+            _call_hook("on_reconnect", self.on_reconnect, self)
 
     async def _write_loop(self, websocket: WebSocketConnection, scope: trio.CancelScope) -> None:
         while True:
@@ -393,11 +500,13 @@ class Client:
     async def _dispatch(self, frame: dict[str, Any]) -> None:
         op = frame.get("op")
         if op == "msg":
-            pattern = frame.get("sub")
-            offset = frame.get("offset")
-            message = Message(frame.get("topic", ""), frame.get("data"), str(pattern),
+            pattern, offset = str(frame.get("sub")), frame.get("offset")
+            route = self._routes.get(pattern)
+            if route is None or not route.recovery.is_new(offset):
+                return  # no longer subscribed, or a replayed message already delivered
+            message = Message(frame.get("topic", ""), frame.get("data"), pattern,
                               offset if isinstance(offset, int) else None)  # fmt: skip
-            for subscription in list(self._subscriptions.get(str(pattern), ())):
+            for subscription in list(route.subscriptions):
                 try:
                     subscription._deliver_nowait(message)
                 except trio.WouldBlock:
@@ -408,6 +517,7 @@ class Client:
                         await subscription._deliver(message)
                     finally:
                         self._stalled = False
+            route.recovery.delivered(offset)
         elif op in ("ok", "err"):
             pending = self._pending.get(frame.get("id", -1))
             if pending is not None:
@@ -417,7 +527,8 @@ class Client:
                             frame.get("msg"))  # fmt: skip
         elif op == "lag":
             dropped = frame.get("dropped")
-            for subscription in self._subscriptions.get(str(frame.get("sub")), ()):
+            route = self._routes.get(str(frame.get("sub")))
+            for subscription in route.subscriptions if route else ():
                 subscription._lag(dropped if isinstance(dropped, int) else 0)
 
     def _connection_ended(self, websocket: WebSocketConnection) -> ClientError | None:
@@ -438,7 +549,7 @@ class Client:
                 pending.resolve(None, ConnectionLost(why, code))
         if self._closing:
             return Closed("the client is closed")
-        if code == CLOSE_FORBIDDEN:
+        if code == CLOSE_FORBIDDEN and not (callable(self._token) and self.reconnect):
             return Forbidden((reason.reason if reason else None) or "closed by the broker (4003)")
         if not self.reconnect:
             return ConnectionLost(why, code)
@@ -455,9 +566,41 @@ class Client:
         for pending in self._pending.values():
             pending.resolve(None, error)
         end_with = None if isinstance(error, Closed) else error
-        for subscriptions in self._subscriptions.values():
-            for subscription in subscriptions:
+        for route in self._routes.values():
+            for subscription in route.subscriptions:
                 subscription._end(end_with)
+
+
+class _OnReturn:
+    """Starts tasks in ``nursery`` and calls ``then()`` when one returns (not if it raises)."""
+
+    def __init__(self, nursery: trio.Nursery, then: Callable[[], None]) -> None:
+        self._nursery, self._then = nursery, then
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        async def run() -> None:
+            await fn(*args)
+            self._then()
+
+        self._nursery.start_soon(run)
+
+
+def _call_hook(name: str, hook: Callable[..., object], *args: object) -> None:
+    """Call a user's hook from the client's tasks: its failure is logged, never spread."""
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("the %s hook failed", name)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """What broke a TLS handshake: a certificate the client does not trust, most often."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {cause.verify_message} (see ca_file)"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS handshake failed: {cause.reason or cause}"
+    return "the connection closed during the handshake"
 
 
 def _os_reason(exc: OSError) -> str:
@@ -474,7 +617,7 @@ def _os_reason(exc: OSError) -> str:
 async def connect(
     url: str = "ws://127.0.0.1:8765",
     *,
-    token: str | None = None,
+    token: Token = None,
     encoding: str = "msgpack",
     reconnect: bool = True,
     backoff: Backoff | None = None,
@@ -483,17 +626,25 @@ async def connect(
     buffer_size: int = 100,
     outbox_size: int = 1000,
     on_reconnect: Callable[[Client], None] | None = None,
+    on_gap: Callable[[Subscription, str], None] | None = None,
     ping_interval: float | None = 20.0,
+    ssl_context: ssl.SSLContext | None = None,
+    ca_file: str | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to the broker at ``url`` and yield a :class:`Client`; close it on exit.
 
-    ``encoding`` is ``"msgpack"`` (default) or ``"json"``; ``token`` is sent as
-    ``Authorization: Bearer``. ``buffer_size`` bounds each subscription's buffer,
-    ``outbox_size`` the frames waiting to be sent. With ``reconnect`` (default) a dropped
-    connection is retried for ever with ``backoff`` delays; close code 4003 or a 401/403
-    handshake ends the client with :class:`Forbidden` instead. A ping every ``ping_interval``
-    seconds (``None``: never) unanswered for as long again counts as a drop. Raises
-    :class:`CannotConnect` if the first connection fails.
+    ``encoding`` is ``"msgpack"`` (default) or ``"json"``. ``token`` is sent as
+    ``Authorization: Bearer``; a function (sync or async) returning a token is called before
+    every connection. ``buffer_size`` bounds each subscription's buffer, ``outbox_size`` the
+    frames waiting to be sent. With ``reconnect`` (default) a dropped connection is retried for
+    ever with ``backoff`` delays, and subscriptions resume where they were on topics with
+    history; ``on_gap(subscription, why)`` is called when they cannot. A 401/403 handshake
+    ends the client with :class:`Unauthorized`/:class:`Forbidden`, as does close code 4003
+    (token expired) unless ``token`` is a function. A ping every ``ping_interval`` seconds
+    (``None``: never) unanswered for as long again counts as a drop. ``wss://`` URLs verify
+    the broker's certificate against ``ca_file`` (PEM) or ``ssl_context``, by default the
+    system's CAs. Raises :class:`CannotConnect` if the first connection fails
+    (:class:`Overloaded` after ``connect_timeout`` of HTTP 503s).
     """
     if encoding not in ("msgpack", "json"):
         raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
@@ -502,7 +653,8 @@ async def connect(
     client = Client(
         url, token=token, encoding=encoding, reconnect=reconnect, backoff=backoff,
         reply_timeout=reply_timeout, connect_timeout=connect_timeout, buffer_size=buffer_size,
-        outbox_size=outbox_size, on_reconnect=on_reconnect, ping_interval=ping_interval,
+        outbox_size=outbox_size, on_reconnect=on_reconnect, on_gap=on_gap,
+        ping_interval=ping_interval, ssl_context=ssl_context, ca_file=ca_file,
     )  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:

@@ -49,6 +49,15 @@ class Forbidden(BrokerError):
     code = "forbidden"
 
 
+class Unauthorized(Forbidden):
+    """HTTP 401 at the handshake: no valid token (missing, unknown, forged or expired).
+
+    A :class:`Forbidden`, so ``except Forbidden`` catches every refusal of the token.
+    """
+
+    code = "unauthorized"
+
+
 class TooLarge(BrokerError):
     """``too_large``: the published message exceeds the broker's ``max_payload``."""
 
@@ -94,6 +103,14 @@ def error_from_frame(code: object, message: object) -> BrokerError:
 
 class CannotConnect(ClientError):
     """The first connection to the broker failed (unreachable, refused, bad handshake)."""
+
+
+class Overloaded(CannotConnect):
+    """HTTP 503 at the handshake: the broker is at its connection limit or shutting down.
+
+    Transient: the client retries it with backoff (the first connection for up to
+    ``connect_timeout``), and raises this only when it gives up.
+    """
 
 
 class ConnectionLost(ClientError):

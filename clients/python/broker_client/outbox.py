@@ -8,14 +8,19 @@ was sent is skipped, so a publish that raised is never delivered behind the call
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
 
 class Pending:
-    """A command awaiting its reply: set by the reader (``reply``) or the client (``error``)."""
+    """A command awaiting its reply: set by the reader (``reply``) or the client (``error``).
 
-    def __init__(self) -> None:
+    ``on_ok`` is called with an ``ok`` reply as the reader takes it, before the frames behind it.
+    """
+
+    def __init__(self, on_ok: Callable[[dict[str, object]], None] | None = None) -> None:
+        self.on_ok = on_ok
         self.done = trio.Event()
         self.reply: dict[str, object] | None = None
         self.error: BaseException | None = None
@@ -27,6 +32,8 @@ class Pending:
         if not self.done.is_set():
             self.reply, self.error = reply, error
             self.done.set()
+            if reply is not None and reply.get("op") == "ok" and self.on_ok is not None:
+                self.on_ok(reply)
 
 
 Item = tuple[bytes, Pending | None]

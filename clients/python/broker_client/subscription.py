@@ -17,6 +17,8 @@ from typing import Any
 
 import trio
 
+from broker_client.recovery import Position, Recovery
+
 log = logging.getLogger("broker_client")
 
 
@@ -24,7 +26,7 @@ log = logging.getLogger("broker_client")
 class Message:
     """One delivered message: its ``topic``, its ``data``, and the ``pattern`` that matched.
 
-    ``offset`` is set on topics whose history the broker keeps.
+    ``offset`` is its place in the topic's history, on topics whose history the broker keeps.
     """
 
     topic: str
@@ -37,13 +39,17 @@ class Subscription:
     """Messages matching ``pattern``, in order; iterate with ``async for``.
 
     ``dropped`` counts messages the broker dropped for this subscription (its ``lag`` notices);
-    each notice also logs a warning. The iteration ends when the subscription or the client is
-    closed, or raises the error that ended the client (``Forbidden``, ``ConnectionLost``).
+    ``gaps`` counts reconnects after which messages may be missing (recovery failed or was
+    impossible); each of both also logs a warning. The iteration ends when the subscription or
+    the client is closed, or raises the error that ended the client (``Forbidden``,
+    ``ConnectionLost``).
     """
 
-    def __init__(self, pattern: str, buffer_size: int) -> None:
+    def __init__(self, pattern: str, buffer_size: int, recovery: Recovery) -> None:
         self.pattern = pattern
         self.dropped = 0
+        self.gaps = 0
+        self._recovery = recovery
         self._send, self._receive = trio.open_memory_channel[Message](buffer_size)
         self._error: BaseException | None = None
 
@@ -51,6 +57,20 @@ class Subscription:
     def buffered(self) -> int:
         """Messages received from the broker and not yet taken by the consumer."""
         return self._receive.statistics().current_buffer_used
+
+    @property
+    def position(self) -> Position | None:
+        """The topic's ``epoch`` and the ``offset`` of the last message received, if it has
+        history (a concrete topic whose ``[[topics]]`` rule sets ``history_size``).
+        """
+        return self._recovery.position
+
+    @property
+    def recovered(self) -> bool | None:
+        """The last reconnect's outcome: ``True`` nothing was missed, ``False`` messages may
+        be missing, ``None`` no reconnect yet or nothing to recover (no history).
+        """
+        return self._recovery.recovered
 
     async def receive(self) -> Message:
         """The next message; raises ``StopAsyncIteration`` (or the client's error) at the end."""
@@ -87,6 +107,11 @@ class Subscription:
             dropped,
             self.dropped,
         )
+
+    def _gap(self, why: str) -> None:
+        self.gaps += 1
+        log.warning("subscription %r: messages may be missing after the reconnect: %s",
+                    self.pattern, why)  # fmt: skip
 
     def _end(self, error: BaseException | None = None) -> None:
         """No more messages: the iteration ends after the buffer, raising ``error`` if given."""

@@ -1,0 +1,268 @@
+"""The Python client resumes subscriptions after a reconnect: every message once, in order,
+and a loud signal (``recovered``, ``gaps``, ``on_gap``, a warning) when it cannot.
+
+The client reaches the broker through a :class:`~tests.proxy.Proxy` that the tests cut.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from broker.server import Broker
+from broker_client import Backoff, Client, Message, Position, Subscription, connect
+from broker_client.recovery import Recovery
+from tests.helpers import start_broker, wait_until
+from tests.proxy import Proxy
+from tests.test_recovery import TOPIC, history_config
+
+TINY = Backoff(base=0.001, max=0.01)
+
+# --- the pure part ---
+
+
+def take(recovery: Recovery, offset: int | None) -> bool:
+    """What the client's reader does with a ``msg``: deliver it if new; True if delivered."""
+    if not recovery.is_new(offset):
+        return False
+    recovery.delivered(offset)
+    return True
+
+
+def test_recovery_remembers_the_last_offset_and_skips_what_was_delivered() -> None:
+    recovery = Recovery(TOPIC)
+    assert recovery.since() is None and recovery.position is None
+    recovery.subscribed({"op": "ok", "epoch": "e1", "offset": 4})
+    assert [take(recovery, n) for n in (5, 6, 6, 3, 7)] == [True, True, False, False, True]
+    assert recovery.since() == {"epoch": "e1", "offset": 7}
+    assert recovery.resubscribed({"epoch": "e1", "offset": 9, "recovered": True}) is None
+    assert recovery.recovered is True
+    assert [take(recovery, n) for n in (7, 8, 9)] == [False, True, True]  # the replay
+    assert recovery.position == Position("e1", 9)
+
+
+def test_recovery_after_eviction_keeps_its_offset_so_the_kept_tail_is_delivered() -> None:
+    recovery = Recovery(TOPIC)
+    recovery.subscribed({"epoch": "e1", "offset": 2})
+    why = recovery.resubscribed({"epoch": "e1", "offset": 50, "recovered": False})
+    assert why == "messages after offset 2 were no longer kept" and recovery.recovered is False
+    assert take(recovery, 46) and recovery.position == Position("e1", 46)
+
+
+@pytest.mark.parametrize(
+    ("reply", "why"),
+    [
+        ({"epoch": "e2", "offset": 1, "recovered": False}, "history was lost (new epoch e2)"),
+        ({"epoch": "e1", "offset": 3, "recovered": False}, "no longer kept"),  # 3 < our 8
+    ],
+)
+def test_recovery_restarts_from_the_latest_offset_when_its_own_is_void(
+    reply: dict[str, object], why: str
+) -> None:
+    recovery = Recovery(TOPIC)
+    recovery.subscribed({"epoch": "e1", "offset": 8})
+    assert why in (recovery.resubscribed(reply) or "")
+    assert take(recovery, int(str(reply["offset"])) + 1)  # the next one is new, not a repeat
+
+
+def test_an_unanswered_resubscription_forgets_the_position_rather_than_skip_messages() -> None:
+    recovery = Recovery(TOPIC)
+    recovery.subscribed({"epoch": "e1", "offset": 8})
+    assert recovery.forget("no answer") == "no answer" and recovery.recovered is False
+    assert take(recovery, 1) and recovery.since() is None  # a new epoch's first message
+
+
+def test_a_wildcard_never_asks_for_since_and_reports_a_possible_loss_once_it_saw_offsets() -> None:
+    recovery = Recovery("chat.>")
+    recovery.subscribed({"op": "ok"})
+    assert recovery.resubscribed({"op": "ok"}) is None and recovery.recovered is None
+    assert take(recovery, 5) and take(recovery, 5)  # offsets of different topics
+    assert recovery.since() is None
+    assert "wildcard" in (recovery.resubscribed({"op": "ok"}) or "")
+    assert recovery.recovered is False
+
+
+def test_a_topic_without_history_has_nothing_to_recover() -> None:
+    recovery = Recovery("news.a")
+    recovery.subscribed({"op": "ok"})
+    assert take(recovery, None) and recovery.since() is None
+    assert recovery.resubscribed({"op": "ok"}) is None and recovery.recovered is None
+    history_lost = Recovery(TOPIC)
+    history_lost.subscribed({"epoch": "e1", "offset": 0})
+    assert history_lost.resubscribed({"recovered": False}) == "the topic keeps no history any more"
+
+
+# --- against the broker ---
+
+
+async def start_proxy(nursery: trio.Nursery, broker: Broker) -> Proxy:
+    assert broker.port is not None
+    proxy: Proxy = await nursery.start(Proxy(broker.port).serve)
+    return proxy
+
+
+async def test_async_for_sees_every_offset_once_in_order_across_cuts_during_publishing(
+    nursery: trio.Nursery,
+) -> None:
+    broker = await start_broker(nursery, history_config())
+    proxy = await start_proxy(nursery, broker)
+    received: list[Message] = []
+    published = 0
+    stop = trio.Event()
+
+    async def publish_until_stopped() -> None:
+        nonlocal published
+        async with connect(broker.url) as publisher:
+            while not stop.is_set():
+                await publisher.publish(TOPIC, published)
+                published += 1
+
+    async with connect(proxy.url, backoff=TINY) as client, client.subscribe(TOPIC) as sub:
+
+        async def consume() -> None:
+            async for msg in sub:
+                received.append(msg)
+
+        nursery.start_soon(consume)
+        async with trio.open_nursery() as publishing:
+            publishing.start_soon(publish_until_stopped)
+            for cut in range(1, 4):
+                await wait_until(lambda: len(received) >= 50 * cut)  # noqa: B023
+                proxy.down()
+                mark = published
+                await wait_until(lambda: published >= mark + 30)  # noqa: B023 - missed
+                proxy.up()
+                await wait_until(lambda: client.reconnects == cut)  # noqa: B023
+            stop.set()
+        await wait_until(lambda: len(received) >= published)
+        assert [m.offset for m in received] == list(range(1, published + 1))
+        assert [m.data for m in received] == list(range(published))
+        assert sub.recovered is True and sub.gaps == 0
+        assert sub.position is not None and sub.position.offset == published
+
+
+async def test_a_broker_restart_is_a_new_epoch_reported_as_a_gap_and_delivery_goes_on(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_broker(nursery, history_config())
+    proxy = await start_proxy(nursery, broker)
+    gaps: list[tuple[Subscription, str]] = []
+
+    def on_gap(subscription: Subscription, why: str) -> None:
+        gaps.append((subscription, why))
+
+    async with (
+        connect(proxy.url, backoff=TINY, on_gap=on_gap) as client,
+        client.subscribe(TOPIC) as sub,
+    ):
+        async with connect(broker.url) as publisher:
+            for n in range(3):
+                await publisher.publish(TOPIC, n)
+        with trio.fail_after(5):
+            assert [(await sub.receive()).offset for _ in range(3)] == [1, 2, 3]
+        old_epoch = sub.position.epoch if sub.position else None
+
+        proxy.down()
+        broker.shutdown()
+        restarted = await start_broker(nursery, history_config())
+        assert restarted.port is not None
+        proxy.target_port = restarted.port
+        proxy.up()
+        await wait_until(lambda: client.reconnects == 1)
+
+        assert sub.recovered is False and sub.gaps == 1
+        ((gapped, why),) = gaps
+        assert gapped is sub and "new epoch" in why
+        assert any("messages may be missing" in r.getMessage() for r in caplog.records
+                   if r.levelno == logging.WARNING)  # fmt: skip
+        async with connect(restarted.url) as publisher:
+            await publisher.publish(TOPIC, "fresh")
+        with trio.fail_after(5):
+            msg = await sub.receive()
+        assert (msg.data, msg.offset) == ("fresh", 1)  # offset 1 again, not taken for a repeat
+        assert sub.position is not None and sub.position.epoch != old_epoch
+
+
+async def test_evicted_messages_are_a_gap_and_the_kept_tail_is_still_delivered(
+    nursery: trio.Nursery,
+) -> None:
+    broker = await start_broker(nursery, history_config(size=5))
+    proxy = await start_proxy(nursery, broker)
+    async with (
+        connect(proxy.url, backoff=TINY) as client,
+        client.subscribe(TOPIC) as sub,
+        connect(broker.url) as publisher,
+    ):
+        await publisher.publish(TOPIC, 0)
+        with trio.fail_after(5):
+            assert (await sub.receive()).offset == 1
+        proxy.down()
+        for n in range(1, 21):
+            await publisher.publish(TOPIC, n)  # offsets 2..21; 17..21 kept
+        proxy.up()
+        await wait_until(lambda: client.reconnects == 1)
+        assert sub.recovered is False and sub.gaps == 1
+        with trio.fail_after(5):
+            assert [(await sub.receive()).offset for _ in range(5)] == [17, 18, 19, 20, 21]
+
+
+async def test_wildcards_resubscribe_without_since_and_report_that_they_cannot_recover(
+    nursery: trio.Nursery,
+) -> None:
+    broker = await start_broker(nursery, history_config())
+    proxy = await start_proxy(nursery, broker)
+    async with (
+        connect(proxy.url, backoff=TINY) as client,
+        client.subscribe("chat.>") as wildcard,
+        client.subscribe("news.>") as no_history,
+        client.subscribe(TOPIC) as concrete,
+        connect(broker.url) as publisher,
+    ):
+        await publisher.publish(TOPIC, "a")
+        await publisher.publish("news.x", "b")
+        with trio.fail_after(5):
+            for sub in (wildcard, no_history, concrete):
+                await sub.receive()
+        await reconnect_through(proxy, client)
+        assert (wildcard.recovered, wildcard.gaps) == (False, 1)
+        assert (no_history.recovered, no_history.gaps) == (None, 0)
+        assert (concrete.recovered, concrete.gaps) == (True, 0)
+        await publisher.publish(TOPIC, "after")  # the wildcard is live again
+        with trio.fail_after(5):
+            assert (await wildcard.receive()).data == "after"
+
+
+async def reconnect_through(proxy: Proxy, client: Client) -> None:
+    """Cut the client's connection and wait for its reconnect."""
+    count = client.reconnects
+    proxy.down()
+    await wait_until(lambda: not client.connected)
+    proxy.up()
+    await wait_until(lambda: client.reconnects == count + 1)
+
+
+async def test_a_message_whose_delivery_a_drop_cancelled_is_asked_for_again(
+    nursery: trio.Nursery,
+) -> None:
+    broker = await start_broker(nursery, history_config())
+    proxy = await start_proxy(nursery, broker)
+    async with (
+        connect(proxy.url, backoff=TINY, buffer_size=1) as client,
+        client.subscribe(TOPIC) as sub,
+        connect(broker.url) as publisher,
+    ):
+        for n in range(3):
+            await publisher.publish(TOPIC, n)
+        await wait_until(lambda: sub.buffered == 1)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits to deliver offset 2
+        proxy.down()
+        await wait_until(lambda: not client.connected)
+        client.publish_nowait("elsewhere", "x")  # the failed write ends the connection
+        proxy.up()
+        await wait_until(lambda: client.reconnects == 1)
+        with trio.fail_after(5):
+            assert [(await sub.receive()).offset for _ in range(3)] == [1, 2, 3]
+        assert sub.recovered is True
