@@ -1,7 +1,9 @@
 """The chat page in a real browser (headless Debian Chromium, driven by Playwright).
 
-Two tabs join one room through a real broker; what one types shows in the other, presence
-shows who joined and left, and a screenshot is saved to ``test-artifacts/chat.png``.
+Two tabs join one room through a real broker configured as ``make chat`` serves it
+(``config/chat.toml``: rooms keep history). What was said before a tab joined fills its view;
+what one types shows in the other, presence shows who joined and left, and a screenshot is
+saved to ``test-artifacts/chat.png``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pytest
 import trio
 from playwright.sync_api import ConsoleMessage, Page, expect, sync_playwright
 
+from broker.config import Config, load_config
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -28,6 +32,12 @@ SCREENSHOT = ROOT / "test-artifacts" / "chat.png"
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="no /usr/bin/chromium: `make test` installs Debian's chromium"
 )
+
+
+@pytest.fixture
+def broker_config() -> Config:
+    """The config ``make chat`` serves (the ``broker`` fixture picks a free port)."""
+    return load_config(ROOT / "config" / "chat.toml")
 
 
 @pytest.fixture
@@ -86,21 +96,35 @@ def chat_in_two_tabs(page_url: str) -> None:
             join(alice, "lobby")
             expect(alice.locator("#chat")).to_be_visible()
             expect(alice.locator("#join")).to_be_hidden()
+            for text in ["Is anyone here?", "I'll wait."]:
+                alice.fill("#text", text)
+                alice.press("#text", "Enter")
+                expect(alice.locator("#log .msg .text").last).to_have_text(text)
 
             bob = open_tab("Bob")
             join(bob, "lobby")
+            # The room keeps history: what Alice said before Bob came is in his view, first.
+            expect(bob.locator("#log .msg .text, #log .event")).to_have_text(
+                ["Is anyone here?", "I'll wait.", "You joined #lobby as Bob"]
+            )
             expect(alice.locator("#log .event").last).to_have_text("Bob joined")
             expect(alice.locator("#people li")).to_have_text(["Alice", "Bob"])
             expect(bob.locator("#people li")).to_have_text(["Bob", "Alice"])  # Alice said "here"
 
             alice.fill("#text", "Hello Bob, this is Alice.")
             alice.press("#text", "Enter")
-            expect(bob.locator("#log .msg .text")).to_have_text(["Hello Bob, this is Alice."])
+            expect(bob.locator("#log .msg .text").last).to_have_text("Hello Bob, this is Alice.")
             bob.fill("#text", "Hi Alice! Loud and clear.")
             bob.click("#send button")
-            expected = ["Hello Bob, this is Alice.", "Hi Alice! Loud and clear."]
+            expected = [
+                "Is anyone here?",
+                "I'll wait.",
+                "Hello Bob, this is Alice.",
+                "Hi Alice! Loud and clear.",
+            ]
             expect(alice.locator("#log .msg .text")).to_have_text(expected)
-            expect(bob.locator("#log .msg.mine .text")).to_have_text(expected[1:])
+            expect(bob.locator("#log .msg .text")).to_have_text(expected)
+            expect(bob.locator("#log .msg.mine .text")).to_have_text(expected[-1:])
             SCREENSHOT.parent.mkdir(exist_ok=True)
             bob.screenshot(path=SCREENSHOT)
 
