@@ -1,7 +1,9 @@
 """The chat page in a real browser (headless Debian Chromium, driven by Playwright).
 
-Two tabs join one room through a real broker; what one types shows in the other, presence
-shows who joined and left, and a screenshot is saved to ``test-artifacts/chat.png``.
+Two tabs join one room through a real broker configured as ``make chat`` serves it
+(``config/chat.toml``: rooms keep history). What was said before a tab joined fills its view;
+what one types shows in the other, presence shows who joined and left, and a screenshot is
+saved to ``test-artifacts/chat.png``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,24 @@ import re
 import subprocess
 import sys
 import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
-from playwright.sync_api import ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import (
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    WebSocketRoute,
+    expect,
+    sync_playwright,
+)
+
+from broker.config import Config, load_config
+from broker_client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -28,6 +42,12 @@ SCREENSHOT = ROOT / "test-artifacts" / "chat.png"
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="no /usr/bin/chromium: `make test` installs Debian's chromium"
 )
+
+
+@pytest.fixture
+def broker_config() -> Config:
+    """The config ``make chat`` serves (the ``broker`` fixture picks a free port)."""
+    return load_config(ROOT / "config" / "chat.toml")
 
 
 @pytest.fixture
@@ -49,64 +69,170 @@ async def static_url(nursery: trio.Nursery) -> str:
     return f"http://127.0.0.1:{int(found[1])}/"
 
 
-async def test_two_tabs_chat_in_one_room(static_url: str, broker_url: str) -> None:
-    query = urllib.parse.urlencode({"broker": broker_url})
-    await trio.to_thread.run_sync(chat_in_two_tabs, f"{static_url}examples/chat/?{query}")
+class Tabs:
+    """Tabs of one headless Chromium on the chat page; what goes wrong in them is in ``errors``."""
 
+    def __init__(self, context: BrowserContext, page_url: str) -> None:
+        self.context = context
+        self.page_url = page_url
+        self.errors: list[str] = []
 
-def chat_in_two_tabs(page_url: str) -> None:
-    """Drive the page with Playwright's sync API (in a worker thread: it runs its own loop)."""
-    errors: list[str] = []
+    def open(self, name: str, route: Callable[[WebSocketRoute], None] | None = None) -> Page:
+        """A new tab on the page, its name filled in; ``route`` handles its WebSockets."""
 
-    def open_tab(name: str) -> Page:
         def console(message: ConsoleMessage) -> None:
             if message.type == "error":
-                errors.append(f"{name}: {message.text}")
+                self.errors.append(f"{name}: {message.text}")
 
-        page = context.new_page()
+        page = self.context.new_page()
         page.set_default_timeout(10_000)
-        page.on("pageerror", lambda error: errors.append(f"{name}: {error}"))
+        page.on("pageerror", lambda error: self.errors.append(f"{name}: {error}"))
         page.on("console", console)
-        page.goto(page_url)
+        if route is not None:
+            page.route_web_socket(re.compile("^ws://"), route)
+        page.goto(self.page_url)
         page.fill("#name", name)
         return page
 
-    def join(page: Page, room: str) -> None:
-        page.fill("#room", room)
-        page.click("#join button")
 
+@contextmanager
+def chromium(page_url: str) -> Iterator[Tabs]:
+    """Playwright's sync API (run it in a worker thread: it runs its own loop)."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 900, "height": 640})
-            alice = open_tab("Alice")
-            join(alice, "not a room!")
-            expect(alice.locator("#join-error")).to_contain_text("A room name is")
-            expect(alice.locator("#chat")).to_be_hidden()
-            join(alice, "lobby")
-            expect(alice.locator("#chat")).to_be_visible()
-            expect(alice.locator("#join")).to_be_hidden()
-
-            bob = open_tab("Bob")
-            join(bob, "lobby")
-            expect(alice.locator("#log .event").last).to_have_text("Bob joined")
-            expect(alice.locator("#people li")).to_have_text(["Alice", "Bob"])
-            expect(bob.locator("#people li")).to_have_text(["Bob", "Alice"])  # Alice said "here"
-
-            alice.fill("#text", "Hello Bob, this is Alice.")
-            alice.press("#text", "Enter")
-            expect(bob.locator("#log .msg .text")).to_have_text(["Hello Bob, this is Alice."])
-            bob.fill("#text", "Hi Alice! Loud and clear.")
-            bob.click("#send button")
-            expected = ["Hello Bob, this is Alice.", "Hi Alice! Loud and clear."]
-            expect(alice.locator("#log .msg .text")).to_have_text(expected)
-            expect(bob.locator("#log .msg.mine .text")).to_have_text(expected[1:])
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            bob.screenshot(path=SCREENSHOT)
-
-            bob.goto("about:blank")  # leaving the page sends "leave" from pagehide
-            expect(alice.locator("#log .event").last).to_have_text("Bob left")
-            expect(alice.locator("#people li")).to_have_text(["Alice"])
+            tabs = Tabs(browser.new_context(viewport={"width": 900, "height": 640}), page_url)
+            yield tabs
         finally:
             browser.close()
-    assert not errors, errors
+    assert not tabs.errors, tabs.errors
+
+
+def join(page: Page, room: str) -> None:
+    page.fill("#room", room)
+    page.click("#join button")
+
+
+def say(page: Page, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def page_url(static_url: str, broker_url: str) -> str:
+    return f"{static_url}examples/chat/?{urllib.parse.urlencode({'broker': broker_url})}"
+
+
+async def test_two_tabs_chat_in_one_room(static_url: str, broker_url: str) -> None:
+    await trio.to_thread.run_sync(chat_in_two_tabs, page_url(static_url, broker_url))
+
+
+def chat_in_two_tabs(page_url: str) -> None:
+    with chromium(page_url) as tabs:
+        alice = tabs.open("Alice")
+        join(alice, "not a room!")
+        expect(alice.locator("#join-error")).to_contain_text("A room name is")
+        expect(alice.locator("#chat")).to_be_hidden()
+        join(alice, "lobby")
+        expect(alice.locator("#chat")).to_be_visible()
+        expect(alice.locator("#join")).to_be_hidden()
+        for text in ["Is anyone here?", "I'll wait."]:
+            say(alice, text)
+            expect(alice.locator("#log .msg .text").last).to_have_text(text)
+
+        bob = tabs.open("Bob")
+        join(bob, "lobby")
+        # The room keeps history: what Alice said before Bob came is in his view, first.
+        expect(bob.locator("#log .msg .text, #log .event")).to_have_text(
+            ["Is anyone here?", "I'll wait.", "You joined #lobby as Bob"]
+        )
+        expect(alice.locator("#log .event").last).to_have_text("Bob joined")
+        expect(alice.locator("#people li")).to_have_text(["Alice", "Bob"])
+        expect(bob.locator("#people li")).to_have_text(["Bob", "Alice"])  # Alice said "here"
+
+        say(alice, "Hello Bob, this is Alice.")
+        expect(bob.locator("#log .msg .text").last).to_have_text("Hello Bob, this is Alice.")
+        bob.fill("#text", "Hi Alice! Loud and clear.")
+        bob.click("#send button")
+        expected = [
+            "Is anyone here?",
+            "I'll wait.",
+            "Hello Bob, this is Alice.",
+            "Hi Alice! Loud and clear.",
+        ]
+        expect(alice.locator("#log .msg .text")).to_have_text(expected)
+        expect(bob.locator("#log .msg .text")).to_have_text(expected)
+        expect(bob.locator("#log .msg.mine .text")).to_have_text(expected[-1:])
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        bob.screenshot(path=SCREENSHOT)
+
+        bob.goto("about:blank")  # leaving the page sends "leave" from pagehide
+        expect(alice.locator("#log .event").last).to_have_text("Bob left")
+        expect(alice.locator("#people li")).to_have_text(["Alice"])
+
+
+class Network:
+    """Bob's network, cut at will: his tab's WebSockets pass through Playwright's routing."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.routes: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+
+    def route(self, page_side: WebSocketRoute) -> None:
+        if self.down:
+            page_side.close()  # the page sees it open, then close: a failed attempt
+            return
+        self.routes.append((page_side, page_side.connect_to_server()))
+
+    def cut(self) -> None:
+        self.down = True
+        for page_side, server_side in self.routes:
+            server_side.close()
+            page_side.close()
+        self.routes.clear()
+
+
+async def test_a_tab_back_from_a_cut_shows_what_it_missed_or_says_some_is_missing(
+    static_url: str, broker_url: str
+) -> None:
+    async def publish_many(room: str, count: int) -> None:
+        async with connect(broker_url, encoding="json") as client:
+            for n in range(count):
+                data = {"id": "carol", "name": "Carol", "text": f"flood {n}", "at": 0}
+                await client.publish(f"chat.{room}.messages", data)
+
+    def run_publish_many(room: str, count: int) -> None:
+        trio.from_thread.run(publish_many, room, count)
+
+    await trio.to_thread.run_sync(
+        back_from_a_cut, page_url(static_url, broker_url), run_publish_many
+    )
+
+
+def back_from_a_cut(page_url: str, publish_many: Callable[[str, int], None]) -> None:
+    network = Network()
+    with chromium(page_url) as tabs:
+        alice = tabs.open("Alice")
+        join(alice, "away")
+        bob = tabs.open("Bob", network.route)
+        join(bob, "away")
+        expect(alice.locator("#people li")).to_have_text(["Alice", "Bob"])
+        status = bob.locator("#status")
+
+        network.cut()
+        expect(status).to_have_attribute("data-state", "disconnected")
+        say(alice, "Sent while Bob was away.")
+        expect(alice.locator("#log .msg .text")).to_have_text(["Sent while Bob was away."])
+        network.down = False
+        expect(bob.locator("#log .msg .text")).to_have_text(["Sent while Bob was away."])
+        expect(bob.locator("#log .event", has_text="missing")).to_have_count(0)
+
+        # More than config/chat.toml keeps (200) while he is away: the oldest are lost.
+        network.cut()
+        expect(status).to_have_attribute("data-state", "disconnected")
+        publish_many("away", 201)
+        network.down = False
+        expect(bob.locator("#log .event").last).to_have_text(
+            "⚠ Some messages sent while you were away are missing."
+        )
+        expect(bob.locator("#log .msg .text").last).to_have_text("flood 200")
+        expect(bob.locator("#log .msg .text").nth(1)).to_have_text("flood 1")

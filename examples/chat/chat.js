@@ -6,7 +6,8 @@
  * - `join` when a person enters (and again after a reconnect); everyone else answers `here`,
  *   so the newcomer learns who is in the room;
  * - `leave` when the page goes away (`pagehide`, best effort: a crashed tab sends nothing).
- * When the room's messages topic keeps history, joining replays what it kept.
+ * When the room's messages topic keeps history (config/chat.toml), joining fills the view with
+ * what it kept, and a reconnect gets what was missed, or says that some is missing.
  *
  * The page takes `?broker=ws://host:port/` (default: port 8765 on the page's host) and
  * `?token=...` when the broker wants one.
@@ -73,14 +74,12 @@ async function joinRoom(room) {
   const announce = (/** @type {string} */ type) =>
     client.publish(topics.presence, { type, id: me.id, name: me.name }, { ack: false });
 
-  const live = await client.subscribe(topics.messages, showMessage);
-  if (live.epoch !== undefined && (live.offset ?? 0) > 0) {
-    // The room keeps history: subscribe again from its start, so the view fills with it.
-    await live.unsubscribe();
-    $("log").replaceChildren();
-    const since = { epoch: live.epoch, offset: 0 };
-    await client.subscribe(topics.messages, showMessage, { since });
-  }
+  await client.subscribe(topics.messages, showMessage, {
+    since: "start", // every message the room keeps, if it keeps any, then the live ones
+    onResubscribe({ recovered }) {
+      if (recovered === false) showEvent("⚠ Some messages sent while you were away are missing.");
+    },
+  });
   await client.subscribe(topics.presence, (message) => onPresence(message, announce), {
     // Back after a drop: who left meanwhile is unknown, so ask everyone again.
     onResubscribe() {

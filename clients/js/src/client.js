@@ -64,11 +64,13 @@
 
 /**
  * @typedef {object} SubscribeOptions
- * @property {Position} [since] replay the kept messages after this position, then go live
+ * @property {Position | "start"} [since] on a concrete topic that keeps history: replay the
+ *   kept messages after this position (`"start"`: every kept message), then go live
  * @property {(dropped: number) => void} [onLag] the broker dropped this many messages for
  *   this subscription (a drop policy: the subscriber was too slow)
- * @property {(subscription: Subscription) => void} [onResubscribe] called once the broker has
- *   accepted the subscription again after a reconnect; check `subscription.recovered`
+ * @property {(subscription: Subscription) => void} [onResubscribe] called when the broker has
+ *   accepted the subscription again after a reconnect, before the messages it replays; check
+ *   `subscription.recovered`
  */
 
 /** The broker answered a command with `err`; `code` is the protocol's error code. */
@@ -162,12 +164,18 @@ export class Subscription {
     this.pattern = pattern;
     this.onMessage = onMessage;
     this.options = options;
+    const since = typeof options.since === "object" ? options.since : undefined;
     /** @type {string | undefined} the topic's history epoch, once the broker named it */
-    this.epoch = options.since?.epoch;
+    this.epoch = since?.epoch;
     /** @type {number | undefined} the offset of the last message received */
-    this.offset = options.since?.offset;
-    /** @type {boolean | undefined} from the last `ok`: false if messages were missed */
+    this.offset = since?.offset;
+    /** @type {boolean | undefined} from the last `ok` that answered a `since`: false if
+     * messages were missed */
     this.recovered = undefined;
+    /** `since: "start"`, until the first `ok` tells whether there is anything to replay. */
+    this._fromStart = options.since === "start";
+    /** Drop messages until the next `ok`: they belong to a subscription being replaced. */
+    this._skipping = false;
     /** True until `unsubscribe()`, a refusal by the broker, or `close()`. */
     this.active = true;
     /** True once the broker has accepted it (on some connection). */
@@ -206,19 +214,29 @@ export class Subscription {
 
   /** @param {Message} message */
   _deliver(message) {
+    if (this._skipping) return;
     if (typeof message.offset === "number" && isConcrete(this.pattern)) this.offset = message.offset;
     this.onMessage(message);
   }
 
-  /** @param {Frame} reply the broker's `ok` to a `sub` */
+  /**
+   * Take the broker's `ok` to a `sub`. It is handled as soon as it is read, before the frames
+   * after it (the replay, then live messages), which move `offset` on from here.
+   * @param {Frame} reply
+   */
   _accept(reply) {
+    this._skipping = false;
     if (typeof reply.recovered === "boolean") this.recovered = reply.recovered;
     if (typeof reply.epoch === "string" && typeof reply.offset === "number") {
-      // A new epoch voids the old offsets: resume from the latest. Otherwise keep the offset
-      // of what was actually received, so a drop in the middle of a replay resumes inside it.
+      // A new epoch voids the old offsets: go on from its latest, as does an offset beyond the
+      // latest. Otherwise keep the offset of what was received: the replay follows from there.
       const newEpoch = this.epoch !== undefined && this.epoch !== reply.epoch;
-      if (newEpoch || this.offset === undefined) this.offset = reply.offset;
+      if (newEpoch || this.offset === undefined || this.offset > reply.offset) {
+        this.offset = reply.offset;
+      }
       this.epoch = reply.epoch;
+    } else {
+      this.epoch = this.offset = undefined; // a wildcard, or a topic that keeps no history (now)
     }
     const again = this.accepted;
     this.accepted = true;
@@ -279,8 +297,9 @@ export class Client {
 
   /**
    * Subscribe to a pattern (`*` is one segment, `>` the rest). Resolves once the broker
-   * accepted it (waiting for a connection if need be); rejects with {@link PubSubError} if it
-   * refused (`invalid_topic`, `forbidden`, ...).
+   * accepted it (waiting for a connection if need be), after the messages it replays for
+   * `since`; rejects with {@link PubSubError} if it refused (`invalid_topic`, `forbidden`, ...),
+   * and with a `TypeError` for `since` on a wildcard.
    * @param {string} pattern
    * @param {(message: Message) => void} onMessage
    * @param {SubscribeOptions} [options]
@@ -291,6 +310,11 @@ export class Client {
     if (this._subscriptions.has(pattern)) {
       return Promise.reject(
         new Error(`already subscribed to ${JSON.stringify(pattern)}; unsubscribe first`),
+      );
+    }
+    if (options.since !== undefined && !isConcrete(pattern)) {
+      return Promise.reject(
+        new TypeError(`'since' needs a concrete topic, not ${JSON.stringify(pattern)}: a position belongs to one topic`),
       );
     }
     const subscription = new Subscription(this, pattern, onMessage, options);
@@ -359,9 +383,10 @@ export class Client {
     const frames = [];
     for (const subscription of subscriptions) {
       const id = this._nextId++;
-      this._request(id).then(
-        (reply) => subscription.active && subscription._accept(reply),
-        (/** @type {Error} */ error) => {
+      this._expect(
+        id,
+        (reply) => subscription.active && this._subscribed(subscription, reply),
+        (error) => {
           // A dropped connection is not an answer: the next connection sends it again.
           if (error instanceof NotAnswered && error.reason === "disconnected") return;
           if (this._subscriptions.get(subscription.pattern) === subscription) {
@@ -379,26 +404,59 @@ export class Client {
   }
 
   /**
+   * The broker accepted `subscription`. For `since: "start"` on a topic with history this is
+   * the first step: it learnt the epoch, so it drops the subscription's messages until the
+   * answer to a `sub` with `since: {epoch, offset: 0}` (sent right after an `unsub`), which
+   * replays them all. (The broker replays only from a known epoch, and a newcomer knows none.)
+   * @param {Subscription} subscription
+   * @param {Frame} reply
+   */
+  _subscribed(subscription, reply) {
+    const fromStart = subscription._fromStart;
+    subscription._fromStart = false;
+    if (!fromStart || typeof reply.epoch !== "string" || !(reply.offset > 0)) {
+      subscription._accept(reply);
+      return;
+    }
+    subscription.epoch = reply.epoch;
+    subscription.offset = 0;
+    subscription._skipping = true;
+    const id = this._nextId++;
+    this._expect(id, () => {}, () => {}); // an answer lost with the connection changes nothing
+    this._send([{ op: "unsub", id, topic: subscription.pattern }, ...this._subscribeFrames([subscription])]);
+  }
+
+  /**
+   * Wait for the broker's answer to command `id`: `onOk` gets the `ok` frame; `onError` an
+   * `err` as {@link PubSubError}, or {@link NotAnswered}. Both are called as the answer is
+   * read, before the frames that follow it in the same message are handled.
+   * @param {number} id
+   * @param {(frame: Frame) => void} onOk
+   * @param {(error: Error) => void} onError
+   */
+  _expect(id, onOk, onError) {
+    const timeout = this.options.timeout ?? 10000;
+    const timer = setTimeout(() => {
+      this._pending.delete(id);
+      onError(new NotAnswered("timeout", `no answer from the broker within ${timeout} ms`));
+    }, timeout);
+    const settle = () => {
+      clearTimeout(timer);
+      this._pending.delete(id);
+    };
+    this._pending.set(id, {
+      resolve: (frame) => (settle(), onOk(frame)),
+      reject: (error) => (settle(), onError(error)),
+    });
+  }
+
+  /**
    * A promise for the broker's answer to command `id`: the `ok` frame, or a rejection.
    * @param {number} id
    * @returns {Promise<Frame>}
    */
   _request(id) {
-    const timeout = this.options.timeout ?? 10000;
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this._pending.delete(id);
-        reject(new NotAnswered("timeout", `no answer from the broker within ${timeout} ms`));
-      }, timeout);
-      const settle = () => {
-        clearTimeout(timer);
-        this._pending.delete(id);
-      };
-      this._pending.set(id, {
-        resolve: (frame) => (settle(), resolve(frame)),
-        reject: (error) => (settle(), reject(error)),
-      });
-    });
+    return new Promise((resolve, reject) => this._expect(id, resolve, reject));
   }
 
   /** @param {Frame[]} frames sent as one WebSocket message */
@@ -480,7 +538,7 @@ export class Client {
     socket.binaryType = "arraybuffer";
     this._socket = socket;
     socket.addEventListener("open", () => this._onOpen(socket));
-    socket.addEventListener("message", (event) => this._onMessage(event.data));
+    socket.addEventListener("message", (event) => socket === this._socket && this._onMessage(event.data));
     socket.addEventListener("close", () => this._onClose(socket));
     socket.addEventListener("error", () => {}); // always followed by "close", which acts
   }

@@ -5,10 +5,18 @@ import WebSocket from "ws";
 
 import { Client } from "../src/client.js";
 
-/** The broker the tests run against (the pytest wrapper sets it). */
+/**
+ * The broker the tests run against (tests/test_js_client.py starts it): topics under `history.`
+ * keep history, those under `history.small.` only their last 3 messages.
+ */
 export const BROKER_URL = process.env.BROKER_URL;
 /** Pass as a test's options: skips it, saying why, when there is no broker. */
 export const needsBroker = { skip: BROKER_URL ? false : "BROKER_URL is not set (run through pytest)" };
+/** A broker in tokens mode, whose one token `js-token` may publish and subscribe to `js.>`. */
+export const TOKENS_BROKER_URL = process.env.TOKENS_BROKER_URL;
+export const needsTokensBroker = {
+  skip: TOKENS_BROKER_URL ? false : "TOKENS_BROKER_URL is not set (run through pytest)",
+};
 
 /**
  * A client on the `ws` package's WebSocket, with short reconnect delays.
