@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import trio
 
+from broker.backplane import Backplane, NoBackplane
 from broker.frames import (
     Encoding,
     encode_message_body,
@@ -117,11 +118,16 @@ class Hub:
     """Routes published messages to every matching subscription (see the module doc)."""
 
     def __init__(
-        self, policies: PolicyTable, slow_timeout: float, history: HistoryStore | None = None
+        self,
+        policies: PolicyTable,
+        slow_timeout: float,
+        history: HistoryStore | None = None,
+        backplane: Backplane | None = None,
     ) -> None:
         self.policies = policies
         self.slow_timeout = slow_timeout
         self.history = history if history is not None else MemoryHistory(policies.history_for)
+        self.backplane: Backplane = backplane if backplane is not None else NoBackplane()
         self._trie: PatternTrie[Subscription] = PatternTrie()
         self._in_order: dict[str, trio.StrictFIFOLock] = {}  # history topics being published
 
@@ -146,6 +152,7 @@ class Hub:
         """
         pattern = subscription.pattern
         self._trie.add(pattern, subscription)
+        self.backplane.follow(pattern)
         if is_wildcard(pattern) or self.policies.history_for(pattern) is None:
             return Subscribed({} if since is None else {"recovered": False}, [])
         now = trio.current_time()
@@ -172,15 +179,32 @@ class Hub:
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop routing to ``subscription``; messages already queued are still delivered."""
         self._trie.remove(subscription.pattern, subscription)
+        self.backplane.unfollow(subscription.pattern)
 
     async def publish(self, topic: str, data: Any) -> int:
         """Queue ``data`` on ``topic`` for every matching subscription; return how many matched.
 
-        Returns once the message is queued (or dropped, per policy) for all of them.
+        Returns once the message is queued (or dropped, per policy) for all of them, and,
+        with a cluster backplane, handed to it for the other nodes; raises
+        :class:`~broker.backplane.BackplaneUnavailable` (after the local delivery) if the
+        backplane could not take it.
         """
+        if not self.backplane.active:
+            return await self._publish_here(topic, data, None)
+        packed = pack_data(data)
+        matched = await self._publish_here(topic, data, packed)
+        await self.backplane.publish(topic, packed)
+        return matched
+
+    async def deliver(self, topic: str, packed: bytes) -> int:
+        """Queue a message published on another node (``packed``: its msgpack ``data``) for
+        this node's matching subscriptions; return how many matched."""
+        return await self._publish_here(topic, unpack_data(packed), packed)
+
+    async def _publish_here(self, topic: str, data: Any, packed: bytes | None) -> int:
         rule = self.policies.rule_for(topic)
         if rule.history is None:
-            return await self._fan_out(topic, data, rule.on_full, None, None)
+            return await self._fan_out(topic, data, rule.on_full, None, packed)
         # Offsets must reach every subscriber in order, so the publishes of a history topic go
         # one at a time: otherwise, under block, a newer message could be queued while an
         # older one waits for room. (The append and the offers still happen without a
@@ -190,7 +214,7 @@ class Hub:
             lock = self._in_order[topic] = trio.StrictFIFOLock()
         try:
             async with lock:
-                packed = pack_data(data)
+                packed = packed if packed is not None else pack_data(data)
                 offset = self.history.append(topic, packed, trio.current_time())
                 return await self._fan_out(topic, data, rule.on_full, offset, packed)
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 import ssl
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
 from broker.frames import SUBPROTOCOLS, Encoding
 from broker.history import MemoryHistory
 from broker.hub import Hub, PolicyTable, TopicRule
+from broker.redis_backplane import RedisBackplane
+from broker.resp import RedisAddress
 
 log = logging.getLogger("broker.server")
 
@@ -84,6 +87,15 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+def build_backplane(config: Config) -> RedisBackplane | None:
+    """The Redis backplane ``[cluster]`` asks for, or ``None`` for a single node."""
+    cluster = config.cluster
+    if not cluster.backend:
+        return None
+    node_id = cluster.node_id or secrets.token_hex(4)
+    return RedisBackplane(RedisAddress.from_url(cluster.backend), node_id, cluster.prefix)
+
+
 class Broker:
     """A single-node broker; run :meth:`serve` in a nursery (``await nursery.start(...)``)."""
 
@@ -92,7 +104,7 @@ class Broker:
         limits, server = self.config.limits, self.config.server
         policies = PolicyTable(self.config.topics)
         history = MemoryHistory(policies.history_for, self.config.history.max_bytes)
-        self.hub = Hub(policies, limits.slow_timeout, history)
+        self.hub = Hub(policies, limits.slow_timeout, history, build_backplane(self.config))
         self.connection_limits = ConnectionLimits(
             max_subscriptions=limits.max_subscriptions,
             queue_messages=limits.queue_messages,
@@ -163,6 +175,7 @@ class Broker:
                         task_status=task_status,
                     )
 
+            await nursery.start(self.hub.backplane.run, self.hub.deliver)
             ws_server: WebSocketServer = await nursery.start(listen)
             endpoint = ws_server.listeners[0]
             assert not isinstance(endpoint, str)
