@@ -40,20 +40,9 @@ class RedisServer:
         """Start the server and return once it answers PING."""
         if REDIS_SERVER is None:
             pytest.skip("redis-server is not installed (make test installs it)")
+        options = f"--port {self.port} --bind 127.0.0.1 --appendonly no --loglevel warning"
         self.process = await trio.lowlevel.open_process(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--loglevel",
-                "warning",
-            ],  # fmt: skip
+            [REDIS_SERVER, *options.split(), "--save", ""],
             stdout=subprocess.DEVNULL,
         )
         with trio.fail_after(10):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -27,7 +28,7 @@ async def redis() -> AsyncIterator[RedisServer]:
         yield server
 
 
-def cluster_config(redis: RedisServer, node_id: str, **limits: object) -> Config:
+def cluster_config(redis: RedisServer, node_id: str, **limits: Any) -> Config:
     config = make_config(**limits)
     return config.replace(cluster=ClusterConfig(backend=redis.url, node_id=node_id))
 
@@ -39,7 +40,7 @@ def backplane(broker: Broker) -> RedisBackplane:
 
 
 @asynccontextmanager
-async def nodes(redis: RedisServer, count: int, **limits: object) -> AsyncIterator[list[Broker]]:
+async def nodes(redis: RedisServer, count: int, **limits: Any) -> AsyncIterator[list[Broker]]:
     """``count`` brokers in this process sharing ``redis``, each connected to it."""
     async with trio.open_nursery() as nursery:
         brokers = [
@@ -61,51 +62,62 @@ async def publish_all(client: WireClient, topic: str, values: list[object]) -> N
 async def test_a_message_published_on_one_node_reaches_subscribers_on_every_node(
     redis: RedisServer,
 ) -> None:
-    async with nodes(redis, 3) as (a, b, c):
-        async with connect(a.url) as sa, connect(b.url) as sb, connect(c.url) as pc:
-            await sa.subscribe("chat.room")
-            await sb.subscribe("chat.room")
-            await pc.publish("chat.room", {"text": "hi"})
-            for client in (sa, sb):
-                await client.expect("msg", topic="chat.room", sub="chat.room", data={"text": "hi"})
+    async with (
+        nodes(redis, 3) as (a, b, c),
+        connect(a.url) as sa,
+        connect(b.url) as sb,
+        connect(c.url) as pc,
+    ):
+        await sa.subscribe("chat.room")
+        await sb.subscribe("chat.room")
+        await pc.publish("chat.room", {"text": "hi"})
+        for client in (sa, sb):
+            await client.expect("msg", topic="chat.room", sub="chat.room", data={"text": "hi"})
 
 
 async def test_wildcards_match_across_nodes_like_on_one(redis: RedisServer) -> None:
-    async with nodes(redis, 2) as (a, b):
-        async with connect(a.url, "json") as subscriber, connect(b.url) as publisher:
-            await subscriber.subscribe("chat.*", id=1)
-            await subscriber.subscribe("news.>", id=2)
-            # Redis' glob '*' also matches 'chat.a.b'; the broker must not deliver it to chat.*
-            for topic in ("chat.a.b", "chat.a", "news", "news.x.y", "other.a"):
-                await publisher.publish(topic, topic)
-            await subscriber.expect("msg", topic="chat.a", sub="chat.*")
-            await subscriber.expect("msg", topic="news.x.y", sub="news.>")
-            await subscriber.publish("end", 0, id=3)  # a local round trip: nothing else came
-            assert subscriber._pending == []
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url, "json") as subscriber,
+        connect(b.url) as publisher,
+    ):
+        await subscriber.subscribe("chat.*", id=1)
+        await subscriber.subscribe("news.>", id=2)
+        # Redis' glob '*' also matches 'chat.a.b'; the broker must not deliver it to chat.*
+        for topic in ("chat.a.b", "chat.a", "news", "news.x.y", "other.a"):
+            await publisher.publish(topic, topic)
+        await subscriber.expect("msg", topic="chat.a", sub="chat.*")
+        await subscriber.expect("msg", topic="news.x.y", sub="news.>")
+        await subscriber.publish("end", 0, id=3)  # a local round trip: nothing else came
+        assert subscriber._pending == []
 
 
 async def test_overlapping_subscriptions_on_a_node_get_each_message_once_per_subscription(
     redis: RedisServer,
 ) -> None:
-    async with nodes(redis, 2) as (a, b):
-        async with connect(a.url) as one, connect(a.url) as two, connect(b.url) as publisher:
-            await one.subscribe("x.y", id=1)
-            await one.subscribe("x.*", id=2)
-            await two.subscribe("x.>", id=1)
-            await publisher.publish("x.y", 1)
-            await publisher.publish("x.y", 2)
-            got = [await one.next() for _ in range(4)]
-            assert sorted((f["sub"], f["data"]) for f in got) == [
-                ("x.*", 1),
-                ("x.*", 2),
-                ("x.y", 1),
-                ("x.y", 2),
-            ]
-            await two.expect("msg", data=1)
-            await two.expect("msg", data=2)
-            await one.publish("end", 0, id=3)
-            assert one._pending == []
-            assert backplane(a).stats["duplicates"] == 4  # Redis sent each one 3 times
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url) as one,
+        connect(a.url) as two,
+        connect(b.url) as publisher,
+    ):
+        await one.subscribe("x.y", id=1)
+        await one.subscribe("x.*", id=2)
+        await two.subscribe("x.>", id=1)
+        await publisher.publish("x.y", 1)
+        await publisher.publish("x.y", 2)
+        got = [await one.next() for _ in range(4)]
+        assert sorted((f["sub"], f["data"]) for f in got) == [
+            ("x.*", 1),
+            ("x.*", 2),
+            ("x.y", 1),
+            ("x.y", 2),
+        ]
+        await two.expect("msg", data=1)
+        await two.expect("msg", data=2)
+        await one.publish("end", 0, id=3)
+        assert one._pending == []
+        assert backplane(a).stats["duplicates"] == 4  # Redis sent each one 3 times
 
 
 async def test_the_origin_node_delivers_its_own_messages_once(redis: RedisServer) -> None:
@@ -118,16 +130,20 @@ async def test_the_origin_node_delivers_its_own_messages_once(redis: RedisServer
 
 
 async def test_one_publishers_messages_arrive_in_order_on_other_nodes(redis: RedisServer) -> None:
-    async with nodes(redis, 3) as (a, b, c):
-        async with connect(a.url) as sb, connect(b.url) as sc, connect(c.url) as publisher:
-            await sb.subscribe("seq.>")
-            await sc.subscribe("seq.n")
-            values = list(range(300))
-            await publisher.send(*({"op": "pub", "topic": "seq.n", "data": v} for v in values))
-            await publisher.publish("seq.n", "done", id=9)
-            for client in (sb, sc):
-                got = [(await client.expect("msg"))["data"] for _ in range(301)]
-                assert got == [*values, "done"]
+    async with (
+        nodes(redis, 3) as (a, b, c),
+        connect(a.url) as sb,
+        connect(b.url) as sc,
+        connect(c.url) as publisher,
+    ):
+        await sb.subscribe("seq.>")
+        await sc.subscribe("seq.n")
+        values = list(range(300))
+        await publisher.send(*({"op": "pub", "topic": "seq.n", "data": v} for v in values))
+        await publisher.publish("seq.n", "done", id=9)
+        for client in (sb, sc):
+            got = [(await client.expect("msg"))["data"] for _ in range(301)]
+            assert got == [*values, "done"]
 
 
 async def test_subscriptions_follow_local_clients_in_redis(redis: RedisServer) -> None:
@@ -140,6 +156,7 @@ async def test_subscriptions_follow_local_clients_in_redis(redis: RedisServer) -
             assert await redis.command("PUBSUB", "CHANNELS") == [b"broker:m:exact"]
             await one.send({"op": "unsub", "id": 5, "topic": "p.*"})
             await one.reply(5)
+            assert await redis.command("PUBSUB", "NUMPAT") == 1  # two still holds it
         # both connections closed: the node holds nothing in Redis any more
         await wait_redis(redis, "NUMPAT", 0)
         await wait_redis(redis, "CHANNELS", [])
@@ -147,31 +164,35 @@ async def test_subscriptions_follow_local_clients_in_redis(redis: RedisServer) -
 
 async def wait_redis(redis: RedisServer, what: str, expected: object) -> None:
     with trio.fail_after(5):
-        while await redis.command("PUBSUB", what) != expected:
+        while await redis.command("PUBSUB", what) != expected:  # noqa: ASYNC110 - polls Redis
             await trio.sleep(0.01)
 
 
 async def test_a_node_without_redis_serves_locally_and_answers_unavailable(
     redis: RedisServer,
 ) -> None:
-    async with nodes(redis, 2) as (a, b):
-        async with connect(a.url) as local, connect(a.url) as publisher, connect(b.url) as remote:
-            await local.subscribe("t")
-            await remote.subscribe("t")
-            await redis.stop()
-            await wait_until(lambda: not backplane(a).connected)
-            await publisher.send({"op": "pub", "id": 7, "topic": "t", "data": "during"})
-            reply = await publisher.reply(7)
-            assert reply["op"] == "err" and reply["code"] == "unavailable", reply
-            assert "this node's subscribers only" in reply["msg"]
-            await local.expect("msg", data="during")
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url) as local,
+        connect(a.url) as publisher,
+        connect(b.url) as remote,
+    ):
+        await local.subscribe("t")
+        await remote.subscribe("t")
+        await redis.stop()
+        await wait_until(lambda: not backplane(a).connected)
+        await publisher.send({"op": "pub", "id": 7, "topic": "t", "data": "during"})
+        reply = await publisher.reply(7)
+        assert reply["op"] == "err" and reply["code"] == "unavailable", reply
+        assert "this node's subscribers only" in reply["msg"]
+        await local.expect("msg", data="during")
 
-            await redis.start()
-            await wait_until(lambda: backplane(a).connected and backplane(b).connected)
-            await publisher.publish("t", "after", id=8)  # resubscribed: it crosses nodes again
-            await local.expect("msg", data="after")
-            await remote.expect("msg", data="after")
-            assert backplane(a).stats["outages"] == 1
+        await redis.start()
+        await wait_until(lambda: backplane(a).connected and backplane(b).connected)
+        await publisher.publish("t", "after", id=8)  # resubscribed: it crosses nodes again
+        await local.expect("msg", data="after")
+        await remote.expect("msg", data="after")
+        assert backplane(a).stats["outages"] == 1
 
 
 async def test_redis_restarted_mid_stream_loses_no_acknowledged_message(
@@ -179,46 +200,52 @@ async def test_redis_restarted_mid_stream_loses_no_acknowledged_message(
 ) -> None:
     """Every publish answered ok reaches the other node; those answered unavailable do not
     claim to; the stream carries on after the restart."""
-    async with nodes(redis, 2) as (a, b):
-        async with connect(a.url) as subscriber, connect(b.url) as publisher:
-            await subscriber.subscribe("s")
-            acknowledged: list[int] = []
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url) as subscriber,
+        connect(b.url) as publisher,
+    ):
+        await subscriber.subscribe("s")
+        acknowledged: list[int] = []
 
-            async def publish(start: int, stop: int) -> None:
-                for n in range(start, stop):
-                    await publisher.send({"op": "pub", "id": n, "topic": "s", "data": n})
-                    if (await publisher.reply(n))["op"] == "ok":
-                        acknowledged.append(n)
+        async def publish(start: int, stop: int) -> None:
+            for n in range(start, stop):
+                await publisher.send({"op": "pub", "id": n, "topic": "s", "data": n})
+                if (await publisher.reply(n))["op"] == "ok":
+                    acknowledged.append(n)
 
-            await publish(1, 50)
-            await redis.stop()
-            await publish(50, 60)  # fails fast: the node knows Redis is gone
-            await redis.start()
-            await wait_until(lambda: backplane(a).connected and backplane(b).connected)
-            await publish(60, 110)
-            received = []
-            while len(received) < len(acknowledged):
-                received.append((await subscriber.expect("msg"))["data"])
-            assert received == acknowledged
-            assert acknowledged[:49] == list(range(1, 50))
-            assert acknowledged[-50:] == list(range(60, 110))
+        await publish(1, 50)
+        await redis.stop()
+        await publish(50, 60)  # fails fast: the node knows Redis is gone
+        await redis.start()
+        await wait_until(lambda: backplane(a).connected and backplane(b).connected)
+        await publish(60, 110)
+        received: list[int] = []
+        while len(received) < len(acknowledged):
+            received.append((await subscriber.expect("msg"))["data"])
+        assert received == acknowledged
+        assert acknowledged[:49] == list(range(1, 50))
+        assert acknowledged[-50:] == list(range(60, 110))
 
 
 async def test_a_full_hub_buffer_pushes_back_on_redis_instead_of_growing(
     redis: RedisServer,
 ) -> None:
-    async with nodes(redis, 2, queue_messages=4, slow_timeout=30) as (a, b):
-        async with connect(a.url) as stuck, connect(b.url) as publisher:
-            await stuck.subscribe("flood")  # under block, and never reads
-            payload = "x" * 1000
-            for batch in range(20):
-                await publisher.send(
-                    *({"op": "pub", "topic": "flood", "data": payload} for _ in range(200))
-                )
-                await publisher.publish("flood", batch, id=batch + 1)
-            # node a took at most its buffer; the rest waits in the kernel and in Redis
-            assert backplane(a).statistics()["buffered"] <= 1024
-            assert backplane(a).stats["received"] < 4020
+    async with (
+        nodes(redis, 2, queue_messages=4, slow_timeout=30) as (a, b),
+        connect(a.url) as stuck,
+        connect(b.url) as publisher,
+    ):
+        await stuck.subscribe("flood")  # under block, and never reads
+        payload = "x" * 1000
+        for batch in range(20):
+            await publisher.send(
+                *({"op": "pub", "topic": "flood", "data": payload} for _ in range(200))
+            )
+            await publisher.publish("flood", batch, id=batch + 1)
+        # node a took at most its buffer; the rest waits in the kernel and in Redis
+        assert backplane(a).statistics()["buffered"] <= 1024
+        assert backplane(a).stats["received"] < 4020
 
 
 def test_cluster_config_is_checked_naming_the_key() -> None:
