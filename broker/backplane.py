@@ -20,6 +20,8 @@ import trio
 
 #: The hub's local fan-out of a message from another node: ``deliver(topic, packed_data)``.
 Deliver = Callable[[str, bytes], Awaitable[object]]
+#: Called when messages from other nodes may have been missed (after an outage).
+Missed = Callable[[], None]
 
 
 class BackplaneUnavailable(Exception):
@@ -48,9 +50,14 @@ class Backplane(Protocol):
         nodes; raises :class:`BackplaneUnavailable` if they cannot be reached."""
 
     async def run(
-        self, deliver: Deliver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        deliver: Deliver,
+        missed: Missed,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Feed other nodes' messages to ``deliver`` until cancelled."""
+        """Feed other nodes' messages to ``deliver`` until cancelled; call ``missed`` when
+        some may have been lost (Redis was unreachable for a while)."""
 
 
 class NoBackplane:
@@ -71,7 +78,11 @@ class NoBackplane:
         """No other node to reach."""
 
     async def run(
-        self, deliver: Deliver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        deliver: Deliver,
+        missed: Missed,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Returns at once."""
         task_status.started()

@@ -87,6 +87,9 @@ class HistoryStore(Protocol):
     def since(self, topic: str, position: Position, now: float) -> Replay:
         """The kept messages after ``position`` (none if its epoch is not the topic's)."""
 
+    def clear(self) -> None:
+        """Forget every topic (messages were lost): each starts a new epoch when next used."""
+
 
 def new_epoch() -> str:
     """A fresh, random epoch name."""
@@ -157,6 +160,11 @@ class MemoryHistory:
         start = max(position.offset + 1 - first, 0)
         messages = list(itertools.islice(state.kept, start, None))
         return Replay(latest, messages, position.offset + 1 >= first)
+
+    def clear(self) -> None:
+        """Forget every topic: each starts a new epoch when next used."""
+        self._topics.clear()
+        self._bytes = 0
 
     # --- internals ---
 

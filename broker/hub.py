@@ -201,6 +201,11 @@ class Hub:
         this node's matching subscriptions; return how many matched."""
         return await self._publish_here(topic, unpack_data(packed), packed)
 
+    def messages_missed(self) -> None:
+        """Messages from other nodes may have been lost: the history kept here is no longer
+        whole, so forget it (every topic starts a new epoch and recoveries say so)."""
+        self.history.clear()
+
     async def _publish_here(self, topic: str, data: Any, packed: bytes | None) -> int:
         rule = self.policies.rule_for(topic)
         if rule.history is None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
-from broker.backplane import BackplaneUnavailable, Deliver, redis_glob
+from broker.backplane import BackplaneUnavailable, Deliver, Missed, redis_glob
 from broker.resp import (
     ConnectionLost,
     ProtocolError,
@@ -173,6 +173,7 @@ class RedisBackplane:
         self.down_since: float | None = None
         self.why_down = "not connected yet"
         self.stats: Counter[str] = Counter()
+        self._missed: Missed = lambda: None
 
     @property
     def connected(self) -> bool:
@@ -226,9 +227,15 @@ class RedisBackplane:
     # --- the connection's life ---
 
     async def run(
-        self, deliver: Deliver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        deliver: Deliver,
+        missed: Missed,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Connect, serve, and after any failure reconnect with backoff, until cancelled."""
+        """Connect, serve, and after any failure reconnect with backoff, until cancelled;
+        call ``missed`` each time the connection comes back after an outage."""
+        self._missed = missed
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deliver_loop, deliver)
             task_status.started()
@@ -293,6 +300,7 @@ class RedisBackplane:
         if self.down_since is None:
             log.info("cluster: node %s connected to Redis at %s", self.node_id, self.address)
         else:
+            self._missed()
             log.warning(
                 "cluster: Redis at %s reachable again after %.1f s; resubscribing %d pattern(s)",
                 self.address,

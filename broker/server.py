@@ -105,6 +105,9 @@ class Broker:
         policies = PolicyTable(self.config.topics)
         history = MemoryHistory(policies.history_for, self.config.history.max_bytes)
         self.hub = Hub(policies, limits.slow_timeout, history, build_backplane(self.config))
+        for rule in self.config.topics:
+            if rule.history is not None:  # each node keeps whole history: see docs/cluster.md
+                self.hub.backplane.follow(rule.pattern)
         self.connection_limits = ConnectionLimits(
             max_subscriptions=limits.max_subscriptions,
             queue_messages=limits.queue_messages,
@@ -175,7 +178,7 @@ class Broker:
                         task_status=task_status,
                     )
 
-            await nursery.start(self.hub.backplane.run, self.hub.deliver)
+            await nursery.start(self.hub.backplane.run, self.hub.deliver, self.hub.messages_missed)
             ws_server: WebSocketServer = await nursery.start(listen)
             endpoint = ws_server.listeners[0]
             assert not isinstance(endpoint, str)

@@ -7,8 +7,11 @@ Most tests run the nodes in this process (real WebSockets, real Redis); the last
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -258,3 +261,111 @@ def test_cluster_config_is_checked_naming_the_key() -> None:
     config = config_from_dict({"cluster": {"backend": "redis://h:7000/2"}})
     assert config.cluster.backend == "redis://h:7000/2"
     assert dataclasses.replace(config.cluster, node_id="x").node_id == "x"
+
+
+# --- three broker processes ---
+
+HISTORY_RULE = '[[topics]]\npattern = "chat.>"\nhistory_size = 100\n'
+
+
+class NodeProcess:
+    """A ``broker serve`` process of the cluster; its log is drained (and kept) as it runs."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.url = ""
+        self._ready = trio.Event()
+
+    async def read_log(self, *, task_status: trio.TaskStatus[None]) -> None:
+        assert self.process.stderr is not None
+        buffer, listening, connected = b"", False, False
+        with trio.fail_after(20):
+            while not (listening and connected):
+                chunk = await self.process.stderr.receive_some(4096)
+                assert chunk, f"the broker exited: {buffer.decode()}{''.join(self.log)}"
+                buffer += chunk
+                *lines, rest = buffer.split(b"\n")
+                buffer = rest
+                for line in (raw.decode() for raw in lines):
+                    self.log.append(line)
+                    if "listening on ws://" in line:
+                        self.url = line.split("listening on ", 1)[1].split(" ", 1)[0]
+                        listening = True
+                    connected = connected or "connected to Redis" in line
+        task_status.started()
+        while await self.process.stderr.receive_some(4096):
+            pass
+
+
+async def start_node(
+    nursery: trio.Nursery, redis: RedisServer, tmp_path: Path, name: str
+) -> NodeProcess:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'[cluster]\nbackend = "{redis.url}"\nnode_id = "{name}"\n{HISTORY_RULE}')
+    command = [sys.executable, "-m", "broker", "serve", "--config", str(path), "--port", "0"]
+    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
+    node = NodeProcess(process)
+    await nursery.start(node.read_log)
+    return node
+
+
+@asynccontextmanager
+async def node_processes(
+    redis: RedisServer, tmp_path: Path, count: int
+) -> AsyncIterator[list[NodeProcess]]:
+    async with trio.open_nursery() as nursery:
+        started: list[NodeProcess] = []
+        try:
+            for index in range(count):
+                started.append(await start_node(nursery, redis, tmp_path, f"node{index}"))
+            yield started
+        finally:
+            for node in started:
+                if node.process.returncode is None:
+                    node.process.kill()
+            with trio.CancelScope(shield=True), trio.fail_after(10):
+                for node in started:
+                    await node.process.wait()
+
+
+async def test_three_node_processes_deliver_recover_and_survive_a_sigkill(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    async with node_processes(redis, tmp_path, 3) as (one, two, three):  # noqa: SIM117
+        async with connect(one.url) as doomed, connect(three.url) as publisher:
+            await doomed.send({"op": "sub", "id": 1, "topic": "chat.room"})
+            position = await doomed.reply(1)
+            await doomed.subscribe("chat.*", id=2)
+            await publisher.publish("chat.room", "a", id=1)
+            first = await doomed.expect("msg", topic="chat.room", data="a")
+            await doomed.expect("msg", topic="chat.room", data="a", sub="chat.*")
+            assert first["offset"] == position["offset"] + 1
+
+            one.process.kill()  # SIGKILL: no drain, no goodbye
+            with trio.fail_after(10):
+                await one.process.wait()
+            await publisher.publish("chat.room", "b", id=2)
+
+            # The client reconnects to another node: live delivery goes on. History is kept
+            # per node, so the other node's epoch differs and it says recovered: false.
+            async with connect(two.url) as moved:
+                since = {"epoch": position["epoch"], "offset": first["offset"]}
+                await moved.send({"op": "sub", "id": 1, "topic": "chat.room", "since": since})
+                reply = await moved.reply(1)
+                assert reply["op"] == "ok" and reply["recovered"] is False
+                await publisher.publish("chat.room", "c", id=3)
+                await moved.expect("msg", topic="chat.room", data="c")
+
+                # Reconnecting to the same (live) node recovers exactly what was missed: every
+                # node follows the history topics, so its history is whole.
+                last = reply
+                await moved.send({"op": "unsub", "id": 2, "topic": "chat.room"})
+                await moved.reply(2)
+                await publisher.publish("chat.room", "d", id=4)
+                await publisher.publish("chat.room", "e", id=5)
+                since = {"epoch": last["epoch"], "offset": last["offset"] + 1}  # saw "c"
+                await moved.send({"op": "sub", "id": 3, "topic": "chat.room", "since": since})
+                reply = await moved.reply(3)
+                assert reply["recovered"] is True, reply
+                assert [(await moved.expect("msg"))["data"] for _ in range(2)] == ["d", "e"]
