@@ -45,9 +45,10 @@ class Backplane(Protocol):
         """Return once messages published anywhere on topics matching ``pattern`` reach this
         node (at once if the backplane is down: they cannot reach it anyway)."""
 
-    async def publish(self, topic: str, packed: bytes) -> None:
+    async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
         """Hand a locally accepted message (``packed`` = its msgpack ``data``) to the other
-        nodes; raises :class:`BackplaneUnavailable` if they cannot be reached."""
+        nodes; raises :class:`BackplaneUnavailable` if they cannot be reached. Without
+        ``wait`` it may return once the message is queued, in order, for the other nodes."""
 
     async def run(
         self,
@@ -74,7 +75,7 @@ class NoBackplane:
     async def wait_followed(self, pattern: str) -> None:
         """Nothing to wait for."""
 
-    async def publish(self, topic: str, packed: bytes) -> None:
+    async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
         """No other node to reach."""
 
     async def run(

@@ -244,7 +244,9 @@ class Connection:
                 self._reply_error(refusal)
                 return
             try:
-                await self.hub.publish(command.topic, command.data)
+                await self.hub.publish(
+                    command.topic, command.data, acknowledged=command.id is not None
+                )
             except BackplaneUnavailable as exc:
                 self._reply_error(FrameError(ErrorCode.UNAVAILABLE, str(exc), command.id))
                 return

@@ -181,19 +181,21 @@ class Hub:
         self._trie.remove(subscription.pattern, subscription)
         self.backplane.unfollow(subscription.pattern)
 
-    async def publish(self, topic: str, data: Any) -> int:
+    async def publish(self, topic: str, data: Any, *, acknowledged: bool = True) -> int:
         """Queue ``data`` on ``topic`` for every matching subscription; return how many matched.
 
         Returns once the message is queued (or dropped, per policy) for all of them, and,
         with a cluster backplane, handed to it for the other nodes; raises
         :class:`~broker.backplane.BackplaneUnavailable` (after the local delivery) if the
-        backplane could not take it.
+        backplane could not take it. Not ``acknowledged`` (a ``pub`` without ``id``), it
+        returns once the message is queued, in order, for the backplane, without waiting for
+        Redis' answer: a publisher that asks for no ``ok`` is not held up by a round trip.
         """
         if not self.backplane.active:
             return await self._publish_here(topic, data, None)
         packed = pack_data(data)
         matched = await self._publish_here(topic, data, packed)
-        await self.backplane.publish(topic, packed)
+        await self.backplane.publish(topic, packed, wait=acknowledged)
         return matched
 
     async def deliver(self, topic: str, packed: bytes) -> int:

@@ -77,16 +77,25 @@ class _Commands:
         self.broken = trio.Event()
         self.why = ""
 
-    async def call(self, payload: bytes) -> Reply:
-        """Send one encoded command and return its reply; raises BackplaneUnavailable."""
+    async def call(self, payload: bytes, *, wait: bool = True) -> Reply:
+        """Send one encoded command and return its reply; raises BackplaneUnavailable.
+
+        Without ``wait`` it returns once the command is queued (in order), and its reply is
+        ignored: failures after that show as the outage they cause.
+        """
         if self.broken.is_set():
             raise BackplaneUnavailable(self.why)
         pending = _Pending()
         with trio.move_on_after(self._timeout):
             try:
-                await self._in.send((payload, pending))
+                try:
+                    self._in.send_nowait((payload, pending))  # no checkpoint per message
+                except trio.WouldBlock:
+                    await self._in.send((payload, pending))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 raise BackplaneUnavailable(self.why) from None
+            if not wait:
+                return None
             await pending.done.wait()
         if not pending.done.is_set():
             self.fail(f"no reply from Redis within {self._timeout:g} s")
@@ -214,14 +223,16 @@ class RedisBackplane:
             ):
                 await self._progress.wait()
 
-    async def publish(self, topic: str, packed: bytes) -> None:
-        """``PUBLISH`` the message; raises BackplaneUnavailable if Redis does not take it."""
+    async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
+        """``PUBLISH`` the message; raises BackplaneUnavailable if Redis does not take it.
+
+        Without ``wait``, returns once the message is queued for Redis, in order."""
         commands = self._commands
         if commands is None:
             raise BackplaneUnavailable(self.why_down)
         self._seq += 1
         envelope = msgpack.packb([self.node_id, self._seq, packed], use_bin_type=True)
-        await commands.call(encode_command("PUBLISH", self._prefix + topic, envelope))
+        await commands.call(encode_command("PUBLISH", self._prefix + topic, envelope), wait=wait)
         self.stats["published"] += 1
 
     # --- the connection's life ---
@@ -384,7 +395,10 @@ class RedisBackplane:
                 continue
             last = (origin, seq)
             self.stats["received"] += 1
-            await self._to_hub.send((topic, packed))
+            try:
+                self._to_hub.send_nowait((topic, packed))
+            except trio.WouldBlock:
+                await self._to_hub.send((topic, packed))  # the hub is behind: stop reading
 
     def _acknowledged(self, name: Reply) -> None:
         pattern = self._names.get(name) if isinstance(name, bytes) else None
