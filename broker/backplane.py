@@ -18,8 +18,11 @@ from typing import Protocol
 
 import trio
 
-#: The hub's local fan-out of a message from another node: ``deliver(topic, packed_data)``.
-Deliver = Callable[[str, bytes], Awaitable[object]]
+from broker.history import Position
+
+#: The hub's local fan-out of a message from another node: ``deliver(topic, packed_data,
+#: position)``; ``position`` is set for messages numbered by a shared history.
+Deliver = Callable[[str, bytes, Position | None], Awaitable[object]]
 #: Called when messages from other nodes may have been missed (after an outage).
 Missed = Callable[[], None]
 

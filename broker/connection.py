@@ -285,7 +285,12 @@ class Connection:
         backplane.follow(command.topic)  # held while waiting; the subscription holds its own
         try:
             await backplane.wait_followed(command.topic)
-            self._subscribe(command)
+            try:
+                await self.hub.prepare_subscribe(command.topic)
+            except BackplaneUnavailable as exc:
+                self._reply_error(FrameError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+                return
+            self._subscribe(command)  # no checkpoint since the history was loaded
         finally:
             backplane.unfollow(command.topic)
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import trio
 
-from broker.backplane import Backplane, NoBackplane
+from broker.backplane import Backplane, BackplaneUnavailable, NoBackplane
 from broker.frames import (
     Encoding,
     encode_message_body,
@@ -32,7 +32,7 @@ from broker.frames import (
     pack_data,
     unpack_data,
 )
-from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position
+from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position, SharedHistory
 from broker.outbound import Offer, OutboundQueue, Policy
 from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
@@ -57,6 +57,9 @@ class Subscription:
     subscriber: Subscriber
     pattern: str
     tail: bytes = field(init=False)
+    #: With a shared (cluster) history: the position its ``ok`` reported. Messages at or
+    #: before it that were still on their way to this node are not delivered to it again.
+    after: Position | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.tail = encode_message_tail(self.pattern, self.subscriber.encoding)
@@ -130,6 +133,8 @@ class Hub:
         self.backplane: Backplane = backplane if backplane is not None else NoBackplane()
         self._trie: PatternTrie[Subscription] = PatternTrie()
         self._in_order: dict[str, trio.StrictFIFOLock] = {}  # history topics being published
+        self._delivered: dict[str, Position] = {}  # shared history: the latest delivered here
+        self._delivery = trio.Event()  # set (and replaced) on each delivery of a numbered message
 
     def subscription_count(self) -> int:
         """How many subscriptions exist, over all connections."""
@@ -156,11 +161,16 @@ class Hub:
         if is_wildcard(pattern) or self.policies.history_for(pattern) is None:
             return Subscribed({} if since is None else {"recovered": False}, [])
         now = trio.current_time()
+        shared = isinstance(self.history, SharedHistory)
         if since is None:
             position = self.history.position(pattern, now)
+            if shared:
+                subscription.after = position
             return Subscribed({"epoch": position.epoch, "offset": position.offset}, [])
         replay = self.history.since(pattern, since, now)
         latest = replay.latest
+        if shared:
+            subscription.after = latest
         encoding = subscription.subscriber.encoding
         binary = encoding is Encoding.MSGPACK
         bodies = [
@@ -194,18 +204,67 @@ class Hub:
         if not self.backplane.active:
             return await self._publish_here(topic, data, None)
         packed = pack_data(data)
+        limits = self.policies.history_for(topic)
+        if limits is not None and isinstance(self.history, SharedHistory):
+            # Numbered in Redis and delivered here as on every node, in offset order.
+            position = await self.history.publish(topic, packed, limits, wait=acknowledged)
+            if position is not None:
+                await self._wait_delivered(topic, position)
+            return 0
         matched = await self._publish_here(topic, data, packed)
         await self.backplane.publish(topic, packed, wait=acknowledged)
         return matched
 
-    async def deliver(self, topic: str, packed: bytes) -> int:
-        """Queue a message published on another node (``packed``: its msgpack ``data``) for
-        this node's matching subscriptions; return how many matched."""
-        return await self._publish_here(topic, unpack_data(packed), packed)
+    async def prepare_subscribe(self, pattern: str) -> None:
+        """What a subscription to ``pattern`` needs before :meth:`subscribe` (a checkpoint):
+        with a shared history, the topic's history loaded. Raises BackplaneUnavailable."""
+        history = self.history
+        if (
+            isinstance(history, SharedHistory)
+            and not is_wildcard(pattern)
+            and self.policies.history_for(pattern) is not None
+            and not history.is_warm(pattern)
+        ):
+            await history.load(pattern, trio.current_time())
+
+    async def deliver(self, topic: str, packed: bytes, position: Position | None = None) -> int:
+        """Queue a message published on another node (``packed``: its msgpack ``data``;
+        ``position``: its place in a shared history) for this node's matching subscriptions;
+        return how many matched."""
+        history = self.history
+        if not isinstance(history, SharedHistory):
+            return await self._publish_here(topic, unpack_data(packed), packed)
+        rule = self.policies.rule_for(topic)
+        if position is None or rule.history is None:
+            return await self._fan_out(topic, unpack_data(packed), rule.on_full, None, packed)
+        history.record(topic, position, packed, trio.current_time())
+        matched = await self._fan_out(
+            topic, unpack_data(packed), rule.on_full, position.offset, packed, position.epoch
+        )
+        self._delivered[topic] = position
+        self._delivery.set()
+        self._delivery = trio.Event()
+        return matched
+
+    async def _wait_delivered(self, topic: str, position: Position) -> None:
+        """Wait until the message at ``position`` was delivered here (so a ``pub`` is
+        acknowledged after its local subscribers have it, as on a single node)."""
+        with trio.move_on_after(self.slow_timeout + 10):
+            while True:
+                seen = self._delivered.get(topic)
+                if seen is not None and (
+                    seen.epoch != position.epoch or seen.offset >= position.offset
+                ):
+                    return
+                await self._delivery.wait()
+        raise BackplaneUnavailable(
+            f"message {position.offset} of {topic!r} is kept in Redis but did not come back "
+            "to this node"
+        )
 
     def messages_missed(self) -> None:
-        """Messages from other nodes may have been lost: the history kept here is no longer
-        whole, so forget it (every topic starts a new epoch and recoveries say so)."""
+        """Messages from other nodes may have been lost: what the history store holds here
+        may have holes, so it forgets it (a shared store reloads from Redis when next used)."""
         self.history.clear()
 
     async def _publish_here(self, topic: str, data: Any, packed: bytes | None) -> int:
@@ -229,12 +288,23 @@ class Hub:
                 del self._in_order[topic]
 
     async def _fan_out(
-        self, topic: str, data: Any, policy: Policy, offset: int | None, packed: bytes | None
+        self,
+        topic: str,
+        data: Any,
+        policy: Policy,
+        offset: int | None,
+        packed: bytes | None,
+        epoch: str | None = None,
     ) -> int:
         bodies: dict[Encoding, bytes] = {}
         waiting: list[tuple[Subscription, bytes]] = []
         matched = 0
         for subscription in self._trie.match(topic):
+            after = subscription.after
+            if after is not None and offset is not None:
+                if after.epoch == epoch and offset <= after.offset:
+                    continue  # its ok (or replay) already covers this message
+                subscription.after = None  # past it: no more checks
             matched += 1
             subscriber = subscription.subscriber
             encoding = subscriber.encoding

@@ -39,6 +39,7 @@ import msgpack
 import trio
 
 from broker.backplane import BackplaneUnavailable, Deliver, Missed, redis_glob
+from broker.history import Position
 from broker.resp import (
     ConnectionLost,
     ProtocolError,
@@ -178,7 +179,9 @@ class RedisBackplane:
         self._progress = trio.Event()
         self._commands: _Commands | None = None  # set while connected
         self._seq = 0
-        self._to_hub, self._from_redis = trio.open_memory_channel[tuple[str, bytes]](buffer)
+        self._to_hub, self._from_redis = trio.open_memory_channel[
+            tuple[str, bytes, Position | None]
+        ](buffer)
         self.down_since: float | None = None
         self.why_down = "not connected yet"
         self.stats: Counter[str] = Counter()
@@ -227,13 +230,30 @@ class RedisBackplane:
         """``PUBLISH`` the message; raises BackplaneUnavailable if Redis does not take it.
 
         Without ``wait``, returns once the message is queued for Redis, in order."""
+        envelope = msgpack.packb([self.node_id, self._next_seq(), packed], use_bin_type=True)
+        await self.call(encode_command("PUBLISH", self.channel(topic), envelope), wait=wait)
+        self.stats["published"] += 1
+
+    async def call(self, command: bytes, *, wait: bool = True) -> Reply:
+        """Run an encoded command on the command connection (see :meth:`_Commands.call`)."""
         commands = self._commands
         if commands is None:
             raise BackplaneUnavailable(self.why_down)
+        return await commands.call(command, wait=wait)
+
+    def channel(self, topic: str) -> str:
+        """The Redis channel of ``topic``."""
+        return self._prefix + topic
+
+    def envelope_head(self, packed: bytes) -> bytes:
+        """The start of a message numbered in Redis: a msgpack array of five items, of which
+        the script appends the last two (epoch and offset)."""
+        items = (self.node_id, self._next_seq(), packed)
+        return b"\x95" + b"".join(msgpack.packb(item, use_bin_type=True) for item in items)
+
+    def _next_seq(self) -> int:
         self._seq += 1
-        envelope = msgpack.packb([self.node_id, self._seq, packed], use_bin_type=True)
-        await commands.call(encode_command("PUBLISH", self._prefix + topic, envelope), wait=wait)
-        self.stats["published"] += 1
+        return self._seq
 
     # --- the connection's life ---
 
@@ -382,13 +402,15 @@ class RedisBackplane:
             if not (isinstance(channel, bytes) and isinstance(payload, bytes)):
                 continue
             try:
-                origin, seq, packed = msgpack.unpackb(payload, raw=False)
+                fields = msgpack.unpackb(payload, raw=False)
+                origin, seq, packed = fields[:3]
+                position = Position(fields[3], fields[4]) if len(fields) == 5 else None
                 topic = channel.removeprefix(prefix).decode()
             except Exception:  # not a broker's message: someone else publishes on our prefix
                 self.stats["malformed"] += 1
                 continue
-            if origin == self.node_id:
-                self.stats["own"] += 1
+            if origin == self.node_id and position is None:
+                self.stats["own"] += 1  # delivered here already; numbered ones come this way
                 continue
             if (origin, seq) == last:
                 self.stats["duplicates"] += 1
@@ -396,9 +418,9 @@ class RedisBackplane:
             last = (origin, seq)
             self.stats["received"] += 1
             try:
-                self._to_hub.send_nowait((topic, packed))
+                self._to_hub.send_nowait((topic, packed, position))
             except trio.WouldBlock:
-                await self._to_hub.send((topic, packed))  # the hub is behind: stop reading
+                await self._to_hub.send((topic, packed, position))  # the hub is behind
 
     def _acknowledged(self, name: Reply) -> None:
         pattern = self._names.get(name) if isinstance(name, bytes) else None
@@ -412,9 +434,9 @@ class RedisBackplane:
         self._wake_waiters()
 
     async def _deliver_loop(self, deliver: Deliver) -> None:
-        async for topic, packed in self._from_redis:
+        async for topic, packed, position in self._from_redis:
             try:
-                await deliver(topic, packed)
+                await deliver(topic, packed, position)
             except Exception:
                 log.exception("cluster: delivering a message on %r failed", topic)
 

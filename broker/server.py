@@ -23,9 +23,10 @@ from broker.auth import AuthError, Identity, build_authenticator, token_from_req
 from broker.config import Config, ConfigError, TlsConfig
 from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
 from broker.frames import SUBPROTOCOLS, Encoding
-from broker.history import MemoryHistory
+from broker.history import HistoryStore, MemoryHistory
 from broker.hub import Hub, PolicyTable, TopicRule
 from broker.redis_backplane import RedisBackplane
+from broker.redis_history import RedisHistory
 from broker.resp import RedisAddress
 
 log = logging.getLogger("broker.server")
@@ -103,10 +104,20 @@ class Broker:
         self.config = config if config is not None else Config()
         limits, server = self.config.limits, self.config.server
         policies = PolicyTable(self.config.topics)
-        history = MemoryHistory(policies.history_for, self.config.history.max_bytes)
-        self.hub = Hub(policies, limits.slow_timeout, history, build_backplane(self.config))
+        backplane = build_backplane(self.config)
+        history: HistoryStore
+        if backplane is None:
+            history = MemoryHistory(policies.history_for, self.config.history.max_bytes)
+        else:
+            history = RedisHistory(
+                backplane,
+                policies.history_for,
+                self.config.cluster.prefix,
+                self.config.history.max_bytes,
+            )
+        self.hub = Hub(policies, limits.slow_timeout, history, backplane)
         for rule in self.config.topics:
-            if rule.history is not None:  # each node keeps whole history: see docs/cluster.md
+            if rule.history is not None:  # every node mirrors every history: docs/cluster.md
                 self.hub.backplane.follow(rule.pattern)
         self.connection_limits = ConnectionLimits(
             max_subscriptions=limits.max_subscriptions,
