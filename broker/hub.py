@@ -207,12 +207,22 @@ class Hub:
         limits = self.policies.history_for(topic)
         if limits is not None and isinstance(self.history, SharedHistory):
             # Numbered in Redis and delivered here as on every node, in offset order.
-            position = await self.history.publish(topic, packed, limits, wait=acknowledged)
+            try:
+                position = await self.history.publish(topic, packed, limits, wait=acknowledged)
+            except BackplaneUnavailable as exc:
+                raise BackplaneUnavailable(
+                    f"{exc}; not delivered: the messages of {topic!r} are numbered in Redis"
+                ) from None
             if position is not None:
                 await self._wait_delivered(topic, position)
             return 0
         matched = await self._publish_here(topic, data, packed)
-        await self.backplane.publish(topic, packed, wait=acknowledged)
+        try:
+            await self.backplane.publish(topic, packed, wait=acknowledged)
+        except BackplaneUnavailable as exc:
+            raise BackplaneUnavailable(
+                f"{exc}; delivered to this node's subscribers only"
+            ) from None
         return matched
 
     async def prepare_subscribe(self, pattern: str) -> None:

@@ -285,9 +285,7 @@ class RedisBackplane:
                 backoff = min(backoff * 2, self.max_backoff)
 
     def _went_down(self, why: str) -> None:
-        self.why_down = (
-            f"cluster backplane unavailable ({why}); delivered to this node's subscribers only"
-        )
+        self.why_down = f"cluster backplane unavailable ({why})"
         if self.down_since is None:
             self.down_since = trio.current_time()
             self.stats["outages"] += 1
@@ -301,9 +299,10 @@ class RedisBackplane:
             log.debug("cluster: still down: %s", why)
 
     async def _serve_connected(self) -> None:
-        commands_connection = await RedisConnection.open(self.address, self.timeout)
+        name = f"broker-{self.node_id}"
+        commands_connection = await RedisConnection.open(self.address, self.timeout, name)
         try:
-            subscriber = await RedisConnection.open(self.address, self.timeout)
+            subscriber = await RedisConnection.open(self.address, self.timeout, name)
             commands = _Commands(commands_connection, self.timeout, depth=1024)
             try:
                 async with trio.open_nursery() as nursery:

@@ -168,8 +168,11 @@ class RedisConnection:
         self._parser = ReplyParser()
 
     @classmethod
-    async def open(cls, address: RedisAddress, seconds: float) -> RedisConnection:
-        """Connect, authenticate and select the database, all within ``seconds``."""
+    async def open(
+        cls, address: RedisAddress, seconds: float, name: str | None = None
+    ) -> RedisConnection:
+        """Connect, authenticate, select the database and set the client ``name`` (shown by
+        ``CLIENT LIST``), all within ``seconds``."""
         with trio.fail_after(seconds):
             stream = await trio.open_tcp_stream(address.host, address.port)
             connection = cls(stream)
@@ -179,6 +182,8 @@ class RedisConnection:
                     await connection.call("AUTH", *auth, address.password)
                 if address.db:
                     await connection.call("SELECT", address.db)
+                if name is not None:
+                    await connection.call("CLIENT", "SETNAME", name)
             except BaseException:
                 await connection.aclose()
                 raise

@@ -17,12 +17,17 @@ from typing import Any
 import pytest
 import trio
 
+from broker.backplane import redis_glob
 from broker.config import ClusterConfig, Config
+from broker.history import HistoryLimits
+from broker.hub import TopicRule
+from broker.outbound import Policy
 from broker.redis_backplane import RedisBackplane
+from broker.resp import RedisAddress, RedisConnection, encode_command
 from broker.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.redis_server import RedisServer, running_redis
-from tests.wire import WireClient, connect
+from tests.wire import Frame, WireClient, connect
 
 
 @pytest.fixture
@@ -31,9 +36,14 @@ async def redis() -> AsyncIterator[RedisServer]:
         yield server
 
 
+HISTORY = TopicRule("chat.>", Policy.BLOCK, HistoryLimits(1000))
+
+
 def cluster_config(redis: RedisServer, node_id: str, **limits: Any) -> Config:
     config = make_config(**limits)
-    return config.replace(cluster=ClusterConfig(backend=redis.url, node_id=node_id))
+    return config.replace(
+        cluster=ClusterConfig(backend=redis.url, node_id=node_id), topics=(HISTORY,)
+    )
 
 
 def backplane(broker: Broker) -> RedisBackplane:
@@ -155,13 +165,14 @@ async def test_subscriptions_follow_local_clients_in_redis(redis: RedisServer) -
             await one.subscribe("p.*")
             await two.subscribe("p.*")
             await one.subscribe("exact")
-            assert await redis.command("PUBSUB", "NUMPAT") == 1
+            # p.* once for the node, and chat.> which every node follows for history
+            assert await redis.command("PUBSUB", "NUMPAT") == 2
             assert await redis.command("PUBSUB", "CHANNELS") == [b"broker:m:exact"]
             await one.send({"op": "unsub", "id": 5, "topic": "p.*"})
             await one.reply(5)
-            assert await redis.command("PUBSUB", "NUMPAT") == 1  # two still holds it
-        # both connections closed: the node holds nothing in Redis any more
-        await wait_redis(redis, "NUMPAT", 0)
+            assert await redis.command("PUBSUB", "NUMPAT") == 2  # two still holds it
+        # both connections closed: the node holds only the history patterns in Redis
+        await wait_redis(redis, "NUMPAT", 1)
         await wait_redis(redis, "CHANNELS", [])
 
 
@@ -249,6 +260,133 @@ async def test_a_full_hub_buffer_pushes_back_on_redis_instead_of_growing(
         # node a took at most its buffer; the rest waits in the kernel and in Redis
         assert backplane(a).statistics()["buffered"] <= 1024
         assert backplane(a).stats["received"] < 4020
+
+
+async def sub_since(client: WireClient, topic: str, epoch: str, offset: int, id: int) -> Frame:
+    since = {"epoch": epoch, "offset": offset}
+    await client.send({"op": "sub", "id": id, "topic": topic, "since": since})
+    return await client.reply(id)
+
+
+async def test_recovery_on_another_node_during_continuous_publishing_is_exact(
+    redis: RedisServer,
+) -> None:
+    """Clients keep leaving and recovering on the other node (whose mirror is forgotten each
+    time, so it loads from Redis while messages stream in): no gap, no duplicate."""
+    async with nodes(redis, 2) as (a, b), connect(b.url) as publisher:
+        stop = trio.Event()
+
+        async def publish() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                await publisher.send({"op": "pub", "topic": "chat.live", "data": n})
+                if n % 20 == 0:
+                    await publisher.publish("chat.live", -n, id=n)  # keep pace with acks
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            async with connect(a.url) as first:
+                await first.send({"op": "sub", "id": 1, "topic": "chat.live"})
+                ok = await first.reply(1)
+                epoch, seen = ok["epoch"], ok["offset"]
+                for _ in range(3):
+                    seen = (await first.expect("msg"))["offset"]
+            for round in range(6):
+                a.hub.history.clear()  # cold: the next sub loads from Redis mid-stream
+                async with connect(a.url if round % 2 else b.url) as client:
+                    reply = await sub_since(client, "chat.live", epoch, seen, 1)
+                    assert reply["recovered"] is True, reply
+                    for _ in range(15):
+                        frame = await client.expect("msg")
+                        assert frame["offset"] == seen + 1, (frame, seen)
+                        seen = frame["offset"]
+            stop.set()
+
+
+async def test_a_node_that_lost_redis_for_a_while_recovers_clients_exactly(
+    redis: RedisServer,
+) -> None:
+    async with nodes(redis, 2) as (a, b), connect(b.url) as publisher:
+        async with connect(a.url) as client:
+            await client.send({"op": "sub", "id": 1, "topic": "chat.r"})
+            ok = await client.reply(1)
+        clients = await redis.command("CLIENT", "LIST")
+        assert isinstance(clients, bytes)
+        for line in clients.decode().splitlines():
+            if "name=broker-n0 " in line:
+                await redis.command("CLIENT", "KILL", "ID", line.split()[0].split("=")[1])
+        await wait_until(lambda: not backplane(a).connected)
+        for n in range(5):
+            await publisher.publish("chat.r", n, id=n + 1)  # node b is fine: kept in Redis
+        await wait_until(lambda: backplane(a).connected)
+        async with connect(a.url) as client:
+            reply = await sub_since(client, "chat.r", ok["epoch"], ok["offset"], 1)
+            assert reply["recovered"] is True, reply
+            assert [(await client.expect("msg"))["data"] for _ in range(5)] == list(range(5))
+
+
+async def test_redis_losing_its_data_starts_a_new_epoch(redis: RedisServer) -> None:
+    async with nodes(redis, 2) as (a, b), connect(b.url) as publisher:
+        await publisher.publish("chat.e", "old", id=1)
+        async with connect(a.url) as client:
+            await client.send({"op": "sub", "id": 1, "topic": "chat.e"})
+            old = await client.reply(1)
+            assert old["offset"] == 1
+        await redis.stop()
+        await redis.start()  # no persistence: the history is gone
+        await wait_until(lambda: backplane(a).connected and backplane(b).connected)
+        await publisher.publish("chat.e", "new", id=2)
+        async with connect(a.url) as client:
+            reply = await sub_since(client, "chat.e", old["epoch"], 1, 1)
+            assert reply["recovered"] is False and reply["epoch"] != old["epoch"]
+            assert reply["offset"] == 1
+
+
+async def test_a_history_topic_refuses_publishes_while_redis_is_down(redis: RedisServer) -> None:
+    async with nodes(redis, 1) as (a,), connect(a.url) as client:
+        await client.subscribe("chat.d")
+        await redis.stop()
+        await wait_until(lambda: not backplane(a).connected)
+        await client.send({"op": "pub", "id": 2, "topic": "chat.d", "data": 1})
+        reply = await client.reply(2)
+        assert reply["op"] == "err" and reply["code"] == "unavailable"
+        assert "not delivered" in reply["msg"]
+        await client.send({"op": "sub", "id": 3, "topic": "chat.other"})
+        reply = await client.reply(3)  # its history cannot be read either
+        assert reply["op"] == "err" and reply["code"] == "unavailable"
+        await client.subscribe("plain", id=4)  # the connection goes on
+        assert client._pending == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "matches"),
+    [
+        ("chat.*", "chat.a", True),
+        ("chat.*", "chat.a.b", True),  # Redis' * matches dots: the hub filters again
+        ("chat.>", "chat.a.b", True),
+        ("chat.>", "chat", False),
+        ("*.x", "a.x", True),
+        ("*.x", "a.y", False),
+        ("a?[b].>", "a?[b].c", True),
+        ("a?[b].>", "ax[b].c", False),
+        ("a?[b].>", "a?b.c", False),
+        ("back\\slash.*", "back\\slash.z", True),
+    ],
+)
+async def test_redis_globs_cover_what_a_pattern_matches_in_real_redis(
+    redis: RedisServer, pattern: str, topic: str, matches: bool
+) -> None:
+    address = RedisAddress("127.0.0.1", redis.port)
+    subscriber = await RedisConnection.open(address, 5)
+    try:
+        with trio.fail_after(5):
+            await subscriber.send(encode_command("PSUBSCRIBE", redis_glob("p:", pattern)))
+            await subscriber.receive()
+            receivers = await redis.command("PUBLISH", "p:" + topic, "x")
+        assert receivers == int(matches)
+    finally:
+        await subscriber.aclose()
 
 
 def test_cluster_config_is_checked_naming_the_key() -> None:
