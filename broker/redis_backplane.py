@@ -10,9 +10,11 @@ Each node keeps two connections to Redis:
   (reference-counted: a pattern is subscribed once per node, and unsubscribed when its last
   local subscriber leaves).
 
-Every message carries its origin node id and a per-node sequence number. The origin node
-delivers to its own subscribers at once (in :class:`~broker.hub.Hub`) and skips its own
-messages when Redis echoes them. When several of a node's subscriptions match one message,
+Every message carries its origin node id and a per-node sequence number (and, on topics with
+history, the epoch and offset given by :mod:`broker.redis_history`). The origin node delivers
+its plain messages to its own subscribers at once (in :class:`~broker.hub.Hub`) and skips
+them when Redis echoes them; numbered ones it delivers from the echo, as every node does, so
+that every node sees them in offset order. When several of a node's subscriptions match one message,
 Redis sends it once per match, back to back; the node delivers it once (the hub then gives it
 to every matching local subscription, as on a single node).
 
