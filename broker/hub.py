@@ -18,6 +18,7 @@ every subscriber in order even when some wait for room under ``block``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -133,8 +134,11 @@ class Hub:
         self.backplane: Backplane = backplane if backplane is not None else NoBackplane()
         self._trie: PatternTrie[Subscription] = PatternTrie()
         self._in_order: dict[str, trio.StrictFIFOLock] = {}  # history topics being published
-        self._delivered: dict[str, Position] = {}  # shared history: the latest delivered here
-        self._delivery = trio.Event()  # set (and replaced) on each delivery of a numbered message
+        # Shared history: publishes waiting for their message to come back, per topic, and
+        # the latest position delivered here of those topics (only while someone waits).
+        self._expecting: Counter[str] = Counter()
+        self._delivered: dict[str, Position] = {}
+        self._delivery = trio.Event()  # set (and replaced) on each delivery of those topics
 
     def subscription_count(self) -> int:
         """How many subscriptions exist, over all connections."""
@@ -207,14 +211,21 @@ class Hub:
         limits = self.policies.history_for(topic)
         if limits is not None and isinstance(self.history, SharedHistory):
             # Numbered in Redis and delivered here as on every node, in offset order.
+            self._expecting[topic] += 1  # before the publish: its echo may beat its answer
             try:
-                position = await self.history.publish(topic, packed, limits, wait=acknowledged)
-            except BackplaneUnavailable as exc:
-                raise BackplaneUnavailable(
-                    f"{exc}; not delivered: the messages of {topic!r} are numbered in Redis"
-                ) from None
-            if position is not None:
-                await self._wait_delivered(topic, position)
+                try:
+                    position = await self.history.publish(topic, packed, limits, wait=acknowledged)
+                except BackplaneUnavailable as exc:
+                    raise BackplaneUnavailable(
+                        f"{exc}; not delivered: the messages of {topic!r} are numbered in Redis"
+                    ) from None
+                if position is not None:
+                    await self._wait_delivered(topic, position)
+            finally:
+                self._expecting[topic] -= 1
+                if not self._expecting[topic]:
+                    del self._expecting[topic]
+                    self._delivered.pop(topic, None)
             return 0
         matched = await self._publish_here(topic, data, packed)
         try:
@@ -251,9 +262,10 @@ class Hub:
         matched = await self._fan_out(
             topic, unpack_data(packed), rule.on_full, position.offset, packed, position.epoch
         )
-        self._delivered[topic] = position
-        self._delivery.set()
-        self._delivery = trio.Event()
+        if topic in self._expecting:
+            self._delivered[topic] = position
+            self._delivery.set()
+            self._delivery = trio.Event()
         return matched
 
     async def _wait_delivered(self, topic: str, position: Position) -> None:
@@ -269,7 +281,7 @@ class Hub:
                 await self._delivery.wait()
         raise BackplaneUnavailable(
             f"message {position.offset} of {topic!r} is kept in Redis but did not come back "
-            "to this node"
+            f"to this node within {self.slow_timeout + 10:g} s"
         )
 
     def messages_missed(self) -> None:

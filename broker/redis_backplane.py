@@ -188,6 +188,8 @@ class RedisBackplane:
         self.why_down = "not connected yet"
         self.stats: Counter[str] = Counter()
         self._missed: Missed = lambda: None
+        self._ping_unanswered = False  # a PING was sent on the subscriber connection
+        self._hub_behind = False  # the subscriber reader waits for room in the buffer
 
     @property
     def connected(self) -> bool:
@@ -310,6 +312,7 @@ class RedisBackplane:
                 async with trio.open_nursery() as nursery:
                     self._sent.clear()
                     self._pending.clear()
+                    self._ping_unanswered = False
                     self._dirty = set(self._wanted)
                     self._changed.set()
                     nursery.start_soon(commands.write_loop)
@@ -379,7 +382,15 @@ class RedisBackplane:
             if verbs:
                 payload = b"".join(encode_command(verb, *names) for verb, names in verbs.items())
                 await connection.send(payload)
-            await self._changed.wait()
+            with trio.move_on_after(self.timeout):
+                await self._changed.wait()
+                continue
+            # Idle for `timeout`: PING, so that a half-open connection is noticed. An
+            # unanswered PING is an outage, unless the reader is waiting on the hub.
+            if self._ping_unanswered and not self._hub_behind:
+                raise ConnectionLost(f"no answer to PING within {self.timeout:g} s")
+            self._ping_unanswered = True
+            await connection.send(encode_command("PING"))
 
     async def _read_subscriber(self, connection: RedisConnection) -> None:
         """Read the subscriber connection: acks update the follow state, messages go to the
@@ -388,6 +399,9 @@ class RedisBackplane:
         last: tuple[str, int] | None = None
         while True:
             reply = await connection.receive()
+            self._ping_unanswered = False
+            if isinstance(reply, list) and reply and reply[0] == b"pong":
+                continue
             if not isinstance(reply, list) or len(reply) < 3:
                 raise ProtocolError(f"unexpected on the subscriber connection: {reply!r:.80}")
             kind: Reply = reply[0]
@@ -421,7 +435,11 @@ class RedisBackplane:
             try:
                 self._to_hub.send_nowait((topic, packed, position))
             except trio.WouldBlock:
-                await self._to_hub.send((topic, packed, position))  # the hub is behind
+                self._hub_behind = True  # not reading: Redis' answers wait in the socket
+                try:
+                    await self._to_hub.send((topic, packed, position))
+                finally:
+                    self._hub_behind = False
 
     def _acknowledged(self, name: Reply) -> None:
         pattern = self._names.get(name) if isinstance(name, bytes) else None

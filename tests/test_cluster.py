@@ -7,6 +7,7 @@ Most tests run the nodes in this process (real WebSockets, real Redis); the last
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -207,6 +208,21 @@ async def test_a_node_without_redis_serves_locally_and_answers_unavailable(
         await local.expect("msg", data="after")
         await remote.expect("msg", data="after")
         assert backplane(a).stats["outages"] == 1
+
+
+async def test_a_redis_that_stops_answering_is_noticed_by_an_idle_node(
+    redis: RedisServer,
+) -> None:
+    async with nodes(redis, 1) as (a,), connect(a.url) as client:
+        backplane(a).timeout = 0.2
+        await client.subscribe("idle")  # wakes the subscriber task with the short timeout
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)  # a half-open connection: no error, no answer
+        try:
+            await wait_until(lambda: not backplane(a).connected)
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        await wait_until(lambda: backplane(a).connected)
 
 
 async def test_redis_restarted_mid_stream_loses_no_acknowledged_message(
