@@ -190,6 +190,7 @@ class RedisBackplane:
         self._missed: Missed = lambda: None
         self._ping_unanswered = False  # a PING was sent on the subscriber connection
         self._hub_behind = False  # the subscriber reader waits for room in the buffer
+        self._ever_connected = False
 
     @property
     def connected(self) -> bool:
@@ -282,7 +283,7 @@ class RedisBackplane:
                 except* _FAILURES as group:
                     exc = _first_leaf(group)
                     why = f"Redis at {self.address}: {exc or type(exc).__name__}"
-                if self.stats["connected_once"] and self.down_since is None:
+                if self._ever_connected and self.down_since is None:
                     backoff = self.min_backoff  # it was up: start the backoff again
                 self._went_down(why)
                 await trio.sleep(backoff * random.uniform(0.5, 1.0))
@@ -331,7 +332,7 @@ class RedisBackplane:
             await trio.aclose_forcefully(commands_connection)  # type: ignore[arg-type]
 
     def _came_up(self) -> None:
-        self.stats["connected_once"] = 1
+        self._ever_connected = True
         if self.down_since is None:
             log.info("cluster: node %s connected to Redis at %s", self.node_id, self.address)
         else:
