@@ -37,6 +37,10 @@ from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position,
 from broker.outbound import Offer, OutboundQueue, Policy
 from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
+#: ``data`` for :meth:`Hub._fan_out` when only ``packed`` is known: decoded if a JSON
+#: subscriber needs the value (msgpack frames reuse ``packed`` as it is).
+UNPACK: Any = object()
+
 
 class Subscriber(Protocol):
     """The hub's view of a connection: its queue, its encoding, and a way to drop it."""
@@ -257,10 +261,10 @@ class Hub:
             return await self._publish_here(topic, unpack_data(packed), packed)
         rule = self.policies.rule_for(topic)
         if position is None or rule.history is None:
-            return await self._fan_out(topic, unpack_data(packed), rule.on_full, None, packed)
+            return await self._fan_out(topic, UNPACK, rule.on_full, None, packed)
         history.record(topic, position, packed, trio.current_time())
         matched = await self._fan_out(
-            topic, unpack_data(packed), rule.on_full, position.offset, packed, position.epoch
+            topic, UNPACK, rule.on_full, position.offset, packed, position.epoch
         )
         if topic in self._expecting:
             self._delivered[topic] = position
@@ -332,6 +336,9 @@ class Hub:
             encoding = subscriber.encoding
             body = bodies.get(encoding)
             if body is None:
+                if data is UNPACK and encoding is not Encoding.MSGPACK:
+                    assert packed is not None
+                    data = unpack_data(packed)  # JSON needs the value; msgpack reuses packed
                 body = bodies[encoding] = encode_message_body(topic, data, encoding, offset, packed)
             outcome = subscriber.queue.offer(
                 subscription.pattern, topic, body, subscription.tail, policy
