@@ -55,10 +55,12 @@ async def start_node(
                     url = line.split("listening on ", 1)[1].split(" ", 1)[0]
                 connected = connected or "connected to Redis" in line
 
-    async def drain() -> None:
+    async def drain() -> None:  # and show what the node warns about
         assert process.stderr is not None
-        while await process.stderr.receive_some(65536):
-            pass
+        while chunk := await process.stderr.receive_some(65536):
+            for line in chunk.decode(errors="replace").splitlines():
+                if " WARNING " in line or " ERROR " in line:
+                    print(f"[{name}] {line}", file=sys.stderr)
 
     nursery.start_soon(drain)
     return process, url

@@ -380,6 +380,7 @@ class RedisBackplane:
                 else:
                     self._sent.discard(pattern)
             self._dirty.clear()
+            self._wake_waiters()  # a follow that needed no command may be satisfied now
             if verbs:
                 payload = b"".join(encode_command(verb, *names) for verb, names in verbs.items())
                 await connection.send(payload)
@@ -401,7 +402,8 @@ class RedisBackplane:
         while True:
             reply = await connection.receive()
             self._ping_unanswered = False
-            if isinstance(reply, list) and reply and reply[0] == b"pong":
+            if reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
+                self.stats["pongs"] += 1  # a plain PONG when subscribed to nothing
                 continue
             if not isinstance(reply, list) or len(reply) < 3:
                 raise ProtocolError(f"unexpected on the subscriber connection: {reply!r:.80}")
@@ -454,11 +456,19 @@ class RedisBackplane:
         self._wake_waiters()
 
     async def _deliver_loop(self, deliver: Deliver) -> None:
-        async for topic, packed, position in self._from_redis:
-            try:
-                await deliver(topic, packed, position)
-            except Exception:
-                log.exception("cluster: delivering a message on %r failed", topic)
+        """Hand buffered messages to the hub: all those already buffered without a checkpoint
+        between them (unless the hub waits), so subscribers' writers send them as one batch,
+        as for a batch of local publishes."""
+        async for item in self._from_redis:
+            while True:
+                try:
+                    await deliver(*item)
+                except Exception:
+                    log.exception("cluster: delivering a message on %r failed", item[0])
+                try:
+                    item = self._from_redis.receive_nowait()
+                except trio.WouldBlock:
+                    break
 
 
 def _first_leaf(group: BaseException) -> BaseException:

@@ -40,10 +40,13 @@ async def redis() -> AsyncIterator[RedisServer]:
 HISTORY = TopicRule("chat.>", Policy.BLOCK, HistoryLimits(1000))
 
 
-def cluster_config(redis: RedisServer, node_id: str, **limits: Any) -> Config:
+def cluster_config(
+    redis: RedisServer, node_id: str, *, history: bool = True, **limits: Any
+) -> Config:
     config = make_config(**limits)
     return config.replace(
-        cluster=ClusterConfig(backend=redis.url, node_id=node_id), topics=(HISTORY,)
+        cluster=ClusterConfig(backend=redis.url, node_id=node_id),
+        topics=(HISTORY,) if history else (),
     )
 
 
@@ -54,11 +57,14 @@ def backplane(broker: Broker) -> RedisBackplane:
 
 
 @asynccontextmanager
-async def nodes(redis: RedisServer, count: int, **limits: Any) -> AsyncIterator[list[Broker]]:
-    """``count`` brokers in this process sharing ``redis``, each connected to it."""
+async def nodes(
+    redis: RedisServer, count: int, *, history: bool = True, **limits: Any
+) -> AsyncIterator[list[Broker]]:
+    """``count`` brokers in this process sharing ``redis``, each connected to it (keeping
+    history on ``chat.>`` unless told not to)."""
     async with trio.open_nursery() as nursery:
         brokers = [
-            await start_broker(nursery, cluster_config(redis, f"n{i}", **limits))
+            await start_broker(nursery, cluster_config(redis, f"n{i}", history=history, **limits))
             for i in range(count)
         ]
         await wait_until(lambda: all(backplane(b).connected for b in brokers))
@@ -177,6 +183,16 @@ async def test_subscriptions_follow_local_clients_in_redis(redis: RedisServer) -
         await wait_redis(redis, "CHANNELS", [])
 
 
+async def test_unsub_then_sub_again_at_once_is_answered_at_once(redis: RedisServer) -> None:
+    async with nodes(redis, 1) as (a,), connect(a.url) as client:
+        backplane(a).timeout = 60  # a missed wake-up would hang past the client's 5 s
+        await client.subscribe("again", id=1)
+        await client.send(
+            {"op": "unsub", "id": 2, "topic": "again"}, {"op": "sub", "id": 3, "topic": "again"}
+        )
+        assert (await client.reply(3))["op"] == "ok"
+
+
 async def wait_redis(redis: RedisServer, what: str, expected: object) -> None:
     with trio.fail_after(5):
         while await redis.command("PUBSUB", what) != expected:  # noqa: ASYNC110 - polls Redis
@@ -223,6 +239,17 @@ async def test_a_redis_that_stops_answering_is_noticed_by_an_idle_node(
         finally:
             redis.process.send_signal(signal.SIGCONT)
         await wait_until(lambda: backplane(a).connected)
+
+
+async def test_an_idle_node_subscribed_to_nothing_stays_connected(redis: RedisServer) -> None:
+    """Redis answers PING with a plain PONG when the connection subscribes to nothing."""
+    async with nodes(redis, 1, history=False) as (a,), connect(a.url) as client:
+        backplane(a).timeout = 0.05
+        await client.subscribe("wake", id=1)  # wakes the subscriber task with the short timeout
+        await client.send({"op": "unsub", "id": 2, "topic": "wake"})
+        await client.reply(2)
+        await wait_until(lambda: backplane(a).stats["pongs"] >= 3)
+        assert backplane(a).stats["outages"] == 0
 
 
 async def test_redis_restarted_mid_stream_loses_no_acknowledged_message(
