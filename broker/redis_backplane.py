@@ -325,7 +325,7 @@ class RedisBackplane:
                     self._came_up()
             finally:
                 self._commands = None
-                commands.fail(self.why_down)
+                commands.fail(f"cluster backplane unavailable (Redis at {self.address}: lost)")
                 self._wake_waiters()
                 await trio.aclose_forcefully(subscriber)  # type: ignore[arg-type]
         finally:
