@@ -6,7 +6,7 @@ ARGS   ?=
 
 JS      = clients/js
 
-.PHONY: run test lint bench clean chat chromium
+.PHONY: run test lint bench clean chat chromium redis
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,14 @@ chromium:
 	@test -x /usr/bin/chromium || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
+# Debian's redis-server for the cluster tests (tests/test_cluster.py start their own on a free
+# port), installed only when missing.
+redis:
+	@command -v redis-server >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server)
+
 ## test: install what the tests need and run them
-test: $(VENV)/.installed-test $(JS)/node_modules/.installed chromium
+test: $(VENV)/.installed-test $(JS)/node_modules/.installed chromium redis
 	$(BIN)/python -m pytest $(ARGS)
 
 ## lint: ruff and mypy, as CI runs them

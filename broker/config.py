@@ -17,6 +17,7 @@ from typing import Any
 from broker.history import HistoryLimits
 from broker.hub import TopicRule
 from broker.outbound import Policy
+from broker.resp import RedisAddress
 from broker.topics import InvalidTopic, validate_pattern
 
 
@@ -116,6 +117,19 @@ class HistoryConfig:
     max_bytes: int = 64 * 1024 * 1024  # all topics together; least recently published evicted
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: share messages with other broker nodes through Redis (docs/cluster.md).
+
+    No ``backend``: the embedded single-node broker. ``node_id`` names this node in Redis
+    and in the logs (random when empty); ``prefix`` starts every Redis channel name.
+    """
+
+    backend: str = ""  # redis://host:port/db
+    node_id: str = ""
+    prefix: str = "broker"
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 AUTH_MODES = ("none", "tokens", "jwt")
@@ -133,6 +147,7 @@ class Config:
     topics: tuple[TopicRule, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     path: Path | None = None
 
     def replace(self, **sections: Any) -> Config:
@@ -168,6 +183,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         "log": LogConfig,
         "history": HistoryConfig,
         "tls": TlsConfig,
+        "cluster": ClusterConfig,
     }
     _reject_unknown(raw, [*sections, "topics", "auth"], "")
     built: dict[str, Any] = {}
@@ -185,6 +201,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         raise ConfigError(f"log.format: {log.format!r} is not one of {', '.join(LOG_FORMATS)}")
     if bool(tls.cert) != bool(tls.key):
         raise ConfigError("tls: set both cert and key (PEM files), or neither")
+    _check_cluster(built["cluster"])
     topics = _build_topics(raw.get("topics", []))
     auth = _build_auth(raw.get("auth", {}))
     return Config(
@@ -195,8 +212,21 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         topics=topics,
         auth=auth,
         tls=tls,
+        cluster=built["cluster"],
         path=path,
     )
+
+
+def _check_cluster(cluster: ClusterConfig) -> None:
+    if cluster.backend:
+        try:
+            RedisAddress.from_url(cluster.backend)
+        except ValueError as exc:
+            raise ConfigError(f"cluster.backend: {exc} (expected redis://host:port/db)") from None
+    for key in ("node_id", "prefix"):
+        value = getattr(cluster, key)
+        if any(char.isspace() for char in value) or (key == "prefix" and not value):
+            raise ConfigError(f"cluster.{key}: {value!r} must be non-empty, without whitespace")
 
 
 def _reject_unknown(table: Mapping[str, Any], known: list[str], prefix: str) -> None:

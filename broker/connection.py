@@ -31,6 +31,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from broker.auth import ANONYMOUS, Identity, seconds_left
+from broker.backplane import BackplaneUnavailable
 from broker.frames import (
     Command,
     Encoding,
@@ -248,12 +249,18 @@ class Connection:
             if refusal is not None:
                 self._reply_error(refusal)
                 return
-            with self._reads_held():
-                await self.hub.publish(command.topic, command.data)
+            try:
+                with self._reads_held():
+                    await self.hub.publish(
+                        command.topic, command.data, acknowledged=command.id is not None
+                    )
+            except BackplaneUnavailable as exc:
+                self._reply_error(FrameError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+                return
             if command.id is not None:
                 self._queue.put_reply(encode_ok(command.id, self._encoding))
         elif isinstance(command, Sub):
-            self._subscribe(command)
+            await self._follow_then_subscribe(command)
         else:
             dropped = self.subscriptions.pop(command.topic, None)
             if dropped is not None:
@@ -274,6 +281,25 @@ class Connection:
                 ErrorCode.FORBIDDEN, f"not allowed to publish to {command.topic!r}", command.id
             )
         return None
+
+    async def _follow_then_subscribe(self, command: Sub) -> None:
+        """With a cluster backplane, make sure messages from other nodes reach this one before
+        the ``ok``: a message published anywhere after the ``ok`` is then delivered."""
+        backplane = self.hub.backplane
+        if not backplane.active or command.topic in self.subscriptions:
+            self._subscribe(command)
+            return
+        backplane.follow(command.topic)  # held while waiting; the subscription holds its own
+        try:
+            await backplane.wait_followed(command.topic)
+            try:
+                await self.hub.prepare_subscribe(command.topic)
+            except BackplaneUnavailable as exc:
+                self._reply_error(FrameError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+                return
+            self._subscribe(command)  # no checkpoint since the history was loaded
+        finally:
+            backplane.unfollow(command.topic)
 
     def _subscribe(self, command: Sub) -> None:
         if not self.identity.permissions.may_subscribe(command.topic):

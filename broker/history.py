@@ -26,7 +26,7 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 log = logging.getLogger("broker.history")
 
@@ -86,6 +86,31 @@ class HistoryStore(Protocol):
 
     def since(self, topic: str, position: Position, now: float) -> Replay:
         """The kept messages after ``position`` (none if its epoch is not the topic's)."""
+
+    def clear(self) -> None:
+        """Forget every topic (messages were lost): each starts a new epoch when next used."""
+
+
+@runtime_checkable
+class SharedHistory(HistoryStore, Protocol):
+    """A store shared by the nodes of a cluster (:class:`~broker.redis_history.RedisHistory`):
+    it numbers messages itself, asynchronously, and answers the synchronous calls for a topic
+    once :meth:`load` made it warm."""
+
+    async def publish(
+        self, topic: str, packed: bytes, limits: HistoryLimits, *, wait: bool
+    ) -> Position | None:
+        """Number, keep and send a message to every node; its position (``None`` without
+        ``wait``)."""
+
+    def record(self, topic: str, position: Position, data: bytes, now: float) -> None:
+        """Keep a message received from the shared store, numbered at ``position``."""
+
+    def is_warm(self, topic: str) -> bool:
+        """True if the synchronous calls can answer for ``topic`` now."""
+
+    async def load(self, topic: str, now: float) -> None:
+        """Make ``topic`` warm."""
 
 
 def new_epoch() -> str:
@@ -157,6 +182,11 @@ class MemoryHistory:
         start = max(position.offset + 1 - first, 0)
         messages = list(itertools.islice(state.kept, start, None))
         return Replay(latest, messages, position.offset + 1 >= first)
+
+    def clear(self) -> None:
+        """Forget every topic: each starts a new epoch when next used."""
+        self._topics.clear()
+        self._bytes = 0
 
     # --- internals ---
 

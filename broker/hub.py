@@ -18,12 +18,14 @@ every subscriber in order even when some wait for room under ``block``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
+from broker.backplane import Backplane, BackplaneUnavailable, NoBackplane
 from broker.frames import (
     Encoding,
     encode_message_body,
@@ -31,13 +33,17 @@ from broker.frames import (
     pack_data,
     unpack_data,
 )
-from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position
+from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position, SharedHistory
 from broker.outbound import Offer, OutboundQueue, Policy
 from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
 # Per-delivery comparisons read module globals: an Enum member read through its class is ten
 # times slower on Python 3.11 (see broker/outbound.py).
 _FULL, _DISCONNECT = Offer.FULL, Offer.DISCONNECT
+
+#: ``data`` for :meth:`Hub._fan_out` when only ``packed`` is known: decoded if a JSON
+#: subscriber needs the value (msgpack frames reuse ``packed`` as it is).
+UNPACK: Any = object()
 
 
 class Subscriber(Protocol):
@@ -60,6 +66,9 @@ class Subscription:
     subscriber: Subscriber
     pattern: str
     tail: bytes = field(init=False)
+    #: With a shared (cluster) history: the position its ``ok`` reported. Messages at or
+    #: before it that were still on their way to this node are not delivered to it again.
+    after: Position | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.tail = encode_message_tail(self.pattern, self.subscriber.encoding)
@@ -121,13 +130,23 @@ class Hub:
     """Routes published messages to every matching subscription (see the module doc)."""
 
     def __init__(
-        self, policies: PolicyTable, slow_timeout: float, history: HistoryStore | None = None
+        self,
+        policies: PolicyTable,
+        slow_timeout: float,
+        history: HistoryStore | None = None,
+        backplane: Backplane | None = None,
     ) -> None:
         self.policies = policies
         self.slow_timeout = slow_timeout
         self.history = history if history is not None else MemoryHistory(policies.history_for)
+        self.backplane: Backplane = backplane if backplane is not None else NoBackplane()
         self._trie: PatternTrie[Subscription] = PatternTrie()
         self._in_order: dict[str, trio.StrictFIFOLock] = {}  # history topics being published
+        # Shared history: publishes waiting for their message to come back, per topic, and
+        # the latest position delivered here of those topics (only while someone waits).
+        self._expecting: Counter[str] = Counter()
+        self._delivered: dict[str, Position] = {}
+        self._delivery = trio.Event()  # set (and replaced) on each delivery of those topics
 
     def subscription_count(self) -> int:
         """How many subscriptions exist, over all connections."""
@@ -150,14 +169,20 @@ class Hub:
         """
         pattern = subscription.pattern
         self._trie.add(pattern, subscription)
+        self.backplane.follow(pattern)
         if is_wildcard(pattern) or self.policies.history_for(pattern) is None:
             return Subscribed({} if since is None else {"recovered": False}, [])
         now = trio.current_time()
+        shared = isinstance(self.history, SharedHistory)
         if since is None:
             position = self.history.position(pattern, now)
+            if shared:
+                subscription.after = position
             return Subscribed({"epoch": position.epoch, "offset": position.offset}, [])
         replay = self.history.since(pattern, since, now)
         latest = replay.latest
+        if shared:
+            subscription.after = latest
         encoding = subscription.subscriber.encoding
         binary = encoding is Encoding.MSGPACK
         bodies = [
@@ -176,15 +201,106 @@ class Hub:
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop routing to ``subscription``; messages already queued are still delivered."""
         self._trie.remove(subscription.pattern, subscription)
+        self.backplane.unfollow(subscription.pattern)
 
-    async def publish(self, topic: str, data: Any) -> int:
+    async def publish(self, topic: str, data: Any, *, acknowledged: bool = True) -> int:
         """Queue ``data`` on ``topic`` for every matching subscription; return how many matched.
 
-        Returns once the message is queued (or dropped, per policy) for all of them.
+        Returns once the message is queued (or dropped, per policy) for all of them, and,
+        with a cluster backplane, handed to it for the other nodes; raises
+        :class:`~broker.backplane.BackplaneUnavailable` (after the local delivery) if the
+        backplane could not take it. Not ``acknowledged`` (a ``pub`` without ``id``), it
+        returns once the message is queued, in order, for the backplane, without waiting for
+        Redis' answer: a publisher that asks for no ``ok`` is not held up by a round trip.
         """
+        if not self.backplane.active:
+            return await self._publish_here(topic, data, None)
+        packed = pack_data(data)
+        limits = self.policies.history_for(topic)
+        if limits is not None and isinstance(self.history, SharedHistory):
+            # Numbered in Redis and delivered here as on every node, in offset order.
+            self._expecting[topic] += 1  # before the publish: its echo may beat its answer
+            try:
+                try:
+                    position = await self.history.publish(topic, packed, limits, wait=acknowledged)
+                except BackplaneUnavailable as exc:
+                    raise BackplaneUnavailable(
+                        f"{exc}; not delivered: the messages of {topic!r} are numbered in Redis"
+                    ) from None
+                if position is not None:
+                    await self._wait_delivered(topic, position)
+            finally:
+                self._expecting[topic] -= 1
+                if not self._expecting[topic]:
+                    del self._expecting[topic]
+                    self._delivered.pop(topic, None)
+            return 0
+        matched = await self._publish_here(topic, data, packed)
+        try:
+            await self.backplane.publish(topic, packed, wait=acknowledged)
+        except BackplaneUnavailable as exc:
+            raise BackplaneUnavailable(
+                f"{exc}; delivered to this node's subscribers only"
+            ) from None
+        return matched
+
+    async def prepare_subscribe(self, pattern: str) -> None:
+        """What a subscription to ``pattern`` needs before :meth:`subscribe` (a checkpoint):
+        with a shared history, the topic's history loaded. Raises BackplaneUnavailable."""
+        history = self.history
+        if (
+            isinstance(history, SharedHistory)
+            and not is_wildcard(pattern)
+            and self.policies.history_for(pattern) is not None
+            and not history.is_warm(pattern)
+        ):
+            await history.load(pattern, trio.current_time())
+
+    async def deliver(self, topic: str, packed: bytes, position: Position | None = None) -> int:
+        """Queue a message published on another node (``packed``: its msgpack ``data``;
+        ``position``: its place in a shared history) for this node's matching subscriptions;
+        return how many matched."""
+        history = self.history
+        if not isinstance(history, SharedHistory):
+            return await self._publish_here(topic, unpack_data(packed), packed)
+        rule = self.policies.rule_for(topic)
+        if position is None or rule.history is None:
+            return await self._fan_out(topic, UNPACK, rule.on_full, None, packed)
+        history.record(topic, position, packed, trio.current_time())
+        matched = await self._fan_out(
+            topic, UNPACK, rule.on_full, position.offset, packed, position.epoch
+        )
+        if topic in self._expecting:
+            self._delivered[topic] = position
+            self._delivery.set()
+            self._delivery = trio.Event()
+        return matched
+
+    async def _wait_delivered(self, topic: str, position: Position) -> None:
+        """Wait until the message at ``position`` was delivered here (so a ``pub`` is
+        acknowledged after its local subscribers have it, as on a single node)."""
+        with trio.move_on_after(self.slow_timeout + 10):
+            while True:
+                seen = self._delivered.get(topic)
+                if seen is not None and (
+                    seen.epoch != position.epoch or seen.offset >= position.offset
+                ):
+                    return
+                await self._delivery.wait()
+        raise BackplaneUnavailable(
+            f"message {position.offset} of {topic!r} is kept in Redis but did not come back "
+            f"to this node within {self.slow_timeout + 10:g} s"
+        )
+
+    def messages_missed(self) -> None:
+        """Messages from other nodes may have been lost: what the history store holds here
+        may have holes, so it forgets it (a shared store reloads from Redis when next used)."""
+        self.history.clear()
+
+    async def _publish_here(self, topic: str, data: Any, packed: bytes | None) -> int:
         rule = self.policies.rule_for(topic)
         if rule.history is None:
-            return await self._fan_out(topic, data, rule.on_full, None, None)
+            return await self._fan_out(topic, data, rule.on_full, None, packed)
         # Offsets must reach every subscriber in order, so the publishes of a history topic go
         # one at a time: otherwise, under block, a newer message could be queued while an
         # older one waits for room. (The append and the offers still happen without a
@@ -194,7 +310,7 @@ class Hub:
             lock = self._in_order[topic] = trio.StrictFIFOLock()
         try:
             async with lock:
-                packed = pack_data(data)
+                packed = packed if packed is not None else pack_data(data)
                 offset = self.history.append(topic, packed, trio.current_time())
                 return await self._fan_out(topic, data, rule.on_full, offset, packed)
         finally:
@@ -202,17 +318,31 @@ class Hub:
                 del self._in_order[topic]
 
     async def _fan_out(
-        self, topic: str, data: Any, policy: Policy, offset: int | None, packed: bytes | None
+        self,
+        topic: str,
+        data: Any,
+        policy: Policy,
+        offset: int | None,
+        packed: bytes | None,
+        epoch: str | None = None,
     ) -> int:
         bodies: dict[Encoding, bytes] = {}
         waiting: list[tuple[Subscription, bytes]] = []
         matched = 0
         for subscription in self._trie.match(topic):
+            after = subscription.after
+            if after is not None and offset is not None:
+                if after.epoch == epoch and offset <= after.offset:
+                    continue  # its ok (or replay) already covers this message
+                subscription.after = None  # past it: no more checks
             matched += 1
             subscriber = subscription.subscriber
             encoding = subscriber.encoding
             body = bodies.get(encoding)
             if body is None:
+                if data is UNPACK and encoding is not Encoding.MSGPACK:
+                    assert packed is not None
+                    data = unpack_data(packed)  # JSON needs the value; msgpack reuses packed
                 body = bodies[encoding] = encode_message_body(topic, data, encoding, offset, packed)
             outcome = subscriber.queue.offer(
                 subscription.pattern, topic, body, subscription.tail, policy

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 import ssl
 from collections import Counter
 from collections.abc import Sequence
@@ -22,8 +23,11 @@ from broker.auth import AuthError, Identity, build_authenticator, token_from_req
 from broker.config import Config, ConfigError, TlsConfig
 from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
 from broker.frames import SUBPROTOCOLS, Encoding
-from broker.history import MemoryHistory
+from broker.history import HistoryStore, MemoryHistory
 from broker.hub import Hub, PolicyTable, TopicRule
+from broker.redis_backplane import RedisBackplane
+from broker.redis_history import RedisHistory
+from broker.resp import RedisAddress
 
 log = logging.getLogger("broker.server")
 
@@ -84,6 +88,15 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+def build_backplane(config: Config) -> RedisBackplane | None:
+    """The Redis backplane ``[cluster]`` asks for, or ``None`` for a single node."""
+    cluster = config.cluster
+    if not cluster.backend:
+        return None
+    node_id = cluster.node_id or secrets.token_hex(4)
+    return RedisBackplane(RedisAddress.from_url(cluster.backend), node_id, cluster.prefix)
+
+
 class Broker:
     """A single-node broker; run :meth:`serve` in a nursery (``await nursery.start(...)``)."""
 
@@ -91,8 +104,21 @@ class Broker:
         self.config = config if config is not None else Config()
         limits, server = self.config.limits, self.config.server
         policies = PolicyTable(self.config.topics)
-        history = MemoryHistory(policies.history_for, self.config.history.max_bytes)
-        self.hub = Hub(policies, limits.slow_timeout, history)
+        backplane = build_backplane(self.config)
+        history: HistoryStore
+        if backplane is None:
+            history = MemoryHistory(policies.history_for, self.config.history.max_bytes)
+        else:
+            history = RedisHistory(
+                backplane,
+                policies.history_for,
+                self.config.cluster.prefix,
+                self.config.history.max_bytes,
+            )
+        self.hub = Hub(policies, limits.slow_timeout, history, backplane)
+        for rule in self.config.topics:
+            if rule.history is not None:  # every node mirrors every history: docs/cluster.md
+                self.hub.backplane.follow(rule.pattern)
         self.connection_limits = ConnectionLimits(
             max_subscriptions=limits.max_subscriptions,
             queue_messages=limits.queue_messages,
@@ -163,6 +189,7 @@ class Broker:
                         task_status=task_status,
                     )
 
+            await nursery.start(self.hub.backplane.run, self.hub.deliver, self.hub.messages_missed)
             ws_server: WebSocketServer = await nursery.start(listen)
             endpoint = ws_server.listeners[0]
             assert not isinstance(endpoint, str)

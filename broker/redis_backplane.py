@@ -1,0 +1,477 @@
+"""The Redis backplane: broker nodes share published messages through Redis pub/sub.
+
+Each node keeps two connections to Redis:
+
+- a **command** connection, on which :meth:`RedisBackplane.publish` sends ``PUBLISH`` (one
+  writer task pipelines what callers queue, one reader task hands replies back in order), so a
+  ``pub`` is acknowledged only once Redis has taken the message;
+- a **subscriber** connection, ``SUBSCRIBE``\\ d to one channel per concrete topic and
+  ``PSUBSCRIBE``\\ d to one glob per wildcard pattern that local clients hold
+  (reference-counted: a pattern is subscribed once per node, and unsubscribed when its last
+  local subscriber leaves).
+
+Every message carries its origin node id and a per-node sequence number (and, on topics with
+history, the epoch and offset given by :mod:`broker.redis_history`). The origin node delivers
+its plain messages to its own subscribers at once (in :class:`~broker.hub.Hub`) and skips
+them when Redis echoes them; numbered ones it delivers from the echo, as every node does, so
+that every node sees them in offset order. When several of a node's subscriptions match one message,
+Redis sends it once per match, back to back; the node delivers it once (the hub then gives it
+to every matching local subscription, as on a single node).
+
+Between Redis and the hub there is one bounded buffer (``buffer`` messages). When it is full,
+because the hub waits under ``block`` for a slow local subscriber, the subscriber connection
+stops reading, TCP pushes back on Redis, and Redis buffers for us up to its
+``client-output-buffer-limit pubsub``; past it Redis closes the connection, which is handled
+as an outage (see docs/cluster.md).
+
+Outages: while Redis is unreachable the node keeps serving its local clients, publishes raise
+:class:`~broker.backplane.BackplaneUnavailable` (the ``pub`` is answered ``err unavailable``
+after local delivery), the outage is logged once, and the node reconnects with exponential
+backoff and resubscribes to everything its clients hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import msgpack
+import trio
+
+from broker.backplane import BackplaneUnavailable, Deliver, Missed, redis_glob
+from broker.history import Position
+from broker.resp import (
+    ConnectionLost,
+    ProtocolError,
+    RedisAddress,
+    RedisConnection,
+    RedisError,
+    Reply,
+    encode_command,
+)
+from broker.topics import is_wildcard
+
+log = logging.getLogger("broker.cluster")
+
+#: What a lost, refused or broken connection to Redis raises: an outage, not a bug.
+_FAILURES = (OSError, ConnectionLost, ProtocolError, RedisError, trio.TooSlowError)
+_SUBSCRIBE_ACKS = (b"subscribe", b"psubscribe", b"unsubscribe", b"punsubscribe")
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """One command's reply, filled in by the reader (or failed when the connection goes)."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Reply = None
+    error: str | None = None
+
+
+class _Commands:
+    """The command connection: callers queue commands, one task writes, one reads replies."""
+
+    def __init__(self, connection: RedisConnection, timeout: float, depth: int) -> None:
+        self._connection = connection
+        self._timeout = timeout
+        self._in, self._out = trio.open_memory_channel[tuple[bytes, _Pending]](depth)
+        self._waiting: deque[_Pending] = deque()
+        self.broken = trio.Event()
+        self.why = ""
+
+    async def call(self, payload: bytes, *, wait: bool = True) -> Reply:
+        """Send one encoded command and return its reply; raises BackplaneUnavailable.
+
+        Without ``wait`` it returns once the command is queued (in order), and its reply is
+        ignored: failures after that show as the outage they cause.
+        """
+        if self.broken.is_set():
+            raise BackplaneUnavailable(self.why)
+        pending = _Pending()
+        with trio.move_on_after(self._timeout):
+            try:
+                try:
+                    self._in.send_nowait((payload, pending))  # no checkpoint per message
+                except trio.WouldBlock:
+                    await self._in.send((payload, pending))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise BackplaneUnavailable(self.why) from None
+            if not wait:
+                return None
+            await pending.done.wait()
+        if not pending.done.is_set():
+            self.fail(f"no reply from Redis within {self._timeout:g} s")
+        if pending.error is not None:
+            raise BackplaneUnavailable(pending.error)
+        if isinstance(pending.reply, RedisError):
+            raise BackplaneUnavailable(f"Redis answered: {pending.reply}")
+        return pending.reply
+
+    async def write_loop(self) -> None:
+        """Send queued commands, everything queued at once in one write (pipelining)."""
+        async for payload, pending in self._out:
+            batch = [payload]
+            self._waiting.append(pending)
+            while len(batch) < 1024:
+                try:
+                    payload, pending = self._out.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(payload)
+                self._waiting.append(pending)
+            await self._connection.send(b"".join(batch))
+
+    async def read_loop(self) -> None:
+        """Hand each reply to the oldest waiting command."""
+        while True:
+            reply = await self._connection.receive()
+            if not self._waiting:
+                raise ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
+            pending = self._waiting.popleft()
+            pending.reply = reply
+            pending.done.set()
+
+    def fail(self, why: str) -> None:
+        """The connection is gone: fail every waiting and queued command with ``why``."""
+        if self.broken.is_set():
+            return
+        self.why = why
+        self.broken.set()
+        self._in.close()
+        while True:
+            try:
+                self._waiting.append(self._out.receive_nowait()[1])
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        for pending in self._waiting:
+            pending.error = why
+            pending.done.set()
+        self._waiting.clear()
+
+
+class RedisBackplane:
+    """A :class:`~broker.backplane.Backplane` over Redis pub/sub (see the module doc)."""
+
+    active = True
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        node_id: str,
+        prefix: str = "broker",
+        *,
+        buffer: int = 1024,
+        timeout: float = 5.0,
+        min_backoff: float = 0.05,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.address = address
+        self.node_id = node_id
+        self.timeout = timeout
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._prefix = f"{prefix}:m:"
+        self._wanted: Counter[str] = Counter()  # pattern -> local subscriptions
+        self._dirty: set[str] = set()  # patterns whose Redis subscription may need a change
+        self._sent: set[str] = set()  # patterns subscribed on the current connection
+        self._pending: Counter[str] = Counter()  # pattern -> (un)subscribe acks not yet seen
+        self._names: dict[bytes, str] = {}  # Redis channel or glob -> pattern
+        self._changed = trio.Event()
+        self._progress = trio.Event()
+        self._commands: _Commands | None = None  # set while connected
+        self._seq = 0
+        self._to_hub, self._from_redis = trio.open_memory_channel[
+            tuple[str, bytes, Position | None]
+        ](buffer)
+        self.down_since: float | None = None
+        self.why_down = "not connected yet"
+        self.stats: Counter[str] = Counter()
+        self._missed: Missed = lambda: None
+        self._ping_unanswered = False  # a PING was sent on the subscriber connection
+        self._hub_behind = False  # the subscriber reader waits for room in the buffer
+        self._ever_connected = False
+
+    @property
+    def connected(self) -> bool:
+        """True while both connections to Redis are up."""
+        return self._commands is not None
+
+    def statistics(self) -> dict[str, int]:
+        """Counters (published, received, duplicates, own, outages) and the buffer's use."""
+        return {
+            **self.stats,
+            "buffered": self._to_hub.statistics().current_buffer_used,
+            "patterns": len(self._wanted),
+        }
+
+    # --- the hub's side ---
+
+    def follow(self, pattern: str) -> None:
+        """Count one more local subscription to ``pattern``; subscribe in Redis if first."""
+        self._wanted[pattern] += 1
+        if self._wanted[pattern] == 1:
+            self._dirty.add(pattern)
+            self._changed.set()
+
+    def unfollow(self, pattern: str) -> None:
+        """Count one local subscription fewer; unsubscribe in Redis when none is left."""
+        self._wanted[pattern] -= 1
+        if self._wanted[pattern] <= 0:
+            del self._wanted[pattern]
+            self._dirty.add(pattern)
+            self._changed.set()
+
+    async def wait_followed(self, pattern: str) -> None:
+        """Return once Redis confirmed the subscription covering ``pattern`` (or it is down,
+        or ``timeout`` passed)."""
+        with trio.move_on_after(self.timeout):
+            while self.connected and not (
+                pattern in self._sent and not self._pending[pattern] and pattern not in self._dirty
+            ):
+                await self._progress.wait()
+
+    async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
+        """``PUBLISH`` the message; raises BackplaneUnavailable if Redis does not take it.
+
+        Without ``wait``, returns once the message is queued for Redis, in order."""
+        envelope = msgpack.packb([self.node_id, self._next_seq(), packed], use_bin_type=True)
+        await self.call(encode_command("PUBLISH", self.channel(topic), envelope), wait=wait)
+        self.stats["published"] += 1
+
+    async def call(self, command: bytes, *, wait: bool = True) -> Reply:
+        """Run an encoded command on the command connection (see :meth:`_Commands.call`)."""
+        commands = self._commands
+        if commands is None:
+            raise BackplaneUnavailable(self.why_down)
+        return await commands.call(command, wait=wait)
+
+    def channel(self, topic: str) -> str:
+        """The Redis channel of ``topic``."""
+        return self._prefix + topic
+
+    def envelope_head(self, packed: bytes) -> bytes:
+        """The start of a message numbered in Redis: a msgpack array of five items, of which
+        the script appends the last two (epoch and offset)."""
+        items = (self.node_id, self._next_seq(), packed)
+        return b"\x95" + b"".join(msgpack.packb(item, use_bin_type=True) for item in items)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # --- the connection's life ---
+
+    async def run(
+        self,
+        deliver: Deliver,
+        missed: Missed,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect, serve, and after any failure reconnect with backoff, until cancelled;
+        call ``missed`` each time the connection comes back after an outage."""
+        self._missed = missed
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deliver_loop, deliver)
+            task_status.started()
+            backoff = self.min_backoff
+            while True:
+                why = f"Redis at {self.address}: disconnected"
+                try:
+                    await self._serve_connected()
+                except* _FAILURES as group:
+                    exc = _first_leaf(group)
+                    why = f"Redis at {self.address}: {exc or type(exc).__name__}"
+                if self._ever_connected and self.down_since is None:
+                    backoff = self.min_backoff  # it was up: start the backoff again
+                self._went_down(why)
+                await trio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self.max_backoff)
+
+    def _went_down(self, why: str) -> None:
+        self.why_down = f"cluster backplane unavailable ({why})"
+        if self.down_since is None:
+            self.down_since = trio.current_time()
+            self.stats["outages"] += 1
+            log.warning(
+                "cluster: %s; serving local clients only, publishes answer err unavailable; "
+                "reconnecting with backoff (up to %g s)",
+                why,
+                self.max_backoff,
+            )
+        else:
+            log.debug("cluster: still down: %s", why)
+
+    async def _serve_connected(self) -> None:
+        name = f"broker-{self.node_id}"
+        commands_connection = await RedisConnection.open(self.address, self.timeout, name)
+        try:
+            subscriber = await RedisConnection.open(self.address, self.timeout, name)
+            commands = _Commands(commands_connection, self.timeout, depth=1024)
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._sent.clear()
+                    self._pending.clear()
+                    self._ping_unanswered = False
+                    self._dirty = set(self._wanted)
+                    self._changed.set()
+                    nursery.start_soon(commands.write_loop)
+                    nursery.start_soon(commands.read_loop)
+                    nursery.start_soon(self._raise_when_broken, commands)
+                    nursery.start_soon(self._read_subscriber, subscriber)
+                    nursery.start_soon(self._sync_follows, subscriber)
+                    self._commands = commands
+                    self._came_up()
+            finally:
+                self._commands = None
+                commands.fail(f"cluster backplane unavailable (Redis at {self.address}: lost)")
+                self._wake_waiters()
+                await trio.aclose_forcefully(subscriber)  # type: ignore[arg-type]
+        finally:
+            await trio.aclose_forcefully(commands_connection)  # type: ignore[arg-type]
+
+    def _came_up(self) -> None:
+        self._ever_connected = True
+        if self.down_since is None:
+            log.info("cluster: node %s connected to Redis at %s", self.node_id, self.address)
+        else:
+            self._missed()
+            log.warning(
+                "cluster: Redis at %s reachable again after %.1f s; resubscribing %d pattern(s)",
+                self.address,
+                trio.current_time() - self.down_since,
+                len(self._wanted),
+            )
+        self.down_since = None
+
+    @staticmethod
+    async def _raise_when_broken(commands: _Commands) -> None:
+        await commands.broken.wait()
+        raise ConnectionLost(commands.why)
+
+    def _wake_waiters(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def _redis_name(self, pattern: str) -> bytes:
+        wild = is_wildcard(pattern)
+        name = redis_glob(self._prefix, pattern) if wild else self._prefix + pattern
+        encoded = name.encode()
+        self._names[encoded] = pattern
+        return encoded
+
+    async def _sync_follows(self, connection: RedisConnection) -> None:
+        """Keep the subscriber connection's Redis subscriptions in step with ``_wanted``."""
+        while True:
+            self._changed = trio.Event()
+            verbs: dict[str, list[bytes]] = {}
+            for pattern in self._dirty:
+                wanted, subscribed = pattern in self._wanted, pattern in self._sent
+                if wanted == subscribed:
+                    continue
+                verb = "SUBSCRIBE" if wanted else "UNSUBSCRIBE"
+                if is_wildcard(pattern):
+                    verb = "P" + verb
+                verbs.setdefault(verb, []).append(self._redis_name(pattern))
+                self._pending[pattern] += 1
+                if wanted:
+                    self._sent.add(pattern)
+                else:
+                    self._sent.discard(pattern)
+            self._dirty.clear()
+            self._wake_waiters()  # a follow that needed no command may be satisfied now
+            if verbs:
+                payload = b"".join(encode_command(verb, *names) for verb, names in verbs.items())
+                await connection.send(payload)
+            with trio.move_on_after(self.timeout):
+                await self._changed.wait()
+                continue
+            # Idle for `timeout`: PING, so that a half-open connection is noticed. An
+            # unanswered PING is an outage, unless the reader is waiting on the hub.
+            if self._ping_unanswered and not self._hub_behind:
+                raise ConnectionLost(f"no answer to PING within {self.timeout:g} s")
+            self._ping_unanswered = True
+            await connection.send(encode_command("PING"))
+
+    async def _read_subscriber(self, connection: RedisConnection) -> None:
+        """Read the subscriber connection: acks update the follow state, messages go to the
+        hub through the bounded buffer (waiting when it is full)."""
+        prefix = self._prefix.encode()
+        last: tuple[str, int] | None = None
+        while True:
+            reply = await connection.receive()
+            self._ping_unanswered = False
+            if reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
+                self.stats["pongs"] += 1  # a plain PONG when subscribed to nothing
+                continue
+            if not isinstance(reply, list) or len(reply) < 3:
+                raise ProtocolError(f"unexpected on the subscriber connection: {reply!r:.80}")
+            kind: Reply = reply[0]
+            if kind in _SUBSCRIBE_ACKS:
+                self._acknowledged(reply[1])
+                continue
+            if kind == b"message":
+                channel, payload = reply[1], reply[2]
+            elif kind == b"pmessage" and len(reply) == 4:
+                channel, payload = reply[2], reply[3]
+            else:
+                continue
+            if not (isinstance(channel, bytes) and isinstance(payload, bytes)):
+                continue
+            try:
+                fields = msgpack.unpackb(payload, raw=False)
+                origin, seq, packed = fields[:3]
+                position = Position(fields[3], fields[4]) if len(fields) == 5 else None
+                topic = channel.removeprefix(prefix).decode()
+            except Exception:  # not a broker's message: someone else publishes on our prefix
+                self.stats["malformed"] += 1
+                continue
+            if origin == self.node_id and position is None:
+                self.stats["own"] += 1  # delivered here already; numbered ones come this way
+                continue
+            if (origin, seq) == last:
+                self.stats["duplicates"] += 1
+                continue
+            last = (origin, seq)
+            self.stats["received"] += 1
+            try:
+                self._to_hub.send_nowait((topic, packed, position))
+            except trio.WouldBlock:
+                self._hub_behind = True  # not reading: Redis' answers wait in the socket
+                try:
+                    await self._to_hub.send((topic, packed, position))
+                finally:
+                    self._hub_behind = False
+
+    def _acknowledged(self, name: Reply) -> None:
+        pattern = self._names.get(name) if isinstance(name, bytes) else None
+        if pattern is None:
+            return
+        self._pending[pattern] -= 1
+        if self._pending[pattern] <= 0:
+            del self._pending[pattern]
+            if pattern not in self._sent and isinstance(name, bytes):
+                self._names.pop(name, None)
+        self._wake_waiters()
+
+    async def _deliver_loop(self, deliver: Deliver) -> None:
+        """Hand buffered messages to the hub: all those already buffered without a checkpoint
+        between them (unless the hub waits), so subscribers' writers send them as one batch,
+        as for a batch of local publishes."""
+        async for item in self._from_redis:
+            while True:
+                try:
+                    await deliver(*item)
+                except Exception:
+                    log.exception("cluster: delivering a message on %r failed", item[0])
+                try:
+                    item = self._from_redis.receive_nowait()
+                except trio.WouldBlock:
+                    break
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group

@@ -1,0 +1,271 @@
+"""History shared by every node of a cluster: Redis Streams hold it, each node mirrors it.
+
+In Redis, per topic: ``{prefix}:e:{topic}`` its epoch, ``{prefix}:o:{topic}`` its latest
+offset, ``{prefix}:h:{topic}`` a stream of its last ``history_size`` messages (entry id
+``0-<offset>``, fields ``d`` data and ``t`` time in ms). :data:`PUBLISH_SCRIPT` numbers a
+message, appends it and ``PUBLISH``\\ es it in one atomic step, so every node receives a
+topic's messages in offset order. A new epoch is made when Redis has none for the topic (the
+first use, or Redis lost its data), so offsets and epochs are the same on every node.
+
+The hub's :class:`~broker.history.HistoryStore` calls are synchronous (docs/history.md), so
+:class:`RedisHistory` answers them from a **mirror**: per topic, an unbroken run of the
+latest messages, fed by the messages this node receives (every node follows every topic that
+keeps history). A topic is *warm* when its mirror is known whole up to the latest message
+received; otherwise (never seen, evicted from the mirror, or after an outage: see
+:meth:`clear`) :meth:`load` reads epoch, offset and the kept tail from Redis first. Messages
+already received but still in the backplane's buffer may be older than what a load read; they
+are not kept twice, and the hub skips them for a subscription whose ``ok`` already covers them
+(see :class:`~broker.hub.Subscription`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from broker.backplane import BackplaneUnavailable
+from broker.history import (
+    MESSAGE_OVERHEAD,
+    TOPIC_OVERHEAD,
+    HistoryLimits,
+    Position,
+    Replay,
+    Stored,
+    new_epoch,
+)
+from broker.redis_backplane import RedisBackplane
+from broker.resp import encode_command
+
+log = logging.getLogger("broker.cluster")
+
+#: KEYS epoch, offset, stream; ARGV new epoch, data, size, ttl ms (0: none), channel,
+#: envelope head (a msgpack array of 5 without its last two items: epoch and offset).
+PUBLISH_SCRIPT = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+local offset = redis.call('INCR', KEYS[2])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], '0-' .. offset, 'd', ARGV[2], 't', ms)
+if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. cmsgpack.pack(epoch) .. cmsgpack.pack(offset))
+return {epoch, offset}
+"""
+
+#: KEYS epoch, offset, stream; ARGV new epoch, the first offset wanted.
+#: Returns {epoch, latest offset, now in ms, entries}.
+LOAD_SCRIPT = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return {epoch, latest, ms, redis.call('XRANGE', KEYS[3], '0-' .. ARGV[2], '+')}
+"""
+
+
+@dataclass(eq=False, slots=True)
+class _Mirror:
+    epoch: str
+    latest: int  # the latest offset known
+    kept: deque[Stored] = field(default_factory=deque)  # contiguous, ending at latest
+    cost: int = 0
+    warm: bool = False  # kept holds every kept message up to latest
+
+
+class RedisHistory:
+    """The cluster's :class:`~broker.history.HistoryStore` (see the module doc)."""
+
+    def __init__(
+        self,
+        backplane: RedisBackplane,
+        limits_for: Callable[[str], HistoryLimits | None],
+        prefix: str = "broker",
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.backplane = backplane
+        self.limits_for = limits_for
+        self.max_bytes = max_bytes
+        self._prefix = prefix
+        self._topics: OrderedDict[str, _Mirror] = OrderedDict()
+        self._bytes = 0
+
+    def keys(self, topic: str) -> tuple[str, str, str]:
+        """The Redis keys of ``topic``: epoch, latest offset, stream."""
+        return (
+            f"{self._prefix}:e:{topic}",
+            f"{self._prefix}:o:{topic}",
+            f"{self._prefix}:h:{topic}",
+        )
+
+    # --- publishing (async: Redis numbers the message) ---
+
+    async def publish(
+        self, topic: str, packed: bytes, limits: HistoryLimits, *, wait: bool
+    ) -> Position | None:
+        """Number, keep and publish a message in one step in Redis; its position (``None``
+        without ``wait``). Raises BackplaneUnavailable."""
+        ttl = 0 if limits.ttl is None else max(1, int(limits.ttl * 1000))
+        head = self.backplane.envelope_head(packed)
+        command = encode_command(
+            "EVAL", PUBLISH_SCRIPT, 3, *self.keys(topic), new_epoch(), packed, limits.size, ttl,
+            self.backplane.channel(topic), head,
+        )  # fmt: skip
+        reply = await self.backplane.call(command, wait=wait)
+        if not wait:
+            return None
+        if not (isinstance(reply, list) and len(reply) == 2):
+            raise BackplaneUnavailable(f"unexpected answer from Redis: {reply!r:.80}")
+        epoch, offset = reply
+        assert isinstance(epoch, bytes) and isinstance(offset, int)
+        return Position(epoch.decode(), offset)
+
+    # --- the mirror ---
+
+    def is_warm(self, topic: str) -> bool:
+        """True if :meth:`position` and :meth:`since` can answer for ``topic`` without a load."""
+        mirror = self._topics.get(topic)
+        return mirror is not None and mirror.warm
+
+    def record(self, topic: str, position: Position, data: bytes, now: float) -> None:
+        """Keep a message this node received (in offset order per topic)."""
+        limits = self.limits_for(topic)
+        if limits is None:
+            return
+        mirror = self._topics.get(topic)
+        if mirror is None or mirror.epoch != position.epoch:
+            # never seen, or a new epoch: the run starts here, warm only for a new epoch
+            # whose first message this is
+            self._forget(topic)
+            mirror = self._new(topic, position.epoch, position.offset - 1)
+            mirror.warm = position.offset == 1
+        if position.offset <= mirror.latest:
+            return  # already loaded from Redis
+        if position.offset != mirror.latest + 1:
+            self._drop_all(mirror)  # a hole: the run restarts here, not whole any more
+            mirror.warm = False
+        mirror.latest = position.offset
+        self._keep(mirror, Stored(position.offset, data, now), limits)
+        self._topics.move_to_end(topic)
+        self._enforce_cap(topic)
+
+    async def load(self, topic: str, now: float) -> None:
+        """Make ``topic`` warm: read its epoch, latest offset and kept messages from Redis.
+        Raises BackplaneUnavailable."""
+        limits = self.limits_for(topic)
+        if limits is None or self.is_warm(topic):
+            return
+        command = encode_command("EVAL", LOAD_SCRIPT, 3, *self.keys(topic), new_epoch(), 0)
+        reply = await self.backplane.call(command)
+        # no checkpoint from here to the caller's subscribe (Hub.subscribe's proof)
+        if not (isinstance(reply, list) and len(reply) == 4):
+            raise BackplaneUnavailable(f"unexpected answer from Redis: {reply!r:.80}")
+        raw_epoch, latest, redis_ms, entries = reply
+        assert isinstance(raw_epoch, bytes) and isinstance(latest, int)
+        assert isinstance(redis_ms, int) and isinstance(entries, list)
+        epoch = raw_epoch.decode()
+        loaded: list[Stored] = []
+        for entry in entries:
+            assert isinstance(entry, list) and isinstance(entry[0], bytes)
+            fields = entry[1]
+            assert isinstance(fields, list)
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            data, ms = values[b"d"], int(values[b"t"])  # type: ignore[arg-type]
+            assert isinstance(data, bytes)
+            offset = int(entry[0].split(b"-")[1])
+            loaded.append(Stored(offset, data, now - (redis_ms - ms) / 1000))
+        old = self._topics.get(topic)
+        newer = [m for m in old.kept if m.offset > latest] if old and old.epoch == epoch else []
+        self._forget(topic)
+        mirror = self._new(topic, epoch, latest)
+        for message in loaded:
+            self._keep(mirror, message, limits)
+        for message in newer:  # received while the load was in flight
+            if message.offset == mirror.latest + 1:
+                mirror.latest = message.offset
+                self._keep(mirror, message, limits)
+        mirror.warm = True
+        self._enforce_cap(topic)
+
+    def position(self, topic: str, now: float) -> Position:
+        """The topic's epoch and latest offset (the topic must be warm: see :meth:`load`)."""
+        mirror = self._warm(topic, now)
+        return Position(mirror.epoch, mirror.latest)
+
+    def since(self, topic: str, position: Position, now: float) -> Replay:
+        """The kept messages after ``position``, if its epoch is current (warm topic)."""
+        mirror = self._warm(topic, now)
+        latest = Position(mirror.epoch, mirror.latest)
+        if position.epoch != mirror.epoch or not 0 <= position.offset <= mirror.latest:
+            return Replay(latest, [], False)
+        messages = [m for m in mirror.kept if m.offset > position.offset]
+        first = messages[0].offset if messages else mirror.latest + 1
+        return Replay(latest, messages, position.offset + 1 >= first)
+
+    def append(self, topic: str, data: bytes, now: float) -> int:
+        """Not used in a cluster: Redis numbers messages (see :meth:`publish`)."""
+        raise NotImplementedError("in a cluster, history is appended by RedisHistory.publish")
+
+    def clear(self) -> None:
+        """Messages may have been missed (an outage): every topic must be loaded again."""
+        self._topics.clear()
+        self._bytes = 0
+
+    # --- internals ---
+
+    def _warm(self, topic: str, now: float) -> _Mirror:
+        mirror = self._topics.get(topic)
+        if mirror is None or not mirror.warm:
+            raise BackplaneUnavailable(f"the history of {topic!r} is not loaded from Redis")
+        limits = self.limits_for(topic)
+        if limits is not None and limits.ttl is not None:
+            while mirror.kept and mirror.kept[0].time <= now - limits.ttl:
+                self._drop_oldest(mirror)
+        return mirror
+
+    def _new(self, topic: str, epoch: str, latest: int) -> _Mirror:
+        mirror = self._topics[topic] = _Mirror(epoch, latest, cost=TOPIC_OVERHEAD + len(topic))
+        self._bytes += mirror.cost
+        return mirror
+
+    def _forget(self, topic: str) -> None:
+        mirror = self._topics.pop(topic, None)
+        if mirror is not None:
+            self._bytes -= mirror.cost
+
+    def _keep(self, mirror: _Mirror, message: Stored, limits: HistoryLimits) -> None:
+        mirror.kept.append(message)
+        cost = MESSAGE_OVERHEAD + len(message.data)
+        mirror.cost += cost
+        self._bytes += cost
+        while len(mirror.kept) > limits.size:
+            self._drop_oldest(mirror)
+
+    def _drop_oldest(self, mirror: _Mirror) -> None:
+        cost = MESSAGE_OVERHEAD + len(mirror.kept.popleft().data)
+        mirror.cost -= cost
+        self._bytes -= cost
+
+    def _drop_all(self, mirror: _Mirror) -> None:
+        while mirror.kept:
+            self._drop_oldest(mirror)
+
+    def _enforce_cap(self, current: str) -> None:
+        """Over ``max_bytes``, forget the least recently published topics (they are loaded
+        from Redis again when next needed), never the current one."""
+        while self._bytes > self.max_bytes and len(self._topics) > 1:
+            oldest = next(iter(self._topics))
+            if oldest == current:
+                self._topics.move_to_end(current)
+                continue
+            self._forget(oldest)

@@ -1,0 +1,543 @@
+"""Several broker nodes as one, through a real Redis (each test starts its own redis-server).
+
+Most tests run the nodes in this process (real WebSockets, real Redis); the last ones run three
+``broker serve`` processes, to SIGKILL one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from broker.backplane import redis_glob
+from broker.config import ClusterConfig, Config
+from broker.history import HistoryLimits
+from broker.hub import TopicRule
+from broker.outbound import Policy
+from broker.redis_backplane import RedisBackplane
+from broker.resp import RedisAddress, RedisConnection, encode_command
+from broker.server import Broker
+from tests.helpers import make_config, start_broker, wait_until
+from tests.redis_server import RedisServer, running_redis
+from tests.wire import Frame, WireClient, connect
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    async with running_redis() as server:
+        yield server
+
+
+HISTORY = TopicRule("chat.>", Policy.BLOCK, HistoryLimits(1000))
+
+
+def cluster_config(
+    redis: RedisServer, node_id: str, *, history: bool = True, **limits: Any
+) -> Config:
+    config = make_config(**limits)
+    return config.replace(
+        cluster=ClusterConfig(backend=redis.url, node_id=node_id),
+        topics=(HISTORY,) if history else (),
+    )
+
+
+def backplane(broker: Broker) -> RedisBackplane:
+    plane = broker.hub.backplane
+    assert isinstance(plane, RedisBackplane)
+    return plane
+
+
+@asynccontextmanager
+async def nodes(
+    redis: RedisServer, count: int, *, history: bool = True, **limits: Any
+) -> AsyncIterator[list[Broker]]:
+    """``count`` brokers in this process sharing ``redis``, each connected to it (keeping
+    history on ``chat.>`` unless told not to)."""
+    async with trio.open_nursery() as nursery:
+        brokers = [
+            await start_broker(nursery, cluster_config(redis, f"n{i}", history=history, **limits))
+            for i in range(count)
+        ]
+        await wait_until(lambda: all(backplane(b).connected for b in brokers))
+        yield brokers
+        for broker in brokers:
+            broker.shutdown()
+
+
+async def publish_all(client: WireClient, topic: str, values: list[object]) -> None:
+    """Publish each value with an id (so in order, each acknowledged)."""
+    for index, value in enumerate(values, start=100):
+        await client.publish(topic, value, id=index)
+
+
+async def test_a_message_published_on_one_node_reaches_subscribers_on_every_node(
+    redis: RedisServer,
+) -> None:
+    async with (
+        nodes(redis, 3) as (a, b, c),
+        connect(a.url) as sa,
+        connect(b.url) as sb,
+        connect(c.url) as pc,
+    ):
+        await sa.subscribe("chat.room")
+        await sb.subscribe("chat.room")
+        await pc.publish("chat.room", {"text": "hi"})
+        for client in (sa, sb):
+            await client.expect("msg", topic="chat.room", sub="chat.room", data={"text": "hi"})
+
+
+async def test_wildcards_match_across_nodes_like_on_one(redis: RedisServer) -> None:
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url, "json") as subscriber,
+        connect(b.url) as publisher,
+    ):
+        await subscriber.subscribe("chat.*", id=1)
+        await subscriber.subscribe("news.>", id=2)
+        # Redis' glob '*' also matches 'chat.a.b'; the broker must not deliver it to chat.*
+        for topic in ("chat.a.b", "chat.a", "news", "news.x.y", "other.a"):
+            await publisher.publish(topic, topic)
+        await subscriber.expect("msg", topic="chat.a", sub="chat.*")
+        await subscriber.expect("msg", topic="news.x.y", sub="news.>")
+        await subscriber.publish("end", 0, id=3)  # a local round trip: nothing else came
+        assert subscriber._pending == []
+
+
+async def test_overlapping_subscriptions_on_a_node_get_each_message_once_per_subscription(
+    redis: RedisServer,
+) -> None:
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url) as one,
+        connect(a.url) as two,
+        connect(b.url) as publisher,
+    ):
+        await one.subscribe("x.y", id=1)
+        await one.subscribe("x.*", id=2)
+        await two.subscribe("x.>", id=1)
+        await publisher.publish("x.y", 1)
+        await publisher.publish("x.y", 2)
+        got = [await one.next() for _ in range(4)]
+        assert sorted((f["sub"], f["data"]) for f in got) == [
+            ("x.*", 1),
+            ("x.*", 2),
+            ("x.y", 1),
+            ("x.y", 2),
+        ]
+        await two.expect("msg", data=1)
+        await two.expect("msg", data=2)
+        await one.publish("end", 0, id=3)
+        assert one._pending == []
+        assert backplane(a).stats["duplicates"] == 4  # Redis sent each one 3 times
+
+
+async def test_the_origin_node_delivers_its_own_messages_once(redis: RedisServer) -> None:
+    async with nodes(redis, 2) as (a, _), connect(a.url) as client:
+        await client.subscribe("t")
+        await client.publish("t", "mine", id=2)
+        await client.expect("msg", data="mine")
+        await client.publish("u", 0, id=3)
+        assert client._pending == []
+
+
+async def test_one_publishers_messages_arrive_in_order_on_other_nodes(redis: RedisServer) -> None:
+    async with (
+        nodes(redis, 3) as (a, b, c),
+        connect(a.url) as sb,
+        connect(b.url) as sc,
+        connect(c.url) as publisher,
+    ):
+        await sb.subscribe("seq.>")
+        await sc.subscribe("seq.n")
+        values = list(range(300))
+        await publisher.send(*({"op": "pub", "topic": "seq.n", "data": v} for v in values))
+        await publisher.publish("seq.n", "done", id=9)
+        for client in (sb, sc):
+            got = [(await client.expect("msg"))["data"] for _ in range(301)]
+            assert got == [*values, "done"]
+
+
+async def test_subscriptions_follow_local_clients_in_redis(redis: RedisServer) -> None:
+    async with nodes(redis, 1) as (a,):
+        async with connect(a.url) as one, connect(a.url) as two:
+            await one.subscribe("p.*")
+            await two.subscribe("p.*")
+            await one.subscribe("exact")
+            # p.* once for the node, and chat.> which every node follows for history
+            assert await redis.command("PUBSUB", "NUMPAT") == 2
+            assert await redis.command("PUBSUB", "CHANNELS") == [b"broker:m:exact"]
+            await one.send({"op": "unsub", "id": 5, "topic": "p.*"})
+            await one.reply(5)
+            assert await redis.command("PUBSUB", "NUMPAT") == 2  # two still holds it
+        # both connections closed: the node holds only the history patterns in Redis
+        await wait_redis(redis, "NUMPAT", 1)
+        await wait_redis(redis, "CHANNELS", [])
+
+
+async def test_unsub_then_sub_again_at_once_is_answered_at_once(redis: RedisServer) -> None:
+    async with nodes(redis, 1) as (a,), connect(a.url) as client:
+        backplane(a).timeout = 60  # a missed wake-up would hang past the client's 5 s
+        await client.subscribe("again", id=1)
+        await client.send(
+            {"op": "unsub", "id": 2, "topic": "again"}, {"op": "sub", "id": 3, "topic": "again"}
+        )
+        assert (await client.reply(3))["op"] == "ok"
+
+
+async def wait_redis(redis: RedisServer, what: str, expected: object) -> None:
+    with trio.fail_after(5):
+        while await redis.command("PUBSUB", what) != expected:  # noqa: ASYNC110 - polls Redis
+            await trio.sleep(0.01)
+
+
+async def test_a_node_without_redis_serves_locally_and_answers_unavailable(
+    redis: RedisServer,
+) -> None:
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url) as local,
+        connect(a.url) as publisher,
+        connect(b.url) as remote,
+    ):
+        await local.subscribe("t")
+        await remote.subscribe("t")
+        await redis.stop()
+        await wait_until(lambda: not backplane(a).connected)
+        await publisher.send({"op": "pub", "id": 7, "topic": "t", "data": "during"})
+        reply = await publisher.reply(7)
+        assert reply["op"] == "err" and reply["code"] == "unavailable", reply
+        assert "this node's subscribers only" in reply["msg"]
+        await local.expect("msg", data="during")
+
+        await redis.start()
+        await wait_until(lambda: backplane(a).connected and backplane(b).connected)
+        await publisher.publish("t", "after", id=8)  # resubscribed: it crosses nodes again
+        await local.expect("msg", data="after")
+        await remote.expect("msg", data="after")
+        assert backplane(a).stats["outages"] == 1
+
+
+async def test_a_redis_that_stops_answering_is_noticed_by_an_idle_node(
+    redis: RedisServer,
+) -> None:
+    async with nodes(redis, 1) as (a,), connect(a.url) as client:
+        backplane(a).timeout = 0.2
+        await client.subscribe("idle")  # wakes the subscriber task with the short timeout
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)  # a half-open connection: no error, no answer
+        try:
+            await wait_until(lambda: not backplane(a).connected)
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        await wait_until(lambda: backplane(a).connected)
+
+
+async def test_an_idle_node_subscribed_to_nothing_stays_connected(redis: RedisServer) -> None:
+    """Redis answers PING with a plain PONG when the connection subscribes to nothing."""
+    async with nodes(redis, 1, history=False) as (a,), connect(a.url) as client:
+        backplane(a).timeout = 0.05
+        await client.subscribe("wake", id=1)  # wakes the subscriber task with the short timeout
+        await client.send({"op": "unsub", "id": 2, "topic": "wake"})
+        await client.reply(2)
+        await wait_until(lambda: backplane(a).stats["pongs"] >= 3)
+        assert backplane(a).stats["outages"] == 0
+
+
+async def test_redis_restarted_mid_stream_loses_no_acknowledged_message(
+    redis: RedisServer,
+) -> None:
+    """Every publish answered ok reaches the other node; those answered unavailable do not
+    claim to; the stream carries on after the restart."""
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url) as subscriber,
+        connect(b.url) as publisher,
+    ):
+        await subscriber.subscribe("s")
+        acknowledged: list[int] = []
+
+        async def publish(start: int, stop: int) -> None:
+            for n in range(start, stop):
+                await publisher.send({"op": "pub", "id": n, "topic": "s", "data": n})
+                if (await publisher.reply(n))["op"] == "ok":
+                    acknowledged.append(n)
+
+        await publish(1, 50)
+        await redis.stop()
+        await publish(50, 60)  # fails fast: the node knows Redis is gone
+        await redis.start()
+        await wait_until(lambda: backplane(a).connected and backplane(b).connected)
+        await publish(60, 110)
+        received: list[int] = []
+        while len(received) < len(acknowledged):
+            received.append((await subscriber.expect("msg"))["data"])
+        assert received == acknowledged
+        assert acknowledged[:49] == list(range(1, 50))
+        assert acknowledged[-50:] == list(range(60, 110))
+
+
+async def test_a_full_hub_buffer_pushes_back_on_redis_instead_of_growing(
+    redis: RedisServer,
+) -> None:
+    async with (
+        nodes(redis, 2, queue_messages=4, slow_timeout=30) as (a, b),
+        connect(a.url) as stuck,
+        connect(b.url) as publisher,
+    ):
+        await stuck.subscribe("flood")  # under block, and never reads
+        payload = "x" * 1000
+        for batch in range(20):
+            await publisher.send(
+                *({"op": "pub", "topic": "flood", "data": payload} for _ in range(200))
+            )
+            await publisher.publish("flood", batch, id=batch + 1)
+        # node a took at most its buffer; the rest waits in the kernel and in Redis
+        assert backplane(a).statistics()["buffered"] <= 1024
+        assert backplane(a).stats["received"] < 4020
+
+
+async def sub_since(client: WireClient, topic: str, epoch: str, offset: int, id: int) -> Frame:
+    since = {"epoch": epoch, "offset": offset}
+    await client.send({"op": "sub", "id": id, "topic": topic, "since": since})
+    return await client.reply(id)
+
+
+async def test_recovery_on_another_node_during_continuous_publishing_is_exact(
+    redis: RedisServer,
+) -> None:
+    """Clients keep leaving and recovering on the other node (whose mirror is forgotten each
+    time, so it loads from Redis while messages stream in): no gap, no duplicate."""
+    async with nodes(redis, 2) as (a, b), connect(b.url) as publisher:
+        stop = trio.Event()
+
+        async def publish() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                await publisher.send({"op": "pub", "topic": "chat.live", "data": n})
+                if n % 20 == 0:
+                    await publisher.publish("chat.live", -n, id=n)  # keep pace with acks
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            async with connect(a.url) as first:
+                await first.send({"op": "sub", "id": 1, "topic": "chat.live"})
+                ok = await first.reply(1)
+                epoch, seen = ok["epoch"], ok["offset"]
+                for _ in range(3):
+                    seen = (await first.expect("msg"))["offset"]
+            for round in range(6):
+                a.hub.history.clear()  # cold: the next sub loads from Redis mid-stream
+                async with connect(a.url if round % 2 else b.url) as client:
+                    reply = await sub_since(client, "chat.live", epoch, seen, 1)
+                    assert reply["recovered"] is True, reply
+                    for _ in range(15):
+                        frame = await client.expect("msg")
+                        assert frame["offset"] == seen + 1, (frame, seen)
+                        seen = frame["offset"]
+            stop.set()
+
+
+async def test_a_node_that_lost_redis_for_a_while_recovers_clients_exactly(
+    redis: RedisServer,
+) -> None:
+    async with nodes(redis, 2) as (a, b), connect(b.url) as publisher:
+        async with connect(a.url) as client:
+            await client.send({"op": "sub", "id": 1, "topic": "chat.r"})
+            ok = await client.reply(1)
+        clients = await redis.command("CLIENT", "LIST")
+        assert isinstance(clients, bytes)
+        for line in clients.decode().splitlines():
+            if "name=broker-n0 " in line:
+                await redis.command("CLIENT", "KILL", "ID", line.split()[0].split("=")[1])
+        await wait_until(lambda: not backplane(a).connected)
+        for n in range(5):
+            await publisher.publish("chat.r", n, id=n + 1)  # node b is fine: kept in Redis
+        await wait_until(lambda: backplane(a).connected)
+        async with connect(a.url) as client:
+            reply = await sub_since(client, "chat.r", ok["epoch"], ok["offset"], 1)
+            assert reply["recovered"] is True, reply
+            assert [(await client.expect("msg"))["data"] for _ in range(5)] == list(range(5))
+
+
+async def test_redis_losing_its_data_starts_a_new_epoch(redis: RedisServer) -> None:
+    async with nodes(redis, 2) as (a, b), connect(b.url) as publisher:
+        await publisher.publish("chat.e", "old", id=1)
+        async with connect(a.url) as client:
+            await client.send({"op": "sub", "id": 1, "topic": "chat.e"})
+            old = await client.reply(1)
+            assert old["offset"] == 1
+        await redis.stop()
+        await redis.start()  # no persistence: the history is gone
+        await wait_until(lambda: backplane(a).connected and backplane(b).connected)
+        await publisher.publish("chat.e", "new", id=2)
+        async with connect(a.url) as client:
+            reply = await sub_since(client, "chat.e", old["epoch"], 1, 1)
+            assert reply["recovered"] is False and reply["epoch"] != old["epoch"]
+            assert reply["offset"] == 1
+
+
+async def test_a_history_topic_refuses_publishes_while_redis_is_down(redis: RedisServer) -> None:
+    async with nodes(redis, 1) as (a,), connect(a.url) as client:
+        await client.subscribe("chat.d")
+        await redis.stop()
+        await wait_until(lambda: not backplane(a).connected)
+        await client.send({"op": "pub", "id": 2, "topic": "chat.d", "data": 1})
+        reply = await client.reply(2)
+        assert reply["op"] == "err" and reply["code"] == "unavailable"
+        assert "not delivered" in reply["msg"]
+        await client.send({"op": "sub", "id": 3, "topic": "chat.other"})
+        reply = await client.reply(3)  # its history cannot be read either
+        assert reply["op"] == "err" and reply["code"] == "unavailable"
+        await client.subscribe("plain", id=4)  # the connection goes on
+        assert client._pending == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "matches"),
+    [
+        ("chat.*", "chat.a", True),
+        ("chat.*", "chat.a.b", True),  # Redis' * matches dots: the hub filters again
+        ("chat.>", "chat.a.b", True),
+        ("chat.>", "chat", False),
+        ("*.x", "a.x", True),
+        ("*.x", "a.y", False),
+        ("a?[b].>", "a?[b].c", True),
+        ("a?[b].>", "ax[b].c", False),
+        ("a?[b].>", "a?b.c", False),
+        ("back\\slash.*", "back\\slash.z", True),
+    ],
+)
+async def test_redis_globs_cover_what_a_pattern_matches_in_real_redis(
+    redis: RedisServer, pattern: str, topic: str, matches: bool
+) -> None:
+    address = RedisAddress("127.0.0.1", redis.port)
+    subscriber = await RedisConnection.open(address, 5)
+    try:
+        with trio.fail_after(5):
+            await subscriber.send(encode_command("PSUBSCRIBE", redis_glob("p:", pattern)))
+            await subscriber.receive()
+            receivers = await redis.command("PUBLISH", "p:" + topic, "x")
+        assert receivers == int(matches)
+    finally:
+        await subscriber.aclose()
+
+
+def test_cluster_config_is_checked_naming_the_key() -> None:
+    from broker.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"cluster.backend: 'http://x' is not a redis:// URL"):
+        config_from_dict({"cluster": {"backend": "http://x"}})
+    with pytest.raises(ConfigError, match=r"cluster.node_id"):
+        config_from_dict({"cluster": {"backend": "redis://h", "node_id": "a b"}})
+    config = config_from_dict({"cluster": {"backend": "redis://h:7000/2"}})
+    assert config.cluster.backend == "redis://h:7000/2"
+    assert dataclasses.replace(config.cluster, node_id="x").node_id == "x"
+
+
+# --- three broker processes ---
+
+HISTORY_RULE = '[[topics]]\npattern = "chat.>"\nhistory_size = 100\n'
+
+
+class NodeProcess:
+    """A ``broker serve`` process of the cluster; its log is drained (and kept) as it runs."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.url = ""
+        self._ready = trio.Event()
+
+    async def read_log(self, *, task_status: trio.TaskStatus[None]) -> None:
+        assert self.process.stderr is not None
+        buffer, listening, connected = b"", False, False
+        with trio.fail_after(20):
+            while not (listening and connected):
+                chunk = await self.process.stderr.receive_some(4096)
+                assert chunk, f"the broker exited: {buffer.decode()}{''.join(self.log)}"
+                buffer += chunk
+                *lines, rest = buffer.split(b"\n")
+                buffer = rest
+                for line in (raw.decode() for raw in lines):
+                    self.log.append(line)
+                    if "listening on ws://" in line:
+                        self.url = line.split("listening on ", 1)[1].split(" ", 1)[0]
+                        listening = True
+                    connected = connected or "connected to Redis" in line
+        task_status.started()
+        while await self.process.stderr.receive_some(4096):
+            pass
+
+
+async def start_node(
+    nursery: trio.Nursery, redis: RedisServer, tmp_path: Path, name: str
+) -> NodeProcess:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'[cluster]\nbackend = "{redis.url}"\nnode_id = "{name}"\n{HISTORY_RULE}')
+    command = [sys.executable, "-m", "broker", "serve", "--config", str(path), "--port", "0"]
+    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
+    node = NodeProcess(process)
+    await nursery.start(node.read_log)
+    return node
+
+
+@asynccontextmanager
+async def node_processes(
+    redis: RedisServer, tmp_path: Path, count: int
+) -> AsyncIterator[list[NodeProcess]]:
+    async with trio.open_nursery() as nursery:
+        started: list[NodeProcess] = []
+        try:
+            for index in range(count):
+                started.append(await start_node(nursery, redis, tmp_path, f"node{index}"))
+            yield started
+        finally:
+            for node in started:
+                if node.process.returncode is None:
+                    node.process.kill()
+            with trio.CancelScope(shield=True), trio.fail_after(10):
+                for node in started:
+                    await node.process.wait()
+
+
+async def test_three_node_processes_deliver_recover_and_survive_a_sigkill(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    async with node_processes(redis, tmp_path, 3) as (one, two, three):  # noqa: SIM117
+        async with connect(one.url) as doomed, connect(three.url) as publisher:
+            await doomed.send({"op": "sub", "id": 1, "topic": "chat.room"})
+            position = await doomed.reply(1)
+            await doomed.subscribe("chat.*", id=2)
+            await publisher.publish("chat.room", "a", id=1)
+            first = await doomed.expect("msg", topic="chat.room", data="a")
+            await doomed.expect("msg", topic="chat.room", data="a", sub="chat.*")
+            assert first["offset"] == position["offset"] + 1
+
+            one.process.kill()  # SIGKILL: no drain, no goodbye
+            with trio.fail_after(10):
+                await one.process.wait()
+            await publisher.publish("chat.room", "b", id=2)
+
+            # The client reconnects to another node and recovers exactly what it missed:
+            # offsets and epochs are the same on every node (history lives in Redis).
+            async with connect(two.url) as moved:
+                since = {"epoch": position["epoch"], "offset": first["offset"]}
+                await moved.send({"op": "sub", "id": 1, "topic": "chat.room", "since": since})
+                reply = await moved.reply(1)
+                assert reply["op"] == "ok" and reply["recovered"] is True, reply
+                assert reply["epoch"] == position["epoch"]
+                replayed = await moved.expect("msg", topic="chat.room", data="b")
+                assert replayed["offset"] == first["offset"] + 1
+                await publisher.publish("chat.room", "c", id=3)
+                live = await moved.expect("msg", topic="chat.room", data="c")
+                assert live["offset"] == first["offset"] + 2

@@ -1,0 +1,80 @@
+"""The Redis client's pure parts: RESP2 parsing and encoding, URLs, glob escaping."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.backplane import glob_escape
+from broker.resp import (
+    NEED_DATA,
+    ProtocolError,
+    RedisAddress,
+    RedisError,
+    ReplyParser,
+    encode_command,
+)
+
+
+def parse_all(data: bytes) -> list[object]:
+    parser = ReplyParser()
+    parser.feed(data)
+    replies = []
+    while (reply := parser.next_reply()) is not NEED_DATA:
+        replies.append(reply)
+    return replies
+
+
+def test_every_reply_type_is_parsed() -> None:
+    data = (
+        b"+OK\r\n-ERR wrong\r\n:42\r\n$5\r\nhe\r\no\r\n$-1\r\n*-1\r\n*2\r\n$1\r\na\r\n*1\r\n:1\r\n"
+    )
+    ok, error, number, bulk, null_bulk, null_array, array = parse_all(data)
+    assert (ok, number, bulk, null_bulk, null_array) == (b"OK", 42, b"he\r\no", None, None)
+    assert isinstance(error, RedisError) and str(error) == "ERR wrong"
+    assert array == [b"a", [1]]
+
+
+@given(st.binary(max_size=64), st.lists(st.integers(1, 8), min_size=1))
+def test_a_reply_split_anywhere_parses_once_whole(payload: bytes, cuts: list[int]) -> None:
+    message = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$%d\r\n%s\r\n" % (len(payload), payload)
+    parser = ReplyParser()
+    replies = []
+    position = 0
+    for cut in cuts * 40:
+        parser.feed(message[position : position + cut])
+        position += cut
+        while (reply := parser.next_reply()) is not NEED_DATA:
+            replies.append(reply)
+    parser.feed(message[position:])
+    while (reply := parser.next_reply()) is not NEED_DATA:
+        replies.append(reply)
+    assert replies == [[b"message", b"c", payload]]
+    assert parser.buffered() == 0
+
+
+def test_bytes_that_are_not_resp_are_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        parse_all(b"?what\r\n")
+    with pytest.raises(ProtocolError):
+        parse_all(b"$3\r\nabcX\r\n")
+
+
+def test_commands_are_arrays_of_bulk_strings() -> None:
+    assert encode_command("SET", b"k", 7) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n7\r\n"
+    assert parse_all(encode_command("é", b"")) == [[("é").encode(), b""]]
+
+
+def test_redis_urls() -> None:
+    assert RedisAddress.from_url("redis://h") == RedisAddress("h", 6379, 0)
+    address = RedisAddress.from_url("redis://user:p%40ss@10.0.0.1:7000/3")
+    assert address == RedisAddress("10.0.0.1", 7000, 3, "user", "p@ss")
+    for bad in ("http://h", "redis://", "redis://h/x", "redis://h:99999"):
+        with pytest.raises(ValueError):
+            RedisAddress.from_url(bad)
+
+
+def test_glob_escape_leaves_plain_text_alone() -> None:
+    assert glob_escape("chat.room-1") == "chat.room-1"
+    assert glob_escape("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\"
