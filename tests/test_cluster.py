@@ -523,6 +523,15 @@ async def test_three_node_processes_deliver_recover_and_survive_a_sigkill(
             await doomed.expect("msg", topic="chat.room", data="a", sub="chat.*")
             assert first["offset"] == position["offset"] + 1
 
+            # Order across processes: one publisher on node three, a wildcard on node two.
+            async with connect(two.url) as watcher:
+                await watcher.subscribe("orders.>")
+                pubs = [{"op": "pub", "topic": "orders.eu", "data": n} for n in range(100)]
+                await publisher.send(*pubs[:50])  # not acknowledged: order is all that holds
+                await publisher.send(*pubs[50:])
+                got = [(await watcher.expect("msg", sub="orders.>"))["data"] for _ in range(100)]
+                assert got == list(range(100))
+
             one.process.kill()  # SIGKILL: no drain, no goodbye
             with trio.fail_after(10):
                 await one.process.wait()
