@@ -116,6 +116,20 @@ class HistoryConfig:
     max_bytes: int = 64 * 1024 * 1024  # all topics together; least recently published evicted
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the internal HTTP listener (``/metrics``, ``/healthz``, ``/readyz``,
+    ``/connz``); off while ``port`` is ``None`` (no ``port`` key), 0 picks a free port."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True if the listener is configured."""
+        return self.port is not None
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 AUTH_MODES = ("none", "tokens", "jwt")
@@ -133,6 +147,7 @@ class Config:
     topics: tuple[TopicRule, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: Path | None = None
 
     def replace(self, **sections: Any) -> Config:
@@ -169,7 +184,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         "history": HistoryConfig,
         "tls": TlsConfig,
     }
-    _reject_unknown(raw, [*sections, "topics", "auth"], "")
+    _reject_unknown(raw, [*sections, "topics", "auth", "metrics"], "")
     built: dict[str, Any] = {}
     for name, cls in sections.items():
         table = raw.get(name, {})
@@ -187,6 +202,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         raise ConfigError("tls: set both cert and key (PEM files), or neither")
     topics = _build_topics(raw.get("topics", []))
     auth = _build_auth(raw.get("auth", {}))
+    metrics = _build_metrics(raw.get("metrics", {}))
     return Config(
         server=server,
         limits=limits,
@@ -195,6 +211,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         topics=topics,
         auth=auth,
         tls=tls,
+        metrics=metrics,
         path=path,
     )
 
@@ -233,6 +250,19 @@ def _check_value(key: str, value: Any, kind: type) -> Any:
     if key != "server.port" and not value > 0:  # NaN too
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     return kind(value)
+
+
+def _build_metrics(raw: Any) -> MetricsConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("metrics: expected a table ([metrics])")
+    _reject_unknown(raw, ["host", "port"], "metrics.")
+    host = _check_value("metrics.host", raw.get("host", "127.0.0.1"), str)
+    port = raw.get("port")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+    ):
+        raise ConfigError(f"metrics.port: {port!r} is not a TCP port (0..65535)")
+    return MetricsConfig(host, port)
 
 
 def _build_auth(raw: Any) -> AuthConfig:

@@ -179,8 +179,9 @@ class Hub:
         Returns once the message is queued (or dropped, per policy) for all of them.
         """
         rule = self.policies.rule_for(topic)
+        now = trio.current_time()  # when this message was published, for latency metrics
         if rule.history is None:
-            return await self._fan_out(topic, data, rule.on_full, None, None)
+            return await self._fan_out(topic, data, rule.on_full, None, None, now)
         # Offsets must reach every subscriber in order, so the publishes of a history topic go
         # one at a time: otherwise, under block, a newer message could be queued while an
         # older one waits for room. (The append and the offers still happen without a
@@ -192,13 +193,19 @@ class Hub:
             async with lock:
                 packed = pack_data(data)
                 offset = self.history.append(topic, packed, trio.current_time())
-                return await self._fan_out(topic, data, rule.on_full, offset, packed)
+                return await self._fan_out(topic, data, rule.on_full, offset, packed, now)
         finally:
             if not lock.locked() and self._in_order.get(topic) is lock:
                 del self._in_order[topic]
 
     async def _fan_out(
-        self, topic: str, data: Any, policy: Policy, offset: int | None, packed: bytes | None
+        self,
+        topic: str,
+        data: Any,
+        policy: Policy,
+        offset: int | None,
+        packed: bytes | None,
+        now: float,
     ) -> int:
         bodies: dict[Encoding, bytes] = {}
         waiting: list[tuple[Subscription, bytes]] = []
@@ -211,21 +218,23 @@ class Hub:
             if body is None:
                 body = bodies[encoding] = encode_message_body(topic, data, encoding, offset, packed)
             outcome = subscriber.queue.offer(
-                subscription.pattern, topic, body, subscription.tail, policy
+                subscription.pattern, topic, body, subscription.tail, policy, now
             )
             if outcome is Offer.FULL:
                 waiting.append((subscription, body))
             elif outcome is Offer.DISCONNECT:
                 subscriber.close_slow_consumer(f"outbound queue full on {topic!r} (disconnect)")
         for subscription, body in waiting:
-            await self._offer_blocking(subscription, topic, body)
+            await self._offer_blocking(subscription, topic, body, now)
         return matched
 
-    async def _offer_blocking(self, subscription: Subscription, topic: str, body: bytes) -> None:
+    async def _offer_blocking(
+        self, subscription: Subscription, topic: str, body: bytes, now: float
+    ) -> None:
         queue = subscription.subscriber.queue
         while True:
             outcome = queue.offer(
-                subscription.pattern, topic, body, subscription.tail, Policy.BLOCK
+                subscription.pattern, topic, body, subscription.tail, Policy.BLOCK, now
             )
             if outcome is not Offer.FULL:
                 return
