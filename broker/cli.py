@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_until_signalled, broker)
     except* OSError as group:
         error = _first_leaf(group)
-        where = f"{config.server.host}:{config.server.port}"
+        where = error.filename or f"{config.server.host}:{config.server.port}"
         print(f"broker: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         status = 1
     return status

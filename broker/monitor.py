@@ -125,5 +125,14 @@ async def serve_monitor(
     config.graceful_timeout = 1.0
     app = cast("Framework", MonitorApp(broker))  # typed with plain dicts, not hypercorn's
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(serve, app, config)
+        try:
+            binds: list[str] = await nursery.start(serve, app, config)
+        except* OSError as group:  # say which address: the broker's own listener is fine
+            error = _first_leaf(group)
+            raise OSError(error.errno, error.strerror, f"{host}:{port} ([metrics])") from None
         task_status.started(binds[0])
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -192,6 +192,19 @@ async def test_healthz_and_readyz_answer_while_the_broker_serves(nursery: trio.N
         await get(broker, "/healthz")
 
 
+async def test_a_busy_metrics_port_fails_the_start_naming_the_metrics_address() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        broker = Broker(make_config().replace(metrics=MetricsConfig(port=port)))
+        where = f"127.0.0.1:{port} ([metrics])"
+        with pytest.RaisesGroup(pytest.RaisesExc(OSError, check=lambda e: e.filename == where),
+                                flatten_subgroups=True):  # fmt: skip
+            async with trio.open_nursery() as nursery:
+                await nursery.start(broker.serve)
+
+
 def test_a_broker_is_not_ready_before_it_listens() -> None:
     assert Broker(make_config()).ready() == (False, "not listening yet")
 
