@@ -121,7 +121,8 @@ async def serve_monitor(
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
-    config.errorlog = log
+    config.errorlog = log.getChild("hypercorn")
+    config.errorlog.setLevel(logging.WARNING)  # its "Running on" line repeats the broker's
     config.graceful_timeout = 1.0
     app = cast("Framework", MonitorApp(broker))  # typed with plain dicts, not hypercorn's
     async with trio.open_nursery() as nursery:
