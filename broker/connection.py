@@ -49,7 +49,7 @@ from broker.frames import (
 from broker.hub import Hub, Subscription
 from broker.outbound import OutboundQueue
 from broker.ratelimit import PublishLimiter
-from broker.stats import BrokerStats, ConnectionSnapshot, describe
+from broker.stats import BrokerStats, ConnectionSnapshot, describe, metrics_clock
 
 log = logging.getLogger("broker.connection")
 
@@ -110,7 +110,7 @@ class Connection:
         self._queue = OutboundQueue(
             limits.queue_messages, limits.queue_bytes, drops=self.stats.drops
         )
-        self.started = trio.current_time()
+        self.started = metrics_clock()
         self.messages_out = 0
         self.subscriptions: dict[str, Subscription] = {}
         self.close_code: int | None = None
@@ -129,7 +129,8 @@ class Connection:
         return self._encoding
 
     def snapshot(self, now: float) -> ConnectionSnapshot:
-        """This connection's peer, subject, subscriptions and queue, as of ``now``."""
+        """This connection's peer, subject, subscriptions and queue, as of ``now``
+        (:func:`~broker.stats.metrics_clock`)."""
         queue = self._queue.statistics()
         oldest = self._queue.oldest_time()
         return ConnectionSnapshot(
@@ -165,7 +166,7 @@ class Connection:
         """Close with 4002, discarding what is queued (called by the hub)."""
         if self.close_code is None:
             self.stats.slow_consumer_disconnects += 1
-            facts = describe(self.snapshot(trio.current_time()))
+            facts = describe(self.snapshot(metrics_clock()))
             log.warning("slow consumer %s: %s; closing with 4002", facts, why)
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer", flush=False)
 
@@ -223,7 +224,7 @@ class Connection:
             stats.messages_out += batch.messages
             stats.bytes_out += len(message)
             if batch.oldest is not None:
-                stats.fanout_latency.observe(trio.current_time() - batch.oldest)
+                stats.fanout_latency.observe(metrics_clock() - batch.oldest)
 
     async def _read_loop(self) -> None:
         try:
@@ -350,7 +351,7 @@ class Connection:
         # ahead of every live message of a later publish (see Hub.subscribe).
         subscribed = self.hub.subscribe(subscription, command.since)
         self._queue.put_reply(encode_ok(command.id, self._encoding, **subscribed.fields))
-        now = trio.current_time()
+        now = metrics_clock()
         for body in subscribed.replay:
             self._queue.put_replay(
                 subscription.pattern, command.topic, body, subscription.tail, now

@@ -33,6 +33,7 @@ from broker.frames import (
 )
 from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position
 from broker.outbound import Offer, OutboundQueue, Policy
+from broker.stats import metrics_clock
 from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
 
@@ -179,7 +180,7 @@ class Hub:
         Returns once the message is queued (or dropped, per policy) for all of them.
         """
         rule = self.policies.rule_for(topic)
-        now = trio.current_time()  # when this message was published, for latency metrics
+        now = metrics_clock()  # when this message was published, for latency metrics
         if rule.history is None:
             return await self._fan_out(topic, data, rule.on_full, None, None, now)
         # Offsets must reach every subscriber in order, so the publishes of a history topic go

@@ -28,7 +28,7 @@ from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.metrics import broker_registry
-from broker.stats import SortKey, top_connections
+from broker.stats import SortKey, metrics_clock, top_connections
 
 if TYPE_CHECKING:
     from hypercorn.typing import Framework
@@ -93,7 +93,7 @@ class MonitorApp:
         except ValueError:
             sorts = "|".join(SortKey)
             return 400, TEXT, f"bad query: sort={sorts}, limit=N (N >= 0)\n".encode()
-        now = trio.current_time()
+        now = metrics_clock()
         snapshots = [connection.snapshot(now) for connection in self.broker.connections]
         body = {
             "connections": len(snapshots),

@@ -23,9 +23,10 @@ its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued pa
 and never dropped. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
 
 For observability each message carries the time it was published (``now``, read once per
-publish by the hub), so the age of the oldest queued message and each batch's oldest message
-are known without a clock call per subscriber; drops are also counted by policy into a
-mapping the broker shares between queues (:attr:`OutboundQueue.drops`).
+publish by the hub from :func:`~broker.stats.metrics_clock`), so the age of the oldest queued
+message and of each batch's oldest are known without a clock call per subscriber; drops are
+also counted by policy into a mapping the broker shares between queues
+(:attr:`OutboundQueue.drops`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class _Entry:
     tail: bytes  # the per-subscription part of a msg frame; b"" for replies
     sub: str | None  # subscription pattern; None for replies
     topic: str
-    time: float = 0.0  # when the message was published (trio clock); 0.0 for replies
+    time: float = 0.0  # when the message was published (metrics_clock); 0.0 for replies
     live: bool = True
 
     @property
@@ -166,7 +167,7 @@ class OutboundQueue:
         self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy, now: float = 0.0
     ) -> Offer:
         """Try to queue ``frame + tail``, a message of ``topic`` for subscription ``sub``,
-        published at ``now`` (the trio clock)."""
+        published at ``now`` (:func:`~broker.stats.metrics_clock`)."""
         if self._closed:
             return Offer.CLOSED
         entry = _Entry(frame, tail, sub, topic, now)
