@@ -10,13 +10,16 @@ counters and histograms). Run it from a checkout with and without the metrics to
     git archive BASE broker | tar -x -C /tmp/before
     PYTHONPATH=/tmp/before .venv/bin/python bench/micro_metrics.py  # the tree before
 
-It also times one ``prometheus_client`` ``Counter.inc()`` against a plain ``+= 1``, which is
-why the broker counts in plain integers and lets a collector read them at scrape time.
+It also times the queue alone (``offer`` then ``take_batch``, no tasks: the steadiest figure
+on a shared machine), and one ``prometheus_client`` ``Counter.inc()`` against a plain
+``+= 1``, which is why the broker counts in plain integers and lets a collector read them at
+scrape time.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 import timeit
 from typing import Any
@@ -28,6 +31,7 @@ import broker
 from broker.connection import Connection, ConnectionLimits
 from broker.frames import Encoding
 from broker.hub import Hub, PolicyTable, Subscription
+from broker.outbound import OutboundQueue, Policy
 
 
 class StubWebSocket:
@@ -82,6 +86,22 @@ async def run_once(messages: int, subscribers: int) -> float:
     return elapsed
 
 
+def queue_ns_per_message() -> float:
+    """Best ns per message of 1000 ``offer`` calls and one ``take_batch``."""
+    queue = OutboundQueue(1 << 20, 1 << 40)
+    frame, tail, block = b"x" * 100, b"tail", Policy.BLOCK
+    stamped = "now" in inspect.signature(queue.offer).parameters  # the tree with metrics
+    args: tuple[Any, ...] = ("s", "t", frame, tail, block, *((1.0,) if stamped else ()))
+
+    def run() -> None:
+        offer = queue.offer
+        for _ in range(1000):
+            offer(*args)
+        queue.take_batch(1 << 30)
+
+    return min(timeit.repeat(run, number=20, repeat=30)) / 20_000 * 1e9
+
+
 def main() -> None:
     """Print the best of ``--repeat`` runs, in deliveries per second."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -94,6 +114,9 @@ def main() -> None:
     print(f"broker from {broker.__file__}")
     print(f"{args.messages} messages x {args.subscribers} subscribers: best {best:.3f} s CPU, "
           f"{best / deliveries * 1e9:.0f} ns per delivery")  # fmt: skip
+    print(
+        f"queue alone: {trio.run(_async, queue_ns_per_message):.0f} ns per message (offer + take)"
+    )
     try:
         from prometheus_client import CollectorRegistry, Counter
     except ImportError:
@@ -109,6 +132,10 @@ def main() -> None:
     add = min(timeit.repeat(bump, number=loops, repeat=3)) / loops * 1e9
     print(f"prometheus_client Counter.inc(): {inc:.0f} ns; a plain += 1 (in a function): "
           f"{add:.0f} ns")  # fmt: skip
+
+
+async def _async(function: Any) -> Any:
+    return function()  # the queue needs a running trio loop (trio.Event)
 
 
 if __name__ == "__main__":
