@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs
 
@@ -99,7 +100,7 @@ class MonitorApp:
             "connections": len(snapshots),
             "sort": key.value,
             "limit": limit,
-            "top": [snapshot.as_json() for snapshot in top_connections(snapshots, key, limit)],
+            "top": [asdict(snapshot) for snapshot in top_connections(snapshots, key, limit)],
         }
         return 200, "application/json", json.dumps(body).encode()
 

@@ -21,7 +21,6 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 # The metrics clock: real seconds (not a test's virtual trio clock), and a call costs about a
 # quarter of trio.current_time(), which matters once per publish.
@@ -101,20 +100,6 @@ class ConnectionSnapshot:
     oldest_age: float | None  # seconds the oldest queued message has waited; None if none
     messages_out: int
     connected_for: float
-
-    def as_json(self) -> dict[str, Any]:
-        """A JSON-ready dict with the same field names."""
-        return {
-            "peer": self.peer,
-            "subject": self.subject,
-            "subscriptions": list(self.subscriptions),
-            "queue_messages": self.queue_messages,
-            "queue_bytes": self.queue_bytes,
-            "dropped": self.dropped,
-            "oldest_age": self.oldest_age,
-            "messages_out": self.messages_out,
-            "connected_for": self.connected_for,
-        }
 
 
 def _rank(snapshot: ConnectionSnapshot, key: SortKey) -> tuple[float, ...]:
