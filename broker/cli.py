@@ -13,6 +13,7 @@ import trio
 
 from broker import __version__
 from broker.cli_client import add_client_commands, run_client_command
+from broker.cli_stats import add_stats_command, run_stats
 from broker.config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, load_config
 from broker.logs import setup_logging
 from broker.server import Broker
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     serve.add_argument("--log-format", choices=LOG_FORMATS, help="default: text")
     add_client_commands(commands)
+    add_stats_command(commands)
     return parser
 
 
@@ -91,6 +93,8 @@ async def _stop_listening_for_signals(nursery: trio.Nursery, broker: Broker) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``broker`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "stats":
+        return run_stats(args)
     if args.command != "serve":
         return run_client_command(args)
     try:
@@ -105,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_until_signalled, broker)
     except* OSError as group:
         error = _first_leaf(group)
-        where = f"{config.server.host}:{config.server.port}"
+        where = error.filename or f"{config.server.host}:{config.server.port}"
         print(f"broker: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         status = 1
     return status

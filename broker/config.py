@@ -130,6 +130,20 @@ class ClusterConfig:
     prefix: str = "broker"
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the internal HTTP listener (``/metrics``, ``/healthz``, ``/readyz``,
+    ``/connz``); off while ``port`` is ``None`` (no ``port`` key), 0 picks a free port."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True if the listener is configured."""
+        return self.port is not None
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 AUTH_MODES = ("none", "tokens", "jwt")
@@ -148,6 +162,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: Path | None = None
 
     def replace(self, **sections: Any) -> Config:
@@ -185,7 +200,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         "tls": TlsConfig,
         "cluster": ClusterConfig,
     }
-    _reject_unknown(raw, [*sections, "topics", "auth"], "")
+    _reject_unknown(raw, [*sections, "topics", "auth", "metrics"], "")
     built: dict[str, Any] = {}
     for name, cls in sections.items():
         table = raw.get(name, {})
@@ -204,6 +219,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
     _check_cluster(built["cluster"])
     topics = _build_topics(raw.get("topics", []))
     auth = _build_auth(raw.get("auth", {}))
+    metrics = _build_metrics(raw.get("metrics", {}))
     return Config(
         server=server,
         limits=limits,
@@ -213,6 +229,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         auth=auth,
         tls=tls,
         cluster=built["cluster"],
+        metrics=metrics,
         path=path,
     )
 
@@ -263,6 +280,19 @@ def _check_value(key: str, value: Any, kind: type) -> Any:
     if key != "server.port" and not value > 0:  # NaN too
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     return kind(value)
+
+
+def _build_metrics(raw: Any) -> MetricsConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("metrics: expected a table ([metrics])")
+    _reject_unknown(raw, ["host", "port"], "metrics.")
+    host = _check_value("metrics.host", raw.get("host", "127.0.0.1"), str)
+    port = raw.get("port")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+    ):
+        raise ConfigError(f"metrics.port: {port!r} is not a TCP port (0..65535)")
+    return MetricsConfig(host, port)
 
 
 def _build_auth(raw: Any) -> AuthConfig:

@@ -15,6 +15,10 @@ Every ``sub`` and ``pub`` is checked against the client's :class:`~broker.auth.I
 (``err forbidden``) and every ``pub`` against its publish rate (``err rate_limited``); the
 connection stays open after either.
 
+Each connection counts what it receives and writes into the broker's shared
+:class:`~broker.stats.BrokerStats` (per frame or per batch, not per subscriber), and
+:meth:`Connection.snapshot` describes it for ``/connz`` and the slow-consumer log line.
+
 Closing is a request (:meth:`Connection.close`): the writer flushes or discards what is
 queued, sends the close frame, and the nursery ends. Whatever ends it, the subscriptions are
 removed from the hub on the way out.
@@ -48,6 +52,7 @@ from broker.frames import (
 from broker.hub import Hub, Subscription
 from broker.outbound import OutboundQueue
 from broker.ratelimit import PublishLimiter
+from broker.stats import BrokerStats, ConnectionSnapshot, describe, metrics_clock
 
 log = logging.getLogger("broker.connection")
 
@@ -89,6 +94,7 @@ class Connection:
         limits: ConnectionLimits,
         peer: str,
         identity: Identity = ANONYMOUS,
+        stats: BrokerStats | None = None,
     ) -> None:
         self.websocket = websocket
         self._encoding = encoding
@@ -103,7 +109,12 @@ class Connection:
             limits.publish_bytes_burst,
             trio.current_time(),
         )
-        self._queue = OutboundQueue(limits.queue_messages, limits.queue_bytes)
+        self.stats = stats if stats is not None else BrokerStats()
+        self._queue = OutboundQueue(
+            limits.queue_messages, limits.queue_bytes, drops=self.stats.drops
+        )
+        self.started = metrics_clock()
+        self.messages_out = 0
         self.subscriptions: dict[str, Subscription] = {}
         self.close_code: int | None = None
         self.close_reason = ""
@@ -123,6 +134,23 @@ class Connection:
     def encoding(self) -> Encoding:
         """The encoding negotiated at the handshake."""
         return self._encoding
+
+    def snapshot(self, now: float) -> ConnectionSnapshot:
+        """This connection's peer, subject, subscriptions and queue, as of ``now``
+        (:func:`~broker.stats.metrics_clock`)."""
+        queue = self._queue.statistics()
+        oldest = self._queue.oldest_time()
+        return ConnectionSnapshot(
+            peer=self.peer,
+            subject=self.identity.subject,
+            subscriptions=tuple(self.subscriptions),
+            queue_messages=queue["messages"],
+            queue_bytes=queue["bytes"],
+            dropped=queue["dropped_total"],
+            oldest_age=None if oldest is None else max(0.0, now - oldest),
+            messages_out=self.messages_out,
+            connected_for=now - self.started,
+        )
 
     # --- closing ---
 
@@ -144,7 +172,9 @@ class Connection:
     def close_slow_consumer(self, why: str) -> None:
         """Close with 4002, discarding what is queued (called by the hub)."""
         if self.close_code is None:
-            log.warning("slow consumer peer=%s: %s; closing with 4002", self.peer, why)
+            self.stats.slow_consumer_disconnects += 1
+            facts = describe(self.snapshot(metrics_clock()))
+            log.warning("slow consumer %s: %s; closing with 4002", facts, why)
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer", flush=False)
 
     # --- the connection's life ---
@@ -175,30 +205,39 @@ class Connection:
     async def _write_loop(self) -> None:
         queue = self._queue
         encoding = self._encoding
+        stats = self.stats
         while True:
             await queue.wait_batch()
+            stats.queue_depth.observe(len(queue))
             batch = queue.take_batch(self.limits.max_message_size)
             if not batch.frames and not batch.lags:
                 return  # closed, and flushed or discarded
             frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
             frames += batch.frames
+            message = join_batch(frames, encoding)
             with trio.CancelScope() as scope:
                 self._send_scope = scope
                 if self.close_code is not None:
                     scope.deadline = trio.current_time() + self.limits.close_timeout
                 try:
-                    await self.websocket.send_message(join_batch(frames, encoding))
+                    await self.websocket.send_message(message)
                 except ConnectionClosed:
                     return
                 finally:
                     self._send_scope = None
             if scope.cancelled_caught:
                 return  # the peer stopped reading while we were closing
+            self.messages_out += batch.messages
+            stats.messages_out += batch.messages
+            stats.bytes_out += len(message)
+            if batch.oldest is not None:
+                stats.fanout_latency.observe(metrics_clock() - batch.oldest)
 
     async def _read_loop(self) -> None:
         try:
             while True:
                 message = await self.websocket.get_message()
+                self.stats.bytes_in += len(message)
                 for item in decode_batch(message, self._encoding):
                     if self._queue.closed:
                         return  # closing: the rest of the batch is not executed
@@ -211,6 +250,8 @@ class Connection:
                             await self._execute(item)
                         except Exception:
                             log.exception("peer=%s: internal error on %r", self.peer, item)
+                            if isinstance(item, Pub):
+                                self.stats.publishes[ErrorCode.INTERNAL] += 1
                             self._reply_error(
                                 FrameError(ErrorCode.INTERNAL, "internal error", item.id)
                             )
@@ -235,7 +276,9 @@ class Connection:
 
     async def _execute(self, command: Command) -> None:
         if isinstance(command, Pub):
+            self.stats.frames_in += 1
             if command.size > self.limits.max_payload:
+                self.stats.publishes[ErrorCode.TOO_LARGE] += 1
                 self._reply_error(
                     FrameError(
                         ErrorCode.TOO_LARGE,
@@ -247,6 +290,7 @@ class Connection:
                 return
             refusal = self._refuse_publish(command)
             if refusal is not None:
+                self.stats.publishes[refusal.code] += 1
                 self._reply_error(refusal)
                 return
             try:
@@ -255,8 +299,10 @@ class Connection:
                         command.topic, command.data, acknowledged=command.id is not None
                     )
             except BackplaneUnavailable as exc:
+                self.stats.publishes[ErrorCode.UNAVAILABLE] += 1
                 self._reply_error(FrameError(ErrorCode.UNAVAILABLE, str(exc), command.id))
                 return
+            self.stats.publishes["ok"] += 1
             if command.id is not None:
                 self._queue.put_reply(encode_ok(command.id, self._encoding))
         elif isinstance(command, Sub):
@@ -339,8 +385,11 @@ class Connection:
         # ahead of every live message of a later publish (see Hub.subscribe).
         subscribed = self.hub.subscribe(subscription, command.since)
         self._queue.put_reply(encode_ok(command.id, self._encoding, **subscribed.fields))
+        now = metrics_clock()
         for body in subscribed.replay:
-            self._queue.put_replay(subscription.pattern, command.topic, body, subscription.tail)
+            self._queue.put_replay(
+                subscription.pattern, command.topic, body, subscription.tail, now
+            )
 
     def _reply_error(self, error: FrameError) -> None:
         log.debug("peer=%s err %s: %s", self.peer, error.code, error.msg)

@@ -35,6 +35,7 @@ from broker.frames import (
 )
 from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position, SharedHistory
 from broker.outbound import Offer, OutboundQueue, Policy
+from broker.stats import metrics_clock
 from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
 # Per-delivery comparisons read module globals: an Enum member read through its class is ten
@@ -264,11 +265,12 @@ class Hub:
         if not isinstance(history, SharedHistory):
             return await self._publish_here(topic, unpack_data(packed), packed)
         rule = self.policies.rule_for(topic)
+        now = metrics_clock()  # when it reached this node, for latency metrics
         if position is None or rule.history is None:
-            return await self._fan_out(topic, UNPACK, rule.on_full, None, packed)
+            return await self._fan_out(topic, UNPACK, rule.on_full, None, packed, now)
         history.record(topic, position, packed, trio.current_time())
         matched = await self._fan_out(
-            topic, UNPACK, rule.on_full, position.offset, packed, position.epoch
+            topic, UNPACK, rule.on_full, position.offset, packed, now, position.epoch
         )
         if topic in self._expecting:
             self._delivered[topic] = position
@@ -299,8 +301,9 @@ class Hub:
 
     async def _publish_here(self, topic: str, data: Any, packed: bytes | None) -> int:
         rule = self.policies.rule_for(topic)
+        now = metrics_clock()  # when this message was published, for latency metrics
         if rule.history is None:
-            return await self._fan_out(topic, data, rule.on_full, None, packed)
+            return await self._fan_out(topic, data, rule.on_full, None, packed, now)
         # Offsets must reach every subscriber in order, so the publishes of a history topic go
         # one at a time: otherwise, under block, a newer message could be queued while an
         # older one waits for room. (The append and the offers still happen without a
@@ -312,7 +315,7 @@ class Hub:
             async with lock:
                 packed = packed if packed is not None else pack_data(data)
                 offset = self.history.append(topic, packed, trio.current_time())
-                return await self._fan_out(topic, data, rule.on_full, offset, packed)
+                return await self._fan_out(topic, data, rule.on_full, offset, packed, now)
         finally:
             if not lock.locked() and self._in_order.get(topic) is lock:
                 del self._in_order[topic]
@@ -324,6 +327,7 @@ class Hub:
         policy: Policy,
         offset: int | None,
         packed: bytes | None,
+        now: float,
         epoch: str | None = None,
     ) -> int:
         bodies: dict[Encoding, bytes] = {}
@@ -345,21 +349,23 @@ class Hub:
                     data = unpack_data(packed)  # JSON needs the value; msgpack reuses packed
                 body = bodies[encoding] = encode_message_body(topic, data, encoding, offset, packed)
             outcome = subscriber.queue.offer(
-                subscription.pattern, topic, body, subscription.tail, policy
+                subscription.pattern, topic, body, subscription.tail, policy, now
             )
             if outcome is _FULL:
                 waiting.append((subscription, body))
             elif outcome is _DISCONNECT:
                 subscriber.close_slow_consumer(f"outbound queue full on {topic!r} (disconnect)")
         for subscription, body in waiting:
-            await self._offer_blocking(subscription, topic, body)
+            await self._offer_blocking(subscription, topic, body, now)
         return matched
 
-    async def _offer_blocking(self, subscription: Subscription, topic: str, body: bytes) -> None:
+    async def _offer_blocking(
+        self, subscription: Subscription, topic: str, body: bytes, now: float
+    ) -> None:
         queue = subscription.subscriber.queue
         while True:
             outcome = queue.offer(
-                subscription.pattern, topic, body, subscription.tail, Policy.BLOCK
+                subscription.pattern, topic, body, subscription.tail, Policy.BLOCK, now
             )
             if outcome is not Offer.FULL:
                 return

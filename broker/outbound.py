@@ -21,12 +21,18 @@ and reported by the writer as one ``lag`` frame ahead of the next batch. Replies
 ``err``) are never dropped; their own bound stops the reader of a client that does not read
 its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued past the bounds
 and never dropped. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
+
+For observability each message carries the time it was published (``now``, read once per
+publish by the hub from :func:`~broker.stats.metrics_clock`), so the age of the oldest queued
+message and of each batch's oldest are known without a clock call per subscriber; drops are
+also counted by policy into a mapping the broker shares between queues
+(:attr:`OutboundQueue.drops`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import trio
@@ -66,6 +72,7 @@ class _Entry:
     tail: bytes  # the per-subscription part of a msg frame; b"" for replies
     sub: str | None  # subscription pattern; None for replies
     topic: str
+    time: float = 0.0  # when the message was published (metrics_clock); 0.0 for replies
     live: bool = True
 
     @property
@@ -75,16 +82,28 @@ class _Entry:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """What the writer sends next: lag counts per subscription, then frames in queue order."""
+    """What the writer sends next: lag counts per subscription, then frames in queue order.
+
+    ``messages`` counts the ``msg`` frames among ``frames``; ``oldest`` is when the oldest of
+    them was published (``None`` if there are none).
+    """
 
     lags: dict[str, int]
     frames: list[bytes]
+    messages: int = 0
+    oldest: float | None = None
 
 
 class OutboundQueue:
     """A bounded queue of encoded frames with per-topic full policies (see the module doc)."""
 
-    def __init__(self, max_messages: int, max_bytes: int, max_replies: int | None = None) -> None:
+    def __init__(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        max_replies: int | None = None,
+        drops: Counter[str] | None = None,
+    ) -> None:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_replies = max_replies if max_replies is not None else max_messages
@@ -101,6 +120,7 @@ class OutboundQueue:
         self._room = trio.Event()
         self.full_since: float | None = None
         self.dropped_total = 0
+        self.drops: Counter[str] = drops if drops is not None else Counter()  # by policy
 
     # --- state ---
 
@@ -121,6 +141,13 @@ class OutboundQueue:
             "dropped_total": self.dropped_total,
         }
 
+    def oldest_time(self) -> float | None:
+        """When the oldest queued message was published, or ``None`` if none is queued."""
+        for entry in self._entries:
+            if entry.live and entry.sub is not None:
+                return entry.time
+        return None
+
     def _fits(self, size: int) -> bool:
         if self._messages == 0:
             return True  # an oversized message still passes through an empty queue
@@ -137,18 +164,21 @@ class OutboundQueue:
         self._bytes += len(frame)
         self._readable.set()
 
-    def put_replay(self, sub: str, topic: str, frame: bytes, tail: bytes) -> None:
+    def put_replay(self, sub: str, topic: str, frame: bytes, tail: bytes, now: float = 0.0) -> None:
         """Queue a recovered message whatever the bounds (a replay is bounded by the topic's
         history size instead); it is never dropped, and counts as queued for later offers."""
         if self._closed:
             return
-        self._append(_Entry(frame, tail, sub, topic), Policy.BLOCK)
+        self._append(_Entry(frame, tail, sub, topic, now), _BLOCK)
 
-    def offer(self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy) -> Offer:
-        """Try to queue ``frame + tail``, a message of ``topic`` for subscription ``sub``."""
+    def offer(
+        self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy, now: float = 0.0
+    ) -> Offer:
+        """Try to queue ``frame + tail``, a message of ``topic`` for subscription ``sub``,
+        published at ``now`` (:func:`~broker.stats.metrics_clock`)."""
         if self._closed:
             return Offer.CLOSED
-        entry = _Entry(frame, tail, sub, topic)
+        entry = _Entry(frame, tail, sub, topic, now)
         if self._fits(entry.size):
             self._append(entry, policy)
             return _QUEUED
@@ -161,16 +191,16 @@ class OutboundQueue:
             if queued is not None:
                 self._bytes += entry.size - queued.size
                 queued.frame, queued.tail = frame, tail
-                self._count_lag(sub)
+                self._count_lag(sub, policy)
                 return _QUEUED
         if policy is not _DROP_NEWEST:
             own = self._evictable.get(sub)
             while own and not self._fits(entry.size):
-                self._evict(own.popleft())
+                self._evict(own.popleft(), policy)
             if self._fits(entry.size):
                 self._append(entry, policy)
                 return _QUEUED
-        self._count_lag(sub)
+        self._count_lag(sub, policy)
         return _DROPPED
 
     def _append(self, entry: _Entry, policy: Policy) -> None:
@@ -184,7 +214,7 @@ class OutboundQueue:
                 self._latest[(entry.sub, entry.topic)] = entry
         self._readable.set()
 
-    def _evict(self, entry: _Entry) -> None:
+    def _evict(self, entry: _Entry, policy: Policy) -> None:
         assert entry.sub is not None
         entry.live = False
         self._dead += 1
@@ -192,14 +222,15 @@ class OutboundQueue:
         self._bytes -= entry.size
         if self._latest.get((entry.sub, entry.topic)) is entry:
             del self._latest[(entry.sub, entry.topic)]
-        self._count_lag(entry.sub)
+        self._count_lag(entry.sub, policy)
         if self._dead > 64 and self._dead > len(self._entries) // 2:
             self._entries = deque(e for e in self._entries if e.live)
             self._dead = 0
 
-    def _count_lag(self, sub: str) -> None:
+    def _count_lag(self, sub: str, policy: Policy) -> None:
         self._lags[sub] = self._lags.get(sub, 0) + 1
         self.dropped_total += 1
+        self.drops[policy] += 1
         self._readable.set()  # a lag notice is worth a write even with nothing else queued
 
     # --- waiting ---
@@ -227,7 +258,8 @@ class OutboundQueue:
     def take_batch(self, max_bytes: int) -> Batch:
         """Take lag counts and the oldest frames, up to ``max_bytes`` (at least one frame)."""
         frames: list[bytes] = []
-        taken = 0
+        taken = messages = 0
+        oldest: float | None = None
         entries = self._entries
         while entries:
             entry = entries[0]
@@ -246,8 +278,11 @@ class OutboundQueue:
             if entry.sub is None:
                 self._replies -= 1
             else:
-                self._messages -= 1
+                if oldest is None:  # queue order is publish order (conflate keeps the slot)
+                    oldest = entry.time
+                messages += 1
                 self._forget(entry)
+        self._messages -= messages
         self._bytes -= taken
         lags, self._lags = self._lags, {}
         self._readable = trio.Event()
@@ -256,7 +291,7 @@ class OutboundQueue:
         self.full_since = None
         self._room.set()
         self._room = trio.Event()
-        return Batch(lags, frames)
+        return Batch(lags, frames, messages, oldest)
 
     def _forget(self, entry: _Entry) -> None:
         assert entry.sub is not None

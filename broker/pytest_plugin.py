@@ -36,7 +36,10 @@ def broker_config() -> Config:
 async def broker(broker_config: Config, nursery: trio.Nursery) -> AsyncIterator[Broker]:
     """A broker serving on 127.0.0.1 and a free port for the duration of one test."""
     server = dataclasses.replace(broker_config.server, host="127.0.0.1", port=0)
-    running: Broker = await nursery.start(Broker(broker_config.replace(server=server)).serve)
+    config = broker_config.replace(server=server)
+    if config.metrics.enabled:  # the metrics listener too, on a free port (broker.metrics_url)
+        config = config.replace(metrics=dataclasses.replace(config.metrics, port=0))
+    running: Broker = await nursery.start(Broker(config).serve)
     yield running
     running.shutdown()
     await running.wait_stopped()

@@ -5,6 +5,10 @@
 (the subprotocol picks it), and runs a :class:`~broker.connection.Connection` per client.
 :meth:`Broker.shutdown` stops accepting, lets every connection flush what is queued for up
 to ``drain_timeout``, closes each with 1001, and lets :meth:`serve` return.
+
+With ``[metrics] port`` set, :meth:`serve` also runs the internal HTTP listener
+(:mod:`broker.monitor`: ``/metrics``, ``/healthz``, ``/readyz``, ``/connz``) in the same
+nursery; :attr:`Broker.stats` holds the counters it reports.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
 from broker.frames import SUBPROTOCOLS, Encoding
 from broker.history import HistoryStore, MemoryHistory
 from broker.hub import Hub, PolicyTable, TopicRule
+from broker.monitor import serve_monitor
 from broker.redis_backplane import RedisBackplane
 from broker.redis_history import RedisHistory
 from broker.resp import RedisAddress
+from broker.stats import BrokerStats
 
 log = logging.getLogger("broker.server")
 
@@ -46,11 +52,13 @@ def choose_encoding(offered: tuple[str, ...]) -> Encoding | None:
 
 
 class Refused(Exception):
-    """A handshake refused with HTTP ``status``; ``str()`` is the reason sent in the body."""
+    """A handshake refused with HTTP ``status``; ``str()`` is the reason sent in the body,
+    ``label`` the reason's name in metrics (one of a few)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, label: str) -> None:
         super().__init__(reason)
         self.status = status
+        self.label = label
 
 
 def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -139,6 +147,8 @@ class Broker:
         self.connections: set[Connection] = set()
         self.admitted_per_ip: Counter[str] = Counter()  # accepted or being accepted
         self.port: int | None = None
+        self.stats = BrokerStats()
+        self.metrics_url: str | None = None  # the internal HTTP listener's, once it listens
         self._shutdown = trio.Event()
         self._connection_ended = trio.Event()
         self._stopped = trio.Event()
@@ -161,6 +171,21 @@ class Broker:
     def shutting_down(self) -> bool:
         """True once :meth:`shutdown` was called."""
         return self._shutdown.is_set()
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the broker accepts connections now, and why not: ``/readyz`` answers this.
+
+        False before it listens and once it shuts down. A subsystem that the broker needs to
+        be useful (the cluster backplane, when configured) extends this check.
+        """
+        if self.port is None:
+            return False, "not listening yet"
+        if self.shutting_down:
+            return False, "shutting down"
+        backplane = self.hub.backplane
+        if isinstance(backplane, RedisBackplane) and not backplane.connected:
+            return False, backplane.why_down
+        return True, "ready"
 
     async def wait_stopped(self) -> None:
         """Wait until :meth:`serve` has returned."""
@@ -193,6 +218,11 @@ class Broker:
             ws_server: WebSocketServer = await nursery.start(listen)
             endpoint = ws_server.listeners[0]
             assert not isinstance(endpoint, str)
+            metrics = self.config.metrics
+            if metrics.port is not None:
+                self.metrics_url = await nursery.start(
+                    serve_monitor, self, metrics.host, metrics.port
+                )
             self.port = endpoint.port
             self._log_startup()
             task_status.started(self)
@@ -228,6 +258,10 @@ class Broker:
             config.limits.slow_timeout,
         )
         log.info("auth mode: %s", config.auth.mode)
+        if self.metrics_url is not None:
+            log.info(
+                "metrics and health on %s (/metrics /healthz /readyz /connz)", self.metrics_url
+            )
         if config.auth.mode == "none" and not is_loopback(config.server.host):
             log.warning(
                 "AUTH IS OFF on %s, a non-loopback address: anyone who can reach it may publish "
@@ -242,6 +276,7 @@ class Broker:
         if encoding is None:
             offered = ", ".join(request.proposed_subprotocols)
             log.info("rejected peer=%s: unsupported subprotocol(s) %s", peer, offered)
+            self.stats.connections_rejected["subprotocol"] += 1
             await request.reject(
                 400,
                 body=f"unsupported subprotocol; offer one of {', '.join(SUBPROTOCOLS)}\n".encode(),
@@ -252,6 +287,7 @@ class Broker:
             identity = self.admit(request, ip)
         except Refused as refused:
             log.info("rejected peer=%s: %d %s", peer, refused.status, refused)
+            self.stats.connections_rejected[refused.label] += 1
             extra = [(b"WWW-Authenticate", b'Bearer realm="broker"')]
             await request.reject(
                 refused.status,
@@ -275,24 +311,30 @@ class Broker:
         """
         limits = self.config.limits
         if self._shutdown.is_set():
-            raise Refused(503, "shutting down")
+            raise Refused(503, "shutting down", "shutting_down")
         if self.admitted_per_ip.total() >= limits.max_connections:
-            raise Refused(503, f"too many connections (max_connections {limits.max_connections})")
+            raise Refused(
+                503,
+                f"too many connections (max_connections {limits.max_connections})",
+                "max_connections",
+            )
         if self.admitted_per_ip[ip] >= limits.max_connections_per_ip:
             raise Refused(
                 503,
                 f"too many connections from {ip} "
                 f"(max_connections_per_ip {limits.max_connections_per_ip})",
+                "max_connections_per_ip",
             )
         origin = header(request.headers, b"origin")
         if not origin_allowed(origin, self.config.server.allowed_origins):
-            raise Refused(403, f"origin {origin} is not allowed")
+            raise Refused(403, f"origin {origin} is not allowed", "origin")
         try:
             return self.authenticator.authenticate(
                 token_from_request(request.headers, request.path)
             )
         except AuthError as exc:
-            raise Refused(exc.status, str(exc)) from None
+            label = "unauthorized" if exc.status == 401 else "forbidden"
+            raise Refused(exc.status, str(exc), label) from None
 
     async def _serve_admitted(
         self, request: WebSocketRequest, encoding: Encoding, identity: Identity, peer: str
@@ -300,9 +342,10 @@ class Broker:
         subprotocol = encoding.value if request.proposed_subprotocols else None
         websocket = await request.accept(subprotocol=subprotocol)
         connection = Connection(
-            websocket, encoding, self.hub, self.connection_limits, peer, identity
+            websocket, encoding, self.hub, self.connection_limits, peer, identity, self.stats
         )
         self.connections.add(connection)
+        self.stats.connections_accepted += 1
         log.info("connect peer=%s subject=%s encoding=%s", peer, identity.subject, encoding.value)
         started = trio.current_time()
         try:

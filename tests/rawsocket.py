@@ -80,13 +80,18 @@ class RawClient:
 
 
 async def open_raw(
-    port: int, subprotocols: tuple[str, ...] = (), *, receive_buffer: int | None = None
+    port: int,
+    subprotocols: tuple[str, ...] = (),
+    *,
+    receive_buffer: int | None = None,
+    target: str = "/",
 ) -> RawClient | RejectConnection:
-    """Connect and complete the handshake; the rejection event if the broker refuses."""
+    """Connect and complete the handshake (asking for ``target``, e.g. ``/?token=...``);
+    the rejection event if the broker refuses."""
     stream = await open_tcp(port, receive_buffer=receive_buffer)
     ws = WSConnection(ConnectionType.CLIENT)
     await stream.send_all(
-        ws.send(Request(host="127.0.0.1", target="/", subprotocols=list(subprotocols)))
+        ws.send(Request(host="127.0.0.1", target=target, subprotocols=list(subprotocols)))
     )
     while True:
         data = await stream.receive_some(65536)
