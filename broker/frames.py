@@ -162,7 +162,14 @@ def _reject_constant(name: str) -> Any:
 
 
 # Strict JSON: NaN and Infinity are not numbers a JSON peer could read back.
-_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+def _msgpack_int(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"integer {text[:30]} is outside what msgpack carries (-2^63..2^64-1)")
+    return value
+
+
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_msgpack_int)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 

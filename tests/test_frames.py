@@ -155,6 +155,19 @@ def test_json_non_finite_literals_are_undecodable(literal: str) -> None:
     assert f"{literal} is not JSON" in error.msg
 
 
+@pytest.mark.parametrize("number", [str(2**64), str(-(2**63) - 1), "1" * 400])
+def test_json_integers_msgpack_cannot_carry_are_undecodable(number: str) -> None:
+    (error,) = decode_batch(f'{{"op":"pub","topic":"a","data":[{number}]}}', JSON)
+    assert isinstance(error, FrameError)
+    assert "outside what msgpack carries" in error.msg
+
+
+def test_json_integers_at_the_msgpack_limits_are_fine() -> None:
+    (pub,) = decode_batch(f'{{"op":"pub","topic":"a","data":[{2**64 - 1},{-(2**63)}]}}', JSON)
+    assert isinstance(pub, Pub)
+    assert pub.data == [2**64 - 1, -(2**63)]
+
+
 def test_json_lone_surrogate_is_bad_request_with_the_frames_id() -> None:
     (error,) = decode_batch('{"op":"pub","id":4,"topic":"a","data":["\\ud800"]}', JSON)
     assert error == FrameError(ErrorCode.BAD_REQUEST, "a lone surrogate is not text", 4)
