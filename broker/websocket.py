@@ -38,7 +38,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-RECEIVE_SIZE = 65536
+RECEIVE_SIZE = 262144
 _OPEN, _REMOTE_CLOSING = ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING
 _STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
