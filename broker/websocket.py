@@ -85,7 +85,7 @@ class Handshake:
 
     def __init__(self, stream: trio.abc.Stream, ws: WSConnection, request: Request) -> None:
         self.stream = stream
-        self._ws = ws
+        self._ws: WSConnection | None = ws
         self.path = request.target
         self.headers: Sequence[tuple[bytes, bytes]] = request.extra_headers
         self.subprotocols: tuple[str, ...] = tuple(request.subprotocols)
@@ -94,6 +94,7 @@ class Handshake:
         self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
     ) -> None:
         """Answer with HTTP ``status`` and a ``body``; the caller then closes the stream."""
+        assert self._ws is not None, "already accepted"
         all_headers = [*headers, (b"Content-Length", str(len(body)).encode())]
         data = self._ws.send(RejectConnection(status_code=status, headers=all_headers,
                                               has_body=True))  # fmt: skip
@@ -109,9 +110,13 @@ class Handshake:
         ping_timeout: float,
     ) -> WebSocket:
         """Complete the upgrade choosing ``subprotocol``; return the open WebSocket."""
+        assert self._ws is not None, "already accepted"
         data = self._ws.send(AcceptConnection(subprotocol=subprotocol))
         connection = self._ws.connection
         assert connection is not None
+        # The open connection needs none of the handshake: drop it (~2.5 KiB per connection).
+        self._ws = None
+        self.headers = ()
         websocket = WebSocket(
             self.stream, connection, subprotocol, max_message_size, ping_interval, ping_timeout
         )
