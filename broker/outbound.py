@@ -66,11 +66,9 @@ class _Entry:
     tail: bytes  # the per-subscription part of a msg frame; b"" for replies
     sub: str | None  # subscription pattern; None for replies
     topic: str
+    size: int  # len(frame) + len(tail)
     live: bool = True
-
-    @property
-    def size(self) -> int:
-        return len(self.frame) + len(self.tail)
+    evictable: bool = False  # in _evictable (drop_oldest, conflate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +130,7 @@ class OutboundQueue:
         """Queue a reply frame. Never dropped; see :meth:`wait_reply_room` for the bound."""
         if self._closed:
             return
-        self._entries.append(_Entry(frame, b"", None, ""))
+        self._entries.append(_Entry(frame, b"", None, "", len(frame)))
         self._replies += 1
         self._bytes += len(frame)
         self._readable.set()
@@ -142,15 +140,23 @@ class OutboundQueue:
         history size instead); it is never dropped, and counts as queued for later offers."""
         if self._closed:
             return
-        self._append(_Entry(frame, tail, sub, topic), Policy.BLOCK)
+        self._append(_Entry(frame, tail, sub, topic, len(frame) + len(tail)), Policy.BLOCK)
 
     def offer(self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy) -> Offer:
         """Try to queue ``frame + tail``, a message of ``topic`` for subscription ``sub``."""
         if self._closed:
             return Offer.CLOSED
-        entry = _Entry(frame, tail, sub, topic)
-        if self._fits(entry.size):
-            self._append(entry, policy)
+        size = len(frame) + len(tail)
+        entry = _Entry(frame, tail, sub, topic, size)
+        messages = self._messages
+        if not messages or (messages < self.max_messages and self._bytes + size <= self.max_bytes):
+            if policy is _BLOCK or policy is _DROP_NEWEST:  # the common case, inlined
+                self._entries.append(entry)
+                self._messages = messages + 1
+                self._bytes += size
+                self._readable.set()
+            else:
+                self._append(entry, policy)
             return _QUEUED
         if policy is _BLOCK:
             return _FULL
@@ -160,7 +166,7 @@ class OutboundQueue:
             queued = self._latest.get((sub, topic))
             if queued is not None:
                 self._bytes += entry.size - queued.size
-                queued.frame, queued.tail = frame, tail
+                queued.frame, queued.tail, queued.size = frame, tail, size
                 self._count_lag(sub)
                 return _QUEUED
         if policy is not _DROP_NEWEST:
@@ -179,6 +185,7 @@ class OutboundQueue:
         self._bytes += entry.size
         assert entry.sub is not None
         if policy is _DROP_OLDEST or policy is _CONFLATE:
+            entry.evictable = True
             self._evictable.setdefault(entry.sub, deque()).append(entry)
             if policy is _CONFLATE:
                 self._latest[(entry.sub, entry.topic)] = entry
@@ -227,7 +234,7 @@ class OutboundQueue:
     def take_batch(self, max_bytes: int) -> Batch:
         """Take lag counts and the oldest frames, up to ``max_bytes`` (at least one frame)."""
         frames: list[bytes] = []
-        taken = 0
+        taken = messages = replies = 0
         entries = self._entries
         while entries:
             entry = entries[0]
@@ -240,15 +247,17 @@ class OutboundQueue:
                 break
             entries.popleft()
             taken += size
-            frames.append(entry.frame)
-            if entry.tail:
-                frames[-1] += entry.tail
+            tail = entry.tail
+            frames.append(entry.frame + tail if tail else entry.frame)
             if entry.sub is None:
-                self._replies -= 1
+                replies += 1
             else:
-                self._messages -= 1
-                self._forget(entry)
+                messages += 1
+                if entry.evictable:
+                    self._forget(entry)
         self._bytes -= taken
+        self._messages -= messages
+        self._replies -= replies
         lags, self._lags = self._lags, {}
         self._readable = trio.Event()
         if self._messages or self._replies:
