@@ -163,6 +163,7 @@ class WebSocket:
         "_ping_outstanding",
         "_ping_timeout",
         "_sending",
+        "_socket",
         "_timer_at",
         "closed",
         "stream",
@@ -179,6 +180,7 @@ class WebSocket:
         ping_timeout: float,
     ) -> None:
         self.stream = stream
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.subprotocol = subprotocol
         self.closed: int | None = None
         self._conn = connection
@@ -212,12 +214,12 @@ class WebSocket:
             await self._idle.wait()
         self._sending = True
         try:
-            await self.stream.send_all(data)
+            await self._send_all(data)
             while self._pending:
                 data = b"".join(self._pending)
                 self._pending.clear()
-                await self.stream.send_all(data)
-        except _STREAM_GONE:
+                await self._send_all(data)
+        except (OSError, *_STREAM_GONE):
             self._gone()
             raise ConnectionClosed(1006) from None
         finally:
@@ -225,6 +227,17 @@ class WebSocket:
             if self._idle is not None:
                 self._idle.set()
                 self._idle = None
+
+    async def _send_all(self, data: bytes) -> None:
+        # On a plain TCP stream, the socket's own send: SocketStream.send_all adds a conflict
+        # detector, an error-translating context manager and a memoryview to every write.
+        sock = self._socket
+        if sock is None:
+            await self.stream.send_all(data)
+            return
+        sent = await sock.send(data)
+        if sent < len(data):
+            await self.stream.send_all(memoryview(data)[sent:])
 
     async def send_message(self, parts: Sequence[bytes], text: bool) -> None:
         """Send the concatenation of ``parts`` as one message (UTF-8 text if ``text``)."""
