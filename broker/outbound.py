@@ -95,8 +95,9 @@ class OutboundQueue:
         self._latest: dict[tuple[str, str], _Entry] = {}  # conflate: (sub, topic) -> entry
         self._lags: dict[str, int] = {}
         self._closed = False
-        self._readable = trio.Event()
-        self._room = trio.Event()
+        # Created by a waiter, set and dropped by the next wake-up: an idle queue holds none.
+        self._readable: trio.Event | None = None  # the writer waits for something to send
+        self._room: trio.Event | None = None  # publishers wait for the writer to take a batch
         self.full_since: float | None = None
         self.dropped_total = 0
 
@@ -133,7 +134,7 @@ class OutboundQueue:
         self._entries.append(_Entry(frame, b"", None, "", len(frame)))
         self._replies += 1
         self._bytes += len(frame)
-        self._readable.set()
+        self._wake_writer()
 
     def put_replay(self, sub: str, topic: str, frame: bytes, tail: bytes) -> None:
         """Queue a recovered message whatever the bounds (a replay is bounded by the topic's
@@ -154,7 +155,8 @@ class OutboundQueue:
                 self._entries.append(entry)
                 self._messages = messages + 1
                 self._bytes += size
-                self._readable.set()
+                if self._readable is not None:
+                    self._wake_writer()
             else:
                 self._append(entry, policy)
             return _QUEUED
@@ -189,7 +191,7 @@ class OutboundQueue:
             self._evictable.setdefault(entry.sub, deque()).append(entry)
             if policy is _CONFLATE:
                 self._latest[(entry.sub, entry.topic)] = entry
-        self._readable.set()
+        self._wake_writer()
 
     def _evict(self, entry: _Entry) -> None:
         assert entry.sub is not None
@@ -207,9 +209,26 @@ class OutboundQueue:
     def _count_lag(self, sub: str) -> None:
         self._lags[sub] = self._lags.get(sub, 0) + 1
         self.dropped_total += 1
-        self._readable.set()  # a lag notice is worth a write even with nothing else queued
+        self._wake_writer()  # a lag notice is worth a write even with nothing else queued
 
     # --- waiting ---
+
+    def _wake_writer(self) -> None:
+        readable = self._readable
+        if readable is not None:
+            self._readable = None
+            readable.set()
+
+    def _wake_publishers(self) -> None:
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+
+    async def _wait_room_event(self) -> None:
+        if self._room is None:
+            self._room = trio.Event()
+        await self._room.wait()
 
     async def wait_room(self) -> None:
         """Wait until the writer takes a batch (or the queue closes)."""
@@ -217,16 +236,18 @@ class OutboundQueue:
             return
         if self.full_since is None:
             self.full_since = trio.current_time()
-        await self._room.wait()
+        await self._wait_room_event()
 
     async def wait_reply_room(self) -> None:
         """Wait while more than ``max_replies`` replies are queued (the client is not reading)."""
         while self._replies >= self.max_replies and not self._closed:
-            await self._room.wait()
+            await self._wait_room_event()
 
     async def wait_batch(self) -> None:
         """Wait until there is something to write, or the queue is closed."""
         while not (self._messages or self._replies or self._lags or self._closed):
+            if self._readable is None:
+                self._readable = trio.Event()
             await self._readable.wait()
 
     # --- consumer ---
@@ -259,12 +280,8 @@ class OutboundQueue:
         self._messages -= messages
         self._replies -= replies
         lags, self._lags = self._lags, {}
-        self._readable = trio.Event()
-        if self._messages or self._replies:
-            self._readable.set()
         self.full_since = None
-        self._room.set()
-        self._room = trio.Event()
+        self._wake_publishers()
         return Batch(lags, frames)
 
     def _forget(self, entry: _Entry) -> None:
@@ -280,8 +297,8 @@ class OutboundQueue:
     def close(self) -> None:
         """Refuse new frames and wake every waiter; what is queued can still be taken."""
         self._closed = True
-        self._readable.set()
-        self._room.set()
+        self._wake_writer()
+        self._wake_publishers()
 
     def clear(self) -> None:
         """Discard everything queued (a closing slow consumer gets no more messages)."""
