@@ -65,7 +65,10 @@ def peer_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
     while isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
     if isinstance(stream, trio.SocketStream):
-        address = stream.socket.getpeername()
+        try:
+            address = stream.socket.getpeername()
+        except OSError:  # already disconnected
+            return None
         return str(address[0]), int(address[1])
     return None
 
