@@ -153,12 +153,10 @@ class Broker:
                 with listener_scope:
                     listeners = await trio.open_tcp_listeners(server.port, host=server.host)
                     task_status.started(listeners)
-                    if self.ssl_context is None:
-                        await trio.serve_listeners(self._serve_stream, listeners,
-                                                   handler_nursery=nursery)  # fmt: skip
-                    else:
-                        tls = [trio.SSLListener(lst, self.ssl_context) for lst in listeners]
-                        await trio.serve_listeners(self._serve_stream, tls, handler_nursery=nursery)
+                    served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+                    if self.ssl_context is not None:
+                        served = [trio.SSLListener(lst, self.ssl_context) for lst in listeners]
+                    await trio.serve_listeners(self._serve_stream, served, handler_nursery=nursery)
 
             listeners: list[trio.SocketListener] = await nursery.start(listen)
             self.port = listeners[0].socket.getsockname()[1]
