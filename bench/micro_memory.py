@@ -15,7 +15,7 @@ import tracemalloc
 
 import trio
 
-from broker.config import Config
+from broker.config import Config, LimitsConfig
 from broker.server import Broker
 
 LOADGEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen", "bench.mjs")
@@ -30,7 +30,9 @@ async def main() -> None:
     conns = 1000
     tracemalloc.start(1)
     async with trio.open_nursery() as nursery:
-        broker = await nursery.start(Broker(Config()).serve)
+        broker = await nursery.start(
+            Broker(Config(limits=LimitsConfig(max_connections_per_ip=100000))).serve
+        )
         gc.collect()
         before = tracemalloc.take_snapshot()
         cmd = ["node", LOADGEN, "--url", broker.url, "--scenario", "memory",

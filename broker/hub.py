@@ -67,12 +67,15 @@ class Subscription:
     subscriber: Subscriber
     pattern: str
     tail: bytes = field(init=False)
+    queue: OutboundQueue = field(init=False)  # the subscriber's, read once per delivery
+    encoding: Encoding = field(init=False)
     #: With a shared (cluster) history: the position its ``ok`` reported. Messages at or
     #: before it that were still on their way to this node are not delivered to it again.
     after: Position | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.tail = encode_message_tail(self.pattern, self.subscriber.encoding)
+        self.queue, self.encoding = self.subscriber.queue, self.subscriber.encoding
+        self.tail = encode_message_tail(self.pattern, self.encoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +336,8 @@ class Hub:
         bodies: dict[Encoding, bytes] = {}
         waiting: list[tuple[Subscription, bytes]] = []
         matched = 0
+        last_encoding: Encoding | None = None  # saves hashing the Enum per delivery
+        body = b""
         for subscription in self._trie.match(topic):
             after = subscription.after
             if after is not None and offset is not None:
@@ -340,21 +345,27 @@ class Hub:
                     continue  # its ok (or replay) already covers this message
                 subscription.after = None  # past it: no more checks
             matched += 1
-            subscriber = subscription.subscriber
-            encoding = subscriber.encoding
-            body = bodies.get(encoding)
-            if body is None:
-                if data is UNPACK and encoding is not Encoding.MSGPACK:
-                    assert packed is not None
-                    data = unpack_data(packed)  # JSON needs the value; msgpack reuses packed
-                body = bodies[encoding] = encode_message_body(topic, data, encoding, offset, packed)
-            outcome = subscriber.queue.offer(
+            encoding = subscription.encoding
+            if encoding is not last_encoding:
+                last_encoding = encoding
+                cached = bodies.get(encoding)
+                if cached is None:
+                    if data is UNPACK and encoding is not Encoding.MSGPACK:
+                        assert packed is not None
+                        data = unpack_data(packed)  # JSON needs the value; msgpack reuses packed
+                    cached = bodies[encoding] = encode_message_body(
+                        topic, data, encoding, offset, packed
+                    )
+                body = cached
+            outcome = subscription.queue.offer(
                 subscription.pattern, topic, body, subscription.tail, policy, now
             )
             if outcome is _FULL:
                 waiting.append((subscription, body))
             elif outcome is _DISCONNECT:
-                subscriber.close_slow_consumer(f"outbound queue full on {topic!r} (disconnect)")
+                subscription.subscriber.close_slow_consumer(
+                    f"outbound queue full on {topic!r} (disconnect)"
+                )
         for subscription, body in waiting:
             await self._offer_blocking(subscription, topic, body, now)
         return matched

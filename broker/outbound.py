@@ -72,12 +72,10 @@ class _Entry:
     tail: bytes  # the per-subscription part of a msg frame; b"" for replies
     sub: str | None  # subscription pattern; None for replies
     topic: str
+    size: int  # len(frame) + len(tail)
     time: float = 0.0  # when the message was published (metrics_clock); 0.0 for replies
     live: bool = True
-
-    @property
-    def size(self) -> int:
-        return len(self.frame) + len(self.tail)
+    evictable: bool = False  # in _evictable (drop_oldest, conflate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +114,9 @@ class OutboundQueue:
         self._latest: dict[tuple[str, str], _Entry] = {}  # conflate: (sub, topic) -> entry
         self._lags: dict[str, int] = {}
         self._closed = False
-        self._readable = trio.Event()
-        self._room = trio.Event()
+        # Created by a waiter, set and dropped by the next wake-up: an idle queue holds none.
+        self._readable: trio.Event | None = None  # the writer waits for something to send
+        self._room: trio.Event | None = None  # publishers wait for the writer to take a batch
         self.full_since: float | None = None
         self.dropped_total = 0
         self.drops: Counter[str] = drops if drops is not None else Counter()  # by policy
@@ -159,17 +158,17 @@ class OutboundQueue:
         """Queue a reply frame. Never dropped; see :meth:`wait_reply_room` for the bound."""
         if self._closed:
             return
-        self._entries.append(_Entry(frame, b"", None, ""))
+        self._entries.append(_Entry(frame, b"", None, "", len(frame)))
         self._replies += 1
         self._bytes += len(frame)
-        self._readable.set()
+        self._wake_writer()
 
     def put_replay(self, sub: str, topic: str, frame: bytes, tail: bytes, now: float = 0.0) -> None:
         """Queue a recovered message whatever the bounds (a replay is bounded by the topic's
         history size instead); it is never dropped, and counts as queued for later offers."""
         if self._closed:
             return
-        self._append(_Entry(frame, tail, sub, topic, now), _BLOCK)
+        self._append(_Entry(frame, tail, sub, topic, len(frame) + len(tail), now), _BLOCK)
 
     def offer(
         self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy, now: float = 0.0
@@ -178,9 +177,18 @@ class OutboundQueue:
         published at ``now`` (:func:`~broker.stats.metrics_clock`)."""
         if self._closed:
             return Offer.CLOSED
-        entry = _Entry(frame, tail, sub, topic, now)
-        if self._fits(entry.size):
-            self._append(entry, policy)
+        size = len(frame) + len(tail)
+        entry = _Entry(frame, tail, sub, topic, size, now)
+        messages = self._messages
+        if not messages or (messages < self.max_messages and self._bytes + size <= self.max_bytes):
+            if policy is _BLOCK or policy is _DROP_NEWEST:  # the common case, inlined
+                self._entries.append(entry)
+                self._messages = messages + 1
+                self._bytes += size
+                if self._readable is not None:
+                    self._wake_writer()
+            else:
+                self._append(entry, policy)
             return _QUEUED
         if policy is _BLOCK:
             return _FULL
@@ -190,7 +198,7 @@ class OutboundQueue:
             queued = self._latest.get((sub, topic))
             if queued is not None:
                 self._bytes += entry.size - queued.size
-                queued.frame, queued.tail = frame, tail
+                queued.frame, queued.tail, queued.size = frame, tail, size
                 self._count_lag(sub, policy)
                 return _QUEUED
         if policy is not _DROP_NEWEST:
@@ -209,10 +217,11 @@ class OutboundQueue:
         self._bytes += entry.size
         assert entry.sub is not None
         if policy is _DROP_OLDEST or policy is _CONFLATE:
+            entry.evictable = True
             self._evictable.setdefault(entry.sub, deque()).append(entry)
             if policy is _CONFLATE:
                 self._latest[(entry.sub, entry.topic)] = entry
-        self._readable.set()
+        self._wake_writer()
 
     def _evict(self, entry: _Entry, policy: Policy) -> None:
         assert entry.sub is not None
@@ -231,9 +240,26 @@ class OutboundQueue:
         self._lags[sub] = self._lags.get(sub, 0) + 1
         self.dropped_total += 1
         self.drops[policy] += 1
-        self._readable.set()  # a lag notice is worth a write even with nothing else queued
+        self._wake_writer()  # a lag notice is worth a write even with nothing else queued
 
     # --- waiting ---
+
+    def _wake_writer(self) -> None:
+        readable = self._readable
+        if readable is not None:
+            self._readable = None
+            readable.set()
+
+    def _wake_publishers(self) -> None:
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+
+    async def _wait_room_event(self) -> None:
+        if self._room is None:
+            self._room = trio.Event()
+        await self._room.wait()
 
     async def wait_room(self) -> None:
         """Wait until the writer takes a batch (or the queue closes)."""
@@ -241,16 +267,18 @@ class OutboundQueue:
             return
         if self.full_since is None:
             self.full_since = trio.current_time()
-        await self._room.wait()
+        await self._wait_room_event()
 
     async def wait_reply_room(self) -> None:
         """Wait while more than ``max_replies`` replies are queued (the client is not reading)."""
         while self._replies >= self.max_replies and not self._closed:
-            await self._room.wait()
+            await self._wait_room_event()
 
     async def wait_batch(self) -> None:
         """Wait until there is something to write, or the queue is closed."""
         while not (self._messages or self._replies or self._lags or self._closed):
+            if self._readable is None:
+                self._readable = trio.Event()
             await self._readable.wait()
 
     # --- consumer ---
@@ -258,7 +286,7 @@ class OutboundQueue:
     def take_batch(self, max_bytes: int) -> Batch:
         """Take lag counts and the oldest frames, up to ``max_bytes`` (at least one frame)."""
         frames: list[bytes] = []
-        taken = messages = 0
+        taken = messages = replies = 0
         oldest: float | None = None
         entries = self._entries
         while entries:
@@ -272,25 +300,22 @@ class OutboundQueue:
                 break
             entries.popleft()
             taken += size
-            frames.append(entry.frame)
-            if entry.tail:
-                frames[-1] += entry.tail
+            tail = entry.tail
+            frames.append(entry.frame + tail if tail else entry.frame)
             if entry.sub is None:
-                self._replies -= 1
+                replies += 1
             else:
                 if oldest is None:  # queue order is publish order (conflate keeps the slot)
                     oldest = entry.time
                 messages += 1
-                self._forget(entry)
-        self._messages -= messages
+                if entry.evictable:
+                    self._forget(entry)
         self._bytes -= taken
+        self._messages -= messages
+        self._replies -= replies
         lags, self._lags = self._lags, {}
-        self._readable = trio.Event()
-        if self._messages or self._replies:
-            self._readable.set()
         self.full_since = None
-        self._room.set()
-        self._room = trio.Event()
+        self._wake_publishers()
         return Batch(lags, frames, messages, oldest)
 
     def _forget(self, entry: _Entry) -> None:
@@ -306,8 +331,8 @@ class OutboundQueue:
     def close(self) -> None:
         """Refuse new frames and wake every waiter; what is queued can still be taken."""
         self._closed = True
-        self._readable.set()
-        self._room.set()
+        self._wake_writer()
+        self._wake_publishers()
 
     def clear(self) -> None:
         """Discard everything queued (a closing slow consumer gets no more messages)."""

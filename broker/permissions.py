@@ -52,7 +52,10 @@ class Permissions:
 
     def may_publish(self, topic: str) -> bool:
         """True if a ``publish`` pattern matches the concrete ``topic``."""
-        return any(pattern_matches(pattern, topic) for pattern in self.publish)
+        for pattern in self.publish:  # noqa: SIM110 (no generator: this runs once per pub)
+            if pattern_matches(pattern, topic):
+                return True
+        return False
 
     def may_subscribe(self, pattern: str) -> bool:
         """True if one ``subscribe`` pattern covers ``pattern`` (see :func:`covers`)."""

@@ -50,9 +50,9 @@ class PublishLimiter:
         ``max_payload`` above ``publish_bytes_burst`` slows big publishes instead of refusing
         them for ever.
         """
-        needed_bytes = min(size, self.bytes.burst)
-        if not (self.messages.can_take(1, now) and self.bytes.can_take(needed_bytes, now)):
+        messages, data = self.messages, self.bytes
+        if messages.tokens(now) < 1 or data.tokens(now) < min(size, data.burst):
             return False
-        self.messages.take(1, now)
-        self.bytes.take(size, now)
+        messages.take(1, now)
+        data.take(size, now)
         return True

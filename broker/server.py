@@ -1,6 +1,7 @@
 """The broker: a nursery holding the WebSocket listener and one task per client connection.
 
-:meth:`Broker.serve` listens (``wss://`` when ``[tls]`` is set), admits each handshake
+:meth:`Broker.serve` listens (``wss://`` when ``[tls]`` is set) and reads each WebSocket
+handshake (:mod:`broker.websocket`, within ``handshake_timeout``), admits it
 (connection limits, ``Origin``, the token: see :meth:`Broker.admit`), negotiates the encoding
 (the subprotocol picks it), and runs a :class:`~broker.connection.Connection` per client.
 :meth:`Broker.shutdown` stops accepting, lets every connection flush what is queued for up
@@ -21,7 +22,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import trio
-from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
 
 from broker.auth import AuthError, Identity, build_authenticator, token_from_request
 from broker.config import Config, ConfigError, TlsConfig
@@ -34,6 +34,7 @@ from broker.redis_backplane import RedisBackplane
 from broker.redis_history import RedisHistory
 from broker.resp import RedisAddress
 from broker.stats import BrokerStats
+from broker.websocket import Handshake, WebSocket, peer_address, read_handshake
 
 log = logging.getLogger("broker.server")
 
@@ -199,31 +200,23 @@ class Broker:
         async with trio.open_nursery() as nursery:
             listener_scope = trio.CancelScope()
 
-            async def listen(*, task_status: trio.TaskStatus[WebSocketServer]) -> None:
+            async def listen(*, task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
                 with listener_scope:
-                    await serve_websocket(
-                        self._handle,
-                        server.host,
-                        server.port,
-                        self.ssl_context,
-                        handler_nursery=nursery,
-                        max_message_size=server.max_message_size,
-                        receive_buffer_size=None,
-                        connect_timeout=server.handshake_timeout,
-                        disconnect_timeout=server.drain_timeout,
-                        task_status=task_status,
-                    )
+                    listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+                    task_status.started(listeners)
+                    served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+                    if self.ssl_context is not None:
+                        served = [trio.SSLListener(lst, self.ssl_context) for lst in listeners]
+                    await trio.serve_listeners(self._serve_stream, served, handler_nursery=nursery)
 
             await nursery.start(self.hub.backplane.run, self.hub.deliver, self.hub.messages_missed)
-            ws_server: WebSocketServer = await nursery.start(listen)
-            endpoint = ws_server.listeners[0]
-            assert not isinstance(endpoint, str)
+            listeners: list[trio.SocketListener] = await nursery.start(listen)
             metrics = self.config.metrics
             if metrics.port is not None:
                 self.metrics_url = await nursery.start(
                     serve_monitor, self, metrics.host, metrics.port
                 )
-            self.port = endpoint.port
+            self.port = listeners[0].socket.getsockname()[1]
             self._log_startup()
             task_status.started(self)
             await self._shutdown.wait()
@@ -269,20 +262,32 @@ class Broker:
                 config.server.host,
             )
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        remote = request.remote
-        peer = f"{remote.address}:{remote.port}" if not isinstance(remote, str) else remote
-        encoding = choose_encoding(request.proposed_subprotocols)
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
+        """One accepted TCP (or TLS) stream: the handshake, then the connection."""
+        try:
+            with trio.move_on_after(self.config.server.handshake_timeout):
+                request = await read_handshake(stream)
+            if request is not None:
+                await self._handle(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away during the handshake
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, request: Handshake) -> None:
+        remote = peer_address(request.stream)
+        ip, peer = (
+            ("unknown", "unknown") if remote is None else (remote[0], f"{remote[0]}:{remote[1]}")
+        )
+        encoding = choose_encoding(request.subprotocols)
         if encoding is None:
-            offered = ", ".join(request.proposed_subprotocols)
+            offered = ", ".join(request.subprotocols)
             log.info("rejected peer=%s: unsupported subprotocol(s) %s", peer, offered)
             self.stats.connections_rejected["subprotocol"] += 1
             await request.reject(
-                400,
-                body=f"unsupported subprotocol; offer one of {', '.join(SUBPROTOCOLS)}\n".encode(),
+                400, f"unsupported subprotocol; offer one of {', '.join(SUBPROTOCOLS)}\n".encode()
             )
             return
-        ip = str(remote.address) if not isinstance(remote, str) else remote
         try:
             identity = self.admit(request, ip)
         except Refused as refused:
@@ -290,9 +295,7 @@ class Broker:
             self.stats.connections_rejected[refused.label] += 1
             extra = [(b"WWW-Authenticate", b'Bearer realm="broker"')]
             await request.reject(
-                refused.status,
-                extra_headers=extra if refused.status == 401 else None,
-                body=f"{refused}\n".encode(),
+                refused.status, f"{refused}\n".encode(), extra if refused.status == 401 else ()
             )
             return
         self.admitted_per_ip[ip] += 1
@@ -303,7 +306,7 @@ class Broker:
             if not self.admitted_per_ip[ip]:
                 del self.admitted_per_ip[ip]
 
-    def admit(self, request: WebSocketRequest, ip: str) -> Identity:
+    def admit(self, request: Handshake, ip: str) -> Identity:
         """Who the handshake's client is, if it may connect now; raises :class:`Refused`.
 
         Checked cheapest first: shutting down and connection limits (503), a browser
@@ -337,10 +340,15 @@ class Broker:
             raise Refused(exc.status, str(exc), label) from None
 
     async def _serve_admitted(
-        self, request: WebSocketRequest, encoding: Encoding, identity: Identity, peer: str
+        self, request: Handshake, encoding: Encoding, identity: Identity, peer: str
     ) -> None:
-        subprotocol = encoding.value if request.proposed_subprotocols else None
-        websocket = await request.accept(subprotocol=subprotocol)
+        limits = self.connection_limits
+        websocket: WebSocket = await request.accept(
+            encoding.value if request.subprotocols else None,
+            max_message_size=limits.max_message_size,
+            ping_interval=limits.ping_interval,
+            ping_timeout=limits.ping_timeout,
+        )
         connection = Connection(
             websocket, encoding, self.hub, self.connection_limits, peer, identity, self.stats
         )
@@ -353,8 +361,7 @@ class Broker:
         except Exception:
             log.exception("peer=%s: connection failed", peer)
             connection.close_code, connection.close_reason = 1011, "internal error"
-            with trio.move_on_after(self.connection_limits.close_timeout):
-                await websocket.aclose(1011, "internal error")
+            await websocket.aclose(1011, "internal error", limits.close_timeout)
         finally:
             self.connections.discard(connection)
             self._connection_ended.set()

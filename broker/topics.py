@@ -25,14 +25,19 @@ class InvalidTopic(ValueError):
 def _check_common(name: str, what: str) -> list[str]:
     if not isinstance(name, str):
         raise InvalidTopic(f"{what} must be a string")
-    size = len(name.encode("utf-8", "surrogatepass"))
+    ascii_only = name.isascii()
+    size = len(name) if ascii_only else len(name.encode("utf-8", "surrogatepass"))
     if size == 0:
         raise InvalidTopic(f"{what} is empty")
     if size > MAX_TOPIC_BYTES:
         raise InvalidTopic(f"{what} is {size} bytes; the limit is {MAX_TOPIC_BYTES}")
-    for char in name:
-        if char.isspace() or unicodedata.category(char) in ("Cc", "Cs"):
-            raise InvalidTopic(f"{what} {name!r} contains whitespace or a control character")
+    # In ASCII, every whitespace or control character but the space is unprintable.
+    if (
+        (not name.isprintable() or " " in name)
+        if ascii_only
+        else any(c.isspace() or unicodedata.category(c) in ("Cc", "Cs") for c in name)
+    ):
+        raise InvalidTopic(f"{what} {name!r} contains whitespace or a control character")
     segments = name.split(".")
     if "" in segments:
         raise InvalidTopic(f"{what} {name!r} has an empty segment")
@@ -67,6 +72,8 @@ def is_wildcard(pattern: str) -> bool:
 
 def pattern_matches(pattern: str, topic: str) -> bool:
     """True if the valid ``pattern`` matches the valid concrete ``topic``."""
+    if pattern == ">":
+        return True  # every topic has at least one segment (and auth "none" grants ">")
     pattern_segments = pattern.split(".")
     topic_segments = topic.split(".")
     for index, segment in enumerate(pattern_segments):

@@ -1,0 +1,362 @@
+"""The server side of WebSocket (RFC 6455): sans-IO ``wsproto`` driven over a Trio stream.
+
+Our own thin layer instead of trio-websocket, for throughput (bench/README.md has the
+numbers): no background task and no message channel per connection, so
+
+- :meth:`WebSocket.receive` returns *every* message one read from the socket completed, and
+  the caller executes them all before anything else runs: batches grow under load;
+- :meth:`WebSocket.send_message` writes one message (its header built here, its frames
+  joined once) with one ``send_all``, directly from the calling task;
+- the keep-alive lives in :meth:`WebSocket.receive`'s deadline: it pings after
+  ``ping_interval`` and gives up after ``ping_timeout`` without a pong. A connection whose
+  reader is held back (a publish waiting under ``block``) is not reading, so it neither
+  pings nor times out meanwhile.
+
+:func:`read_handshake` reads the HTTP upgrade; :meth:`Handshake.accept` or
+:meth:`Handshake.reject` answers it. Pings are answered from :meth:`WebSocket.receive`; a send
+started while another is in progress is appended to it instead of interleaving.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+RECEIVE_SIZE = 262144
+_OPEN, _REMOTE_CLOSING = ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING
+_STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed: by the peer's close frame (its ``code``), or 1006 (no frame)."""
+
+    def __init__(self, code: int, reason: str | None = None) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class MessageTooBig(Exception):
+    """The peer sent a message over ``max_message_size``; close the connection with 1009."""
+
+
+class PingTimeout(Exception):
+    """No pong came within ``ping_timeout`` of a ping."""
+
+
+def peer_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    """The remote (host, port) of a socket stream, or of the socket under a TLS stream."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            address = stream.socket.getpeername()
+        except OSError:  # already disconnected
+            return None
+        return str(address[0]), int(address[1])
+    return None
+
+
+def frame_header(length: int, text: bool) -> bytes:
+    """The header of one unmasked, final data frame (the server never masks, RFC 6455 5.1)."""
+    first = 0x81 if text else 0x82
+    if length < 126:
+        return bytes((first, length))
+    if length < 65536:
+        return struct.pack("!BBH", first, 126, length)
+    return struct.pack("!BBQ", first, 127, length)
+
+
+class Handshake:
+    """A client's WebSocket upgrade request, waiting for :meth:`accept` or :meth:`reject`."""
+
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, request: Request) -> None:
+        self.stream = stream
+        self._ws: WSConnection | None = ws
+        self.path = request.target
+        self.headers: Sequence[tuple[bytes, bytes]] = request.extra_headers
+        self.subprotocols: tuple[str, ...] = tuple(request.subprotocols)
+
+    async def reject(
+        self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Answer with HTTP ``status`` and a ``body``; the caller then closes the stream."""
+        assert self._ws is not None, "already accepted"
+        all_headers = [*headers, (b"Content-Length", str(len(body)).encode())]
+        data = self._ws.send(RejectConnection(status_code=status, headers=all_headers,
+                                              has_body=True))  # fmt: skip
+        data += self._ws.send(RejectData(data=body))
+        await self.stream.send_all(data)
+
+    async def accept(
+        self,
+        subprotocol: str | None,
+        *,
+        max_message_size: int,
+        ping_interval: float,
+        ping_timeout: float,
+    ) -> WebSocket:
+        """Complete the upgrade choosing ``subprotocol``; return the open WebSocket."""
+        assert self._ws is not None, "already accepted"
+        data = self._ws.send(AcceptConnection(subprotocol=subprotocol))
+        connection = self._ws.connection
+        assert connection is not None
+        # The open connection needs none of the handshake: drop it (~2.5 KiB per connection).
+        self._ws = None
+        self.headers = ()
+        websocket = WebSocket(
+            self.stream, connection, subprotocol, max_message_size, ping_interval, ping_timeout
+        )
+        await websocket.send_raw(data)
+        return websocket
+
+
+async def read_handshake(stream: trio.abc.Stream) -> Handshake | None:
+    """Read a WebSocket upgrade request; ``None`` if the client went away or sent garbage
+    (answered with 400 when wsproto says so). Bound it with the handshake timeout."""
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        while True:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return None
+            try:
+                ws.receive_data(bytes(data))
+            except RemoteProtocolError as exc:
+                if exc.event_hint is not None:
+                    await stream.send_all(ws.send(exc.event_hint))
+                return None
+            for event in ws.events():
+                if isinstance(event, Request):
+                    return Handshake(stream, ws, event)
+    except _STREAM_GONE:
+        return None
+
+
+class WebSocket:
+    """An open server-side WebSocket on ``stream`` (see the module doc).
+
+    ``closed`` is ``None`` while open, then the close code that ended it.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_idle",
+        "_max_message_size",
+        "_partial",
+        "_partial_size",
+        "_pending",
+        "_ping_interval",
+        "_ping_outstanding",
+        "_ping_timeout",
+        "_sending",
+        "_socket",
+        "_timer_at",
+        "closed",
+        "stream",
+        "subprotocol",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        connection: Connection,
+        subprotocol: str | None,
+        max_message_size: int,
+        ping_interval: float,
+        ping_timeout: float,
+    ) -> None:
+        self.stream = stream
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.subprotocol = subprotocol
+        self.closed: int | None = None
+        self._conn = connection
+        self._max_message_size = max_message_size
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._timer_at = trio.current_time() + ping_interval
+        self._ping_outstanding = False
+        self._partial: list[bytes | bytearray | str] = []
+        self._partial_size = 0
+        self._sending = False
+        self._idle: trio.Event | None = None  # set when a write in progress ends
+        self._pending: list[bytes] = []
+
+    # --- sending ---
+
+    async def send_raw(self, data: bytes, *, control: bool = False) -> None:
+        """Write ``data`` with one ``send_all``.
+
+        A ``control`` frame (pong, ping, close reply) sent while a write is in progress goes
+        right after that write instead of waiting (at most a few: a peer flooding pings but
+        not reading gets no more); anything else waits for the write in progress to end.
+        """
+        while self._sending:
+            if control:
+                if len(self._pending) < 4:
+                    self._pending.append(data)
+                return
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+        self._sending = True
+        try:
+            await self._send_all(data)
+            while self._pending:
+                data = b"".join(self._pending)
+                self._pending.clear()
+                await self._send_all(data)
+        except (OSError, *_STREAM_GONE):
+            self._gone()
+            raise ConnectionClosed(1006) from None
+        finally:
+            self._sending = False
+            if self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def _send_all(self, data: bytes) -> None:
+        # On a plain TCP stream, the socket's own send: SocketStream.send_all adds a conflict
+        # detector, an error-translating context manager and a memoryview to every write.
+        sock = self._socket
+        if sock is None:
+            await self.stream.send_all(data)
+            return
+        sent = await sock.send(data)
+        if sent < len(data):
+            await self.stream.send_all(memoryview(data)[sent:])
+
+    async def send_message(self, parts: Sequence[bytes], text: bool) -> None:
+        """Send the concatenation of ``parts`` as one message (UTF-8 text if ``text``)."""
+        if self._conn.state is not _OPEN:
+            raise ConnectionClosed(self.closed if self.closed is not None else 1006)
+        length = 0
+        for part in parts:
+            length += len(part)
+        await self.send_raw(b"".join([frame_header(length, text), *parts]))
+
+    # --- receiving ---
+
+    async def receive(self) -> list[bytes] | list[str]:
+        """Wait for the next read that completes messages; return them all, in order.
+
+        Answers pings and runs the keep-alive meanwhile. Raises :class:`ConnectionClosed`
+        once the peer closed (after returning the messages that came before its close),
+        :class:`MessageTooBig` or :class:`PingTimeout`. Time spent away from this method
+        (say, a publish held back under ``block``) does not count against the peer: its pong
+        may be sitting unread, so an overdue pong gets another ``ping_timeout``.
+        """
+        now = trio.current_time()
+        if self._ping_outstanding and now >= self._timer_at:
+            self._timer_at = now + self._ping_timeout
+        while True:
+            if self.closed is not None:
+                raise ConnectionClosed(self.closed)
+            data = None
+            with trio.move_on_at(self._timer_at):
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except _STREAM_GONE:
+                    data = b""
+            if data is None:
+                await self._keepalive()
+                continue
+            if not data:
+                self._gone()
+                raise ConnectionClosed(1006)
+            messages = await self._process(data)
+            if messages:
+                return messages
+
+    async def _keepalive(self) -> None:
+        if self._ping_outstanding:
+            raise PingTimeout
+        self._ping_outstanding = True
+        self._timer_at = trio.current_time() + self._ping_timeout
+        await self.send_raw(self._conn.send(Ping()), control=True)
+
+    async def _process(self, data: bytes | bytearray) -> list[bytes] | list[str]:
+        conn = self._conn
+        conn.receive_data(bytes(data) if isinstance(data, bytearray) else data)
+        done: list[bytes | str] = []
+        partial = self._partial
+        for event in conn.events():
+            if isinstance(event, (BytesMessage, TextMessage)):
+                piece: bytes | bytearray | str = event.data
+                self._partial_size += len(piece)
+                if self._partial_size > self._max_message_size:
+                    raise MessageTooBig
+                if not event.message_finished:
+                    partial.append(piece)
+                    continue
+                if partial:
+                    partial.append(piece)
+                    piece = "".join(partial) if isinstance(piece, str) else b"".join(partial)  # type: ignore[arg-type]
+                    partial.clear()
+                done.append(bytes(piece) if isinstance(piece, bytearray) else piece)
+                self._partial_size = 0
+            elif isinstance(event, Ping):
+                await self.send_raw(conn.send(event.response()), control=True)
+            elif isinstance(event, Pong):
+                self._ping_outstanding = False
+                self._timer_at = trio.current_time() + self._ping_interval
+            elif isinstance(event, CloseConnection):
+                await self._peer_closed(event)
+                break
+        return done  # type: ignore[return-value]
+
+    async def _peer_closed(self, event: CloseConnection) -> None:
+        state = self._conn.state
+        self.closed = event.code
+        try:
+            if state is _REMOTE_CLOSING:  # the peer began the closing handshake: answer it
+                await self.send_raw(self._conn.send(event.response()), control=True)
+            elif state is _OPEN:  # wsproto's verdict on a protocol error (1002, 1007)
+                reply = CloseConnection(event.code, event.reason)
+                await self.send_raw(self._conn.send(reply), control=True)
+        except ConnectionClosed:
+            pass
+
+    def _gone(self) -> None:
+        if self.closed is None:
+            self.closed = 1006
+
+    # --- closing ---
+
+    async def aclose(self, code: int, reason: str | None, timeout: float) -> None:  # noqa: ASYNC109
+        """Run the closing handshake with ``code`` (for up to ``timeout``), then close TCP.
+
+        Only once nothing else reads from this WebSocket.
+        """
+        with trio.move_on_after(timeout):
+            try:
+                if self._conn.state is _OPEN:
+                    await self.send_raw(self._conn.send(CloseConnection(code, reason)))
+                    while self._conn.state is not ConnectionState.CLOSED:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        if not data:
+                            break
+                        self._conn.receive_data(bytes(data))
+                        for _ in self._conn.events():
+                            pass  # messages after our close are discarded
+            except (ConnectionClosed, LocalProtocolError, *_STREAM_GONE):
+                pass
+        if self.closed is None:
+            self.closed = code
+        await trio.aclose_forcefully(self.stream)

@@ -1,0 +1,170 @@
+"""broker.websocket on an in-memory stream pair, against a hand-driven wsproto client."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+
+from broker.websocket import (
+    ConnectionClosed,
+    MessageTooBig,
+    PingTimeout,
+    WebSocket,
+    frame_header,
+    read_handshake,
+)
+
+
+class Peer:
+    """The client end: a wsproto client on the other half of the stream pair."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+
+    async def send(self, *events: Event) -> None:
+        await self.stream.send_all(b"".join(self.ws.send(event) for event in events))
+
+    async def events(self) -> list[Event]:
+        data = await self.stream.receive_some()
+        self.ws.receive_data(bytes(data) or None)
+        return list(self.ws.events())
+
+
+async def open_pair(
+    subprotocols: list[str] | None = None, *, ping_interval: float = 20.0
+) -> tuple[WebSocket, Peer]:
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    peer = Peer(client_stream)
+    await peer.send(Request(host="broker", target="/?token=t", subprotocols=subprotocols or []))
+    handshake = await read_handshake(server_stream)
+    assert handshake is not None
+    assert handshake.path == "/?token=t"
+    assert handshake.subprotocols == tuple(subprotocols or ())
+    websocket = await handshake.accept(
+        subprotocols[0] if subprotocols else None,
+        max_message_size=1000,
+        ping_interval=ping_interval,
+        ping_timeout=ping_interval,
+    )
+    [accepted] = await peer.events()
+    assert isinstance(accepted, AcceptConnection)
+    return websocket, peer
+
+
+def test_frame_header_uses_the_shortest_length_encoding() -> None:
+    assert frame_header(125, text=False) == b"\x82\x7d"
+    assert frame_header(126, text=True) == b"\x81\x7e\x00\x7e"
+    assert frame_header(65536, text=False) == b"\x82\x7f" + (65536).to_bytes(8, "big")
+
+
+async def test_reject_sends_status_headers_and_body() -> None:
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    peer = Peer(client_stream)
+    await peer.send(Request(host="broker", target="/"))
+    handshake = await read_handshake(server_stream)
+    assert handshake is not None
+    await handshake.reject(401, b"no token\n", [(b"WWW-Authenticate", b"Bearer")])
+    events = await peer.events()
+    assert isinstance(events[0], RejectConnection)
+    assert events[0].status_code == 401
+    assert (b"www-authenticate", b"Bearer") in events[0].headers
+    assert b"".join(e.data for e in events if isinstance(e, RejectData)) == b"no token\n"
+
+
+async def test_garbage_instead_of_a_handshake_is_no_handshake() -> None:
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(b"not http at all\r\n\r\n")
+    assert await read_handshake(server_stream) is None
+
+
+async def test_one_read_returns_every_message_it_completed_in_order() -> None:
+    websocket, peer = await open_pair(["pubsub.v1.json"])
+    assert websocket.subprotocol == "pubsub.v1.json"
+    await peer.send(BytesMessage(b"a"), TextMessage("b"), BytesMessage(b"c"))
+    assert await websocket.receive() == [b"a", "b", b"c"]
+
+
+async def test_a_message_in_pieces_is_joined() -> None:
+    websocket, peer = await open_pair()
+    await peer.send(BytesMessage(b"ab", message_finished=False), BytesMessage(b"cd"))
+    assert await websocket.receive() == [b"abcd"]
+
+
+async def test_send_message_is_one_frame_of_the_joined_parts() -> None:
+    websocket, peer = await open_pair()
+    await websocket.send_message([b"x" * 100, b"y" * 100], text=False)
+    events = await peer.events()
+    assert len(events) == 1
+    assert isinstance(events[0], BytesMessage)
+    assert events[0].data == b"x" * 100 + b"y" * 100
+
+
+async def test_message_over_max_message_size_raises() -> None:
+    websocket, peer = await open_pair()
+    await peer.send(BytesMessage(b"x" * 1001))
+    with pytest.raises(MessageTooBig):
+        await websocket.receive()
+
+
+async def test_pings_are_answered_and_peer_close_is_echoed() -> None:
+    websocket, peer = await open_pair()
+    await peer.send(Ping(b"hi"), BytesMessage(b"m"), CloseConnection(4000, "bye"))
+    assert await websocket.receive() == [b"m"]  # what came before the close is returned
+    with pytest.raises(ConnectionClosed) as closed:
+        await websocket.receive()
+    assert closed.value.code == 4000 == websocket.closed
+    events = await peer.events()
+    assert [type(e) for e in events] == [Pong, CloseConnection]
+
+
+async def test_no_pong_is_a_ping_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    websocket, peer = await open_pair(ping_interval=1.0)
+    with pytest.raises(PingTimeout):
+        await websocket.receive()
+    assert [type(e) for e in await peer.events()] == [Ping]
+
+
+async def test_a_pong_left_unread_while_away_is_not_a_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    websocket, peer = await open_pair(ping_interval=1.0)
+    await peer.send(BytesMessage(b"first"))
+    assert await websocket.receive() == [b"first"]
+    with trio.move_on_after(1.5):  # the ping goes out at 1 s
+        await websocket.receive()
+    [ping] = await peer.events()
+    assert isinstance(ping, Ping)
+    await peer.send(ping.response(), BytesMessage(b"later"))
+    await trio.sleep(10)  # the caller is busy elsewhere, long past the ping timeout
+    assert await websocket.receive() == [b"later"]
+
+
+async def test_aclose_runs_the_closing_handshake_then_closes_the_stream() -> None:
+    websocket, peer = await open_pair()
+
+    async def answer() -> None:
+        [close] = await peer.events()
+        assert isinstance(close, CloseConnection)
+        assert (close.code, close.reason) == (1001, "going")
+        await peer.send(close.response())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        await websocket.aclose(1001, "going", 5.0)
+    assert websocket.closed == 1001
+    assert await peer.stream.receive_some() == b""
