@@ -211,12 +211,16 @@ class Connection:
                     break
             stats.queue_depth.observe(len(queue))
             batch = queue.take_batch(self.limits.max_message_size)
-            if not batch.frames and not batch.lags:
+            if not batch.parts and not batch.lags:
                 return  # closed, and flushed or discarded
-            frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
-            frames += batch.frames
             if text:
-                frames = [b"\n".join(frames)]
+                frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
+                frames = [b"\n".join(frames + batch.frames)]
+            elif batch.lags:
+                frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
+                frames += batch.parts
+            else:
+                frames = batch.parts  # each frame's body and tail, joined by the send
             with trio.CancelScope() as scope:
                 self._send_scope = scope
                 if self.close_code is not None:

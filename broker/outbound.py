@@ -66,34 +66,62 @@ _CONFLATE, _DISCONNECT = Policy.CONFLATE, Policy.DISCONNECT
 _QUEUED, _DROPPED, _FULL = Offer.QUEUED, Offer.DROPPED, Offer.FULL
 
 
-@dataclass(slots=True)
-class _Entry:
-    frame: bytes
-    tail: bytes  # the per-subscription part of a msg frame; b"" for replies
-    sub: str | None  # subscription pattern; None for replies
-    topic: str
-    size: int  # len(frame) + len(tail)
-    time: float = 0.0  # when the message was published (metrics_clock); 0.0 for replies
-    live: bool = True
-    evictable: bool = False  # in _evictable (drop_oldest, conflate)
+#: ``_times`` entry of an evicted message (its parts are emptied; removed lazily).
+_GONE = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
     """What the writer sends next: lag counts per subscription, then frames in queue order.
 
-    ``messages`` counts the ``msg`` frames among ``frames``; ``oldest`` is when the oldest of
-    them was published (``None`` if there are none).
+    ``parts`` holds each frame as two byte strings, its body and its tail (``b""`` for a
+    reply), so that the writer joins the whole batch at once; :attr:`frames` joins each
+    frame. ``messages`` counts the ``msg`` frames; ``oldest`` is when the oldest of them was
+    published (``None`` if there are none).
     """
 
     lags: dict[str, int]
-    frames: list[bytes]
+    parts: list[bytes]
     messages: int = 0
     oldest: float | None = None
 
+    @property
+    def frames(self) -> list[bytes]:
+        """The frames, each body joined to its tail."""
+        parts = self.parts
+        return [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
+
 
 class OutboundQueue:
-    """A bounded queue of encoded frames with per-topic full policies (see the module doc)."""
+    """A bounded queue of encoded frames with per-topic full policies (see the module doc).
+
+    A queued frame costs two list slots (body, tail) and a time (``None`` for a reply): no
+    object per delivery. Only ``drop_oldest`` and ``conflate`` messages are also indexed by
+    subscription (and by subscription and topic), by their entry number, so that they can be
+    evicted or replaced; an evicted entry is emptied in place and skipped when taken.
+    """
+
+    __slots__ = (
+        "_base",
+        "_bytes",
+        "_closed",
+        "_dead",
+        "_evictable",
+        "_lags",
+        "_latest",
+        "_messages",
+        "_parts",
+        "_readable",
+        "_replies",
+        "_room",
+        "_times",
+        "dropped_total",
+        "drops",
+        "full_since",
+        "max_bytes",
+        "max_messages",
+        "max_replies",
+    )
 
     def __init__(
         self,
@@ -105,13 +133,17 @@ class OutboundQueue:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_replies = max_replies if max_replies is not None else max_messages
-        self._entries: deque[_Entry] = deque()
-        self._dead = 0  # evicted entries still in _entries (removed lazily)
+        self._parts: list[bytes] = []  # body, tail of each queued entry, oldest first
+        self._times: list[float | None] = []  # per entry: published; None: reply; _GONE
+        self._base = 0  # the entry number of _times[0] (numbers only grow)
+        self._dead = 0  # evicted entries still in the lists
         self._messages = 0
         self._replies = 0
         self._bytes = 0
-        self._evictable: dict[str, deque[_Entry]] = {}  # per subscription, oldest first
-        self._latest: dict[tuple[str, str], _Entry] = {}  # conflate: (sub, topic) -> entry
+        # drop_oldest and conflate only: entry numbers (and topics) per subscription, oldest
+        # first; conflate: (sub, topic) -> the entry number of its queued message.
+        self._evictable: dict[str, deque[tuple[int, str]]] = {}
+        self._latest: dict[tuple[str, str], int] = {}
         self._lags: dict[str, int] = {}
         self._closed = False
         # Created by a waiter, set and dropped by the next wake-up: an idle queue holds none.
@@ -142,10 +174,7 @@ class OutboundQueue:
 
     def oldest_time(self) -> float | None:
         """When the oldest queued message was published, or ``None`` if none is queued."""
-        for entry in self._entries:
-            if entry.live and entry.sub is not None:
-                return entry.time
-        return None
+        return _first_time(self._times)
 
     def _fits(self, size: int) -> bool:
         if self._messages == 0:
@@ -158,7 +187,8 @@ class OutboundQueue:
         """Queue a reply frame. Never dropped; see :meth:`wait_reply_room` for the bound."""
         if self._closed:
             return
-        self._entries.append(_Entry(frame, b"", None, "", len(frame)))
+        self._parts += (frame, b"")
+        self._times.append(None)
         self._replies += 1
         self._bytes += len(frame)
         self._wake_writer()
@@ -168,7 +198,7 @@ class OutboundQueue:
         history size instead); it is never dropped, and counts as queued for later offers."""
         if self._closed:
             return
-        self._append(_Entry(frame, tail, sub, topic, len(frame) + len(tail), now), _BLOCK)
+        self._append(sub, topic, frame, tail, now, _BLOCK)
 
     def offer(
         self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy, now: float = 0.0
@@ -178,63 +208,94 @@ class OutboundQueue:
         if self._closed:
             return Offer.CLOSED
         size = len(frame) + len(tail)
-        entry = _Entry(frame, tail, sub, topic, size, now)
         messages = self._messages
         if not messages or (messages < self.max_messages and self._bytes + size <= self.max_bytes):
             if policy is _BLOCK or policy is _DROP_NEWEST:  # the common case, inlined
-                self._entries.append(entry)
+                parts = self._parts
+                parts.append(frame)
+                parts.append(tail)
+                self._times.append(now)
                 self._messages = messages + 1
                 self._bytes += size
                 if self._readable is not None:
                     self._wake_writer()
             else:
-                self._append(entry, policy)
+                self._append(sub, topic, frame, tail, now, policy)
             return _QUEUED
         if policy is _BLOCK:
             return _FULL
         if policy is _DISCONNECT:
             return Offer.DISCONNECT
         if policy is _CONFLATE:
-            queued = self._latest.get((sub, topic))
-            if queued is not None:
-                self._bytes += entry.size - queued.size
-                queued.frame, queued.tail, queued.size = frame, tail, size
+            number = self._latest.get((sub, topic))
+            if number is not None:
+                i = 2 * (number - self._base)
+                parts = self._parts
+                self._bytes += size - len(parts[i]) - len(parts[i + 1])
+                parts[i], parts[i + 1] = frame, tail  # keeps its place and publish time
                 self._count_lag(sub, policy)
                 return _QUEUED
         if policy is not _DROP_NEWEST:
             own = self._evictable.get(sub)
-            while own and not self._fits(entry.size):
-                self._evict(own.popleft(), policy)
-            if self._fits(entry.size):
-                self._append(entry, policy)
+            while own and not self._fits(size):
+                self._evict(sub, *own.popleft(), policy)
+            if own is not None and not own:
+                del self._evictable[sub]
+            if self._fits(size):
+                self._append(sub, topic, frame, tail, now, policy)
                 return _QUEUED
         self._count_lag(sub, policy)
         return _DROPPED
 
-    def _append(self, entry: _Entry, policy: Policy) -> None:
-        self._entries.append(entry)
+    def _append(
+        self, sub: str, topic: str, frame: bytes, tail: bytes, now: float, policy: Policy
+    ) -> None:
+        number = self._base + len(self._times)
+        self._parts += (frame, tail)
+        self._times.append(now)
         self._messages += 1
-        self._bytes += entry.size
-        assert entry.sub is not None
+        self._bytes += len(frame) + len(tail)
         if policy is _DROP_OLDEST or policy is _CONFLATE:
-            entry.evictable = True
-            self._evictable.setdefault(entry.sub, deque()).append(entry)
+            own = self._evictable.get(sub)
+            if own is None:
+                own = self._evictable[sub] = deque()
+            own.append((number, topic))
             if policy is _CONFLATE:
-                self._latest[(entry.sub, entry.topic)] = entry
+                self._latest[(sub, topic)] = number
         self._wake_writer()
 
-    def _evict(self, entry: _Entry, policy: Policy) -> None:
-        assert entry.sub is not None
-        entry.live = False
+    def _evict(self, sub: str, number: int, topic: str, policy: Policy) -> None:
+        index = number - self._base
+        parts = self._parts
+        self._bytes -= len(parts[2 * index]) + len(parts[2 * index + 1])
+        parts[2 * index] = parts[2 * index + 1] = b""
+        self._times[index] = _GONE
         self._dead += 1
         self._messages -= 1
-        self._bytes -= entry.size
-        if self._latest.get((entry.sub, entry.topic)) is entry:
-            del self._latest[(entry.sub, entry.topic)]
-        self._count_lag(entry.sub, policy)
-        if self._dead > 64 and self._dead > len(self._entries) // 2:
-            self._entries = deque(e for e in self._entries if e.live)
-            self._dead = 0
+        if self._latest.get((sub, topic)) == number:
+            del self._latest[(sub, topic)]
+        self._count_lag(sub, policy)
+        if self._dead > 64 and self._dead > len(self._times) // 2:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Remove the evicted entries, renumbering the indexed ones."""
+        base, times, parts = self._base, self._times, self._parts
+        renumbered: dict[int, int] = {}
+        kept_parts: list[bytes] = []
+        kept_times: list[float | None] = []
+        for index, time in enumerate(times):
+            if time is not _GONE:
+                renumbered[base + index] = base + len(kept_times)
+                kept_times.append(time)
+                kept_parts += parts[2 * index : 2 * index + 2]
+        self._parts, self._times, self._dead = kept_parts, kept_times, 0
+        for own in self._evictable.values():
+            own_items = [(renumbered[number], topic) for number, topic in own]
+            own.clear()
+            own.extend(own_items)
+        for key, number in self._latest.items():
+            self._latest[key] = renumbered[number]
 
     def _count_lag(self, sub: str, policy: Policy) -> None:
         self._lags[sub] = self._lags.get(sub, 0) + 1
@@ -285,48 +346,69 @@ class OutboundQueue:
 
     def take_batch(self, max_bytes: int) -> Batch:
         """Take lag counts and the oldest frames, up to ``max_bytes`` (at least one frame)."""
-        frames: list[bytes] = []
-        taken = messages = replies = 0
-        oldest: float | None = None
-        entries = self._entries
-        while entries:
-            entry = entries[0]
-            if not entry.live:
-                entries.popleft()
-                self._dead -= 1
-                continue
-            size = entry.size
-            if frames and taken + size > max_bytes:
-                break
-            entries.popleft()
-            taken += size
-            tail = entry.tail
-            frames.append(entry.frame + tail if tail else entry.frame)
-            if entry.sub is None:
-                replies += 1
-            else:
-                if oldest is None:  # queue order is publish order (conflate keeps the slot)
-                    oldest = entry.time
-                messages += 1
-                if entry.evictable:
-                    self._forget(entry)
-        self._bytes -= taken
+        times = self._times
+        if self._bytes <= max_bytes:  # everything: no per-frame work
+            parts, taken_times = self._parts, times
+            self._parts, self._times = [], []
+            count = len(times)
+            messages, replies, dead = self._messages, self._replies, self._dead
+        else:
+            parts, count, messages, replies, dead = self._cut(max_bytes)
+            taken_times = times[:count]
+            del times[:count]
+            del self._parts[: 2 * count]
+        if dead:
+            parts = [
+                part
+                for index, time in enumerate(taken_times)
+                if time is not _GONE
+                for part in parts[2 * index : 2 * index + 2]
+            ]
+            self._dead -= dead
+        self._base += count
+        self._bytes -= sum(map(len, parts))
         self._messages -= messages
         self._replies -= replies
+        if self._evictable:
+            self._forget_taken()
         lags, self._lags = self._lags, {}
         self.full_since = None
         self._wake_publishers()
-        return Batch(lags, frames, messages, oldest)
+        # queue order is publish order (conflate keeps the slot)
+        return Batch(lags, parts, messages, _first_time(taken_times) if messages else None)
 
-    def _forget(self, entry: _Entry) -> None:
-        assert entry.sub is not None
-        own = self._evictable.get(entry.sub)
-        if own and own[0] is entry:
-            own.popleft()
+    def _cut(self, max_bytes: int) -> tuple[list[bytes], int, int, int, int]:
+        """How many entries fit in ``max_bytes`` (at least one frame): the taken parts, the
+        count of entries, of messages, of replies and of evicted entries among them."""
+        parts, times = self._parts, self._times
+        taken = messages = replies = dead = count = 0
+        for count, time in enumerate(times):
+            if time is _GONE:
+                dead += 1
+                continue
+            size = len(parts[2 * count]) + len(parts[2 * count + 1])
+            if (messages or replies) and taken + size > max_bytes:
+                break
+            taken += size
+            if time is None:
+                replies += 1
+            else:
+                messages += 1
+        else:
+            count = len(times)
+        return parts[: 2 * count], count, messages, replies, dead
+
+    def _forget_taken(self) -> None:
+        """Drop the index entries of taken messages."""
+        base = self._base
+        for sub, own in list(self._evictable.items()):
+            while own and own[0][0] < base:
+                own.popleft()
             if not own:
-                del self._evictable[entry.sub]
-        if self._latest.get((entry.sub, entry.topic)) is entry:
-            del self._latest[(entry.sub, entry.topic)]
+                del self._evictable[sub]
+        for key, number in list(self._latest.items()):
+            if number < base:
+                del self._latest[key]
 
     def close(self) -> None:
         """Refuse new frames and wake every waiter; what is queued can still be taken."""
@@ -336,8 +418,17 @@ class OutboundQueue:
 
     def clear(self) -> None:
         """Discard everything queued (a closing slow consumer gets no more messages)."""
-        self._entries.clear()
+        self._base += len(self._times)
+        self._parts, self._times = [], []
         self._evictable.clear()
         self._latest.clear()
         self._lags.clear()
         self._messages = self._replies = self._bytes = self._dead = 0
+
+
+def _first_time(times: list[float | None]) -> float | None:
+    """The first message's publish time among ``times`` (skipping replies and evictions)."""
+    for time in times:
+        if time is not None and time is not _GONE:
+            return time
+    return None

@@ -246,10 +246,7 @@ class WebSocket:
         """Send the concatenation of ``parts`` as one message (UTF-8 text if ``text``)."""
         if self._conn.state is not _OPEN:
             raise ConnectionClosed(self.closed if self.closed is not None else 1006)
-        length = 0
-        for part in parts:
-            length += len(part)
-        await self.send_raw(b"".join([frame_header(length, text), *parts]))
+        await self.send_raw(b"".join([frame_header(sum(map(len, parts)), text), *parts]))
 
     # --- receiving ---
 

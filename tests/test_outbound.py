@@ -322,7 +322,7 @@ def test_lazily_deleted_entries_are_compacted() -> None:
     for n in range(10_000):
         offer(queue, "busy", "t", f"m{n}", DROP_OLDEST)
     assert queue.statistics()["messages"] == 2
-    assert len(queue._entries) < 200  # evicted entries do not pile up
+    assert len(queue._times) < 200  # evicted entries do not pile up
     assert take_all(queue) == ["t0|quiet", "m9999|busy"]
 
 
