@@ -196,9 +196,23 @@ class Connection:
         await self.websocket.aclose(code, self.close_reason or None, self.limits.close_timeout)
 
     async def _write_loop(self) -> None:
+        # One scope for every write: close() gives what is left close_timeout from then on.
+        with trio.CancelScope() as scope:
+            self._send_scope = scope
+            if self.close_code is not None:
+                scope.deadline = trio.current_time() + self.limits.close_timeout
+            try:
+                await self._write_batches()
+            except ConnectionClosed:
+                return
+            finally:
+                self._send_scope = None
+
+    async def _write_batches(self) -> None:
         queue = self._queue
         encoding = self._encoding
         stats = self.stats
+        send_message = self.websocket.send_message
         text = encoding is not Encoding.MSGPACK
         while True:
             await queue.wait_batch()
@@ -213,29 +227,21 @@ class Connection:
             batch = queue.take_batch(self.limits.max_message_size)
             if not batch.parts and not batch.lags:
                 return  # closed, and flushed or discarded
-            if text:
+            size = batch.size
+            if batch.lags or text:
                 frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
-                frames = [b"\n".join(frames + batch.frames)]
-            elif batch.lags:
-                frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
-                frames += batch.parts
+                size += sum(map(len, frames))
+                if text:
+                    frames = [b"\n".join(frames + batch.frames)]
+                    size = len(frames[0])
+                else:
+                    frames += batch.parts
             else:
                 frames = batch.parts  # each frame's body and tail, joined by the send
-            with trio.CancelScope() as scope:
-                self._send_scope = scope
-                if self.close_code is not None:
-                    scope.deadline = trio.current_time() + self.limits.close_timeout
-                try:
-                    await self.websocket.send_message(frames, text)
-                except ConnectionClosed:
-                    return
-                finally:
-                    self._send_scope = None
-            if scope.cancelled_caught:
-                return  # the peer stopped reading while we were closing
+            await send_message(frames, text, size)
             self.messages_out += batch.messages
             stats.messages_out += batch.messages
-            stats.bytes_out += sum(map(len, frames))
+            stats.bytes_out += size
             if batch.oldest is not None:
                 stats.fanout_latency.observe(metrics_clock() - batch.oldest)
 

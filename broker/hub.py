@@ -218,6 +218,14 @@ class Hub:
         Redis' answer: a publisher that asks for no ``ok`` is not held up by a round trip.
         """
         if not self.backplane.active:
+            rule = self.policies.rule_for(topic)
+            if rule.history is None:  # the common case without the coroutines below
+                now = metrics_clock()
+                waiting: list[tuple[Subscription, bytes]] = []
+                matched = self._offer_all(topic, data, rule.on_full, None, None, now, None, waiting)
+                for subscription, body in waiting:
+                    await self._offer_blocking(subscription, topic, body, now)
+                return matched
             return await self._publish_here(topic, data, None)
         packed = pack_data(data)
         limits = self.policies.history_for(topic)
@@ -333,8 +341,26 @@ class Hub:
         now: float,
         epoch: str | None = None,
     ) -> int:
-        bodies: dict[Encoding, bytes] = {}
         waiting: list[tuple[Subscription, bytes]] = []
+        matched = self._offer_all(topic, data, policy, offset, packed, now, epoch, waiting)
+        for subscription, body in waiting:
+            await self._offer_blocking(subscription, topic, body, now)
+        return matched
+
+    def _offer_all(
+        self,
+        topic: str,
+        data: Any,
+        policy: Policy,
+        offset: int | None,
+        packed: bytes | None,
+        now: float,
+        epoch: str | None,
+        waiting: list[tuple[Subscription, bytes]],
+    ) -> int:
+        """Offer the message to every matching subscription without waiting; those that are
+        full under ``block`` go to ``waiting``. Returns how many matched."""
+        bodies: dict[Encoding, bytes] = {}
         matched = 0
         last_encoding: Encoding | None = None  # saves hashing the Enum per delivery
         body = b""
@@ -366,8 +392,6 @@ class Hub:
                 subscription.subscriber.close_slow_consumer(
                     f"outbound queue full on {topic!r} (disconnect)"
                 )
-        for subscription, body in waiting:
-            await self._offer_blocking(subscription, topic, body, now)
         return matched
 
     async def _offer_blocking(

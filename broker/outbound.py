@@ -76,14 +76,15 @@ class Batch:
 
     ``parts`` holds each frame as two byte strings, its body and its tail (``b""`` for a
     reply), so that the writer joins the whole batch at once; :attr:`frames` joins each
-    frame. ``messages`` counts the ``msg`` frames; ``oldest`` is when the oldest of them was
-    published (``None`` if there are none).
+    frame, and ``size`` is their length in bytes. ``messages`` counts the ``msg`` frames;
+    ``oldest`` is when the oldest of them was published (``None`` if there are none).
     """
 
     lags: dict[str, int]
     parts: list[bytes]
     messages: int = 0
     oldest: float | None = None
+    size: int = 0  # bytes in parts
 
     @property
     def frames(self) -> list[bytes]:
@@ -350,10 +351,10 @@ class OutboundQueue:
         if self._bytes <= max_bytes:  # everything: no per-frame work
             parts, taken_times = self._parts, times
             self._parts, self._times = [], []
-            count = len(times)
+            count, taken = len(times), self._bytes
             messages, replies, dead = self._messages, self._replies, self._dead
         else:
-            parts, count, messages, replies, dead = self._cut(max_bytes)
+            parts, count, taken, messages, replies, dead = self._cut(max_bytes)
             taken_times = times[:count]
             del times[:count]
             del self._parts[: 2 * count]
@@ -366,7 +367,7 @@ class OutboundQueue:
             ]
             self._dead -= dead
         self._base += count
-        self._bytes -= sum(map(len, parts))
+        self._bytes -= taken
         self._messages -= messages
         self._replies -= replies
         if self._evictable:
@@ -375,11 +376,13 @@ class OutboundQueue:
         self.full_since = None
         self._wake_publishers()
         # queue order is publish order (conflate keeps the slot)
-        return Batch(lags, parts, messages, _first_time(taken_times) if messages else None)
+        oldest = _first_time(taken_times) if messages else None
+        return Batch(lags, parts, messages, oldest, taken)
 
-    def _cut(self, max_bytes: int) -> tuple[list[bytes], int, int, int, int]:
+    def _cut(self, max_bytes: int) -> tuple[list[bytes], int, int, int, int, int]:
         """How many entries fit in ``max_bytes`` (at least one frame): the taken parts, the
-        count of entries, of messages, of replies and of evicted entries among them."""
+        count of entries, their bytes, the count of messages, of replies and of evicted
+        entries among them."""
         parts, times = self._parts, self._times
         taken = messages = replies = dead = count = 0
         for count, time in enumerate(times):
@@ -396,7 +399,7 @@ class OutboundQueue:
                 messages += 1
         else:
             count = len(times)
-        return parts[: 2 * count], count, messages, replies, dead
+        return parts[: 2 * count], count, taken, messages, replies, dead
 
     def _forget_taken(self) -> None:
         """Drop the index entries of taken messages."""

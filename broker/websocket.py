@@ -242,11 +242,16 @@ class WebSocket:
         if sent < len(data):
             await self.stream.send_all(memoryview(data)[sent:])
 
-    async def send_message(self, parts: Sequence[bytes], text: bool) -> None:
-        """Send the concatenation of ``parts`` as one message (UTF-8 text if ``text``)."""
+    async def send_message(
+        self, parts: Sequence[bytes], text: bool, length: int | None = None
+    ) -> None:
+        """Send the concatenation of ``parts`` (``length`` bytes, if known) as one message
+        (UTF-8 text if ``text``)."""
         if self._conn.state is not _OPEN:
             raise ConnectionClosed(self.closed if self.closed is not None else 1006)
-        await self.send_raw(b"".join([frame_header(sum(map(len, parts)), text), *parts]))
+        if length is None:
+            length = sum(map(len, parts))
+        await self.send_raw(b"".join([frame_header(length, text), *parts]))
 
     # --- receiving ---
 
