@@ -84,6 +84,25 @@ class ConnectionLimits:
 class Connection:
     """Serves one accepted WebSocket until either side closes it (see the module doc)."""
 
+    __slots__ = (
+        "_bad_in_a_row",
+        "_encoding",
+        "_publish_limiter",
+        "_queue",
+        "_scope",
+        "close_code",
+        "close_reason",
+        "hub",
+        "identity",
+        "limits",
+        "messages_out",
+        "peer",
+        "started",
+        "stats",
+        "subscriptions",
+        "websocket",
+    )
+
     def __init__(
         self,
         websocket: WebSocket,
@@ -116,7 +135,7 @@ class Connection:
         self.subscriptions: dict[str, Subscription] = {}
         self.close_code: int | None = None
         self.close_reason = ""
-        self._send_scope: trio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None  # the reader's and writer's, while they run
         self._bad_in_a_row = 0
 
     @property
@@ -160,8 +179,8 @@ class Connection:
         if not flush:
             self._queue.clear()
         self._queue.close()
-        if self._send_scope is not None:  # a write in progress gets close_timeout to finish
-            self._send_scope.deadline = trio.current_time() + self.limits.close_timeout
+        if self._scope is not None:  # the flush (or a write in progress) gets close_timeout
+            self._scope.deadline = trio.current_time() + self.limits.close_timeout
 
     def close_slow_consumer(self, why: str) -> None:
         """Close with 4002, discarding what is queued (called by the hub)."""
@@ -177,12 +196,16 @@ class Connection:
         """Run the reader and writer until the connection ends, then clean up."""
         try:
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self.close_code is not None:
+                    self._scope.deadline = trio.current_time() + self.limits.close_timeout
                 nursery.start_soon(self._read_loop)
                 if seconds_left(self.identity) is not None:
                     nursery.start_soon(self._close_when_token_expires)
                 await self._write_loop()
                 nursery.cancel_scope.cancel()
         finally:
+            self._scope = None
             for subscription in self.subscriptions.values():
                 self.hub.unsubscribe(subscription)
             self._queue.close()
@@ -196,19 +219,6 @@ class Connection:
         await self.websocket.aclose(code, self.close_reason or None, self.limits.close_timeout)
 
     async def _write_loop(self) -> None:
-        # One scope for every write: close() gives what is left close_timeout from then on.
-        with trio.CancelScope() as scope:
-            self._send_scope = scope
-            if self.close_code is not None:
-                scope.deadline = trio.current_time() + self.limits.close_timeout
-            try:
-                await self._write_batches()
-            except ConnectionClosed:
-                return
-            finally:
-                self._send_scope = None
-
-    async def _write_batches(self) -> None:
         queue = self._queue
         encoding = self._encoding
         stats = self.stats
@@ -238,7 +248,10 @@ class Connection:
                     frames += batch.parts
             else:
                 frames = batch.parts  # each frame's body and tail, joined by the send
-            await send_message(frames, text, size)
+            try:
+                await send_message(frames, text, size)
+            except ConnectionClosed:
+                return
             self.messages_out += batch.messages
             stats.messages_out += batch.messages
             stats.bytes_out += size
