@@ -11,6 +11,8 @@ from __future__ import annotations
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up; starts full."""
 
+    __slots__ = ("_tokens", "_updated", "burst", "rate")
+
     def __init__(self, rate: float, burst: float, now: float) -> None:
         if rate <= 0 or burst <= 0:
             raise ValueError("rate and burst must be greater than 0")
@@ -36,6 +38,8 @@ class TokenBucket:
 
 class PublishLimiter:
     """Messages per second and bytes per second for one connection's publishes."""
+
+    __slots__ = ("bytes", "messages")
 
     def __init__(
         self, rate: float, burst: float, bytes_rate: float, bytes_burst: float, now: float

@@ -268,13 +268,19 @@ class Broker:
             with trio.move_on_after(self.config.server.handshake_timeout):
                 request = await read_handshake(stream)
             if request is not None:
-                await self._handle(request)
+                admitted = await self._admit_or_reject(request)
+                if admitted is not None:  # awaited here, not inside: one coroutine frame less
+                    await self._serve_admitted(request, *admitted)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away during the handshake
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, request: Handshake) -> None:
+    async def _admit_or_reject(
+        self, request: Handshake
+    ) -> tuple[Encoding, Identity, str, str] | None:
+        """The handshake's encoding, identity, peer and IP if it is admitted; else it is
+        answered with an HTTP error and the answer is ``None``."""
         remote = peer_address(request.stream)
         ip, peer = (
             ("unknown", "unknown") if remote is None else (remote[0], f"{remote[0]}:{remote[1]}")
@@ -287,7 +293,7 @@ class Broker:
             await request.reject(
                 400, f"unsupported subprotocol; offer one of {', '.join(SUBPROTOCOLS)}\n".encode()
             )
-            return
+            return None
         try:
             identity = self.admit(request, ip)
         except Refused as refused:
@@ -297,14 +303,8 @@ class Broker:
             await request.reject(
                 refused.status, f"{refused}\n".encode(), extra if refused.status == 401 else ()
             )
-            return
-        self.admitted_per_ip[ip] += 1
-        try:
-            await self._serve_admitted(request, encoding, identity, peer)
-        finally:
-            self.admitted_per_ip[ip] -= 1
-            if not self.admitted_per_ip[ip]:
-                del self.admitted_per_ip[ip]
+            return None
+        return encoding, identity, peer, ip
 
     def admit(self, request: Handshake, ip: str) -> Identity:
         """Who the handshake's client is, if it may connect now; raises :class:`Refused`.
@@ -340,39 +340,47 @@ class Broker:
             raise Refused(exc.status, str(exc), label) from None
 
     async def _serve_admitted(
-        self, request: Handshake, encoding: Encoding, identity: Identity, peer: str
+        self, request: Handshake, encoding: Encoding, identity: Identity, peer: str, ip: str
     ) -> None:
         limits = self.connection_limits
-        websocket: WebSocket = await request.accept(
-            encoding.value if request.subprotocols else None,
-            max_message_size=limits.max_message_size,
-            ping_interval=limits.ping_interval,
-            ping_timeout=limits.ping_timeout,
-        )
-        connection = Connection(
-            websocket, encoding, self.hub, self.connection_limits, peer, identity, self.stats
-        )
-        self.connections.add(connection)
-        self.stats.connections_accepted += 1
-        log.info("connect peer=%s subject=%s encoding=%s", peer, identity.subject, encoding.value)
-        started = trio.current_time()
+        self.admitted_per_ip[ip] += 1
         try:
-            await connection.serve()
-        except Exception:
-            log.exception("peer=%s: connection failed", peer)
-            connection.close_code, connection.close_reason = 1011, "internal error"
-            await websocket.aclose(1011, "internal error", limits.close_timeout)
-        finally:
-            self.connections.discard(connection)
-            self._connection_ended.set()
-            log.info(
-                "disconnect peer=%s code=%s reason=%r subs=%d after %.1f s",
-                peer,
-                connection.close_code,
-                connection.close_reason,
-                len(connection.subscriptions),
-                trio.current_time() - started,
+            websocket: WebSocket = await request.accept(
+                encoding.value if request.subprotocols else None,
+                max_message_size=limits.max_message_size,
+                ping_interval=limits.ping_interval,
+                ping_timeout=limits.ping_timeout,
             )
+            connection = Connection(
+                websocket, encoding, self.hub, self.connection_limits, peer, identity, self.stats
+            )
+            self.connections.add(connection)
+            self.stats.connections_accepted += 1
+            log.info(
+                "connect peer=%s subject=%s encoding=%s", peer, identity.subject, encoding.value
+            )
+            started = trio.current_time()
+            try:
+                await connection.serve()
+            except Exception:
+                log.exception("peer=%s: connection failed", peer)
+                connection.close_code, connection.close_reason = 1011, "internal error"
+                await websocket.aclose(1011, "internal error", limits.close_timeout)
+            finally:
+                self.connections.discard(connection)
+                self._connection_ended.set()
+                log.info(
+                    "disconnect peer=%s code=%s reason=%r subs=%d after %.1f s",
+                    peer,
+                    connection.close_code,
+                    connection.close_reason,
+                    len(connection.subscriptions),
+                    trio.current_time() - started,
+                )
+        finally:
+            self.admitted_per_ip[ip] -= 1
+            if not self.admitted_per_ip[ip]:
+                del self.admitted_per_ip[ip]
 
 
 def _describe(rule: TopicRule) -> str:

@@ -192,11 +192,11 @@ class WebSocket:
         self._ping_timeout = ping_timeout
         self._timer_at = trio.current_time() + ping_interval
         self._ping_outstanding = False
-        self._partial: list[bytes | bytearray | str] = []
+        self._partial: list[bytes | bytearray | str] | None = None  # a fragmented message
         self._partial_size = 0
         self._sending = False
         self._idle: trio.Event | None = None  # set when a write in progress ends
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] | None = None  # control frames behind a write
 
     # --- sending ---
 
@@ -209,7 +209,9 @@ class WebSocket:
         """
         while self._sending:
             if control:
-                if len(self._pending) < 4:
+                if self._pending is None:
+                    self._pending = [data]
+                elif len(self._pending) < 4:
                     self._pending.append(data)
                 return
             if self._idle is None:
@@ -220,7 +222,7 @@ class WebSocket:
             await self._send_all(data)
             while self._pending:
                 data = b"".join(self._pending)
-                self._pending.clear()
+                self._pending = None
                 await self._send_all(data)
         except (OSError, *_STREAM_GONE):
             self._gone()
@@ -297,20 +299,22 @@ class WebSocket:
         conn = self._conn
         conn.receive_data(bytes(data) if isinstance(data, bytearray) else data)
         done: list[bytes | str] = []
-        partial = self._partial
         for event in conn.events():
             if isinstance(event, (BytesMessage, TextMessage)):
                 piece: bytes | bytearray | str = event.data
                 self._partial_size += len(piece)
                 if self._partial_size > self._max_message_size:
                     raise MessageTooBig
+                partial = self._partial
                 if not event.message_finished:
+                    if partial is None:
+                        partial = self._partial = []
                     partial.append(piece)
                     continue
-                if partial:
+                if partial is not None:
                     partial.append(piece)
                     piece = "".join(partial) if isinstance(piece, str) else b"".join(partial)  # type: ignore[arg-type]
-                    partial.clear()
+                    self._partial = None
                 done.append(bytes(piece) if isinstance(piece, bytearray) else piece)
                 self._partial_size = 0
             elif isinstance(event, Ping):
