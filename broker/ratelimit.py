@@ -30,6 +30,11 @@ class TokenBucket:
         """True if ``amount`` tokens are available at ``now``."""
         return self.tokens(now) >= amount
 
+    def set(self, tokens: float, now: float) -> None:
+        """Hold ``tokens`` as of ``now`` (what :meth:`tokens` said, less what was taken)."""
+        self._tokens = tokens
+        self._updated = max(now, self._updated)
+
     def take(self, amount: float, now: float) -> None:
         """Remove ``amount`` tokens (check :meth:`can_take` first; this may go negative)."""
         self._tokens = self.tokens(now) - amount
@@ -55,8 +60,12 @@ class PublishLimiter:
         them for ever.
         """
         messages, data = self.messages, self.bytes
-        if messages.tokens(now) < 1 or data.tokens(now) < min(size, data.burst):
+        have = messages.tokens(now)
+        if have < 1:
             return False
-        messages.take(1, now)
-        data.take(size, now)
+        have_bytes = data.tokens(now)
+        if have_bytes < min(size, data.burst):
+            return False
+        messages.set(have - 1, now)
+        data.set(have_bytes - size, now)
         return True
