@@ -326,6 +326,19 @@ def test_lazily_deleted_entries_are_compacted() -> None:
     assert take_all(queue) == ["t0|quiet", "m9999|busy"]
 
 
+def test_conflate_replaces_the_right_message_after_a_compaction() -> None:
+    queue = OutboundQueue(1000, 1 << 20)
+    fill(queue, "quiet", "t", 1, BLOCK)
+    queue.max_messages = 3
+    for n in range(200):  # evictions (the oldest of "busy") pile up, then get compacted
+        offer(queue, "busy", f"t{n % 7}", f"m{n}", CONFLATE)
+    assert len(queue._times) < 100
+    # Queued now: t0|quiet, m198 (topic t2), m199 (topic t3).
+    offer(queue, "busy", "t2", "new", CONFLATE)  # replaces m198 in its place
+    assert take_all(queue) == ["t0|quiet", "new|busy", "m199|busy"]
+    assert queue.statistics()["messages"] == 0
+
+
 # --- close and clear -------------------------------------------------------------------------
 
 
