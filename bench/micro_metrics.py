@@ -42,18 +42,15 @@ class StubWebSocket:
     def __init__(self) -> None:
         self.sent = 0
 
-    async def send_message(self, message: bytes | str) -> None:
+    async def send_message(self, parts: Any, text: bool, length: int | None = None) -> None:
         self.sent += 1
         await trio.lowlevel.checkpoint()
 
-    async def get_message(self) -> bytes:
+    async def receive(self) -> list[bytes]:
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 
-    async def ping(self) -> None:
-        await trio.sleep_forever()
-
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+    async def aclose(self, code: int, reason: str | None, timeout: float) -> None:  # noqa: ASYNC109
         return
 
 
