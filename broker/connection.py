@@ -56,8 +56,8 @@ log = logging.getLogger("broker.connection")
 
 # A reader writes at most this many messages to an idle subscriber itself (write_held); a
 # longer queue means a publisher far ahead: its writer, yielding while the queue grows,
-# makes fewer and bigger writes (fanout: ~700 frames per write instead of ~400).
-DIRECT_WRITE_MAX = 32
+# makes fewer and bigger writes (fanout: ~700 frames per write instead of ~300-400).
+DIRECT_WRITE_MAX = 8
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
