@@ -9,7 +9,9 @@
   not answer a ping within ``ping_timeout`` is closed with 1001.
 - The **writer** waits for the outbound queue, takes everything in it (up to
   ``max_message_size``) and sends it as one WebSocket message: idle connections get each
-  message at once, busy ones get batches, and nothing waits on a timer.
+  message at once, busy ones get batches, and nothing waits on a timer. A subscriber whose
+  writer is asleep and whose queue is short is written by the publishing reader itself at
+  the end of its read (:meth:`Connection.write_held`, docs/design.md "Direct writes").
 - When the client's token expires, the connection is closed with 4003.
 
 Every ``sub`` and ``pub`` is checked against the client's :class:`~broker.auth.Identity`
