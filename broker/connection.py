@@ -9,7 +9,9 @@
   not answer a ping within ``ping_timeout`` is closed with 1001.
 - The **writer** waits for the outbound queue, takes everything in it (up to
   ``max_message_size``) and sends it as one WebSocket message: idle connections get each
-  message at once, busy ones get batches, and nothing waits on a timer.
+  message at once, busy ones get batches, and nothing waits on a timer. A subscriber whose
+  writer is asleep and whose queue is short is written by the publishing reader itself at
+  the end of its read (:meth:`Connection.write_held`, docs/design.md "Direct writes").
 - When the client's token expires, the connection is closed with 4003.
 
 Every ``sub`` and ``pub`` is checked against the client's :class:`~broker.auth.Identity`
@@ -47,12 +49,17 @@ from broker.frames import (
     encode_ok,
 )
 from broker.hub import Hub, Subscription
-from broker.outbound import OutboundQueue
+from broker.outbound import Batch, OutboundQueue
 from broker.ratelimit import PublishLimiter
 from broker.stats import BrokerStats, ConnectionSnapshot, describe, metrics_clock
 from broker.websocket import ConnectionClosed, MessageTooBig, PingTimeout, WebSocket
 
 log = logging.getLogger("broker.connection")
+
+# A reader writes at most this many messages to an idle subscriber itself (write_held); a
+# longer queue means a publisher far ahead: its writer, yielding while the queue grows,
+# makes fewer and bigger writes (fanout: ~700 frames per write instead of ~300-400).
+DIRECT_WRITE_MAX = 8
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -87,6 +94,7 @@ class Connection:
     __slots__ = (
         "_bad_in_a_row",
         "_encoding",
+        "_held",
         "_publish_limiter",
         "_queue",
         "_scope",
@@ -137,6 +145,8 @@ class Connection:
         self.close_reason = ""
         self._scope: trio.CancelScope | None = None  # the reader's and writer's, while they run
         self._bad_in_a_row = 0
+        self._held = False  # in the hub's HeldWakes
+        self._queue.waker = self
 
     @property
     def queue(self) -> OutboundQueue:
@@ -220,12 +230,14 @@ class Connection:
 
     async def _write_loop(self) -> None:
         queue = self._queue
-        encoding = self._encoding
-        stats = self.stats
-        send_message = self.websocket.send_message
-        text = encoding is not Encoding.MSGPACK
+        websocket = self.websocket
         while True:
             await queue.wait_batch()
+            if websocket.sending_rest:
+                try:
+                    await websocket.finish_send()
+                except ConnectionClosed:
+                    return
             # While the queue keeps growing, let its producers run once more: under load the
             # batch grows (fewer, bigger writes); when idle this costs one scheduler pass.
             for _ in range(4):
@@ -233,54 +245,96 @@ class Connection:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 if len(queue) == queued:
                     break
-            stats.queue_depth.observe(len(queue))
+            self.stats.queue_depth.observe(len(queue))
             batch = queue.take_batch(self.limits.max_message_size)
             if not batch.parts and not batch.lags:
-                return  # closed, and flushed or discarded
-            size = batch.size
-            if batch.lags or text:
-                frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
-                size += sum(map(len, frames))
-                if text:
-                    frames = [b"\n".join(frames + batch.frames)]
-                    size = len(frames[0])
-                else:
-                    frames += batch.parts
-            else:
-                frames = batch.parts  # each frame's body and tail, joined by the send
+                if queue.closed:
+                    return  # closed, and flushed or discarded
+                continue  # woken to finish a direct write only
+            frames, size = self._frames(batch)
             try:
-                await send_message(frames, text, size)
+                await websocket.send_message(frames, self._encoding is not Encoding.MSGPACK, size)
             except ConnectionClosed:
                 return
-            self.messages_out += batch.messages
-            stats.messages_out += batch.messages
-            stats.bytes_out += size
-            if batch.oldest is not None:
-                stats.fanout_latency.observe(metrics_clock() - batch.oldest)
+            self._count_sent(batch, size)
+
+    def hold_wake(self) -> bool:
+        """While the hub holds wake-ups (a reader executing a read), join its list."""
+        wakes = self.hub.wakes
+        if not wakes.holding():
+            return False
+        if not self._held:
+            self._held = True
+            wakes.add(self)
+        return True
+
+    def write_held(self) -> None:
+        """Write the queue directly if the writer is still asleep and the socket takes it
+        without waiting; otherwise wake the writer (which also finishes a partial write)."""
+        self._held = False
+        queue = self._queue
+        if not queue.writer_waiting:
+            return  # woken since by someone else: the writer has it
+        websocket = self.websocket
+        if len(queue) > DIRECT_WRITE_MAX or not websocket.can_send_now():
+            queue.wake_writer()
+            return
+        self.stats.queue_depth.observe(len(queue))
+        batch = queue.take_batch(self.limits.max_message_size)
+        if not batch.parts and not batch.lags:
+            queue.wake_writer()
+            return
+        frames, size = self._frames(batch)
+        if not websocket.send_now(frames, self._encoding is not Encoding.MSGPACK, size):
+            queue.wake_writer(kick=True)  # the socket took part: the writer sends the rest
+        self._count_sent(batch, size)
+
+    def _frames(self, batch: Batch) -> tuple[list[bytes], int]:
+        """The frames of ``batch`` to send as one message, and their size."""
+        encoding = self._encoding
+        size = batch.size
+        if not batch.lags and encoding is Encoding.MSGPACK:
+            return batch.parts, size  # each frame's body and tail, joined by the send
+        frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
+        size += sum(map(len, frames))
+        if encoding is not Encoding.MSGPACK:
+            frames = [b"\n".join(frames + batch.frames)]
+            return frames, len(frames[0])
+        return frames + batch.parts, size
+
+    def _count_sent(self, batch: Batch, size: int) -> None:
+        stats = self.stats
+        self.messages_out += batch.messages
+        stats.messages_out += batch.messages
+        stats.bytes_out += size
+        if batch.oldest is not None:
+            stats.fanout_latency.observe(metrics_clock() - batch.oldest)
 
     async def _read_loop(self) -> None:
         try:
+            wakes = self.hub.wakes
+            queue = self._queue
             while True:
-                for message in await self.websocket.receive():
-                    self.stats.bytes_in += len(message)
-                    for item in decode_batch(message, self._encoding):
-                        if self._queue.closed:
-                            return  # closing: the rest of the batch is not executed
-                        if isinstance(item, FrameError):
-                            if self._refuse(item):
-                                return
-                        else:
-                            self._bad_in_a_row = 0
-                            try:
-                                await self._execute(item)
-                            except Exception:
-                                log.exception("peer=%s: internal error on %r", self.peer, item)
-                                if isinstance(item, Pub):
-                                    self.stats.publishes[ErrorCode.INTERNAL] += 1
-                                self._reply_error(
-                                    FrameError(ErrorCode.INTERNAL, "internal error", item.id)
-                                )
-                    await self._queue.wait_reply_room()  # a peer not reading replies: no hold
+                messages = await self.websocket.receive()
+                wakes.hold()  # what this read queues is written at its end (wakes.release)
+                try:
+                    for message in messages:
+                        self.stats.bytes_in += len(message)
+                        for item in decode_batch(message, self._encoding):
+                            if queue.closed:
+                                return  # closing: the rest of the batch is not executed
+                            if isinstance(item, FrameError):
+                                if self._refuse(item):
+                                    return
+                            else:
+                                self._bad_in_a_row = 0
+                                await self._execute_or_reply(item)
+                        if queue.replies_full:  # a peer not reading replies: no hold
+                            wakes.release()
+                            await queue.wait_reply_room()
+                            wakes.hold()
+                finally:
+                    wakes.release()
         except MessageTooBig:
             size = self.limits.max_message_size
             self.close(CLOSE_TOO_BIG, f"Exceeded maximum message size: {size} bytes")
@@ -291,6 +345,15 @@ class Connection:
         except ConnectionClosed as exc:
             if self.close_code is None:
                 self.close(exc.code, f"closed by peer ({exc.code})", flush=False)
+
+    async def _execute_or_reply(self, item: Command) -> None:
+        try:
+            await self._execute(item)
+        except Exception:
+            log.exception("peer=%s: internal error on %r", self.peer, item)
+            if isinstance(item, Pub):
+                self.stats.publishes[ErrorCode.INTERNAL] += 1
+            self._reply_error(FrameError(ErrorCode.INTERNAL, "internal error", item.id))
 
     def _refuse(self, error: FrameError) -> bool:
         """Answer a bad frame; True if this was one too many in a row."""
@@ -362,6 +425,7 @@ class Connection:
         if not backplane.active or command.topic in self.subscriptions:
             self._subscribe(command)
             return
+        self.hub.wakes.release()  # this reader is about to wait
         backplane.follow(command.topic)  # held while waiting; the subscription holds its own
         try:
             await backplane.wait_followed(command.topic)

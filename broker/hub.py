@@ -34,7 +34,7 @@ from broker.frames import (
     unpack_data,
 )
 from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position, SharedHistory
-from broker.outbound import Offer, OutboundQueue, Policy
+from broker.outbound import HeldWakes, Offer, OutboundQueue, Policy
 from broker.stats import metrics_clock
 from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
@@ -143,6 +143,7 @@ class Hub:
         self.policies = policies
         self.slow_timeout = slow_timeout
         self.history = history if history is not None else MemoryHistory(policies.history_for)
+        self.wakes = HeldWakes()  # see OutboundQueue.waker: readers write to idle subscribers
         self.backplane: Backplane = backplane if backplane is not None else NoBackplane()
         self._trie: PatternTrie[Subscription] = PatternTrie()
         self._in_order: dict[str, trio.StrictFIFOLock] = {}  # history topics being published
@@ -223,10 +224,14 @@ class Hub:
                 now = metrics_clock()
                 waiting: list[tuple[Subscription, bytes]] = []
                 matched = self._offer_all(topic, data, rule.on_full, None, None, now, None, waiting)
+                if waiting:
+                    self.wakes.release()
                 for subscription, body in waiting:
                     await self._offer_blocking(subscription, topic, body, now)
                 return matched
+            self.wakes.release()
             return await self._publish_here(topic, data, None)
+        self.wakes.release()
         packed = pack_data(data)
         limits = self.policies.history_for(topic)
         if limits is not None and isinstance(self.history, SharedHistory):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import enum
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -93,6 +94,55 @@ class Batch:
         return [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
 
 
+class WakeHolder(Protocol):
+    """Who may hold back a writer's wake-up (:attr:`OutboundQueue.waker`)."""
+
+    def hold_wake(self) -> bool:
+        """True if it takes care of the queued data itself (the writer stays asleep)."""
+        ...
+
+    def write_held(self) -> None:
+        """Write what was queued while the wake-up was held (or wake the writer)."""
+        ...
+
+
+class HeldWakes:
+    """Writers' wake-ups held back while one task runs (a reader executing what one read
+    brought), so that at the end (:meth:`release`) each touched idle connection is written
+    to once, directly, instead of each writer task being woken for it.
+
+    The holder must :meth:`release` before it waits for anything; a wake-up from any other
+    task is never held.
+    """
+
+    __slots__ = ("_held", "_task")
+
+    def __init__(self) -> None:
+        self._held: list[WakeHolder] = []
+        self._task: trio.lowlevel.Task | None = None
+
+    def hold(self) -> None:
+        """Hold wake-ups from the current task until :meth:`release`."""
+        self._task = trio.lowlevel.current_task()
+
+    def holding(self) -> bool:
+        """Whether wake-ups of the current task are held."""
+        return self._task is trio.lowlevel.current_task()
+
+    def add(self, holder: WakeHolder) -> None:
+        """Remember ``holder`` for :meth:`release` (once per hold)."""
+        self._held.append(holder)
+
+    def release(self) -> None:
+        """Stop holding; every remembered holder writes (or wakes its writer). No checkpoint."""
+        self._task = None
+        held = self._held
+        if held:
+            self._held = []
+            for holder in held:
+                holder.write_held()
+
+
 class OutboundQueue:
     """A bounded queue of encoded frames with per-topic full policies (see the module doc).
 
@@ -108,6 +158,7 @@ class OutboundQueue:
         "_closed",
         "_dead",
         "_evictable",
+        "_kicked",
         "_lags",
         "_latest",
         "_messages",
@@ -122,6 +173,7 @@ class OutboundQueue:
         "max_bytes",
         "max_messages",
         "max_replies",
+        "waker",
     )
 
     def __init__(
@@ -150,6 +202,9 @@ class OutboundQueue:
         # Created by a waiter, set and dropped by the next wake-up: an idle queue holds none.
         self._readable: trio.Event | None = None  # the writer waits for something to send
         self._room: trio.Event | None = None  # publishers wait for the writer to take a batch
+        self._kicked = False  # wait_batch returns even with nothing queued
+        # Asked first when the waiting writer would be woken; True: it handles the wake-up.
+        self.waker: WakeHolder | None = None
         self.full_since: float | None = None
         self.dropped_total = 0
         self.drops: Counter[str] = drops if drops is not None else Counter()  # by policy
@@ -309,6 +364,22 @@ class OutboundQueue:
     def _wake_writer(self) -> None:
         readable = self._readable
         if readable is not None:
+            waker = self.waker
+            if waker is not None and waker.hold_wake():
+                return
+            self._readable = None
+            readable.set()
+
+    @property
+    def writer_waiting(self) -> bool:
+        """Whether the writer is in :meth:`wait_batch` and has not been woken."""
+        return self._readable is not None
+
+    def wake_writer(self, *, kick: bool = False) -> None:
+        """Wake the waiting writer now; with ``kick``, even with nothing queued."""
+        self._kicked = self._kicked or kick
+        readable = self._readable
+        if readable is not None:
             self._readable = None
             readable.set()
 
@@ -331,6 +402,11 @@ class OutboundQueue:
             self.full_since = trio.current_time()
         await self._wait_room_event()
 
+    @property
+    def replies_full(self) -> bool:
+        """Whether :meth:`wait_reply_room` would wait."""
+        return self._replies >= self.max_replies and not self._closed
+
     async def wait_reply_room(self) -> None:
         """Wait while more than ``max_replies`` replies are queued (the client is not reading)."""
         while self._replies >= self.max_replies and not self._closed:
@@ -338,10 +414,11 @@ class OutboundQueue:
 
     async def wait_batch(self) -> None:
         """Wait until there is something to write, or the queue is closed."""
-        while not (self._messages or self._replies or self._lags or self._closed):
+        while not (self._messages or self._replies or self._lags or self._closed or self._kicked):
             if self._readable is None:
                 self._readable = trio.Event()
             await self._readable.wait()
+        self._kicked = False
 
     # --- consumer ---
 
@@ -416,7 +493,7 @@ class OutboundQueue:
     def close(self) -> None:
         """Refuse new frames and wake every waiter; what is queued can still be taken."""
         self._closed = True
-        self._wake_writer()
+        self.wake_writer()
         self._wake_publishers()
 
     def clear(self) -> None:

@@ -19,6 +19,7 @@ started while another is in progress is appended to it instead of interleaving.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 
@@ -158,6 +159,7 @@ class WebSocket:
     __slots__ = (
         "_conn",
         "_idle",
+        "_leftover",
         "_max_message_size",
         "_partial",
         "_partial_size",
@@ -197,6 +199,7 @@ class WebSocket:
         self._sending = False
         self._idle: trio.Event | None = None  # set when a write in progress ends
         self._pending: list[bytes] | None = None  # control frames behind a write
+        self._leftover: memoryview | None = None  # the unsent rest of a send_now
 
     # --- sending ---
 
@@ -218,6 +221,10 @@ class WebSocket:
                 self._idle = trio.Event()
             await self._idle.wait()
         self._sending = True
+        await self._write(data)
+
+    async def _write(self, data: bytes | memoryview) -> None:
+        """``data`` and the control frames queued behind it; the caller set ``_sending``."""
         try:
             await self._send_all(data)
             while self._pending:
@@ -233,7 +240,7 @@ class WebSocket:
                 self._idle.set()
                 self._idle = None
 
-    async def _send_all(self, data: bytes) -> None:
+    async def _send_all(self, data: bytes | memoryview) -> None:
         # On a plain TCP stream, the socket's own send: SocketStream.send_all adds a conflict
         # detector, an error-translating context manager and a memoryview to every write.
         sock = self._socket
@@ -243,6 +250,41 @@ class WebSocket:
         sent = await sock.send(data)
         if sent < len(data):
             await self.stream.send_all(memoryview(data)[sent:])
+
+    def can_send_now(self) -> bool:
+        """Whether :meth:`send_now` may write: a plain TCP socket, open, no write in progress."""
+        return self._socket is not None and not self._sending and self._conn.state is _OPEN
+
+    def send_now(self, parts: Sequence[bytes], text: bool, length: int) -> bool:
+        """Write the message ``parts`` (``length`` bytes) without waiting, after
+        :meth:`can_send_now`. True if it all went out (or the socket is gone); False if the
+        socket took only part: the rest is a write in progress until :meth:`finish_send`.
+        """
+        assert self._socket is not None
+        data = b"".join([frame_header(length, text), *parts])
+        try:
+            sent = os.write(self._socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._gone()
+            return True
+        if sent == len(data):
+            return True
+        self._sending = True
+        self._leftover = memoryview(data)[sent:]
+        return False
+
+    @property
+    def sending_rest(self) -> bool:
+        """Whether a :meth:`send_now` left bytes for :meth:`finish_send`."""
+        return self._leftover is not None
+
+    async def finish_send(self) -> None:
+        """Write what :meth:`send_now` could not (raises :exc:`ConnectionClosed`)."""
+        data, self._leftover = self._leftover, None
+        if data is not None:
+            await self._write(data)
 
     async def send_message(
         self, parts: Sequence[bytes], text: bool, length: int | None = None

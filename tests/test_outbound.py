@@ -18,7 +18,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from broker.outbound import Offer, OutboundQueue, Policy
+from broker.outbound import HeldWakes, Offer, OutboundQueue, Policy
 
 BLOCK, DROP_OLDEST, DROP_NEWEST = Policy.BLOCK, Policy.DROP_OLDEST, Policy.DROP_NEWEST
 CONFLATE, DISCONNECT = Policy.CONFLATE, Policy.DISCONNECT
@@ -561,3 +561,69 @@ class QueueMachine(RuleBasedStateMachine):
 
 QueueMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40)
 test_queue_machine = QueueMachine.TestCase
+
+
+# --- held wake-ups (a reader writing to idle subscribers itself) ----------------------------
+
+
+class Holder:
+    """A WakeHolder that joins ``wakes`` and, on release, records that it was asked to write."""
+
+    def __init__(self, queue: OutboundQueue, wakes: HeldWakes) -> None:
+        self.queue, self.wakes, self.writes = queue, wakes, 0
+        queue.waker = self
+
+    def hold_wake(self) -> bool:
+        if not self.wakes.holding():
+            return False
+        self.wakes.add(self)
+        return True
+
+    def write_held(self) -> None:
+        self.writes += 1
+        self.queue.take_batch(EVERYTHING)
+
+
+async def test_a_held_wake_up_leaves_the_writer_asleep_until_release_writes(
+    nursery: trio.Nursery,
+) -> None:
+    queue, wakes = OutboundQueue(10, 1000), HeldWakes()
+    holder = Holder(queue, wakes)
+    woken = trio.Event()
+
+    async def writer() -> None:
+        await queue.wait_batch()
+        woken.set()
+
+    nursery.start_soon(writer)
+    await trio.testing.wait_all_tasks_blocked()
+    wakes.hold()
+    offer(queue, "s", "t", "m", BLOCK)
+    assert queue.writer_waiting and holder.writes == 0
+    wakes.release()
+    assert holder.writes == 1 and len(queue) == 0
+    await trio.testing.wait_all_tasks_blocked()
+    assert not woken.is_set()  # written for it: the writer sleeps on
+    queue.wake_writer(kick=True)  # e.g. to finish a partial write: returns with nothing queued
+    await woken.wait()
+
+
+async def test_wake_ups_are_held_only_for_the_holding_task(nursery: trio.Nursery) -> None:
+    queue, wakes = OutboundQueue(10, 1000), HeldWakes()
+    holder = Holder(queue, wakes)
+    woken = trio.Event()
+
+    async def writer() -> None:
+        await queue.wait_batch()
+        woken.set()
+
+    async def other_task() -> None:
+        offer(queue, "s", "t", "m", BLOCK)
+
+    nursery.start_soon(writer)
+    await trio.testing.wait_all_tasks_blocked()
+    wakes.hold()
+    nursery.start_soon(other_task)
+    await woken.wait()  # not held: another task queued it
+    wakes.release()
+    assert holder.writes == 0
