@@ -58,8 +58,12 @@ chat: $(VENV)/.installed-run
 	  $(BIN)/broker serve $(or $(ARGS),--config config/chat.toml)
 
 ## bench: install the Node load generator and run the benchmarks (ARGS="--compare --repeat 3")
-bench: $(VENV)/.installed-run bench/loadgen/node_modules
+bench: $(VENV)/.installed-run bench/loadgen/node_modules $(BIN)/py-spy
 	bench/run $(ARGS)
+
+# py-spy, for bench/run --profile
+$(BIN)/py-spy: | $(BIN)/python
+	$(BIN)/pip install -q py-spy
 
 bench/loadgen/node_modules: bench/loadgen/package-lock.json
 	cd bench/loadgen && npm ci --no-audit --no-fund
