@@ -15,6 +15,7 @@ from broker import __version__
 from broker.cli_client import add_client_commands, run_client_command
 from broker.cli_stats import add_stats_command, run_stats
 from broker.config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, load_config
+from broker.exceptiongroups import first_leaf
 from broker.logs import setup_logging
 from broker.server import Broker
 
@@ -108,13 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(run_until_signalled, broker)
     except* OSError as group:
-        error = _first_leaf(group)
+        error = first_leaf(group)
         where = error.filename or f"{config.server.host}:{config.server.port}"
         print(f"broker: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         status = 1
     return status
-
-
-def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

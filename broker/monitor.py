@@ -28,6 +28,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from broker.exceptiongroups import first_leaf
 from broker.metrics import broker_registry
 from broker.stats import SortKey, metrics_clock, top_connections
 
@@ -130,11 +131,6 @@ async def serve_monitor(
         try:
             binds: list[str] = await nursery.start(serve, app, config)
         except* OSError as group:  # say which address: the broker's own listener is fine
-            error = _first_leaf(group)
+            error = first_leaf(group)
             raise OSError(error.errno, error.strerror, f"{host}:{port} ([metrics])") from None
         task_status.started(binds[0])
-
-
-def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -41,6 +41,7 @@ import msgpack
 import trio
 
 from broker.backplane import BackplaneUnavailable, Deliver, Missed, redis_glob
+from broker.exceptiongroups import first_leaf
 from broker.history import Position
 from broker.resp import (
     ConnectionLost,
@@ -281,7 +282,7 @@ class RedisBackplane:
                 try:
                     await self._serve_connected()
                 except* _FAILURES as group:
-                    exc = _first_leaf(group)
+                    exc = first_leaf(group)
                     why = f"Redis at {self.address}: {exc or type(exc).__name__}"
                 if self._ever_connected and self.down_since is None:
                     backoff = self.min_backoff  # it was up: start the backoff again
@@ -469,9 +470,3 @@ class RedisBackplane:
                     item = self._from_redis.receive_nowait()
                 except trio.WouldBlock:
                     break
-
-
-def _first_leaf(group: BaseException) -> BaseException:
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
