@@ -40,38 +40,42 @@ from broker.resp import encode_command
 
 log = logging.getLogger("broker.cluster")
 
-#: KEYS epoch, offset, stream; ARGV new epoch, data, size, ttl ms (0: none), channel,
-#: envelope head (a msgpack array of 5 without its last two items: epoch and offset).
-PUBLISH_SCRIPT = """
+#: Both scripts start here: the topic's epoch (a new history, and its offset and stream
+#: cleared, when there is none) and Redis' clock in ms. KEYS epoch, offset, stream; ARGV[1]
+#: the new epoch.
+_EPOCH_AND_NOW = """
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
   redis.call('DEL', KEYS[2], KEYS[3])
 end
-local offset = redis.call('INCR', KEYS[2])
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+"""
+
+#: KEYS epoch, offset, stream; ARGV new epoch, data, size, ttl ms (0: none), channel,
+#: envelope head (a msgpack array of 5 without its last two items: epoch and offset).
+PUBLISH_SCRIPT = (
+    _EPOCH_AND_NOW
+    + """
+local offset = redis.call('INCR', KEYS[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], '0-' .. offset, 'd', ARGV[2], 't', ms)
 if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. cmsgpack.pack(epoch) .. cmsgpack.pack(offset))
 return {epoch, offset}
 """
+)
 
 #: KEYS epoch, offset, stream; ARGV new epoch, the first offset wanted.
 #: Returns {epoch, latest offset, now in ms, entries}.
-LOAD_SCRIPT = """
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2], KEYS[3])
-end
+LOAD_SCRIPT = (
+    _EPOCH_AND_NOW
+    + """
 local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 return {epoch, latest, ms, redis.call('XRANGE', KEYS[3], '0-' .. ARGV[2], '+')}
 """
+)
 
 
 @dataclass(eq=False, slots=True)
