@@ -98,6 +98,10 @@ class Client:
         ca_file: str | None = None,
     ) -> None:
         self.url = url
+        if encoding not in ("msgpack", "json"):
+            raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
+        if not math.isfinite(reply_timeout) or reply_timeout <= 0:
+            raise ValueError("reply_timeout must be a positive number of seconds")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError(f"the URL must be ws://HOST[:PORT] or wss://HOST[:PORT], not {url!r}")
@@ -646,10 +650,6 @@ async def connect(
     system's CAs. Raises :class:`CannotConnect` if the first connection fails
     (:class:`Overloaded` after ``connect_timeout`` of HTTP 503s).
     """
-    if encoding not in ("msgpack", "json"):
-        raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
-    if not math.isfinite(reply_timeout) or reply_timeout <= 0:
-        raise ValueError("reply_timeout must be a positive number of seconds")
     client = Client(
         url, token=token, encoding=encoding, reconnect=reconnect, backoff=backoff,
         reply_timeout=reply_timeout, connect_timeout=connect_timeout, buffer_size=buffer_size,
