@@ -112,3 +112,17 @@ async def open_tcp(port: int, *, receive_buffer: int | None = None) -> trio.Sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     await sock.connect(("127.0.0.1", port))
     return trio.SocketStream(sock)
+
+
+async def stuck_subscriber(port: int, pattern: str, *, target: str = "/") -> RawClient:
+    """Subscribe ``pattern`` on a raw socket with a tiny receive buffer, then stop reading:
+    the broker's outbound queue for it really fills."""
+    raw = await open_raw(port, receive_buffer=4096, target=target)
+    assert isinstance(raw, RawClient)
+    await raw.send_frames({"op": "sub", "id": 1, "topic": pattern})
+    frames: list[dict[str, Any]] = []
+    with trio.fail_after(5):
+        while not frames:
+            frames, _ = await raw.read_frames()
+    assert frames == [{"op": "ok", "id": 1}]
+    return raw

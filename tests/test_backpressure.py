@@ -13,7 +13,7 @@ import trio
 
 from broker.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
-from tests.rawsocket import RawClient, open_raw
+from tests.rawsocket import RawClient, stuck_subscriber
 from tests.wire import WireClient, connect
 
 PAYLOAD = b"x" * 65536  # 64 KiB: a few hundred of these overflow any loopback buffer
@@ -23,15 +23,7 @@ COUNT = 200
 async def slow_subscriber(broker: Broker, pattern: str) -> RawClient:
     """Subscribe ``pattern`` on a raw socket, then stop reading."""
     assert broker.port is not None
-    raw = await open_raw(broker.port, receive_buffer=4096)
-    assert isinstance(raw, RawClient)
-    await raw.send_frames({"op": "sub", "id": 1, "topic": pattern})
-    frames: list[dict[str, Any]] = []
-    with trio.fail_after(5):
-        while not frames:
-            frames, _ = await raw.read_frames()
-    assert frames == [{"op": "ok", "id": 1}]
-    return raw
+    return await stuck_subscriber(broker.port, pattern)
 
 
 async def publish_burst(

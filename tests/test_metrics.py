@@ -36,7 +36,7 @@ from broker.stats import (
     top_connections,
 )
 from tests.helpers import make_config, start_broker, wait_until
-from tests.rawsocket import RawClient, open_raw
+from tests.rawsocket import RawClient, open_raw, stuck_subscriber
 from tests.wire import bearer, connect
 
 PAYLOAD = b"x" * 65536  # a few hundred of these overflow any loopback buffer
@@ -127,8 +127,8 @@ async def test_drops_and_slow_consumer_disconnects_are_counted(
 ) -> None:
     config = make_config(topics={"ticks.>": "drop_newest"}, queue_messages=4, slow_timeout=0.1)
     broker = await start_broker(nursery, with_metrics(tokens(config)))
-    dropping = await stuck_subscriber(broker, "ticks.*", SLOW)
-    blocking = await stuck_subscriber(broker, "feed", SLOW)
+    dropping = await stuck_subscriber_as(broker, "ticks.*", SLOW)
+    blocking = await stuck_subscriber_as(broker, "feed", SLOW)
     async with connect(broker.url, extra_headers=bearer(PUBLISHER.token)) as publisher:
         await publish(publisher, "ticks.a", 50)
         await publish(publisher, "feed", 50)  # waits slow_timeout, then closes the subscriber
@@ -152,7 +152,7 @@ async def test_a_slow_subscriber_tops_broker_stats_with_its_subject(
         connect(broker.url, extra_headers=bearer(PUBLISHER.token)) as publisher,
     ):
         await fast.subscribe("ticks.>")
-        slow = await stuck_subscriber(broker, "ticks.*", SLOW)
+        slow = await stuck_subscriber_as(broker, "ticks.*", SLOW)
         fast.timeout = 30
         for _ in range(10):  # the fast one keeps up (or is told what it lost), the slow one not
             await publish(publisher, "ticks.a", 20)
@@ -225,18 +225,10 @@ def tokens(config: Config) -> Config:
     return config.replace(auth=AuthConfig(mode="tokens", tokens=(SLOW, FAST, PUBLISHER)))
 
 
-async def stuck_subscriber(broker: Broker, pattern: str, grant: TokenGrant) -> RawClient:
+async def stuck_subscriber_as(broker: Broker, pattern: str, grant: TokenGrant) -> RawClient:
     """Subscribe ``pattern`` as ``grant`` on a raw socket, then stop reading."""
     assert broker.port is not None
-    raw = await open_raw(broker.port, receive_buffer=4096, target=f"/?token={grant.token}")
-    assert isinstance(raw, RawClient)
-    await raw.send_frames({"op": "sub", "id": 1, "topic": pattern})
-    frames: list[dict[str, Any]] = []
-    with trio.fail_after(5):
-        while not frames:
-            frames, _ = await raw.read_frames()
-    assert frames == [{"op": "ok", "id": 1}]
-    return raw
+    return await stuck_subscriber(broker.port, pattern, target=f"/?token={grant.token}")
 
 
 async def publish(publisher: Any, topic: str, count: int) -> None:
