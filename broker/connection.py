@@ -30,7 +30,9 @@ removed from the hub on the way out.
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -43,6 +45,7 @@ from broker.frames import (
     FrameError,
     Pub,
     Sub,
+    Unsub,
     decode_batch,
     encode_err,
     encode_lag,
@@ -314,21 +317,30 @@ class Connection:
         try:
             wakes = self.hub.wakes
             queue = self._queue
+            stats = self.stats
             while True:
                 messages = await self.websocket.receive()
                 wakes.hold()  # what this read queues is written at its end (wakes.release)
+                now = trio.current_time()  # for the rate limit: all of a read arrived at once
                 try:
                     for message in messages:
-                        self.stats.bytes_in += len(message)
+                        stats.bytes_in += len(message)
                         for item in decode_batch(message, self._encoding):
                             if queue.closed:
                                 return  # closing: the rest of the batch is not executed
-                            if isinstance(item, FrameError):
+                            if isinstance(item, Pub):  # most frames: no coroutine if it can
+                                self._bad_in_a_row = 0
+                                rest = self._publish(item, now)
+                                if rest is not None:
+                                    await rest
+                                    now = trio.current_time()
+                            elif isinstance(item, FrameError):
                                 if self._refuse(item):
                                     return
                             else:
                                 self._bad_in_a_row = 0
                                 await self._execute_or_reply(item)
+                                now = trio.current_time()
                         if queue.replies_full:  # a peer not reading replies: no hold
                             wakes.release()
                             await queue.wait_reply_room()
@@ -346,14 +358,17 @@ class Connection:
             if self.close_code is None:
                 self.close(exc.code, f"closed by peer ({exc.code})", flush=False)
 
-    async def _execute_or_reply(self, item: Command) -> None:
+    async def _execute_or_reply(self, item: Sub | Unsub) -> None:
         try:
             await self._execute(item)
         except Exception:
-            log.exception("peer=%s: internal error on %r", self.peer, item)
-            if isinstance(item, Pub):
-                self.stats.publishes[ErrorCode.INTERNAL] += 1
-            self._reply_error(FrameError(ErrorCode.INTERNAL, "internal error", item.id))
+            self._internal_error(item)
+
+    def _internal_error(self, item: Command) -> None:
+        log.exception("peer=%s: internal error on %r", self.peer, item)
+        if isinstance(item, Pub):
+            self.stats.publishes[ErrorCode.INTERNAL] += 1
+        self._reply_error(FrameError(ErrorCode.INTERNAL, "internal error", item.id))
 
     def _refuse(self, error: FrameError) -> bool:
         """Answer a bad frame; True if this was one too many in a row."""
@@ -365,37 +380,47 @@ class Connection:
             return True
         return False
 
-    async def _execute(self, command: Command) -> None:
-        if isinstance(command, Pub):
-            self.stats.frames_in += 1
-            if command.size > self.limits.max_payload:
-                self.stats.publishes[ErrorCode.TOO_LARGE] += 1
-                self._reply_error(
-                    FrameError(
-                        ErrorCode.TOO_LARGE,
-                        f"publish of {command.size} bytes exceeds max_payload "
-                        f"({self.limits.max_payload})",
-                        command.id,
-                    )
-                )
-                return
-            refusal = self._refuse_publish(command)
-            if refusal is not None:
-                self.stats.publishes[refusal.code] += 1
-                self._reply_error(refusal)
-                return
-            try:
-                await self.hub.publish(
-                    command.topic, command.data, acknowledged=command.id is not None
-                )
-            except BackplaneUnavailable as exc:
-                self.stats.publishes[ErrorCode.UNAVAILABLE] += 1
-                self._reply_error(FrameError(ErrorCode.UNAVAILABLE, str(exc), command.id))
-                return
-            self.stats.publishes["ok"] += 1
-            if command.id is not None:
-                self._queue.put_reply(encode_ok(command.id, self._encoding))
-        elif isinstance(command, Sub):
+    def _publish(self, command: Pub, now: float) -> Coroutine[Any, Any, None] | None:
+        """Check ``command`` and publish it (``now``: trio time, for the rate limit). Returns
+        what is left to await (the publish waits for room, history or the backplane), or
+        ``None`` once it is queued for every subscriber and answered."""
+        self.stats.frames_in += 1
+        refusal = self._refuse_publish(command, now)
+        if refusal is not None:
+            self.stats.publishes[refusal.code] += 1
+            self._reply_error(refusal)
+            return None
+        try:
+            rest = self.hub.publish_nowait(
+                command.topic, command.data, acknowledged=command.id is not None
+            )
+        except Exception:
+            self._internal_error(command)
+            return None
+        if rest is not None:
+            return self._finish_publish(command, rest)
+        self._published(command)
+        return None
+
+    async def _finish_publish(self, command: Pub, rest: Coroutine[Any, Any, int]) -> None:
+        try:
+            await rest
+        except BackplaneUnavailable as exc:
+            self.stats.publishes[ErrorCode.UNAVAILABLE] += 1
+            self._reply_error(FrameError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+            return
+        except Exception:
+            self._internal_error(command)
+            return
+        self._published(command)
+
+    def _published(self, command: Pub) -> None:
+        self.stats.publishes["ok"] += 1
+        if command.id is not None:
+            self._queue.put_reply(encode_ok(command.id, self._encoding))
+
+    async def _execute(self, command: Sub | Unsub) -> None:
+        if isinstance(command, Sub):
             await self._follow_then_subscribe(command)
         else:
             dropped = self.subscriptions.pop(command.topic, None)
@@ -403,9 +428,15 @@ class Connection:
                 self.hub.unsubscribe(dropped)
             self._queue.put_reply(encode_ok(command.id, self._encoding))
 
-    def _refuse_publish(self, command: Pub) -> FrameError | None:
+    def _refuse_publish(self, command: Pub, now: float) -> FrameError | None:
+        if command.size > self.limits.max_payload:
+            return FrameError(
+                ErrorCode.TOO_LARGE,
+                f"publish of {command.size} bytes exceeds max_payload ({self.limits.max_payload})",
+                command.id,
+            )
         # The rate comes first, so that forbidden publishes cannot be sent without limit either.
-        if not self._publish_limiter.try_publish(command.size, trio.current_time()):
+        if not self._publish_limiter.try_publish(command.size, now):
             return FrameError(
                 ErrorCode.RATE_LIMITED,
                 f"over the publish rate ({self.limits.publish_rate:g} messages, "

@@ -19,7 +19,7 @@ every subscriber in order even when some wait for room under ``block``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -146,6 +146,9 @@ class Hub:
         self.wakes = HeldWakes()  # see OutboundQueue.waker: readers write to idle subscribers
         self.backplane: Backplane = backplane if backplane is not None else NoBackplane()
         self._trie: PatternTrie[Subscription] = PatternTrie()
+        # Per topic published lately: its rule and matching subscriptions, in trie order. A
+        # change to a concrete subscription forgets its topic; a wildcard one forgets all.
+        self._routes: dict[str, tuple[TopicRule, tuple[Subscription, ...]]] = {}
         self._in_order: dict[str, trio.StrictFIFOLock] = {}  # history topics being published
         # Shared history: publishes waiting for their message to come back, per topic, and
         # the latest position delivered here of those topics (only while someone waits).
@@ -174,6 +177,7 @@ class Hub:
         """
         pattern = subscription.pattern
         self._trie.add(pattern, subscription)
+        self._forget_routes(pattern)
         self.backplane.follow(pattern)
         if is_wildcard(pattern) or self.policies.history_for(pattern) is None:
             return Subscribed({} if since is None else {"recovered": False}, [])
@@ -206,7 +210,26 @@ class Hub:
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop routing to ``subscription``; messages already queued are still delivered."""
         self._trie.remove(subscription.pattern, subscription)
+        self._forget_routes(subscription.pattern)
         self.backplane.unfollow(subscription.pattern)
+
+    def _forget_routes(self, pattern: str) -> None:
+        if is_wildcard(pattern):
+            self._routes.clear()
+        else:
+            self._routes.pop(pattern, None)
+
+    def _route(self, topic: str) -> tuple[TopicRule, tuple[Subscription, ...]]:
+        """The rule of ``topic`` and the subscriptions matching it."""
+        route = self._routes.get(topic)
+        if route is None:
+            if len(self._routes) >= 65536:
+                self._routes.clear()
+            route = self._routes[topic] = (
+                self.policies.rule_for(topic),
+                tuple(self._trie.match(topic)),
+            )
+        return route
 
     async def publish(self, topic: str, data: Any, *, acknowledged: bool = True) -> int:
         """Queue ``data`` on ``topic`` for every matching subscription; return how many matched.
@@ -219,15 +242,15 @@ class Hub:
         Redis' answer: a publisher that asks for no ``ok`` is not held up by a round trip.
         """
         if not self.backplane.active:
-            rule = self.policies.rule_for(topic)
-            if rule.history is None:  # the common case without the coroutines below
-                now = metrics_clock()
+            rule, subscriptions = self._route(topic)
+            if rule.history is None:
                 waiting: list[tuple[Subscription, bytes]] = []
-                matched = self._offer_all(topic, data, rule.on_full, None, None, now, None, waiting)
+                now = metrics_clock()
+                matched = self._offer_all(
+                    subscriptions, topic, data, rule.on_full, None, None, now, None, waiting
+                )
                 if waiting:
-                    self.wakes.release()
-                for subscription, body in waiting:
-                    await self._offer_blocking(subscription, topic, body, now)
+                    await self._offer_waiting(waiting, topic, now)
                 return matched
             self.wakes.release()
             return await self._publish_here(topic, data, None)
@@ -259,6 +282,33 @@ class Hub:
             raise BackplaneUnavailable(
                 f"{exc}; delivered to this node's subscribers only"
             ) from None
+        return matched
+
+    def publish_nowait(
+        self, topic: str, data: Any, *, acknowledged: bool = True
+    ) -> Coroutine[Any, Any, int] | None:
+        """:meth:`publish` without a coroutine when it need not wait: ``None`` once ``data``
+        is queued for every matching subscription; otherwise what to await to finish the
+        publish (room under ``block``, a history topic, a cluster backplane)."""
+        if self.backplane.active:
+            return self.publish(topic, data, acknowledged=acknowledged)
+        rule, subscriptions = self._route(topic)
+        if rule.history is not None:
+            return self.publish(topic, data, acknowledged=acknowledged)
+        waiting: list[tuple[Subscription, bytes]] = []
+        now = metrics_clock()
+        matched = self._offer_all(
+            subscriptions, topic, data, rule.on_full, None, None, now, None, waiting
+        )
+        return self._offer_waiting(waiting, topic, now, matched) if waiting else None
+
+    async def _offer_waiting(
+        self, waiting: list[tuple[Subscription, bytes]], topic: str, now: float, matched: int = 0
+    ) -> int:
+        """Wait for room for each of the (subscription, body) that were full under block."""
+        self.wakes.release()  # this reader is about to wait
+        for subscription, body in waiting:
+            await self._offer_blocking(subscription, topic, body, now)
         return matched
 
     async def prepare_subscribe(self, pattern: str) -> None:
@@ -347,13 +397,17 @@ class Hub:
         epoch: str | None = None,
     ) -> int:
         waiting: list[tuple[Subscription, bytes]] = []
-        matched = self._offer_all(topic, data, policy, offset, packed, now, epoch, waiting)
+        subscriptions = self._route(topic)[1]
+        matched = self._offer_all(
+            subscriptions, topic, data, policy, offset, packed, now, epoch, waiting
+        )
         for subscription, body in waiting:
             await self._offer_blocking(subscription, topic, body, now)
         return matched
 
     def _offer_all(
         self,
+        subscriptions: tuple[Subscription, ...],
         topic: str,
         data: Any,
         policy: Policy,
@@ -363,13 +417,13 @@ class Hub:
         epoch: str | None,
         waiting: list[tuple[Subscription, bytes]],
     ) -> int:
-        """Offer the message to every matching subscription without waiting; those that are
-        full under ``block`` go to ``waiting``. Returns how many matched."""
+        """Offer the message to each of ``subscriptions`` (those matching ``topic``) without
+        waiting; those full under ``block`` go to ``waiting``. Returns how many matched."""
         bodies: dict[Encoding, bytes] = {}
         matched = 0
         last_encoding: Encoding | None = None  # saves hashing the Enum per delivery
         body = b""
-        for subscription in self._trie.match(topic):
+        for subscription in subscriptions:
             after = subscription.after
             if after is not None and offset is not None:
                 if after.epoch == epoch and offset <= after.offset:

@@ -71,7 +71,7 @@ _QUEUED, _DROPPED, _FULL = Offer.QUEUED, Offer.DROPPED, Offer.FULL
 _GONE = float("-inf")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per write, and frozen ones build slowly
 class Batch:
     """What the writer sends next: lag counts per subscription, then frames in queue order.
 

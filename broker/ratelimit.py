@@ -1,71 +1,56 @@
-"""Token buckets for publish rate limits: pure, driven by the caller's clock.
+"""Publish rate limits: token buckets, pure, driven by the caller's clock.
 
-A :class:`TokenBucket` holds up to ``burst`` tokens and gains ``rate`` per second; taking
-more than it holds fails and takes nothing. A :class:`PublishLimiter` pairs a message bucket
-with a byte bucket, so a connection is bounded in both messages and bytes per second.
+A :class:`PublishLimiter` holds two buckets, one of messages and one of bytes, so a connection
+is bounded in both messages and bytes per second. Each holds up to its burst and gains its
+rate per second; a publish takes one message and its size in bytes, or, if either bucket is
+short, nothing.
 """
 
 from __future__ import annotations
 
 
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; starts full."""
-
-    __slots__ = ("_tokens", "_updated", "burst", "rate")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        if rate <= 0 or burst <= 0:
-            raise ValueError("rate and burst must be greater than 0")
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._updated = now
-
-    def tokens(self, now: float) -> float:
-        """How many tokens there are at time ``now`` (seconds, monotonic)."""
-        elapsed = max(0.0, now - self._updated)
-        return min(self.burst, self._tokens + elapsed * self.rate)
-
-    def can_take(self, amount: float, now: float) -> bool:
-        """True if ``amount`` tokens are available at ``now``."""
-        return self.tokens(now) >= amount
-
-    def set(self, tokens: float, now: float) -> None:
-        """Hold ``tokens`` as of ``now`` (what :meth:`tokens` said, less what was taken)."""
-        self._tokens = tokens
-        self._updated = max(now, self._updated)
-
-    def take(self, amount: float, now: float) -> None:
-        """Remove ``amount`` tokens (check :meth:`can_take` first; this may go negative)."""
-        self._tokens = self.tokens(now) - amount
-        self._updated = max(now, self._updated)
-
-
 class PublishLimiter:
-    """Messages per second and bytes per second for one connection's publishes."""
+    """Messages per second and bytes per second for one connection's publishes; starts full."""
 
-    __slots__ = ("bytes", "messages")
+    __slots__ = ("_bytes", "_messages", "_updated", "burst", "bytes_burst", "bytes_rate", "rate")
 
     def __init__(
         self, rate: float, burst: float, bytes_rate: float, bytes_burst: float, now: float
     ) -> None:
-        self.messages = TokenBucket(rate, burst, now)
-        self.bytes = TokenBucket(bytes_rate, bytes_burst, now)
+        if min(rate, burst, bytes_rate, bytes_burst) <= 0:
+            raise ValueError("rates and bursts must be greater than 0")
+        self.rate, self.burst = rate, burst
+        self.bytes_rate, self.bytes_burst = bytes_rate, bytes_burst
+        self._messages, self._bytes = burst, bytes_burst
+        self._updated = now
+
+    def tokens(self, now: float) -> tuple[float, float]:
+        """The messages and bytes available at ``now`` (seconds, monotonic)."""
+        self._refill(now)
+        return self._messages, self._bytes
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._updated
+        if elapsed > 0:  # a clock going backwards adds nothing
+            self._updated = now
+            messages = self._messages + elapsed * self.rate
+            self._messages = messages if messages < self.burst else self.burst
+            data = self._bytes + elapsed * self.bytes_rate
+            self._bytes = data if data < self.bytes_burst else self.bytes_burst
 
     def try_publish(self, size: int, now: float) -> bool:
         """Account one publish of ``size`` bytes at ``now``; False (nothing taken) if over.
 
         A publish larger than the byte burst is admitted once the byte bucket is full, so a
         ``max_payload`` above ``publish_bytes_burst`` slows big publishes instead of refusing
-        them for ever.
+        them for ever (the bucket goes into debt).
         """
-        messages, data = self.messages, self.bytes
-        have = messages.tokens(now)
-        if have < 1:
+        if now > self._updated:
+            self._refill(now)
+        if self._messages < 1:
             return False
-        have_bytes = data.tokens(now)
-        if have_bytes < min(size, data.burst):
+        if self._bytes < (size if size < self.bytes_burst else self.bytes_burst):
             return False
-        messages.set(have - 1, now)
-        data.set(have_bytes - size, now)
+        self._messages -= 1
+        self._bytes -= size
         return True

@@ -1,32 +1,34 @@
-"""Token buckets with explicit times: no clock, no sleeping."""
+"""Publish rate limits with explicit times: no clock, no sleeping."""
 
 from __future__ import annotations
 
 import pytest
 
-from broker.ratelimit import PublishLimiter, TokenBucket
+from broker.ratelimit import PublishLimiter
 
 
-def test_a_bucket_starts_full_and_refills_at_its_rate() -> None:
-    bucket = TokenBucket(rate=2, burst=4, now=100.0)
+def test_the_buckets_start_full_and_refill_at_their_rate() -> None:
+    limiter = PublishLimiter(rate=2, burst=4, bytes_rate=1000, bytes_burst=1000, now=100.0)
     for _ in range(4):
-        assert bucket.can_take(1, 100.0)
-        bucket.take(1, 100.0)
-    assert not bucket.can_take(1, 100.0)
-    assert not bucket.can_take(1, 100.4)  # 0.8 tokens
-    assert bucket.can_take(1, 100.5)
-    assert bucket.tokens(1000.0) == 4  # never more than the burst
+        assert limiter.try_publish(1, 100.0)
+    assert not limiter.try_publish(1, 100.0)
+    assert not limiter.try_publish(1, 100.4)  # 0.8 messages
+    assert limiter.try_publish(1, 100.5)
+    assert limiter.tokens(1000.0) == (4, 1000)  # never more than the burst
 
 
 def test_a_clock_going_backwards_adds_nothing() -> None:
-    bucket = TokenBucket(rate=10, burst=1, now=5.0)
-    bucket.take(1, 5.0)
-    assert bucket.tokens(4.0) == 0
+    limiter = PublishLimiter(rate=10, burst=1, bytes_rate=10, bytes_burst=10, now=5.0)
+    assert limiter.try_publish(10, 5.0)
+    assert limiter.tokens(4.0) == (0, 0)
+    assert not limiter.try_publish(1, 4.0)
 
 
-def test_rate_and_burst_must_be_positive() -> None:
+def test_rates_and_bursts_must_be_positive() -> None:
     with pytest.raises(ValueError):
-        TokenBucket(rate=0, burst=1, now=0)
+        PublishLimiter(rate=0, burst=1, bytes_rate=1, bytes_burst=1, now=0)
+    with pytest.raises(ValueError):
+        PublishLimiter(rate=1, burst=1, bytes_rate=1, bytes_burst=0, now=0)
 
 
 def test_the_limiter_refuses_when_messages_run_out_and_takes_nothing() -> None:
@@ -34,7 +36,7 @@ def test_the_limiter_refuses_when_messages_run_out_and_takes_nothing() -> None:
     assert limiter.try_publish(10, 0.0)
     assert limiter.try_publish(10, 0.0)
     assert not limiter.try_publish(10, 0.0)
-    assert limiter.bytes.tokens(0.0) == 980  # the refused publish took no bytes
+    assert limiter.tokens(0.0) == (0, 980)  # the refused publish took no bytes
     assert limiter.try_publish(10, 1.0)
 
 
@@ -42,7 +44,7 @@ def test_the_limiter_refuses_when_bytes_run_out() -> None:
     limiter = PublishLimiter(rate=100, burst=100, bytes_rate=100, bytes_burst=150, now=0.0)
     assert limiter.try_publish(100, 0.0)
     assert not limiter.try_publish(100, 0.0)
-    assert limiter.messages.tokens(0.0) == 99
+    assert limiter.tokens(0.0) == (99, 50)
     assert limiter.try_publish(100, 0.5)
 
 
