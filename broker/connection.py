@@ -97,7 +97,6 @@ class Connection:
     __slots__ = (
         "_bad_in_a_row",
         "_encoding",
-        "_held",
         "_publish_limiter",
         "_queue",
         "_scope",
@@ -148,7 +147,6 @@ class Connection:
         self.close_reason = ""
         self._scope: trio.CancelScope | None = None  # the reader's and writer's, while they run
         self._bad_in_a_row = 0
-        self._held = False  # in the hub's HeldWakes
         self._queue.waker = self
 
     @property
@@ -266,16 +264,14 @@ class Connection:
         wakes = self.hub.wakes
         if not wakes.holding():
             return False
-        if not self._held:
-            self._held = True
-            wakes.add(self)
+        wakes.add(self)
         return True
 
     def write_held(self) -> None:
         """Write the queue directly if the writer is still asleep and the socket takes it
         without waiting; otherwise wake the writer (which also finishes a partial write)."""
-        self._held = False
         queue = self._queue
+        queue.wake_held = False
         if not queue.writer_waiting:
             return  # woken since by someone else: the writer has it
         websocket = self.websocket

@@ -41,6 +41,7 @@ from broker.topics import PatternTrie, is_wildcard, pattern_matches
 # Per-delivery comparisons read module globals: an Enum member read through its class is ten
 # times slower on Python 3.11 (see broker/outbound.py).
 _FULL, _DISCONNECT = Offer.FULL, Offer.DISCONNECT
+_MSGPACK, _JSON = Encoding.MSGPACK, Encoding.JSON
 
 #: ``data`` for :meth:`Hub._fan_out` when only ``packed`` is known: decoded if a JSON
 #: subscriber needs the value (msgpack frames reuse ``packed`` as it is).
@@ -419,10 +420,8 @@ class Hub:
     ) -> int:
         """Offer the message to each of ``subscriptions`` (those matching ``topic``) without
         waiting; those full under ``block`` go to ``waiting``. Returns how many matched."""
-        bodies: dict[Encoding, bytes] = {}
+        binary_body = text_body = None  # the frame body per encoding, once it is needed
         matched = 0
-        last_encoding: Encoding | None = None  # saves hashing the Enum per delivery
-        body = b""
         for subscription in subscriptions:
             after = subscription.after
             if after is not None and offset is not None:
@@ -430,18 +429,17 @@ class Hub:
                     continue  # its ok (or replay) already covers this message
                 subscription.after = None  # past it: no more checks
             matched += 1
-            encoding = subscription.encoding
-            if encoding is not last_encoding:
-                last_encoding = encoding
-                cached = bodies.get(encoding)
-                if cached is None:
-                    if data is UNPACK and encoding is not Encoding.MSGPACK:
+            if subscription.encoding is _MSGPACK:
+                body = binary_body
+                if body is None:
+                    body = binary_body = encode_message_body(topic, data, _MSGPACK, offset, packed)
+            else:
+                body = text_body
+                if body is None:
+                    if data is UNPACK:
                         assert packed is not None
                         data = unpack_data(packed)  # JSON needs the value; msgpack reuses packed
-                    cached = bodies[encoding] = encode_message_body(
-                        topic, data, encoding, offset, packed
-                    )
-                body = cached
+                    body = text_body = encode_message_body(topic, data, _JSON, offset, packed)
             outcome = subscription.queue.offer(
                 subscription.pattern, topic, body, subscription.tail, policy, now
             )

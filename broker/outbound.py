@@ -98,11 +98,12 @@ class WakeHolder(Protocol):
     """Who may hold back a writer's wake-up (:attr:`OutboundQueue.waker`)."""
 
     def hold_wake(self) -> bool:
-        """True if it takes care of the queued data itself (the writer stays asleep)."""
+        """True if it takes care of the queued data itself (the writer stays asleep); the
+        queue then asks no more until the holder clears :attr:`OutboundQueue.wake_held`."""
         ...
 
     def write_held(self) -> None:
-        """Write what was queued while the wake-up was held (or wake the writer)."""
+        """Clear ``wake_held`` and write what was queued meanwhile (or wake the writer)."""
         ...
 
 
@@ -173,6 +174,7 @@ class OutboundQueue:
         "max_bytes",
         "max_messages",
         "max_replies",
+        "wake_held",
         "waker",
     )
 
@@ -205,6 +207,7 @@ class OutboundQueue:
         self._kicked = False  # wait_batch returns even with nothing queued
         # Asked first when the waiting writer would be woken; True: it handles the wake-up.
         self.waker: WakeHolder | None = None
+        self.wake_held = False  # the waker holds the writer's wake-up (hold_wake said True)
         self.full_since: float | None = None
         self.dropped_total = 0
         self.drops: Counter[str] = drops if drops is not None else Counter()  # by policy
@@ -273,7 +276,7 @@ class OutboundQueue:
                 self._times.append(now)
                 self._messages = messages + 1
                 self._bytes += size
-                if self._readable is not None:
+                if self._readable is not None and not self.wake_held:
                     self._wake_writer()
             else:
                 self._append(sub, topic, frame, tail, now, policy)
@@ -363,9 +366,10 @@ class OutboundQueue:
 
     def _wake_writer(self) -> None:
         readable = self._readable
-        if readable is not None:
+        if readable is not None and not self.wake_held:
             waker = self.waker
             if waker is not None and waker.hold_wake():
+                self.wake_held = True
                 return
             self._readable = None
             readable.set()

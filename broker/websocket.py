@@ -39,7 +39,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-RECEIVE_SIZE = 262144
+RECEIVE_SIZE = 1048576
 _OPEN, _REMOTE_CLOSING = ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING
 _STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -158,6 +158,7 @@ class WebSocket:
 
     __slots__ = (
         "_conn",
+        "_fd",
         "_idle",
         "_leftover",
         "_max_message_size",
@@ -186,6 +187,7 @@ class WebSocket:
     ) -> None:
         self.stream = stream
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._fd = -1 if self._socket is None else self._socket.fileno()  # for send_now
         self.subprotocol = subprotocol
         self.closed: int | None = None
         self._conn = connection
@@ -253,17 +255,21 @@ class WebSocket:
 
     def can_send_now(self) -> bool:
         """Whether :meth:`send_now` may write: a plain TCP socket, open, no write in progress."""
-        return self._socket is not None and not self._sending and self._conn.state is _OPEN
+        return (
+            self._fd >= 0
+            and not self._sending
+            and self.closed is None
+            and self._conn.state is _OPEN
+        )
 
     def send_now(self, parts: Sequence[bytes], text: bool, length: int) -> bool:
         """Write the message ``parts`` (``length`` bytes) without waiting, after
         :meth:`can_send_now`. True if it all went out (or the socket is gone); False if the
         socket took only part: the rest is a write in progress until :meth:`finish_send`.
         """
-        assert self._socket is not None
         data = b"".join([frame_header(length, text), *parts])
         try:
-            sent = os.write(self._socket.fileno(), data)
+            sent = os.write(self._fd, data)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -291,10 +297,15 @@ class WebSocket:
     ) -> None:
         """Send the concatenation of ``parts`` (``length`` bytes, if known) as one message
         (UTF-8 text if ``text``)."""
-        if self._conn.state is not _OPEN:
+        if self._conn.state is not _OPEN or self.closed is not None:
             raise ConnectionClosed(self.closed if self.closed is not None else 1006)
         if length is None:
             length = sum(map(len, parts))
+        if self.can_send_now():  # a plain TCP socket: try the write without the scheduler
+            if not self.send_now(parts, text, length):
+                await self.finish_send()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
         await self.send_raw(b"".join([frame_header(length, text), *parts]))
 
     # --- receiving ---
@@ -407,4 +418,5 @@ class WebSocket:
                 pass
         if self.closed is None:
             self.closed = code
+        self._fd = -1  # the number may soon belong to another socket
         await trio.aclose_forcefully(self.stream)
