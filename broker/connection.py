@@ -275,10 +275,11 @@ class Connection:
         if not queue.writer_waiting:
             return  # woken since by someone else: the writer has it
         websocket = self.websocket
-        if len(queue) > DIRECT_WRITE_MAX or not websocket.can_send_now():
+        depth = len(queue)
+        if depth > DIRECT_WRITE_MAX or not websocket.can_send_now():
             queue.wake_writer()
             return
-        self.stats.queue_depth.observe(len(queue))
+        self.stats.queue_depth.observe(depth)
         batch = queue.take_batch(self.limits.max_message_size)
         if not batch.parts and not batch.lags:
             queue.wake_writer()

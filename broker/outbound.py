@@ -429,6 +429,18 @@ class OutboundQueue:
     def take_batch(self, max_bytes: int) -> Batch:
         """Take lag counts and the oldest frames, up to ``max_bytes`` (at least one frame)."""
         times = self._times
+        if self._bytes <= max_bytes and not (self._dead or self._lags or self._evictable):
+            # The common case: everything, nothing evicted or indexed.
+            messages = self._messages
+            oldest = _first_time(times) if messages else None
+            batch = Batch({}, self._parts, messages, oldest, self._bytes)
+            self._parts, self._times = [], []
+            self._base += len(times)
+            self._bytes = self._messages = self._replies = 0
+            self.full_since = None
+            if self._room is not None:
+                self._wake_publishers()
+            return batch
         if self._bytes <= max_bytes:  # everything: no per-frame work
             parts, taken_times = self._parts, times
             self._parts, self._times = [], []

@@ -305,7 +305,15 @@ async function latency() {
   const warmup = start + 500;
   const stopAt = warmup + seconds * 1000;
   let sent = 0;
+  let cpuStart = null; // and the frames and WebSocket messages received, at the warm-up's end
+  let framesAtStart = 0;
+  let wsAtStart = 0;
   while (now() < stopAt) {
+    if (cpuStart === null && now() >= warmup) {
+      cpuStart = cpuSeconds(num("pid"));
+      framesAtStart = received;
+      wsAtStart = wsMessages;
+    }
     measuring = now() >= warmup;
     const due = Math.floor(((now() - start) / 1000) * rate);
     while (sent < due) {
@@ -315,12 +323,16 @@ async function latency() {
     }
     await sleep(1);
   }
+  const cpu = cpuSeconds(num("pid")) - cpuStart;
+  const batching = (received - framesAtStart) / Math.max(1, wsMessages - wsAtStart);
   await waitQuiet(() => received >= sent * subs, () => received, 2000);
   const sorted = samples.subarray(0, count).sort();
   const pct = (p) => Number(sorted[Math.min(count - 1, Math.floor((p / 100) * count))].toFixed(2));
   return {
     subs, "msg/s": rate, samples: count, "p50_ms": pct(50), "p99_ms": pct(99),
     "max_ms": Number(sorted[count - 1].toFixed(2)), lost: sent * subs - received,
+    "frames/ws-msg": Number(batching.toFixed(1)),
+    "server_cpu_%": Math.round((cpu / seconds) * 100),
   };
 }
 
