@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Micro-benchmark of a publisher's reader path, without sockets: decode, checks, hub, writes.
+
+    .venv/bin/python bench/micro_reader.py              # both shapes below, best of 3 each
+
+A real :class:`~broker.connection.Connection` executes prepared reads (lists of msgpack
+WebSocket messages) from a stand-in WebSocket; its subscribers are real connections whose
+stand-in WebSockets count writes instead of making the syscall. Prints CPU microseconds per
+delivery (``time.process_time``) and writes per delivery, for
+
+- ``topics``: 1 000 subscribers on their own topics, 40 messages of 64 pubs per read
+  (as bench/run's topics scenario with 1 MiB reads);
+- ``latency``: 100 subscribers on one topic, one pub per read (a direct write per delivery,
+  as bench/run's latency scenario when the broker keeps up).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import msgpack
+import trio
+import trio.testing
+
+from broker.connection import Connection, ConnectionLimits
+from broker.frames import Encoding, Sub
+from broker.hub import Hub, PolicyTable
+
+UNLIMITED = ConnectionLimits(
+    publish_rate=1e12,
+    publish_burst=10**12,
+    publish_bytes_rate=10**15,
+    publish_bytes_burst=10**15,
+)
+
+
+class StandInWebSocket:
+    """Serves prepared reads to ``receive`` and counts what would be written."""
+
+    closed = None
+    sending_rest = False
+
+    def __init__(self, reads: Sequence[list[bytes]] = ()) -> None:
+        self.reads = list(reads)
+        self.served = 0
+        self.writes = 0
+
+    async def receive(self) -> list[bytes]:
+        if self.served == len(self.reads):
+            await trio.sleep_forever()
+        self.served += 1
+        await trio.lowlevel.checkpoint()
+        return self.reads[self.served - 1]
+
+    def can_send_now(self) -> bool:
+        return True
+
+    def send_now(self, parts: Sequence[bytes], text: bool, length: int) -> bool:
+        b"".join(parts)
+        self.writes += 1
+        return True
+
+    async def send_message(self, parts: Sequence[bytes], text: bool, length: int) -> None:
+        b"".join(parts)
+        self.writes += 1
+
+
+async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int) -> float:
+    """CPU seconds per delivery of executing ``reads`` reads; prints writes per delivery."""
+    hub = Hub(PolicyTable([]), slow_timeout=5.0)
+    topics = ["bench.one"] if one_topic else [f"bench.t.{i}" for i in range(subscribers)]
+    connections = []
+    for i in range(subscribers):
+        stand_in: Any = StandInWebSocket()
+        connection = Connection(stand_in, Encoding.MSGPACK, hub, UNLIMITED, "sub")
+        connection._subscribe(Sub(1, topics[i % len(topics)]))
+        connection.queue.take_batch(1 << 20)  # the ok
+        connections.append(connection)
+    frames = [msgpack.packb({"op": "pub", "topic": t, "data": b"x" * 64}) for t in topics]
+    prepared, n = [], 0
+    for _ in range(reads):
+        pubs = [frames[(n + k) % len(frames)] for k in range(pubs_per_read)]
+        n += pubs_per_read
+        prepared.append([b"".join(pubs[i : i + 64]) for i in range(0, len(pubs), 64)])
+    publisher_ws = StandInWebSocket(prepared)
+    publisher = Connection(cast(Any, publisher_ws), Encoding.MSGPACK, hub, UNLIMITED, "pub")
+    async with trio.open_nursery() as nursery:
+        for connection in connections:
+            nursery.start_soon(connection._write_loop)
+        await trio.testing.wait_all_tasks_blocked()
+        start = time.process_time()
+        nursery.start_soon(publisher._read_loop)
+        while publisher_ws.served < reads:
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.testing.wait_all_tasks_blocked()
+        elapsed = time.process_time() - start
+        nursery.cancel_scope.cancel()
+    deliveries = reads * pubs_per_read * (subscribers if one_topic else 1)
+    writes = sum(cast(StandInWebSocket, c.websocket).writes for c in connections)
+    print(
+        f"    {elapsed / deliveries * 1e6:.2f} us/delivery, {writes / deliveries:.3f} writes each"
+    )
+    return elapsed / deliveries
+
+
+SHAPES = {"topics": (1000, False, 40 * 64, 60), "latency": (100, True, 1, 5000)}
+
+
+def main() -> None:
+    for name, args in SHAPES.items():
+        print(name)
+        best = min(trio.run(run, *args) for _ in range(3))
+        print(f"{name}: best {best * 1e6:.2f} us/delivery")
+
+
+if __name__ == "__main__":
+    main()
