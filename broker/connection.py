@@ -100,6 +100,7 @@ class Connection:
         "_publish_limiter",
         "_queue",
         "_scope",
+        "_text",
         "close_code",
         "close_reason",
         "hub",
@@ -125,6 +126,7 @@ class Connection:
     ) -> None:
         self.websocket = websocket
         self._encoding = encoding
+        self._text = encoding is not Encoding.MSGPACK  # JSON frames travel as text messages
         self.hub = hub
         self.limits = limits
         self.peer = peer
@@ -254,7 +256,7 @@ class Connection:
                 continue  # woken to finish a direct write only
             frames, size = self._frames(batch)
             try:
-                await websocket.send_message(frames, self._encoding is not Encoding.MSGPACK, size)
+                await websocket.send_message(frames, self._text, size)
             except ConnectionClosed:
                 return
             self._count_sent(batch, size)
@@ -285,19 +287,18 @@ class Connection:
             queue.wake_writer()
             return
         frames, size = self._frames(batch)
-        if not websocket.send_now(frames, self._encoding is not Encoding.MSGPACK, size):
+        if not websocket.send_now(frames, self._text, size):
             queue.wake_writer(kick=True)  # the socket took part: the writer sends the rest
         self._count_sent(batch, size)
 
     def _frames(self, batch: Batch) -> tuple[list[bytes], int]:
         """The frames of ``batch`` to send as one message, and their size."""
+        if not batch.lags and not self._text:
+            return batch.parts, batch.size  # each frame's body and tail, joined by the send
         encoding = self._encoding
-        size = batch.size
-        if not batch.lags and encoding is Encoding.MSGPACK:
-            return batch.parts, size  # each frame's body and tail, joined by the send
         frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
-        size += sum(map(len, frames))
-        if encoding is not Encoding.MSGPACK:
+        size = batch.size + sum(map(len, frames))
+        if self._text:
             frames = [b"\n".join(frames + batch.frames)]
             return frames, len(frames[0])
         return frames + batch.parts, size
