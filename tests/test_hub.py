@@ -176,6 +176,38 @@ async def test_same_pattern_from_two_connections_are_two_subscriptions() -> None
     assert (first.received(), second.received()) == ([], [msg("a", "a", 0)])
 
 
+async def test_subscriptions_made_or_dropped_after_a_publish_change_the_next_one() -> None:
+    # The hub remembers each topic's matches: every subscription change must reach them.
+    hub = make_hub()
+    exact, star = FakeSubscriber(), FakeSubscriber()
+    assert await hub.publish("a.b", 0) == 0
+    exact_sub = subscribe(hub, exact, "a.b")
+    assert await hub.publish("a.b", 1) == 1
+    star_sub = subscribe(hub, star, "a.*")
+    assert await hub.publish("a.b", 2) == 2
+    hub.unsubscribe(exact_sub)
+    assert await hub.publish("a.b", 3) == 1
+    hub.unsubscribe(star_sub)
+    assert await hub.publish("a.b", 4) == 0
+    assert [frame["data"] for frame in exact.received()] == [1, 2]
+    assert [frame["data"] for frame in star.received()] == [2, 3]
+
+
+async def test_publish_nowait_finishes_without_a_coroutine_unless_it_must_wait() -> None:
+    hub = make_hub()
+    ready = FakeSubscriber()
+    subscribe(hub, ready, "a")
+    assert hub.publish_nowait("a", 1) is None
+    assert ready.received() == [msg("a", "a", 1)]
+    slow = full_subscriber(hub, "a")
+    rest = hub.publish_nowait("a", 2)  # queued for ready; slow waits for room
+    assert rest is not None
+    assert ready.received() == [msg("a", "a", 2)]
+    slow.queue.take_batch(1 << 20)
+    assert await rest == 2
+    assert slow.received() == [msg("a", "a", 2)]
+
+
 async def test_each_subscriber_gets_its_own_encoding() -> None:
     hub = make_hub()
     binary, text = FakeSubscriber(Encoding.MSGPACK), FakeSubscriber(Encoding.JSON)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import broker.topics as topic_module
 from broker.topics import (
     MAX_TOPIC_BYTES,
     InvalidTopic,
@@ -118,6 +119,17 @@ def test_validate_topic_rejects_malformed_names(name: str) -> None:
 def test_validate_pattern_rejects_malformed_names(name: str) -> None:
     with pytest.raises(InvalidTopic):
         validate_pattern(name)
+
+
+def test_remembered_valid_topics_are_bounded_and_never_hold_a_bad_one() -> None:
+    for n in range(topic_module._VALID_TOPICS_MAX + 10):
+        validate_topic(f"t.{n}")
+    assert 0 < len(topic_module._VALID_TOPICS) <= topic_module._VALID_TOPICS_MAX
+    for name in ("", "a..b", "a b", "a.*", "a.>", "a\x00b"):
+        with pytest.raises(InvalidTopic):
+            validate_topic(name)
+        with pytest.raises(InvalidTopic):
+            validate_topic(name)  # refused again: a refusal is never remembered
 
 
 def test_topic_limit_counts_utf8_bytes_not_characters() -> None:

@@ -46,9 +46,18 @@ class Peer:
 
 
 async def open_pair(
-    subprotocols: list[str] | None = None, *, ping_interval: float = 20.0
+    subprotocols: list[str] | None = None, *, ping_interval: float = 20.0, sockets: bool = False
 ) -> tuple[WebSocket, Peer]:
-    server_stream, client_stream = trio.testing.memory_stream_pair()
+    server_stream: trio.abc.Stream
+    client_stream: trio.abc.Stream
+    if sockets:
+        server_socket, client_socket = trio.socket.socketpair()
+        server_stream, client_stream = (
+            trio.SocketStream(server_socket),
+            trio.SocketStream(client_socket),
+        )
+    else:
+        server_stream, client_stream = trio.testing.memory_stream_pair()
     peer = Peer(client_stream)
     await peer.send(Request(host="broker", target="/?token=t", subprotocols=subprotocols or []))
     handshake = await read_handshake(server_stream)
@@ -168,3 +177,21 @@ async def test_aclose_runs_the_closing_handshake_then_closes_the_stream() -> Non
         await websocket.aclose(1001, "going", 5.0)
     assert websocket.closed == 1001
     assert await peer.stream.receive_some() == b""
+
+
+async def test_on_a_socket_messages_are_written_directly_until_the_close() -> None:
+    websocket, peer = await open_pair(sockets=True)
+    assert websocket.can_send_now()
+    assert websocket.send_now([b"di", b"rect"], False, 6)
+    await websocket.send_message([b"via ", b"send_message"], False)
+    assert await peer.events() == [BytesMessage(b"direct"), BytesMessage(b"via send_message")]
+
+    async def answer() -> None:
+        [close] = await peer.events()
+        assert isinstance(close, CloseConnection)
+        await peer.send(close.response())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        await websocket.aclose(1000, None, 5.0)
+    assert not websocket.can_send_now()  # its file descriptor number may be reused
