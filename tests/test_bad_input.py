@@ -204,3 +204,26 @@ async def test_tcp_client_that_never_handshakes_is_dropped(nursery: trio.Nursery
     with trio.fail_after(5):
         assert await stream.receive_some(1024) == b""
     broker.shutdown()
+
+
+async def test_an_internal_error_on_a_publish_is_answered_and_the_connection_goes_on(
+    broker: Broker,
+    broker_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real = broker.hub.publish_nowait
+
+    def failing(topic: str, data: Any, *, acknowledged: bool = True) -> Any:
+        if topic == "boom":
+            raise RuntimeError("a bug")
+        return real(topic, data, acknowledged=acknowledged)
+
+    monkeypatch.setattr(broker.hub, "publish_nowait", failing)
+    async with bystanders(broker_url) as (sub, pub), connect(broker_url) as client:
+        await client.send({"op": "pub", "id": 7, "topic": "boom", "data": 1})
+        await client.expect("err", id=7, code="internal")
+        await client.publish("calm.after", "fine", id=8)
+        await sub.expect("msg", topic="calm.after", data="fine")
+        await still_fine(sub, pub, 1)
+    assert "internal error" in caplog.text and "a bug" in caplog.text
