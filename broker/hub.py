@@ -245,14 +245,8 @@ class Hub:
         if not self.backplane.active:
             rule, subscriptions = self._route(topic)
             if rule.history is None:
-                waiting: list[tuple[Subscription, bytes]] = []
-                now = metrics_clock()
-                matched = self._offer_all(
-                    subscriptions, topic, data, rule.on_full, None, None, now, None, waiting
-                )
-                if waiting:
-                    await self._offer_waiting(waiting, topic, now)
-                return matched
+                matched, rest = self._offer_live(topic, data, rule, subscriptions)
+                return matched if rest is None else await rest
             self.wakes.release()
             return await self._publish_here(topic, data, None)
         self.wakes.release()
@@ -296,17 +290,25 @@ class Hub:
         rule, subscriptions = self._route(topic)
         if rule.history is not None:
             return self.publish(topic, data, acknowledged=acknowledged)
+        return self._offer_live(topic, data, rule, subscriptions)[1]
+
+    def _offer_live(
+        self, topic: str, data: Any, rule: TopicRule, subscriptions: tuple[Subscription, ...]
+    ) -> tuple[int, Coroutine[Any, Any, int] | None]:
+        """Offer a message of a topic without history to its ``subscriptions``: how many
+        matched, and what to await for those that were full under ``block`` (or ``None``)."""
         waiting: list[tuple[Subscription, bytes]] = []
         now = metrics_clock()
         matched = self._offer_all(
             subscriptions, topic, data, rule.on_full, None, None, now, None, waiting
         )
-        return self._offer_waiting(waiting, topic, now, matched) if waiting else None
+        return matched, self._offer_waiting(waiting, topic, now, matched) if waiting else None
 
     async def _offer_waiting(
-        self, waiting: list[tuple[Subscription, bytes]], topic: str, now: float, matched: int = 0
+        self, waiting: list[tuple[Subscription, bytes]], topic: str, now: float, matched: int
     ) -> int:
-        """Wait for room for each of the (subscription, body) that were full under block."""
+        """Wait for room for each (subscription, body) that was full under ``block``; return
+        ``matched``, the publish's count."""
         self.wakes.release()  # this reader is about to wait
         for subscription, body in waiting:
             await self._offer_blocking(subscription, topic, body, now)
