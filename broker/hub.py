@@ -245,7 +245,9 @@ class Hub:
         if not self.backplane.active:
             rule, subscriptions = self._route(topic)
             if rule.history is None:
-                matched, rest = self._offer_live(topic, data, rule, subscriptions)
+                matched, rest = self._offer_all(
+                    subscriptions, topic, data, rule.on_full, None, None, metrics_clock()
+                )
                 return matched if rest is None else await rest
             self.wakes.release()
             return await self._publish_here(topic, data, None)
@@ -290,26 +292,16 @@ class Hub:
         rule, subscriptions = self._route(topic)
         if rule.history is not None:
             return self.publish(topic, data, acknowledged=acknowledged)
-        return self._offer_live(topic, data, rule, subscriptions)[1]
-
-    def _offer_live(
-        self, topic: str, data: Any, rule: TopicRule, subscriptions: tuple[Subscription, ...]
-    ) -> tuple[int, Coroutine[Any, Any, int] | None]:
-        """Offer a message of a topic without history to its ``subscriptions``: how many
-        matched, and what to await for those that were full under ``block`` (or ``None``)."""
-        waiting: list[tuple[Subscription, bytes]] = []
-        now = metrics_clock()
-        matched = self._offer_all(
-            subscriptions, topic, data, rule.on_full, None, None, now, None, waiting
-        )
-        return matched, self._offer_waiting(waiting, topic, now, matched) if waiting else None
+        return self._offer_all(
+            subscriptions, topic, data, rule.on_full, None, None, metrics_clock()
+        )[1]
 
     async def _offer_waiting(
         self, waiting: list[tuple[Subscription, bytes]], topic: str, now: float, matched: int
     ) -> int:
         """Wait for room for each (subscription, body) that was full under ``block``; return
         ``matched``, the publish's count."""
-        self.wakes.release()  # this reader is about to wait
+        self.wakes.release()  # a reader holding wake-ups is about to wait
         for subscription, body in waiting:
             await self._offer_blocking(subscription, topic, body, now)
         return matched
@@ -399,14 +391,10 @@ class Hub:
         now: float,
         epoch: str | None = None,
     ) -> int:
-        waiting: list[tuple[Subscription, bytes]] = []
-        subscriptions = self._route(topic)[1]
-        matched = self._offer_all(
-            subscriptions, topic, data, policy, offset, packed, now, epoch, waiting
+        matched, rest = self._offer_all(
+            self._route(topic)[1], topic, data, policy, offset, packed, now, epoch
         )
-        for subscription, body in waiting:
-            await self._offer_blocking(subscription, topic, body, now)
-        return matched
+        return matched if rest is None else await rest
 
     def _offer_all(
         self,
@@ -417,11 +405,12 @@ class Hub:
         offset: int | None,
         packed: bytes | None,
         now: float,
-        epoch: str | None,
-        waiting: list[tuple[Subscription, bytes]],
-    ) -> int:
+        epoch: str | None = None,
+    ) -> tuple[int, Coroutine[Any, Any, int] | None]:
         """Offer the message to each of ``subscriptions`` (those matching ``topic``) without
-        waiting; those full under ``block`` go to ``waiting``. Returns how many matched."""
+        waiting: how many matched, and what to await for those full under ``block`` (``None``
+        if none was)."""
+        waiting: list[tuple[Subscription, bytes]] = []
         binary_body = text_body = None  # the frame body per encoding, once it is needed
         matched = 0
         for subscription in subscriptions:
@@ -451,7 +440,7 @@ class Hub:
                 subscription.subscriber.close_slow_consumer(
                     f"outbound queue full on {topic!r} (disconnect)"
                 )
-        return matched
+        return matched, self._offer_waiting(waiting, topic, now, matched) if waiting else None
 
     async def _offer_blocking(
         self, subscription: Subscription, topic: str, body: bytes, now: float
