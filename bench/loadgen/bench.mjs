@@ -8,9 +8,10 @@
 // Both targets get the same traffic: 64-byte binary payloads, publishes batched into one
 // WebSocket message when the publisher is ahead (both protocols allow that), and at most
 // `window` undelivered messages per subscriber in flight, so neither server is flooded
-// past what it can route. Subscribers count deliveries without decoding every frame when
-// every frame of a WebSocket message has the known fixed length (checked byte by byte at each
-// frame start); anything else is fully decoded. That keeps this process off the critical path.
+// past what it can route. Subscribers count deliveries (and read latency stamps at the known
+// data offset) without decoding every frame when every frame of a WebSocket message has the
+// known fixed length (checked byte by byte at each frame start); anything else is fully
+// decoded. That keeps this process off the critical path.
 
 import { readFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
@@ -39,25 +40,31 @@ class BrokerClient {
     this.ws = ws;
     this.nextId = 1;
     this.pendingOk = new Map();
-    this.onMessage = null; // (topic, data: Uint8Array) => void
+    this.onMessage = null; // (bytes: Buffer, at) => void, a message's data at bytes[at]
     this.onCount = null; // (n) => void, fast path: n fixed-length msg frames
     this.frameLen = 0; // learned from the first decoded msg
+    this.dataAt = 0; // where a msg frame's data starts in it, learned with frameLen
     ws.on("message", (buf) => this.receive(buf));
   }
   receive(buf) {
     wsMessages++;
     const len = this.frameLen;
-    if (len && this.onCount && buf.length % len === 0) {
+    if (len && buf.length % len === 0) {
       let ok = true;
       for (let i = 0; i < buf.length; i += len) {
         if (buf[i] !== 0x84) { ok = false; break; } // fixmap(4): op, topic, data, sub
       }
-      if (ok) { this.onCount(buf.length / len); return; }
+      if (ok) { fixedFrames(this, buf, len); return; }
     }
     for (const frame of decodeMulti(buf)) {
       if (frame.op === "msg") {
-        if (!this.frameLen) this.frameLen = encode(frame).length;
-        if (this.onMessage) this.onMessage(frame.topic, frame.data);
+        const data = Buffer.from(frame.data.buffer, frame.data.byteOffset, frame.data.length);
+        if (!this.frameLen) {
+          const encoded = Buffer.from(encode(frame));
+          this.frameLen = encoded.length;
+          this.dataAt = encoded.indexOf(data);
+        }
+        if (this.onMessage) this.onMessage(data, 0);
         else this.onCount(1);
       } else if (frame.op === "ok") {
         const resolve = this.pendingOk.get(frame.id);
@@ -100,12 +107,12 @@ class NatsClient {
   receive(buf) {
     wsMessages++;
     const len = this.frameLen;
-    if (!this.rest && len && this.onCount && buf.length % len === 0) {
+    if (!this.rest && len && buf.length % len === 0) {
       let ok = true;
       for (let i = 0; i < buf.length; i += len) {
         if (buf[i] !== 0x4d || buf[i + len - 1] !== 0x0a) { ok = false; break; } // "MSG ...\n"
       }
-      if (ok) { this.onCount(buf.length / len); return; }
+      if (ok) { fixedFrames(this, buf, len); return; }
     }
     if (this.rest) buf = Buffer.concat([this.rest, buf]);
     this.rest = null;
@@ -118,8 +125,8 @@ class NatsClient {
         const size = Number(parts[parts.length - 1]);
         const end = eol + 2 + size + 2;
         if (end > buf.length) break;
-        if (!this.frameLen) this.frameLen = end - pos;
-        if (this.onMessage) this.onMessage(parts[1], buf.subarray(eol + 2, eol + 2 + size));
+        if (!this.frameLen) [this.frameLen, this.dataAt] = [end - pos, eol + 2 - pos];
+        if (this.onMessage) this.onMessage(buf, eol + 2);
         else this.onCount(1);
         pos = end;
         continue;
@@ -140,6 +147,18 @@ class NatsClient {
   static pubFrame(topic, data) {
     return Buffer.concat([Buffer.from(`PUB ${topic} ${data.length}\r\n`), data, Buffer.from("\r\n")]);
   }
+}
+
+/**
+ * A WebSocket message of whole fixed-length msg frames (checked by the caller): count them,
+ * or hand each one's data to onMessage, without decoding them.
+ */
+function fixedFrames(client, buf, len) {
+  if (!client.onMessage) {
+    client.onCount(buf.length / len);
+    return;
+  }
+  for (let i = client.dataAt; i < buf.length; i += len) client.onMessage(buf, i);
 }
 
 const Client = target === "nats" ? NatsClient : BrokerClient;
@@ -291,11 +310,10 @@ async function latency() {
   let count = 0;
   let received = 0;
   let measuring = false;
-  const onMessage = (_topic, data) => {
+  const onMessage = (bytes, at) => {
     received++;
     if (!measuring) return;
-    const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
-    const delay = now() - view.getFloat64(0, true);
+    const delay = now() - bytes.readDoubleLE(at);
     if (count < samples.length) samples[count++] = delay;
   };
   for (const c of subscribers) c.onMessage = onMessage;
