@@ -248,7 +248,7 @@ class Connection:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 if len(queue) == queued:
                     break
-            self.stats.queue_depth.observe(len(queue))
+            depth = len(queue)
             batch = queue.take_batch(self.limits.max_message_size)
             if not batch.parts and not batch.lags:
                 if queue.closed:
@@ -259,15 +259,12 @@ class Connection:
                 await websocket.send_message(frames, self._text, size)
             except ConnectionClosed:
                 return
-            self._count_sent(batch, size)
+            self.messages_out += batch.messages
+            self.stats.count_write(depth, batch.messages, size, batch.oldest)
 
     def hold_wake(self) -> bool:
         """While the hub holds wake-ups (a reader executing a read), join its list."""
-        wakes = self.hub.wakes
-        if not wakes.holding():
-            return False
-        wakes.add(self)
-        return True
+        return self.hub.wakes.join(self)
 
     def write_held(self) -> None:
         """Write the queue directly if the writer is still asleep and the socket takes it
@@ -281,15 +278,18 @@ class Connection:
         if depth > DIRECT_WRITE_MAX or not websocket.can_send_now():
             queue.wake_writer()
             return
-        self.stats.queue_depth.observe(depth)
         batch = queue.take_batch(self.limits.max_message_size)
         if not batch.parts and not batch.lags:
             queue.wake_writer()
             return
-        frames, size = self._frames(batch)
+        if batch.lags or self._text:
+            frames, size = self._frames(batch)
+        else:  # the common case, inlined: each frame's body and tail, joined by the send
+            frames, size = batch.parts, batch.size
         if not websocket.send_now(frames, self._text, size):
             queue.wake_writer(kick=True)  # the socket took part: the writer sends the rest
-        self._count_sent(batch, size)
+        self.messages_out += batch.messages
+        self.stats.count_write(depth, batch.messages, size, batch.oldest)
 
     def _frames(self, batch: Batch) -> tuple[list[bytes], int]:
         """The frames of ``batch`` to send as one message, and their size."""
@@ -302,14 +302,6 @@ class Connection:
             frames = [b"\n".join(frames + batch.frames)]
             return frames, len(frames[0])
         return frames + batch.parts, size
-
-    def _count_sent(self, batch: Batch, size: int) -> None:
-        stats = self.stats
-        self.messages_out += batch.messages
-        stats.messages_out += batch.messages
-        stats.bytes_out += size
-        if batch.oldest is not None:
-            stats.fanout_latency.observe(metrics_clock() - batch.oldest)
 
     async def _read_loop(self) -> None:
         try:

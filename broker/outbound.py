@@ -126,13 +126,13 @@ class HeldWakes:
         """Hold wake-ups from the current task until :meth:`release`."""
         self._task = trio.lowlevel.current_task()
 
-    def holding(self) -> bool:
-        """Whether wake-ups of the current task are held."""
-        return self._task is trio.lowlevel.current_task()
-
-    def add(self, holder: WakeHolder) -> None:
-        """Remember ``holder`` for :meth:`release` (once per hold)."""
+    def join(self, holder: WakeHolder) -> bool:
+        """If the current task holds wake-ups, remember ``holder`` for :meth:`release` (once
+        per hold) and answer True; otherwise False."""
+        if self._task is not trio.lowlevel.current_task():
+            return False
         self._held.append(holder)
+        return True
 
     def release(self) -> None:
         """Stop holding; every remembered holder writes (or wakes its writer). No checkpoint."""
@@ -432,7 +432,12 @@ class OutboundQueue:
         if self._bytes <= max_bytes and not (self._dead or self._lags or self._evictable):
             # The common case: everything, nothing evicted or indexed.
             messages = self._messages
-            oldest = _first_time(times) if messages else None
+            if not messages:
+                oldest = None
+            elif not self._replies:
+                oldest = times[0]  # nothing evicted either: the first entry is a message
+            else:
+                oldest = _first_time(times)
             batch = Batch({}, self._parts, messages, oldest, self._bytes)
             self._parts, self._times = [], []
             self._base += len(times)

@@ -78,6 +78,21 @@ class BrokerStats:
     queue_depth: Histogram = field(default_factory=lambda: Histogram(QUEUE_DEPTH_BUCKETS))
     fanout_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
 
+    def count_write(self, depth: int, messages: int, size: int, oldest: float | None) -> None:
+        """Count one write to a subscriber: ``messages`` msg frames in ``size`` bytes, taken
+        from a queue ``depth`` deep, the oldest published at ``oldest`` (``None``: no msg)."""
+        # Once per write, so both histograms are counted here rather than through observe().
+        self.messages_out += messages
+        self.bytes_out += size
+        histogram = self.queue_depth
+        histogram.counts[bisect_left(histogram.bounds, depth)] += 1
+        histogram.sum += depth
+        if oldest is not None:
+            age = metrics_clock() - oldest
+            histogram = self.fanout_latency
+            histogram.counts[bisect_left(histogram.bounds, age)] += 1
+            histogram.sum += age
+
 
 class SortKey(enum.StrEnum):
     """What ``/connz`` and ``broker stats`` rank connections by."""

@@ -42,6 +42,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 RECEIVE_SIZE = 1048576
 _OPEN, _REMOTE_CLOSING = ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING
 _STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+_HEADER_16 = struct.Struct("!BBH").pack  # a data frame's header, 16-bit length
 
 
 class ConnectionClosed(Exception):
@@ -80,7 +81,7 @@ def frame_header(length: int, text: bool) -> bytes:
     if length < 126:
         return bytes((first, length))
     if length < 65536:
-        return struct.pack("!BBH", first, 126, length)
+        return _HEADER_16(first, 126, length)
     return struct.pack("!BBQ", first, 127, length)
 
 
@@ -267,7 +268,11 @@ class WebSocket:
         :meth:`can_send_now`. True if it all went out (or the socket is gone); False if the
         socket took only part: the rest is a write in progress until :meth:`finish_send`.
         """
-        data = b"".join([frame_header(length, text), *parts])
+        if 125 < length < 65536:  # the usual direct write, frame_header inlined
+            header = _HEADER_16(0x81 if text else 0x82, 126, length)
+        else:
+            header = frame_header(length, text)
+        data = b"".join([header, *parts])
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:

@@ -574,10 +574,7 @@ class Holder:
         queue.waker = self
 
     def hold_wake(self) -> bool:
-        if not self.wakes.holding():
-            return False
-        self.wakes.add(self)
-        return True
+        return self.wakes.join(self)
 
     def write_held(self) -> None:
         self.writes += 1
