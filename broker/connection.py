@@ -282,10 +282,7 @@ class Connection:
         if not batch.parts and not batch.lags:
             queue.wake_writer()
             return
-        if batch.lags or self._text:
-            frames, size = self._frames(batch)
-        else:  # the common case, inlined: each frame's body and tail, joined by the send
-            frames, size = batch.parts, batch.size
+        frames, size = self._frames(batch)
         if not websocket.send_now(frames, self._text, size):
             queue.wake_writer(kick=True)  # the socket took part: the writer sends the rest
         self.messages_out += batch.messages
