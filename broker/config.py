@@ -8,6 +8,7 @@ with it. ``config/broker.toml`` documents every key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -279,6 +280,8 @@ def _check_value(key: str, value: Any, kind: type) -> Any:
         raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
     if key != "server.port" and not value > 0:  # NaN too
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+    if value == math.inf:  # TOML's inf: no limit or timeout here means "never"
+        raise ConfigError(f"{key}: must be finite, got inf (for 'never', use a large number)")
     return kind(value)
 
 

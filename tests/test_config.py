@@ -188,6 +188,8 @@ def test_bool_is_not_a_number(section: str, key: str) -> None:
         ({"limits": {"queue_messages": -5}}, "limits.queue_messages: must be greater than 0"),
         ({"limits": {"slow_timeout": 0}}, "limits.slow_timeout: must be greater than 0"),
         ({"limits": {"slow_timeout": float("nan")}}, "limits.slow_timeout: must be greater"),
+        ({"limits": {"publish_rate": float("inf")}}, "limits.publish_rate: must be finite"),
+        ({"server": {"ping_interval": float("inf")}}, "server.ping_interval: must be finite"),
         ({"log": {"level": "verbose"}}, "log.level: 'verbose' is not one of debug, info, warn"),
         ({"log": {"format": "xml"}}, "log.format: 'xml' is not one of text, json"),
     ],
