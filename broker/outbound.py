@@ -7,11 +7,12 @@ bounded by count and bytes; when a message does not fit, the topic's policy deci
 ``block``       :meth:`OutboundQueue.offer` answers ``FULL``; the publisher waits for room
                 (:meth:`OutboundQueue.wait_room`) and gives up on the subscriber after
                 ``slow_timeout`` of continuous fullness.
-``drop_oldest`` the oldest queued messages *of the same subscription* make room; if it has
-                none queued, the new message is dropped instead.
+``drop_oldest`` the oldest queued messages *of the same subscription* make room; if even
+                all of them would not, none is evicted and the new message is dropped.
 ``drop_newest`` the new message is dropped.
-``conflate``    the new message replaces the queued one of the same subscription and topic;
-                without one, as ``drop_oldest``.
+``conflate``    the new message replaces the queued one of the same subscription and topic,
+                in its place; if it is too big for that, the old one is evicted and the rest
+                is as ``drop_oldest``, as it is without one.
 ``disconnect``  :meth:`OutboundQueue.offer` answers ``DISCONNECT``: close the subscriber.
 =============== ===========================================================================
 
@@ -285,26 +286,39 @@ class OutboundQueue:
             return _FULL
         if policy is _DISCONNECT:
             return Offer.DISCONNECT
-        if policy is _CONFLATE:
-            number = self._latest.get((sub, topic))
-            if number is not None:
-                i = 2 * (number - self._base)
-                parts = self._parts
-                self._bytes += size - len(parts[i]) - len(parts[i + 1])
+        latest = self._latest.get((sub, topic)) if policy is _CONFLATE else None
+        if latest is not None:
+            i = 2 * (latest - self._base)
+            parts = self._parts
+            grown = size - len(parts[i]) - len(parts[i + 1])
+            if grown <= 0 or messages == 1 or self._bytes + grown <= self.max_bytes:
+                self._bytes += grown
                 parts[i], parts[i + 1] = frame, tail  # keeps its place and publish time
                 self._count_lag(sub, policy)
                 return _QUEUED
-        if policy is not _DROP_NEWEST:
-            own = self._evictable.get(sub)
-            while own and not self._fits(size):
+        own = self._evictable.get(sub) if policy is not _DROP_NEWEST else None
+        # Evict only if evicting is enough: otherwise the new message alone is dropped.
+        if own and self._fits_without(own, size):
+            if latest is not None:  # too big to replace in place: the one it replaces goes first
+                own.remove((latest, topic))
+                self._evict(sub, latest, topic, policy)
+            while not self._fits(size):
                 self._evict(sub, *own.popleft(), policy)
-            if own is not None and not own:
+            if not own:
                 del self._evictable[sub]
-            if self._fits(size):
-                self._append(sub, topic, frame, tail, now, policy)
-                return _QUEUED
+            self._append(sub, topic, frame, tail, now, policy)
+            return _QUEUED
         self._count_lag(sub, policy)
         return _DROPPED
+
+    def _fits_without(self, own: deque[tuple[int, str]], size: int) -> bool:
+        """Whether ``size`` more bytes would fit once every entry of ``own`` is evicted."""
+        parts, base = self._parts, self._base
+        freed = sum(len(parts[2 * (n - base)]) + len(parts[2 * (n - base) + 1]) for n, _ in own)
+        left = self._messages - len(own)
+        if not left:
+            return True  # an oversized message still passes through an empty queue
+        return left < self.max_messages and self._bytes - freed + size <= self.max_bytes
 
     def _append(
         self, sub: str, topic: str, frame: bytes, tail: bytes, now: float, policy: Policy
