@@ -52,7 +52,7 @@ from broker.frames import (
     encode_ok,
 )
 from broker.hub import Hub, Subscription
-from broker.outbound import Batch, OutboundQueue
+from broker.outbound import OutboundQueue, join_pairs
 from broker.ratelimit import PublishLimiter
 from broker.stats import BrokerStats, ConnectionSnapshot, describe, metrics_clock
 from broker.websocket import ConnectionClosed, MessageTooBig, PingTimeout, WebSocket
@@ -254,7 +254,7 @@ class Connection:
                 if queue.closed:
                     return  # closed, and flushed or discarded
                 continue  # woken to finish a direct write only
-            frames, size = self._frames(batch)
+            frames, size = self._frames(batch.lags, batch.parts, batch.size)
             try:
                 await websocket.send_message(frames, self._text, size)
             except ConnectionClosed:
@@ -267,38 +267,39 @@ class Connection:
         return self.hub.wakes.join(self)
 
     def write_held(self) -> None:
-        """Write the queue directly if the writer is still asleep and the socket takes it
-        without waiting; otherwise wake the writer (which also finishes a partial write)."""
+        """Write the queue directly if the writer is still asleep, the queue is short and the
+        socket takes it without waiting; otherwise leave it to the writer (woken if asleep),
+        which also reports lags and finishes a partial write."""
         queue = self._queue
         queue.wake_held = False
-        if not queue.writer_waiting:
-            return  # woken since by someone else: the writer has it
         websocket = self.websocket
-        depth = len(queue)
-        if depth > DIRECT_WRITE_MAX or not websocket.can_send_now():
+        taken = None
+        if websocket.can_send_now():
+            taken = queue.take_direct(DIRECT_WRITE_MAX, self.limits.max_message_size)
+        if taken is None:
             queue.wake_writer()
             return
-        batch = queue.take_batch(self.limits.max_message_size)
-        if not batch.parts and not batch.lags:
-            queue.wake_writer()
-            return
-        frames, size = self._frames(batch)
+        parts, messages, oldest, size = taken
+        frames, size = self._frames({}, parts, size)
         if not websocket.send_now(frames, self._text, size):
             queue.wake_writer(kick=True)  # the socket took part: the writer sends the rest
-        self.messages_out += batch.messages
-        self.stats.count_write(depth, batch.messages, size, batch.oldest)
+        self.messages_out += messages
+        self.stats.count_write(len(parts) // 2, messages, size, oldest)
 
-    def _frames(self, batch: Batch) -> tuple[list[bytes], int]:
-        """The frames of ``batch`` to send as one message, and their size."""
-        if not batch.lags and not self._text:
-            return batch.parts, batch.size  # each frame's body and tail, joined by the send
+    def _frames(
+        self, lags: dict[str, int], parts: list[bytes], size: int
+    ) -> tuple[list[bytes], int]:
+        """What to send as one message for ``lags`` and the ``parts`` of ``size`` bytes (see
+        :class:`~broker.outbound.Batch`), and its size."""
+        if not lags and not self._text:
+            return parts, size  # each frame's body and tail, joined by the send
         encoding = self._encoding
-        frames = [encode_lag(sub, n, encoding) for sub, n in batch.lags.items()]
-        size = batch.size + sum(map(len, frames))
+        frames = [encode_lag(sub, n, encoding) for sub, n in lags.items()]
+        size += sum(map(len, frames))
         if self._text:
-            frames = [b"\n".join(frames + batch.frames)]
+            frames = [b"\n".join(frames + join_pairs(parts))]
             return frames, len(frames[0])
-        return frames + batch.parts, size
+        return frames + parts, size
 
     async def _read_loop(self) -> None:
         try:

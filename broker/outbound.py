@@ -91,8 +91,12 @@ class Batch:
     @property
     def frames(self) -> list[bytes]:
         """The frames, each body joined to its tail."""
-        parts = self.parts
-        return [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
+        return join_pairs(self.parts)
+
+
+def join_pairs(parts: list[bytes]) -> list[bytes]:
+    """``[body, tail, body, tail, ...]`` as ``[body + tail, ...]``: whole frames."""
+    return [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
 
 
 class WakeHolder(Protocol):
@@ -440,26 +444,49 @@ class OutboundQueue:
 
     # --- consumer ---
 
+    def take_direct(
+        self, max_frames: int, max_bytes: int
+    ) -> tuple[list[bytes], int, float | None, int] | None:
+        """For a write by someone else than the writer (``Connection.write_held``): if the
+        writer is waiting, at most ``max_frames`` frames in at most ``max_bytes`` are queued
+        and there is no lag to report, take them all, as :meth:`take_batch` would, as
+        ``(parts, messages, oldest, size)`` (no :class:`Batch` built). Otherwise take nothing
+        and answer ``None``."""
+        times = self._times
+        if (
+            self._readable is None
+            or not times
+            or len(times) > max_frames
+            or self._bytes > max_bytes
+            or self._dead
+            or self._lags
+            or self._evictable
+        ):
+            return None
+        return self._take_everything()
+
+    def _take_everything(self) -> tuple[list[bytes], int, float | None, int]:
+        """Take every entry when none is evicted or indexed: (parts, messages, oldest, size)."""
+        times, parts, messages, size = self._times, self._parts, self._messages, self._bytes
+        if not messages:
+            oldest = None
+        elif not self._replies:
+            oldest = times[0]  # nothing evicted either: the first entry is a message
+        else:
+            oldest = _first_time(times)
+        self._parts, self._times = [], []
+        self._base += len(times)
+        self._bytes = self._messages = self._replies = 0
+        self.full_since = None
+        if self._room is not None:
+            self._wake_publishers()
+        return parts, messages, oldest, size
+
     def take_batch(self, max_bytes: int) -> Batch:
         """Take lag counts and the oldest frames, up to ``max_bytes`` (at least one frame)."""
-        times = self._times
         if self._bytes <= max_bytes and not (self._dead or self._lags or self._evictable):
-            # The common case: everything, nothing evicted or indexed.
-            messages = self._messages
-            if not messages:
-                oldest = None
-            elif not self._replies:
-                oldest = times[0]  # nothing evicted either: the first entry is a message
-            else:
-                oldest = _first_time(times)
-            batch = Batch({}, self._parts, messages, oldest, self._bytes)
-            self._parts, self._times = [], []
-            self._base += len(times)
-            self._bytes = self._messages = self._replies = 0
-            self.full_since = None
-            if self._room is not None:
-                self._wake_publishers()
-            return batch
+            return Batch({}, *self._take_everything())  # the common case
+        times = self._times
         if self._bytes <= max_bytes:  # everything: no per-frame work
             parts, taken_times = self._parts, times
             self._parts, self._times = [], []
