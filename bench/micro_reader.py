@@ -2,6 +2,7 @@
 """Micro-benchmark of a publisher's reader path, without sockets: decode, checks, hub, writes.
 
     .venv/bin/python bench/micro_reader.py              # both shapes below, best of 3 each
+    .venv/bin/python bench/micro_reader.py latency --reads 100 --repeat 1   # one shape, once
 
 A real :class:`~broker.connection.Connection` executes prepared reads (lists of msgpack
 WebSocket messages) from a stand-in WebSocket; its subscribers are real connections whose
@@ -10,12 +11,17 @@ delivery (``time.process_time``) and writes per delivery, for
 
 - ``topics``: 1 000 subscribers on their own topics, 40 messages of 64 pubs per read
   (as bench/run's topics scenario with 1 MiB reads);
-- ``latency``: 100 subscribers on one topic, one pub per read (a direct write per delivery,
-  as bench/run's latency scenario when the broker keeps up).
+- ``latency``: 100 subscribers on one topic, 3 pubs per read and a direct write per
+  subscriber per read (bench/run's latency scenario reads ~2.4 pubs at a time: one tick of
+  the load generator's timer).
+
+CPU time on a shared VM varies by 10-30 % from minute to minute; bench/instructions runs a
+shape under valgrind and prints instructions per delivery, which do not vary.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -105,13 +111,24 @@ async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int)
     return elapsed / deliveries
 
 
-SHAPES = {"topics": (1000, False, 40 * 64, 60), "latency": (100, True, 1, 5000)}
+# name: (subscribers, one topic, pubs per read, reads)
+SHAPES = {"topics": (1000, False, 40 * 64, 60), "latency": (100, True, 3, 2000)}
 
 
 def main() -> None:
-    for name, args in SHAPES.items():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("shapes", nargs="*", metavar="SHAPE", help=f"of {', '.join(SHAPES)}")
+    parser.add_argument("--reads", type=int, help="reads per run (default: the shape's)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per shape; the best is shown")
+    args = parser.parse_args()
+    for name in args.shapes:
+        if name not in SHAPES:
+            parser.error(f"unknown shape {name!r}")
+    for name in args.shapes or SHAPES:
+        subscribers, one_topic, pubs_per_read, reads = SHAPES[name]
         print(name)
-        best = min(trio.run(run, *args) for _ in range(3))
+        shape = (subscribers, one_topic, pubs_per_read, args.reads or reads)
+        best = min(trio.run(run, *shape) for _ in range(args.repeat))
         print(f"{name}: best {best * 1e6:.2f} us/delivery")
 
 
