@@ -9,6 +9,8 @@ WebSocket messages) from a stand-in WebSocket; its subscribers are real connecti
 stand-in WebSockets count writes instead of making the syscall. Prints CPU microseconds per
 delivery (``time.process_time``) and writes per delivery, for
 
+- ``fanout``: 200 subscribers on one topic, 64 pubs per read (deep queues: the writers
+  write, not the reader);
 - ``topics``: 1 000 subscribers on their own topics, 40 messages of 64 pubs per read
   (as bench/run's topics scenario with 1 MiB reads);
 - ``latency``: 100 subscribers on one topic, 3 pubs per read and a direct write per
@@ -112,7 +114,11 @@ async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int)
 
 
 # name: (subscribers, one topic, pubs per read, reads)
-SHAPES = {"topics": (1000, False, 40 * 64, 60), "latency": (100, True, 3, 2000)}
+SHAPES = {
+    "fanout": (200, True, 64, 200),
+    "topics": (1000, False, 40 * 64, 60),
+    "latency": (100, True, 3, 2000),
+}
 
 
 def main() -> None:

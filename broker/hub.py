@@ -40,7 +40,7 @@ from broker.topics import PatternTrie, is_wildcard, pattern_matches
 
 # Per-delivery comparisons read module globals: an Enum member read through its class is ten
 # times slower on Python 3.11 (see broker/outbound.py).
-_FULL, _DISCONNECT = Offer.FULL, Offer.DISCONNECT
+_QUEUED, _FULL, _DISCONNECT = Offer.QUEUED, Offer.FULL, Offer.DISCONNECT
 _MSGPACK, _JSON = Encoding.MSGPACK, Encoding.JSON
 
 #: ``data`` for :meth:`Hub._fan_out` when only ``packed`` is known: decoded if a JSON
@@ -410,16 +410,16 @@ class Hub:
         """Offer the message to each of ``subscriptions`` (those matching ``topic``) without
         waiting: how many matched, and what to await for those full under ``block`` (``None``
         if none was)."""
-        waiting: list[tuple[Subscription, bytes]] = []
+        waiting: list[tuple[Subscription, bytes]] | None = None
         binary_body = text_body = None  # the frame body per encoding, once it is needed
-        matched = 0
+        covered = 0  # subscriptions whose ok (or replay) already covers this message
         for subscription in subscriptions:
-            after = subscription.after
-            if after is not None and offset is not None:
+            if offset is not None and subscription.after is not None:  # a recent cluster sub
+                after = subscription.after
                 if after.epoch == epoch and offset <= after.offset:
-                    continue  # its ok (or replay) already covers this message
+                    covered += 1
+                    continue
                 subscription.after = None  # past it: no more checks
-            matched += 1
             if subscription.encoding is _MSGPACK:
                 body = binary_body
                 if body is None:
@@ -434,12 +434,17 @@ class Hub:
             outcome = subscription.queue.offer(
                 subscription.pattern, topic, body, subscription.tail, policy, now
             )
+            if outcome is _QUEUED:
+                continue
             if outcome is _FULL:
+                if waiting is None:
+                    waiting = []
                 waiting.append((subscription, body))
             elif outcome is _DISCONNECT:
                 subscription.subscriber.close_slow_consumer(
                     f"outbound queue full on {topic!r} (disconnect)"
                 )
+        matched = len(subscriptions) - covered
         return matched, self._offer_waiting(waiting, topic, now, matched) if waiting else None
 
     async def _offer_blocking(
