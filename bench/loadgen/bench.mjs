@@ -14,7 +14,7 @@
 // decoded. That keeps this process off the critical path.
 
 import { readFileSync } from "node:fs";
-import { performance } from "node:perf_hooks";
+import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 import { decodeMulti, encode } from "@msgpack/msgpack";
 import WebSocket from "ws";
 
@@ -243,6 +243,7 @@ async function throughput({ subscribers, topicOf, seconds, window, batch }) {
   await waitQuiet(() => received >= expected, () => received, 2000);
   const elapsed = (lastReceive - start) / 1000;
   const cpu = cpuSeconds(num("pid")) - cpuStart;
+  loopDelay.disable();
   return {
     msgs: sent,
     deliveries: received,
@@ -326,11 +327,13 @@ async function latency() {
   let cpuStart = null; // and the frames and WebSocket messages received, at the warm-up's end
   let framesAtStart = 0;
   let wsAtStart = 0;
+  const loopDelay = monitorEventLoopDelay({ resolution: 1 }); // this process's own stalls
   while (now() < stopAt) {
     if (cpuStart === null && now() >= warmup) {
       cpuStart = cpuSeconds(num("pid"));
       framesAtStart = received;
       wsAtStart = wsMessages;
+      loopDelay.enable();
     }
     measuring = now() >= warmup;
     const due = Math.floor(((now() - start) / 1000) * rate);
@@ -342,6 +345,7 @@ async function latency() {
     await sleep(1);
   }
   const cpu = cpuSeconds(num("pid")) - cpuStart;
+  loopDelay.disable();
   const batching = (received - framesAtStart) / Math.max(1, wsMessages - wsAtStart);
   await waitQuiet(() => received >= sent * subs, () => received, 2000);
   const sorted = samples.subarray(0, count).sort();
@@ -351,6 +355,8 @@ async function latency() {
     "max_ms": Number(sorted[count - 1].toFixed(2)), lost: sent * subs - received,
     "frames/ws-msg": Number(batching.toFixed(1)),
     "server_cpu_%": Math.round((cpu / seconds) * 100),
+    "gen_stall_p99_ms": Number((loopDelay.percentile(99) / 1e6).toFixed(2)),
+    "gen_stall_max_ms": Number((loopDelay.max / 1e6).toFixed(2)),
   };
 }
 
