@@ -441,7 +441,11 @@ class Connection:
         """With a cluster backplane, make sure messages from other nodes reach this one before
         the ``ok``: a message published anywhere after the ``ok`` is then delivered."""
         backplane = self.hub.backplane
-        if not backplane.active or command.topic in self.subscriptions:
+        if (
+            not backplane.active
+            or command.topic in self.subscriptions
+            or not self.identity.permissions.may_subscribe(command.topic)  # refused: not followed
+        ):
             self._subscribe(command)
             return
         self.hub.wakes.release()  # this reader is about to wait

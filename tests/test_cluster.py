@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from broker.backplane import redis_glob
-from broker.config import ClusterConfig, Config
+from broker.config import AuthConfig, ClusterConfig, Config, TokenGrant
 from broker.history import HistoryLimits
 from broker.hub import TopicRule
 from broker.outbound import Policy
@@ -181,6 +181,31 @@ async def test_subscriptions_follow_local_clients_in_redis(redis: RedisServer) -
         # both connections closed: the node holds only the history patterns in Redis
         await wait_redis(redis, "NUMPAT", 1)
         await wait_redis(redis, "CHANNELS", [])
+
+
+async def test_a_forbidden_sub_is_refused_without_following_its_topic_in_redis(
+    redis: RedisServer,
+) -> None:
+    alice = TokenGrant("alice-token", "alice", subscribe=("news.>",))
+    config = cluster_config(redis, "n0").replace(auth=AuthConfig(mode="tokens", tokens=(alice,)))
+    async with trio.open_nursery() as nursery:
+        node = await start_broker(nursery, config)
+        await wait_until(lambda: backplane(node).connected)
+        plane = backplane(node)
+        followed: list[str] = []
+        follow = plane.follow
+
+        def recording_follow(pattern: str) -> None:
+            followed.append(pattern)
+            follow(pattern)
+
+        plane.follow = recording_follow  # type: ignore[method-assign]
+        async with connect(node.url + "?token=alice-token") as client:
+            await client.send({"op": "sub", "id": 1, "topic": "secret.plans"})
+            assert (await client.reply(1))["code"] == "forbidden"
+            await client.subscribe("news.today")
+        assert "secret.plans" not in followed and "news.today" in followed
+        node.shutdown()
 
 
 async def test_unsub_then_sub_again_at_once_is_answered_at_once(redis: RedisServer) -> None:
