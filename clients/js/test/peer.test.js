@@ -1,15 +1,15 @@
 // @ts-check
 /**
  * The client against a scripted peer, for what a real broker shows only by chance: the `since`
- * it sends after a history was lost (a new epoch), an `ok` and messages in one batch, and a
- * batch whose handler throws. (history.test.js and tokens.test.js use a real broker.)
+ * it sends after a history was lost (a new epoch), an `ok` and messages in one batch, a batch
+ * whose handler throws, and an `ok` that comes after the client gave up waiting. (history.test.js and tokens.test.js use a real broker.)
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { WebSocketServer } from "ws";
 
-import { jsonCodec } from "../src/client.js";
+import { NotAnswered, jsonCodec } from "../src/client.js";
 import { Inbox, makeClient } from "./helpers.js";
 
 /**
@@ -131,6 +131,36 @@ test("a throwing handler is reported and the rest of the batch still arrives", a
     await published;
     assert.equal(await inbox.next(), 2);
     assert.equal((await errors.next()).message, "handler bug");
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("a sub answered after it timed out is unsubscribed, unless subscribed again", async () => {
+  const peer = await scriptedPeer();
+  const client = makeClient(peer.url, { timeout: 100 });
+  try {
+    const connection = await peer.connections.next();
+    const late = client.subscribe("late", () => {});
+    const again = client.subscribe("again", () => {});
+    const subs = [await connection.frames.next(), await connection.frames.next()];
+    for (const subscribing of [late, again]) {
+      await assert.rejects(subscribing, (error) => error instanceof NotAnswered && error.reason === "timeout");
+    }
+    const resubscribing = client.subscribe("again", () => {});
+    const resub = await connection.frames.next();
+    connection.send(...subs.map((sub) => ({ op: "ok", id: sub.id })), { op: "ok", id: resub.id });
+    await resubscribing;
+    // "late" is held by the broker for nobody: undone; "again" is wanted again: kept.
+    const unsub = await connection.frames.next();
+    assert.deepEqual(unsub, { op: "unsub", id: unsub.id, topic: "late" });
+    connection.send({ op: "ok", id: unsub.id });
+    const published = client.publish("again", 1);
+    const pub = await connection.frames.next();
+    assert.equal(pub.op, "pub"); // no unsub of "again" came before it
+    connection.send({ op: "ok", id: pub.id });
+    await published;
   } finally {
     await client.close();
     peer.close();
