@@ -288,8 +288,6 @@ export class Client {
     this._pending = new Map();
     /** @type {Map<string, Subscription>} by pattern */
     this._subscriptions = new Map();
-    /** @type {Map<number, string>} `sub` ids given up on (timeout) -> pattern, this connection */
-    this._abandoned = new Map();
     /** @type {Array<{resolve: () => void, reject: (error: Error) => void}>} */
     this._waiters = [];
     /** @type {Promise<void>} resolves once the socket of a closed client has closed */
@@ -391,9 +389,12 @@ export class Client {
         (error) => {
           // A dropped connection is not an answer: the next connection sends it again.
           if (error instanceof NotAnswered && error.reason === "disconnected") return;
-          // An answer may still come: an `ok` then is undone (see _dispatch).
-          if (error instanceof NotAnswered && error.reason === "timeout") {
-            this._abandoned.set(id, subscription.pattern);
+          // The broker may still take the sub: an unsub behind it undoes it (same connection,
+          // so in order), as the Python client does when a subscribe fails.
+          if (error instanceof NotAnswered && error.reason === "timeout" && this._socket !== null) {
+            const unsubId = this._nextId++;
+            this._expect(unsubId, () => {}, () => {}); // nothing waits for it
+            this._send([{ op: "unsub", id: unsubId, topic: subscription.pattern }]);
           }
           if (this._subscriptions.get(subscription.pattern) === subscription) {
             this._subscriptions.delete(subscription.pattern);
@@ -580,12 +581,9 @@ export class Client {
       case "msg":
         this._subscriptions.get(frame.sub)?._deliver(/** @type {Message} */ (frame));
         break;
-      case "ok": {
-        const pending = this._pending.get(frame.id);
-        if (pending) pending.resolve(frame);
-        else this._undoAbandoned(frame.id);
+      case "ok":
+        this._pending.get(frame.id)?.resolve(frame);
         break;
-      }
       case "err": {
         const error = new PubSubError(String(frame.code), String(frame.msg));
         const pending = frame.id === undefined ? undefined : this._pending.get(frame.id);
@@ -601,26 +599,10 @@ export class Client {
     }
   }
 
-  /**
-   * A late `ok` for a `sub` given up on: the broker now holds a subscription nobody reads,
-   * so unsubscribe it, unless the pattern was subscribed again meanwhile.
-   * @param {unknown} id
-   */
-  _undoAbandoned(id) {
-    const pattern = typeof id === "number" ? this._abandoned.get(id) : undefined;
-    if (pattern === undefined) return;
-    this._abandoned.delete(/** @type {number} */ (id));
-    if (this._subscriptions.has(pattern) || this._socket === null) return;
-    const unsubId = this._nextId++;
-    this._expect(unsubId, () => {}, () => {}); // nothing waits for it
-    this._send([{ op: "unsub", id: unsubId, topic: pattern }]);
-  }
-
   /** @param {WebSocket} socket */
   _onClose(socket) {
     if (socket !== this._socket) return;
     this._socket = null;
-    this._abandoned.clear(); // the broker forgets a connection's subscriptions with it
     const dropped = new NotAnswered("disconnected", "the connection dropped before the answer");
     for (const pending of [...this._pending.values()]) pending.reject(dropped);
     if (this.options.reconnect === false) this._finish();
