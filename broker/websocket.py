@@ -268,11 +268,7 @@ class WebSocket:
         :meth:`can_send_now`. True if it all went out (or the socket is gone); False if the
         socket took only part: the rest is a write in progress until :meth:`finish_send`.
         """
-        if 125 < length < 65536:  # the usual direct write, frame_header inlined
-            header = _HEADER_16(0x81 if text else 0x82, 126, length)
-        else:
-            header = frame_header(length, text)
-        data = b"".join([header, *parts])
+        data = b"".join([frame_header(length, text), *parts])
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
