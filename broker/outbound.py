@@ -240,10 +240,16 @@ class OutboundQueue:
         """When the oldest queued message was published, or ``None`` if none is queued."""
         return _first_time(self._times)
 
-    def _fits(self, size: int) -> bool:
-        if self._messages == 0:
+    def _fits(self, size: int, messages: int | None = None, queued: int | None = None) -> bool:
+        """Whether ``size`` more bytes fit with ``messages`` messages of ``queued`` bytes
+        already queued (by default, what is queued now)."""
+        if messages is None:
+            messages = self._messages
+        if not messages:
             return True  # an oversized message still passes through an empty queue
-        return self._messages < self.max_messages and self._bytes + size <= self.max_bytes
+        if queued is None:
+            queued = self._bytes
+        return messages < self.max_messages and queued + size <= self.max_bytes
 
     # --- producers ---
 
@@ -319,10 +325,7 @@ class OutboundQueue:
         """Whether ``size`` more bytes would fit once every entry of ``own`` is evicted."""
         parts, base = self._parts, self._base
         freed = sum(len(parts[2 * (n - base)]) + len(parts[2 * (n - base) + 1]) for n, _ in own)
-        left = self._messages - len(own)
-        if not left:
-            return True  # an oversized message still passes through an empty queue
-        return left < self.max_messages and self._bytes - freed + size <= self.max_bytes
+        return self._fits(size, self._messages - len(own), self._bytes - freed)
 
     def _append(
         self, sub: str, topic: str, frame: bytes, tail: bytes, now: float, policy: Policy
