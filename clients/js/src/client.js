@@ -392,9 +392,7 @@ export class Client {
           // The broker may still take the sub: an unsub behind it undoes it (same connection,
           // so in order), as the Python client does when a subscribe fails.
           if (error instanceof NotAnswered && error.reason === "timeout" && this._socket !== null) {
-            const unsubId = this._nextId++;
-            this._expect(unsubId, () => {}, () => {}); // nothing waits for it
-            this._send([{ op: "unsub", id: unsubId, topic: subscription.pattern }]);
+            this._send([this._unsubFrame(subscription.pattern)]);
           }
           if (this._subscriptions.get(subscription.pattern) === subscription) {
             this._subscriptions.delete(subscription.pattern);
@@ -428,9 +426,19 @@ export class Client {
     subscription.epoch = reply.epoch;
     subscription.offset = 0;
     subscription._skipping = true;
+    this._send([this._unsubFrame(subscription.pattern), ...this._subscribeFrames([subscription])]);
+  }
+
+  /**
+   * An `unsub` frame for `pattern` whose answer nothing waits for (one lost with the
+   * connection changes nothing either).
+   * @param {string} pattern
+   * @returns {Frame}
+   */
+  _unsubFrame(pattern) {
     const id = this._nextId++;
-    this._expect(id, () => {}, () => {}); // an answer lost with the connection changes nothing
-    this._send([{ op: "unsub", id, topic: subscription.pattern }, ...this._subscribeFrames([subscription])]);
+    this._expect(id, () => {}, () => {});
+    return { op: "unsub", id, topic: pattern };
   }
 
   /**
