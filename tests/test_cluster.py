@@ -41,12 +41,18 @@ HISTORY = TopicRule("chat.>", Policy.BLOCK, HistoryLimits(1000))
 
 
 def cluster_config(
-    redis: RedisServer, node_id: str, *, history: bool = True, **limits: Any
+    redis: RedisServer,
+    node_id: str,
+    *,
+    history: bool = True,
+    auth: AuthConfig | None = None,
+    **limits: Any,
 ) -> Config:
     config = make_config(**limits)
     return config.replace(
         cluster=ClusterConfig(backend=redis.url, node_id=node_id),
         topics=(HISTORY,) if history else (),
+        auth=auth if auth is not None else config.auth,
     )
 
 
@@ -58,13 +64,20 @@ def backplane(broker: Broker) -> RedisBackplane:
 
 @asynccontextmanager
 async def nodes(
-    redis: RedisServer, count: int, *, history: bool = True, **limits: Any
+    redis: RedisServer,
+    count: int,
+    *,
+    history: bool = True,
+    auth: AuthConfig | None = None,
+    **limits: Any,
 ) -> AsyncIterator[list[Broker]]:
     """``count`` brokers in this process sharing ``redis``, each connected to it (keeping
     history on ``chat.>`` unless told not to)."""
     async with trio.open_nursery() as nursery:
         brokers = [
-            await start_broker(nursery, cluster_config(redis, f"n{i}", history=history, **limits))
+            await start_broker(
+                nursery, cluster_config(redis, f"n{i}", history=history, auth=auth, **limits)
+            )
             for i in range(count)
         ]
         await wait_until(lambda: all(backplane(b).connected for b in brokers))
@@ -187,10 +200,7 @@ async def test_a_forbidden_sub_is_refused_without_following_its_topic_in_redis(
     redis: RedisServer,
 ) -> None:
     alice = TokenGrant("alice-token", "alice", subscribe=("news.>",))
-    config = cluster_config(redis, "n0").replace(auth=AuthConfig(mode="tokens", tokens=(alice,)))
-    async with trio.open_nursery() as nursery:
-        node = await start_broker(nursery, config)
-        await wait_until(lambda: backplane(node).connected)
+    async with nodes(redis, 1, auth=AuthConfig(mode="tokens", tokens=(alice,))) as (node,):
         plane = backplane(node)
         followed: list[str] = []
         follow = plane.follow
@@ -205,7 +215,6 @@ async def test_a_forbidden_sub_is_refused_without_following_its_topic_in_redis(
             assert (await client.reply(1))["code"] == "forbidden"
             await client.subscribe("news.today")
         assert "secret.plans" not in followed and "news.today" in followed
-        node.shutdown()
 
 
 async def test_unsub_then_sub_again_at_once_is_answered_at_once(redis: RedisServer) -> None:
