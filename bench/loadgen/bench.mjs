@@ -243,7 +243,6 @@ async function throughput({ subscribers, topicOf, seconds, window, batch }) {
   await waitQuiet(() => received >= expected, () => received, 2000);
   const elapsed = (lastReceive - start) / 1000;
   const cpu = cpuSeconds(num("pid")) - cpuStart;
-  loopDelay.disable();
   return {
     msgs: sent,
     deliveries: received,
