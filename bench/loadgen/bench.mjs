@@ -1,6 +1,7 @@
 // Load generator for bench/run: one Node process, one event loop, many WebSockets.
 //
 //   node bench.mjs --target broker|nats --url ws://127.0.0.1:P/ --scenario NAME [--pid PID]
+//                  [--subscribers lean|ws]
 //
 // Scenarios: fanout, fanout-idle (fanout with 10 000 idle subscriptions on other topics),
 // latency, topics, memory. Prints one JSON object (the figures) on stdout.
@@ -11,12 +12,15 @@
 // past what it can route. Subscribers count deliveries (and read latency stamps at the known
 // data offset) without decoding every frame when every frame of a WebSocket message has the
 // known fixed length (checked byte by byte at each frame start); anything else is fully
-// decoded. That keeps this process off the critical path.
+// decoded. Subscribers read through LeanWebSocket (lean.mjs), publishers through `ws`: with
+// `ws` subscribers this process used 76-89 % of its core in the latency scenario and its
+// stalls showed in the p99. That keeps this process off the critical path.
 
 import { readFileSync } from "node:fs";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 import { decodeMulti, encode } from "@msgpack/msgpack";
 import WebSocket from "ws";
+import { LeanWebSocket } from "./lean.mjs";
 
 const args = Object.fromEntries(
   process.argv.slice(2).reduce((pairs, arg, i, all) => {
@@ -137,7 +141,7 @@ class NatsClient {
       else if (line.startsWith("-ERR")) throw new Error(`nats: ${line}`);
       pos = eol + 2;
     }
-    if (pos < buf.length) this.rest = buf.subarray(pos);
+    if (pos < buf.length) this.rest = Buffer.from(buf.subarray(pos)); // buf may be reused
   }
   subscribe(topics) {
     const lines = topics.map((topic) => `SUB ${topic} ${this.nextSid++}\r\n`).join("");
@@ -165,9 +169,13 @@ const Client = target === "nats" ? NatsClient : BrokerClient;
 let lagged = 0;
 let wsMessages = 0; // WebSocket messages received by the counting subscribers
 
+const PROTOCOLS = target === "nats" ? [] : ["pubsub.v1.msgpack"];
+const leanSubscribers = (args.subscribers ?? "lean") === "lean";
+
+/** A publisher: a `ws` WebSocket. */
 async function connect() {
   const options = { perMessageDeflate: false, maxPayload: 64 * 1024 * 1024 };
-  const ws = new WebSocket(url, target === "nats" ? [] : ["pubsub.v1.msgpack"], options);
+  const ws = new WebSocket(url, PROTOCOLS, options);
   await new Promise((resolve, reject) => {
     ws.once("open", resolve);
     ws.once("error", reject);
@@ -176,12 +184,17 @@ async function connect() {
   return new Client(ws);
 }
 
-/** Open `n` clients, `parallel` handshakes at a time. */
+/** A subscriber: a LeanWebSocket (see lean.mjs), or with `--subscribers ws` a `ws` one. */
+async function connectSubscriber() {
+  return leanSubscribers ? new Client(await LeanWebSocket.connect(url, PROTOCOLS)) : connect();
+}
+
+/** Open `n` subscribers, `parallel` handshakes at a time. */
 async function connectMany(n, parallel = 100) {
   const clients = [];
   for (let i = 0; i < n; i += parallel) {
     const batch = [];
-    for (let j = i; j < Math.min(n, i + parallel); j++) batch.push(connect());
+    for (let j = i; j < Math.min(n, i + parallel); j++) batch.push(connectSubscriber());
     clients.push(...(await Promise.all(batch)));
   }
   return clients;
@@ -323,13 +336,15 @@ async function latency() {
   const warmup = start + 500;
   const stopAt = warmup + seconds * 1000;
   let sent = 0;
-  let cpuStart = null; // and the frames and WebSocket messages received, at the warm-up's end
+  let cpuStart = null; // and this process's CPU, the frames and WebSocket messages received,
+  let genCpuStart = null; // at the warm-up's end
   let framesAtStart = 0;
   let wsAtStart = 0;
   const loopDelay = monitorEventLoopDelay({ resolution: 1 }); // this process's own stalls
   while (now() < stopAt) {
     if (cpuStart === null && now() >= warmup) {
       cpuStart = cpuSeconds(num("pid"));
+      genCpuStart = process.cpuUsage();
       framesAtStart = received;
       wsAtStart = wsMessages;
       loopDelay.enable();
@@ -344,6 +359,7 @@ async function latency() {
     await sleep(1);
   }
   const cpu = cpuSeconds(num("pid")) - cpuStart;
+  const genCpu = process.cpuUsage(genCpuStart);
   loopDelay.disable();
   const batching = (received - framesAtStart) / Math.max(1, wsMessages - wsAtStart);
   await waitQuiet(() => received >= sent * subs, () => received, 2000);
@@ -354,6 +370,7 @@ async function latency() {
     "max_ms": Number(sorted[count - 1].toFixed(2)), lost: sent * subs - received,
     "frames/ws-msg": Number(batching.toFixed(1)),
     "server_cpu_%": Math.round((cpu / seconds) * 100),
+    "gen_cpu_%": Math.round((genCpu.user + genCpu.system) / 1e4 / seconds),
     "gen_stall_p99_ms": Number((loopDelay.percentile(99) / 1e6).toFixed(2)),
     "gen_stall_max_ms": Number((loopDelay.max / 1e6).toFixed(2)),
   };
