@@ -28,6 +28,7 @@ from broker.config import (
 )
 from broker.server import Broker
 from broker.stats import (
+    BrokerStats,
     ConnectionSnapshot,
     Histogram,
     SortKey,
@@ -259,6 +260,16 @@ def test_histogram_counts_values_at_or_below_each_bound() -> None:
         histogram.observe(value)
     assert histogram.cumulative() == [(1, 2), (10, 4), (float("inf"), 5)]
     assert (histogram.count, histogram.sum) == (5, 24.5)
+
+
+def test_count_write_puts_each_depth_where_observe_would() -> None:
+    stats = BrokerStats()
+    expected = Histogram(stats.queue_depth.bounds)
+    for depth in range(20000):
+        stats.count_write(depth, 1, 10, None)
+        expected.observe(depth)
+    assert stats.queue_depth.counts == expected.counts
+    assert stats.queue_depth.sum == expected.sum
 
 
 def snapshot(peer: str, queued: int = 0, dropped: int = 0, age: float | None = None) -> Any:
