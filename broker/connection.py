@@ -149,7 +149,8 @@ class Connection:
         self.close_reason = ""
         self._scope: trio.CancelScope | None = None  # the reader's and writer's, while they run
         self._bad_in_a_row = 0
-        self._queue.waker = self
+        self._queue.waker = self  # writes to it at the end of a read (hub.wakes)
+        self._queue.wakes = hub.wakes
 
     @property
     def queue(self) -> OutboundQueue:
@@ -262,10 +263,6 @@ class Connection:
             self.messages_out += batch.messages
             self.stats.count_write(depth, batch.messages, size, batch.oldest)
 
-    def hold_wake(self) -> bool:
-        """While the hub holds wake-ups (a reader executing a read), join its list."""
-        return self.hub.wakes.join(self)
-
     def write_held(self) -> None:
         """Write the queue directly if the writer is still asleep, the queue is short and the
         socket takes it without waiting; otherwise leave it to the writer (woken if asleep),
@@ -280,11 +277,13 @@ class Connection:
             queue.wake_writer()
             return
         parts, messages, oldest, size = taken
-        frames, size = self._frames({}, parts, size)
-        if not websocket.send_now(frames, self._text, size):
+        depth = len(parts) // 2
+        if self._text:  # a binary message is the parts as they are (see _frames)
+            parts, size = self._frames({}, parts, size)
+        if not websocket.send_now(parts, self._text, size):
             queue.wake_writer(kick=True)  # the socket took part: the writer sends the rest
         self.messages_out += messages
-        self.stats.count_write(len(parts) // 2, messages, size, oldest)
+        self.stats.count_write(depth, messages, size, oldest)
 
     def _frames(
         self, lags: dict[str, int], parts: list[bytes], size: int

@@ -100,12 +100,8 @@ def join_pairs(parts: list[bytes]) -> list[bytes]:
 
 
 class WakeHolder(Protocol):
-    """Who may hold back a writer's wake-up (:attr:`OutboundQueue.waker`)."""
-
-    def hold_wake(self) -> bool:
-        """True if it takes care of the queued data itself (the writer stays asleep); the
-        queue then asks no more until the holder clears :attr:`OutboundQueue.wake_held`."""
-        ...
+    """Who writes a queue's data instead of its writer while :class:`HeldWakes` hold its
+    wake-up (:attr:`OutboundQueue.waker`)."""
 
     def write_held(self) -> None:
         """Clear ``wake_held`` and write what was queued meanwhile (or wake the writer)."""
@@ -181,6 +177,7 @@ class OutboundQueue:
         "max_replies",
         "wake_held",
         "waker",
+        "wakes",
     )
 
     def __init__(
@@ -210,9 +207,12 @@ class OutboundQueue:
         self._readable: trio.Event | None = None  # the writer waits for something to send
         self._room: trio.Event | None = None  # publishers wait for the writer to take a batch
         self._kicked = False  # wait_batch returns even with nothing queued
-        # Asked first when the waiting writer would be woken; True: it handles the wake-up.
+        # When the waiting writer would be woken while `wakes` hold wake-ups, the waker joins
+        # them instead and writes at their release; the queue asks no more until it clears
+        # wake_held.
         self.waker: WakeHolder | None = None
-        self.wake_held = False  # the waker holds the writer's wake-up (hold_wake said True)
+        self.wakes: HeldWakes | None = None
+        self.wake_held = False
         self.full_since: float | None = None
         self.dropped_total = 0
         self.drops: Counter[str] = drops if drops is not None else Counter()  # by policy
@@ -388,8 +388,8 @@ class OutboundQueue:
     def _wake_writer(self) -> None:
         readable = self._readable
         if readable is not None and not self.wake_held:
-            waker = self.waker
-            if waker is not None and waker.hold_wake():
+            waker, wakes = self.waker, self.wakes
+            if waker is not None and wakes is not None and wakes.join(waker):
                 self.wake_held = True
                 return
             self._readable = None

@@ -592,11 +592,8 @@ class Holder:
     """A WakeHolder that joins ``wakes`` and, on release, records that it was asked to write."""
 
     def __init__(self, queue: OutboundQueue, wakes: HeldWakes) -> None:
-        self.queue, self.wakes, self.writes = queue, wakes, 0
-        queue.waker = self
-
-    def hold_wake(self) -> bool:
-        return self.wakes.join(self)
+        self.queue, self.writes = queue, 0
+        queue.waker, queue.wakes = self, wakes
 
     def write_held(self) -> None:
         self.writes += 1
