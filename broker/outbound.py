@@ -208,8 +208,8 @@ class OutboundQueue:
         self._room: trio.Event | None = None  # publishers wait for the writer to take a batch
         self._kicked = False  # wait_batch returns even with nothing queued
         # When the waiting writer would be woken while `wakes` hold wake-ups, the waker joins
-        # them instead and writes at their release; the queue asks no more until it clears
-        # wake_held.
+        # them instead and writes at their release (wake_held: joined; the queue asks no
+        # more until the waker clears it).
         self.waker: WakeHolder | None = None
         self.wakes: HeldWakes | None = None
         self.wake_held = False

@@ -23,6 +23,7 @@ export class LeanWebSocket {
     const { hostname, port, pathname, search } = new URL(url);
     const key = randomBytes(16).toString("base64");
     const ws = new LeanWebSocket();
+    ws._accept = createHash("sha1").update(key + GUID).digest("base64");
     return new Promise((resolve, reject) => {
       ws._opened = resolve;
       ws._failed = reject;
@@ -34,7 +35,6 @@ export class LeanWebSocket {
       });
       ws.socket.on("error", (err) => ws._fail(err));
       ws.socket.on("close", () => ws._fail(new Error("connection closed")));
-      ws._accept = createHash("sha1").update(key + GUID).digest("base64");
       const offer = protocols.length ? `Sec-WebSocket-Protocol: ${protocols.join(", ")}\r\n` : "";
       ws.socket.write(
         `GET ${pathname}${search} HTTP/1.1\r\nHost: ${hostname}:${port}\r\nUpgrade: websocket\r\n` +
