@@ -605,14 +605,7 @@ async def test_a_held_wake_up_leaves_the_writer_asleep_until_release_writes(
 ) -> None:
     queue, wakes = OutboundQueue(10, 1000), HeldWakes()
     holder = Holder(queue, wakes)
-    woken = trio.Event()
-
-    async def writer() -> None:
-        await queue.wait_batch()
-        woken.set()
-
-    nursery.start_soon(writer)
-    await trio.testing.wait_all_tasks_blocked()
+    woken = await wait_in_background(nursery, queue.wait_batch)  # the writer
     wakes.hold()
     offer(queue, "s", "t", "m", BLOCK)
     assert queue.writer_waiting and holder.writes == 0
@@ -627,17 +620,11 @@ async def test_a_held_wake_up_leaves_the_writer_asleep_until_release_writes(
 async def test_wake_ups_are_held_only_for_the_holding_task(nursery: trio.Nursery) -> None:
     queue, wakes = OutboundQueue(10, 1000), HeldWakes()
     holder = Holder(queue, wakes)
-    woken = trio.Event()
-
-    async def writer() -> None:
-        await queue.wait_batch()
-        woken.set()
+    woken = await wait_in_background(nursery, queue.wait_batch)  # the writer
 
     async def other_task() -> None:
         offer(queue, "s", "t", "m", BLOCK)
 
-    nursery.start_soon(writer)
-    await trio.testing.wait_all_tasks_blocked()
     wakes.hold()
     nursery.start_soon(other_task)
     await woken.wait()  # not held: another task queued it
