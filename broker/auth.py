@@ -16,16 +16,26 @@ valid, the wrong audience or issuer), 403 when the token is valid but grants not
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from broker.config import AuthConfig, ConfigError, JwtConfig, TokenGrant
+from broker.config import (
+    IDENTITY_LIMIT_KEYS,
+    AuthConfig,
+    ConfigError,
+    IdentityLimits,
+    JwtConfig,
+    TokenGrant,
+    identity_limits,
+)
+from broker.handshake import Upgrade
 from broker.permissions import Permissions
 from broker.topics import InvalidTopic, validate_pattern
 
@@ -40,11 +50,13 @@ class AuthError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An authenticated client: its name, its grants, and when its token expires (Unix time)."""
+    """An authenticated client: its name, its grants, when its token expires (Unix time),
+    and the limits its token sets."""
 
     subject: str
     permissions: Permissions
     expires_at: float | None = None
+    limits: IdentityLimits = field(default_factory=IdentityLimits)
 
 
 ANONYMOUS = Identity("anonymous", Permissions.allow_all())
@@ -77,7 +89,7 @@ class StaticTokens:
         # Keyed by digest, so the lookup's timing says nothing about the secret tokens.
         self._identities = {
             _digest(grant.token): Identity(
-                grant.subject, Permissions(grant.publish, grant.subscribe)
+                grant.subject, Permissions(grant.publish, grant.subscribe), None, grant.limits
             )
             for grant in grants
         }
@@ -115,15 +127,46 @@ class JwtAuth:
             )
         except jwt.PyJWTError as exc:
             raise AuthError(401, f"invalid token: {exc}") from None
+        except Exception as exc:  # the token is the peer's: whatever PyJWT chokes on is bad
+            raise AuthError(401, f"invalid token: {type(exc).__name__}") from None
         permissions = Permissions(
             _claim_patterns(claims, config.publish_claim),
             _claim_patterns(claims, config.subscribe_claim),
         )
         subject = claims.get("sub")
         identity = Identity(
-            subject if isinstance(subject, str) else "unknown", permissions, float(claims["exp"])
+            subject if isinstance(subject, str) else "unknown",
+            permissions,
+            _expiry(claims["exp"]),
+            _claim_limits(claims, config.limits_claim),
         )
         return _allowed_something(identity)
+
+
+def _expiry(exp: Any) -> float:
+    """The ``exp`` claim as a Unix time (PyJWT checked it is a number in the future)."""
+    try:
+        expires_at = float(exp)
+    except (OverflowError, TypeError, ValueError):
+        expires_at = math.inf
+    if not math.isfinite(expires_at):
+        raise AuthError(401, "invalid token: 'exp' is not a finite time")
+    return expires_at
+
+
+def _claim_limits(claims: Mapping[str, Any], name: str) -> IdentityLimits:
+    value = claims.get(name)
+    if value is None:
+        return IdentityLimits()
+    unknown = set(value) - set(IDENTITY_LIMIT_KEYS) if isinstance(value, dict) else None
+    if unknown is None or unknown:
+        raise AuthError(
+            401, f"invalid token: claim {name!r} must be a map of {', '.join(IDENTITY_LIMIT_KEYS)}"
+        )
+    try:
+        return identity_limits(value, f"claim {name!r}")
+    except ConfigError as exc:
+        raise AuthError(401, f"invalid token: {exc}") from None
 
 
 def _allowed_something(identity: Identity) -> Identity:
@@ -144,15 +187,14 @@ def _claim_patterns(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def token_from_request(headers: Sequence[tuple[bytes, bytes]], target: str) -> str | None:
+def token_from_request(upgrade: Upgrade) -> str | None:
     """The bearer token of a handshake: the ``Authorization`` header, else ``?token=``."""
-    for name, value in headers:
-        if name.lower() == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer" and credentials.strip():
-                return credentials.strip()
-    tokens = parse_qs(urlsplit(target).query).get("token")
-    return tokens[0] if tokens else None
+    authorization = upgrade.header(b"authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    return upgrade.query("token")
 
 
 def build_authenticator(config: AuthConfig) -> Authenticator:
@@ -171,6 +213,11 @@ def build_authenticator(config: AuthConfig) -> Authenticator:
             raise ConfigError(f"auth.jwt.public_key_file: cannot read {path}: {exc}") from None
         except ValueError as exc:
             raise ConfigError(f"auth.jwt.public_key_file: {path}: not a PEM key: {exc}") from None
+        if not isinstance(key, RSAPublicKey):
+            raise ConfigError(
+                f"auth.jwt.public_key_file: {path} holds a {type(key).__name__.lstrip('_')}, "
+                "but RS256 verifies with an RSA public key"
+            )
         return JwtAuth(jwt_config, key)
     return NoAuth()
 

@@ -41,6 +41,9 @@ class Backplane(Protocol):
     def follow(self, pattern: str) -> None:
         """One more local subscription to ``pattern``; must not block."""
 
+    def refuse_to_follow(self, pattern: str) -> str | None:
+        """Why this node cannot follow one more subscription to ``pattern``, if it cannot."""
+
     def unfollow(self, pattern: str) -> None:
         """One local subscription to ``pattern`` fewer; must not block."""
 
@@ -72,6 +75,9 @@ class NoBackplane:
     def follow(self, pattern: str) -> None:
         """Nothing to do."""
 
+    def refuse_to_follow(self, pattern: str) -> None:
+        """Every pattern can be followed."""
+
     def unfollow(self, pattern: str) -> None:
         """Nothing to do."""
 
@@ -100,14 +106,27 @@ def glob_escape(text: str) -> str:
     return "".join("\\" + char if char in GLOB_SPECIAL else char for char in text)
 
 
+#: A glob keeps at most this many wildcards: Redis matches every glob against every channel
+#: published, and a glob of many stars costs it far more than one of two.
+GLOB_WILDCARDS = 2
+
+
 def redis_glob(prefix: str, pattern: str) -> str:
     """A Redis PSUBSCRIBE glob matching at least the channels of the topics ``pattern`` matches.
 
     Redis' ``*`` also matches dots, so ``chat.*`` brings ``chat.a.b`` too: the hub's own
-    matcher filters again on delivery. ``>`` (one or more segments) becomes ``?*``.
+    matcher filters again on delivery. ``>`` (one or more segments) becomes ``?*``. The glob
+    ends at the pattern's :data:`GLOB_WILDCARDS`-th wildcard (``a.*.b.*.c.*`` follows
+    ``a.*.b.*``), which covers the rest.
     """
-    segments = [
-        "*" if segment == "*" else "?*" if segment == ">" else glob_escape(segment)
-        for segment in pattern.split(".")
-    ]
+    segments: list[str] = []
+    wildcards = 0
+    for segment in pattern.split("."):
+        if segment in ("*", ">"):
+            wildcards += 1
+            segments.append("*" if segment == "*" else "?*")
+            if wildcards == GLOB_WILDCARDS:
+                break
+        else:
+            segments.append(glob_escape(segment))
     return glob_escape(prefix) + ".".join(segments)

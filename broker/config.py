@@ -38,6 +38,7 @@ class ServerConfig:
     ping_timeout: float = 20.0
     drain_timeout: float = 5.0  # on shutdown (and on any close), how long queued data may flush
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed; empty allows any
+    max_handshakes: int = 1000  # handshakes in progress; one more drops the oldest of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +51,53 @@ class LimitsConfig:
     slow_timeout: float = 5.0
     max_payload: int = 1024 * 1024  # encoded size of one pub frame; more gets err too_large
     max_bad_frames: int = 10  # bad frames in a row before closing with 4008
-    max_connections: int = 10000  # in total; one more is refused with HTTP 503
-    max_connections_per_ip: int = 100  # from one client address; one more gets HTTP 503
-    publish_rate: float = 10000.0  # pub frames per second per connection (token bucket)
-    publish_burst: int = 10000
-    publish_bytes_rate: int = 16 * 1024 * 1024  # pub bytes per second per connection
-    publish_bytes_burst: int = 16 * 1024 * 1024
+    # The subscriptions of one connection together: pattern bytes and segments (what the
+    # broker's routing trie costs); one more gets err too_many_subs.
+    max_subscription_bytes: int = 256 * 1024
+    max_subscription_segments: int = 16384
+    # 0 means no limit for the keys below (NO_LIMIT_KEYS).
+    max_connections: int = 65536  # in total; one more is refused with HTTP 503
+    max_connections_per_ip: int = 0  # from one client address; one more gets HTTP 503
+    publish_rate: float = 0.0  # pub frames per second per connection (token bucket)
+    publish_burst: int = 0  # 0 with a rate: one second's worth
+    publish_bytes_rate: int = 0  # pub bytes per second per connection
+    publish_bytes_burst: int = 0
+
+
+#: Keys where 0 turns the limit off (every other number must be greater than 0).
+NO_LIMIT_KEYS = frozenset(
+    f"limits.{key}"
+    for key in ("max_connections", "max_connections_per_ip", "publish_rate", "publish_burst",
+                "publish_bytes_rate", "publish_bytes_burst")
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityLimits:
+    """Limits that one token carries for whoever presents it (a ``[[auth.tokens]]`` entry
+    or a JWT's limits claim), in place of the ``[limits]`` of the same name; ``None`` keeps
+    the broker's. ``max_connections`` caps the connections open at once with the token's
+    subject. 0 means no limit, as in ``[limits]``."""
+
+    publish_rate: float | None = None
+    publish_burst: float | None = None
+    publish_bytes_rate: float | None = None
+    publish_bytes_burst: float | None = None
+    max_connections: int | None = None
+
+
+IDENTITY_LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(IdentityLimits))
+
+
+def identity_limits(table: Mapping[str, Any], where: str) -> IdentityLimits:
+    """The :class:`IdentityLimits` set by the :data:`IDENTITY_LIMIT_KEYS` of ``table`` (other
+    keys are the caller's business); raises ConfigError naming ``where.key``."""
+    values: dict[str, Any] = {}
+    for key in IDENTITY_LIMIT_KEYS:
+        if key in table:
+            kind = int if key == "max_connections" else float
+            values[key] = _check_value(f"{where}.{key}", table[key], kind, zero_allowed=True)
+    return IdentityLimits(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +108,7 @@ class TokenGrant:
     subject: str = ""
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
+    limits: IdentityLimits = field(default_factory=IdentityLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +122,7 @@ class JwtConfig:
     issuer: str = ""  # if set, the token's iss must equal it
     publish_claim: str = "publish"
     subscribe_claim: str = "subscribe"
+    limits_claim: str = "limits"  # a map of IdentityLimits keys, when the token has it
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +173,11 @@ class ClusterConfig:
     backend: str = ""  # redis://host:port/db
     node_id: str = ""
     prefix: str = "broker"
+    # Wildcard patterns this node follows in Redis (each costs Redis a match per PUBLISH);
+    # a sub needing one more gets err too_many_subs.
+    max_patterns: int = 1024
+    # Seconds an idle topic's history keys live in Redis (refreshed by each publish).
+    history_meta_ttl: float = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +294,10 @@ def _check_cluster(cluster: ClusterConfig) -> None:
         value = getattr(cluster, key)
         if any(char.isspace() for char in value) or (key == "prefix" and not value):
             raise ConfigError(f"cluster.{key}: {value!r} must be non-empty, without whitespace")
+    if any(char in "*?[]\\" for char in cluster.prefix):
+        raise ConfigError(
+            f"cluster.prefix: {cluster.prefix!r} must not contain Redis glob characters (*?[]\\)"
+        )
 
 
 def _reject_unknown(table: Mapping[str, Any], known: list[str], prefix: str) -> None:
@@ -256,16 +309,17 @@ def _reject_unknown(table: Mapping[str, Any], known: list[str], prefix: str) -> 
 
 
 def _build_section(cls: Any, table: Mapping[str, Any], name: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     _reject_unknown(table, list(fields), f"{name}.")
     values: dict[str, Any] = {}
     for key, value in table.items():
         kind = type(fields[key].default)
-        values[key] = _check_value(f"{name}.{key}", value, kind)
+        where = f"{name}.{key}"
+        values[key] = _check_value(where, value, kind, zero_allowed=where in NO_LIMIT_KEYS)
     return cls(**values)
 
 
-def _check_value(key: str, value: Any, kind: type) -> Any:
+def _check_value(key: str, value: Any, kind: type, *, zero_allowed: bool = False) -> Any:
     if kind is tuple:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise ConfigError(f"{key}: expected an array of strings, got {value!r}")
@@ -278,7 +332,10 @@ def _check_value(key: str, value: Any, kind: type) -> Any:
     if isinstance(value, bool) or not isinstance(value, numeric):
         wanted = "an integer" if kind is int else "a number"
         raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
-    if key != "server.port" and not value > 0:  # NaN too
+    if zero_allowed:
+        if not value >= 0:  # NaN too
+            raise ConfigError(f"{key}: must be 0 (no limit) or more, got {value!r}")
+    elif key != "server.port" and not value > 0:
         raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if value == math.inf:  # TOML's inf: no limit or timeout here means "never"
         raise ConfigError(f"{key}: must be finite, got inf (for 'never', use a large number)")
@@ -336,7 +393,12 @@ def _build_tokens(raw: Any) -> tuple[TokenGrant, ...]:
         for key in ("token", "subject"):
             if not isinstance(table.get(key), str) or not table[key]:
                 raise ConfigError(f"{where}.{key}: required, a non-empty string")
-        grant: TokenGrant = _build_section(TokenGrant, table, where)
+        _reject_unknown(table, ["token", "subject", "publish", "subscribe",
+                                 *IDENTITY_LIMIT_KEYS], f"{where}.")  # fmt: skip
+        limits = identity_limits(table, where)
+        plain = {key: value for key, value in table.items() if key not in IDENTITY_LIMIT_KEYS}
+        grant: TokenGrant = _build_section(TokenGrant, plain, where)
+        grant = dataclasses.replace(grant, limits=limits)
         if grant.token in seen:
             raise ConfigError(f"{where}.token: the same token is given twice")
         seen.add(grant.token)

@@ -29,6 +29,7 @@ removed from the hub on the way out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import trio
 
 from broker.auth import ANONYMOUS, Identity, seconds_left
 from broker.backplane import BackplaneUnavailable
+from broker.config import IdentityLimits
 from broker.frames import (
     Command,
     Encoding,
@@ -53,7 +55,7 @@ from broker.frames import (
 )
 from broker.hub import Hub, Subscription
 from broker.outbound import OutboundQueue, join_pairs
-from broker.ratelimit import PublishLimiter
+from broker.ratelimit import publish_limiter
 from broker.stats import BrokerStats, ConnectionSnapshot, describe, metrics_clock
 from broker.websocket import ConnectionClosed, MessageTooBig, PingTimeout, WebSocket
 
@@ -81,14 +83,35 @@ class ConnectionLimits:
     queue_bytes: int = 8 * 1024 * 1024
     max_payload: int = 1024 * 1024
     max_bad_frames: int = 10
+    max_subscription_bytes: int = 256 * 1024
+    max_subscription_segments: int = 16384
     max_message_size: int = 1024 * 1024
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     close_timeout: float = 5.0
-    publish_rate: float = 10000.0
-    publish_burst: int = 10000
-    publish_bytes_rate: int = 16 * 1024 * 1024
-    publish_bytes_burst: int = 16 * 1024 * 1024
+    publish_rate: float = 0.0  # 0: no limit
+    publish_burst: float = 0.0
+    publish_bytes_rate: float = 0.0
+    publish_bytes_burst: float = 0.0
+
+    def for_token(self, token: IdentityLimits) -> ConnectionLimits:
+        """These limits with the publish limits a token sets in their place."""
+        if token == _NO_TOKEN_LIMITS:
+            return self
+        return dataclasses.replace(
+            self,
+            publish_rate=_pick(token.publish_rate, self.publish_rate),
+            publish_burst=_pick(token.publish_burst, self.publish_burst),
+            publish_bytes_rate=_pick(token.publish_bytes_rate, self.publish_bytes_rate),
+            publish_bytes_burst=_pick(token.publish_bytes_burst, self.publish_bytes_burst),
+        )
+
+
+_NO_TOKEN_LIMITS = IdentityLimits()
+
+
+def _pick(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 class Connection:
@@ -99,7 +122,10 @@ class Connection:
         "_encoding",
         "_publish_limiter",
         "_queue",
+        "_rate_limited",
         "_scope",
+        "_subscribed_bytes",
+        "_subscribed_segments",
         "_text",
         "close_code",
         "close_reason",
@@ -131,13 +157,14 @@ class Connection:
         self.limits = limits
         self.peer = peer
         self.identity = identity
-        self._publish_limiter = PublishLimiter(
+        self._publish_limiter = publish_limiter(
             limits.publish_rate,
             limits.publish_burst,
             limits.publish_bytes_rate,
             limits.publish_bytes_burst,
             trio.current_time(),
         )
+        self._rate_limited = False  # refusing publishes over the rate now (logged once)
         self.stats = stats if stats is not None else BrokerStats()
         self._queue = OutboundQueue(
             limits.queue_messages, limits.queue_bytes, drops=self.stats.drops
@@ -149,6 +176,7 @@ class Connection:
         self.close_reason = ""
         self._scope: trio.CancelScope | None = None  # the reader's and writer's, while they run
         self._bad_in_a_row = 0
+        self._subscribed_bytes = self._subscribed_segments = 0  # over all subscriptions
         self._queue.waker = self  # writes to it at the end of a read (hub.wakes)
         self._queue.wakes = hub.wakes
 
@@ -407,13 +435,21 @@ class Connection:
             self._queue.put_reply(encode_ok(command.id, self._encoding))
 
     async def _execute(self, command: Sub | Unsub) -> None:
-        if isinstance(command, Sub):
-            await self._follow_then_subscribe(command)
-        else:
+        if isinstance(command, Unsub):
             dropped = self.subscriptions.pop(command.topic, None)
             if dropped is not None:
-                self.hub.unsubscribe(dropped)
+                self._unsubscribed(dropped)
             self._queue.put_reply(encode_ok(command.id, self._encoding))
+            return
+        refusal = self._refuse_subscribe(command)
+        if refusal is not None:
+            self._reply_error(refusal)
+        elif command.topic in self.subscriptions:
+            self._queue.put_reply(encode_ok(command.id, self._encoding))
+        elif self.hub.backplane.active:
+            await self._follow_then_subscribe(command)
+        else:
+            self._subscribe(command)
 
     def _refuse_publish(self, command: Pub, now: float) -> FrameError | None:
         if command.size > self.limits.max_payload:
@@ -423,30 +459,59 @@ class Connection:
                 command.id,
             )
         # The rate comes first, so that forbidden publishes cannot be sent without limit either.
-        if not self._publish_limiter.try_publish(command.size, now):
-            return FrameError(
-                ErrorCode.RATE_LIMITED,
-                f"over the publish rate ({self.limits.publish_rate:g} messages, "
-                f"{self.limits.publish_bytes_rate} bytes per second)",
-                command.id,
-            )
+        limiter = self._publish_limiter
+        if limiter is not None:
+            if not limiter.try_publish(command.size, now):
+                return self._over_rate(command)
+            self._rate_limited = False
         if not self.identity.permissions.may_publish(command.topic):
             return FrameError(
                 ErrorCode.FORBIDDEN, f"not allowed to publish to {command.topic!r}", command.id
             )
         return None
 
+    def _over_rate(self, command: Pub) -> FrameError:
+        limits = self.limits
+        rates = ", ".join(
+            f"{rate:g} {unit} per second"
+            for rate, unit in ((limits.publish_rate, "messages"),
+                               (limits.publish_bytes_rate, "bytes")) if rate
+        )  # fmt: skip
+        if not self._rate_limited:  # once per burst of refusals, not per frame
+            self._rate_limited = True
+            log.info("peer=%s subject=%s is over its publish rate (%s): refusing with "
+                     "err rate_limited", self.peer, self.identity.subject, rates)  # fmt: skip
+        return FrameError(ErrorCode.RATE_LIMITED, f"over the publish rate ({rates})", command.id)
+
+    def _refuse_subscribe(self, command: Sub) -> FrameError | None:
+        """Why ``command`` is refused, if it is: not allowed, ``since`` on a subscription
+        held already, or one subscription too many (for this connection, or for the
+        patterns this node can follow in a cluster)."""
+        topic = command.topic
+        if not self.identity.permissions.may_subscribe(topic):
+            return FrameError(
+                ErrorCode.FORBIDDEN, f"not allowed to subscribe to {topic!r}", command.id
+            )
+        if topic in self.subscriptions:
+            if command.since is None:
+                return None  # a repeated sub: ok
+            return FrameError(
+                ErrorCode.BAD_REQUEST,
+                f"already subscribed to {topic!r}; 'since' only applies to a new subscription "
+                "(unsub first)",
+                command.id,
+            )
+        too_many = self._over_subscription_limits(topic)
+        if too_many is None:
+            too_many = self.hub.backplane.refuse_to_follow(topic)
+        return (
+            None if too_many is None else FrameError(ErrorCode.TOO_MANY_SUBS, too_many, command.id)
+        )
+
     async def _follow_then_subscribe(self, command: Sub) -> None:
         """With a cluster backplane, make sure messages from other nodes reach this one before
         the ``ok``: a message published anywhere after the ``ok`` is then delivered."""
         backplane = self.hub.backplane
-        if (
-            not backplane.active
-            or command.topic in self.subscriptions
-            or not self.identity.permissions.may_subscribe(command.topic)  # refused: not followed
-        ):
-            self._subscribe(command)
-            return
         self.hub.wakes.release()  # this reader is about to wait
         backplane.follow(command.topic)  # held while waiting; the subscription holds its own
         try:
@@ -461,48 +526,46 @@ class Connection:
             backplane.unfollow(command.topic)
 
     def _subscribe(self, command: Sub) -> None:
-        if not self.identity.permissions.may_subscribe(command.topic):
-            self._reply_error(
-                FrameError(
-                    ErrorCode.FORBIDDEN,
-                    f"not allowed to subscribe to {command.topic!r}",
-                    command.id,
-                )
-            )
-            return
-        if command.topic in self.subscriptions:
-            if command.since is None:
-                self._queue.put_reply(encode_ok(command.id, self._encoding))
-            else:
-                self._reply_error(
-                    FrameError(
-                        ErrorCode.BAD_REQUEST,
-                        f"already subscribed to {command.topic!r}; 'since' only applies to a "
-                        "new subscription (unsub first)",
-                        command.id,
-                    )
-                )
-            return
-        if len(self.subscriptions) >= self.limits.max_subscriptions:
-            self._reply_error(
-                FrameError(
-                    ErrorCode.TOO_MANY_SUBS,
-                    f"at most {self.limits.max_subscriptions} subscriptions per connection",
-                    command.id,
-                )
-            )
-            return
+        """Subscribe (``command`` passed :meth:`_refuse_subscribe`) and queue the ``ok`` and
+        the replay."""
         subscription = Subscription(self, command.topic)
-        self.subscriptions[command.topic] = subscription
         # No checkpoint from here until the replay is queued: the replay must sit in the queue
         # ahead of every live message of a later publish (see Hub.subscribe).
         subscribed = self.hub.subscribe(subscription, command.since)
+        self.subscriptions[command.topic] = subscription
+        self._subscribed_bytes += len(command.topic)
+        self._subscribed_segments += command.topic.count(".") + 1
         self._queue.put_reply(encode_ok(command.id, self._encoding, **subscribed.fields))
         now = metrics_clock()
         for body in subscribed.replay:
             self._queue.put_replay(
                 subscription.pattern, command.topic, body, subscription.tail, now
             )
+
+    def _over_subscription_limits(self, pattern: str) -> str | None:
+        """Why one more subscription to ``pattern`` is too many, if it is."""
+        limits = self.limits
+        if len(self.subscriptions) >= limits.max_subscriptions:
+            return f"at most {limits.max_subscriptions} subscriptions per connection"
+        size = self._subscribed_bytes + len(pattern)
+        if size > limits.max_subscription_bytes:
+            return (
+                f"the patterns of this connection's subscriptions would total {size} bytes; "
+                f"the limit is {limits.max_subscription_bytes} (max_subscription_bytes)"
+            )
+        segments = self._subscribed_segments + pattern.count(".") + 1
+        if segments > limits.max_subscription_segments:
+            return (
+                f"the patterns of this connection's subscriptions would have {segments} "
+                f"segments; the limit is {limits.max_subscription_segments} "
+                "(max_subscription_segments)"
+            )
+        return None
+
+    def _unsubscribed(self, subscription: Subscription) -> None:
+        self.hub.unsubscribe(subscription)
+        self._subscribed_bytes -= len(subscription.pattern)
+        self._subscribed_segments -= subscription.pattern.count(".") + 1
 
     def _reply_error(self, error: FrameError) -> None:
         log.debug("peer=%s err %s: %s", self.peer, error.code, error.msg)

@@ -24,6 +24,10 @@ from broker.history import Position
 from broker.topics import InvalidTopic, is_wildcard, validate_pattern, validate_topic
 
 MAX_ID = 2**64 - 1
+#: How deep ``data`` may nest maps and arrays: deeper values cannot be re-encoded for every
+#: encoding (msgpack's encoder stops at 512, Python's recursion near 1000), so they are refused
+#: at the door rather than stored and half delivered.
+MAX_DATA_DEPTH = 64
 
 
 class Encoding(enum.Enum):
@@ -207,7 +211,14 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
     if op == "pub":
         if "data" not in value:
             return FrameError(ErrorCode.BAD_REQUEST, "'pub' needs 'data'", frame_id)
-        return Pub(frame_id, topic, value["data"], size)
+        data = value["data"]
+        if type(data) in _CONTAINERS and not _within_depth(data):
+            return FrameError(
+                ErrorCode.BAD_REQUEST,
+                f"'data' nests maps and arrays more than {MAX_DATA_DEPTH} deep",
+                frame_id,
+            )
+        return Pub(frame_id, topic, data, size)
     assert frame_id is not None
     if op == "sub":
         since = value.get("since")
@@ -215,6 +226,21 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
             return Sub(frame_id, topic)
         return _validate_since(frame_id, topic, since)
     return Unsub(frame_id, topic)
+
+
+_CONTAINERS = (dict, list, tuple)  # tuple: a msgpack array used as a map key
+
+
+def _within_depth(value: Any) -> bool:
+    """Whether ``value`` nests containers (keys too) at most :data:`MAX_DATA_DEPTH` deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DATA_DEPTH:
+            return False
+        children = [*item.keys(), *item.values()] if type(item) is dict else item
+        stack.extend((child, depth + 1) for child in children if type(child) in _CONTAINERS)
+    return True
 
 
 def _validate_since(frame_id: int, topic: str, since: Any) -> Sub | FrameError:

@@ -14,6 +14,14 @@ is the embedded store. It keeps at most ``size`` messages per topic, drops messa
 ``ttl`` seconds lazily (when the topic is next touched), and keeps the whole store under
 ``max_bytes`` by evicting the least recently published topics first.
 
+Only a publish creates a topic's state. A topic never published to (or evicted) reports the
+store's *fresh* epoch and offset 0 without being stored, and its first publish numbers it in
+that epoch, so a client that subscribed before the first message recovers it. The fresh epoch
+changes whenever a topic is evicted (and on :meth:`~HistoryStore.clear`): a topic created
+again never reuses an epoch it had. So subscribing, however often, costs the store nothing
+and evicts no one; the price is that a client holding ``(fresh epoch, 0)`` across an eviction
+is told ``recovered: false`` although nothing was published.
+
 Messages are stored as their msgpack encoding (``data`` bytes), as a Redis store would store
 them, so the msgpack ``msg`` frame of a replay is built without re-encoding.
 """
@@ -23,10 +31,13 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+from broker.logs import BurstLog
 
 log = logging.getLogger("broker.history")
 
@@ -142,7 +153,9 @@ class MemoryHistory:
         self.max_bytes = max_bytes
         self._topics: OrderedDict[str, _Topic] = OrderedDict()  # least recently published first
         self._bytes = 0
+        self._fresh = new_epoch()  # the epoch of every topic not stored (see the module doc)
         self.evicted_topics = 0
+        self._eviction_log = BurstLog(quiet=60.0)
 
     def statistics(self) -> dict[str, int]:
         """Topics and messages kept, bytes counted against ``max_bytes``, topics evicted."""
@@ -159,6 +172,9 @@ class MemoryHistory:
         if limits is None:
             raise ValueError(f"topic {topic!r} keeps no history")
         state = self._touch(topic, limits, now)
+        if state is None:
+            state = self._topics[topic] = _Topic(self._fresh, TOPIC_OVERHEAD + len(topic))
+            self._bytes += state.cost
         state.offset += 1
         self._keep(state, Stored(state.offset, data, now))
         while len(state.kept) > limits.size:
@@ -168,13 +184,16 @@ class MemoryHistory:
         return state.offset
 
     def position(self, topic: str, now: float) -> Position:
-        """The topic's epoch and latest offset; a topic never seen starts a new epoch at 0."""
+        """The topic's epoch and latest offset; the fresh epoch and 0 for a topic not stored."""
         state = self._touch(topic, self.limits_for(topic), now)
-        return Position(state.epoch, state.offset)
+        return Position(self._fresh, 0) if state is None else Position(state.epoch, state.offset)
 
     def since(self, topic: str, position: Position, now: float) -> Replay:
         """The kept messages after ``position.offset``, if ``position.epoch`` is current."""
         state = self._touch(topic, self.limits_for(topic), now)
+        if state is None:
+            latest = Position(self._fresh, 0)
+            return Replay(latest, [], position == latest)
         latest = Position(state.epoch, state.offset)
         if position.epoch != state.epoch or not 0 <= position.offset <= state.offset:
             return Replay(latest, [], False)
@@ -187,17 +206,14 @@ class MemoryHistory:
         """Forget every topic: each starts a new epoch when next used."""
         self._topics.clear()
         self._bytes = 0
+        self._fresh = new_epoch()
 
     # --- internals ---
 
-    def _touch(self, topic: str, limits: HistoryLimits | None, now: float) -> _Topic:
-        """The topic's state, expired messages dropped; created (a new epoch) if absent."""
+    def _touch(self, topic: str, limits: HistoryLimits | None, now: float) -> _Topic | None:
+        """The topic's state, expired messages dropped; ``None`` if it is not stored."""
         state = self._topics.get(topic)
-        if state is None:
-            state = self._topics[topic] = _Topic(new_epoch(), TOPIC_OVERHEAD + len(topic))
-            self._bytes += state.cost
-            self._enforce_cap(topic)
-        elif limits is not None and limits.ttl is not None:
+        if state is not None and limits is not None and limits.ttl is not None:
             expired = now - limits.ttl
             while state.kept and state.kept[0].time <= expired:
                 self._drop_oldest(state)
@@ -225,16 +241,19 @@ class MemoryHistory:
             if oldest != current:
                 state = self._topics.pop(oldest)
                 self._bytes -= state.cost
+                self._fresh = new_epoch()  # the evicted topic may come back: not in its epoch
                 self.evicted_topics += 1
-                log.info(
-                    "history: evicted topic %r (%d messages, %d bytes) to stay under "
-                    "max_bytes=%d; %d topic(s) evicted so far",
-                    oldest,
-                    len(state.kept),
-                    state.cost,
-                    self.max_bytes,
-                    self.evicted_topics,
-                )
+                if self._eviction_log.first("evicted", time.monotonic()) is not None:
+                    log.info(
+                        "history: evicting the least recently published topics to stay under "
+                        "max_bytes=%d, starting with %r (%d messages, %d bytes); %d topic(s) "
+                        "evicted so far (logged once a minute at most)",
+                        self.max_bytes,
+                        oldest,
+                        len(state.kept),
+                        state.cost,
+                        self.evicted_topics,
+                    )
                 continue
             state = self._topics[current]
             if not state.kept:

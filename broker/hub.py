@@ -176,10 +176,16 @@ class Hub:
         is above ``offset``, and it is queued live). The caller queues ``replay`` before its
         next checkpoint, hence before any live message of a later publish.
         """
+        subscribed = self._recover(subscription, since)  # raises before anything is changed
         pattern = subscription.pattern
         self._trie.add(pattern, subscription)
         self._forget_routes(pattern)
         self.backplane.follow(pattern)
+        return subscribed
+
+    def _recover(self, subscription: Subscription, since: Position | None) -> Subscribed:
+        """What :meth:`subscribe` answers: the ``ok`` fields and the replay."""
+        pattern = subscription.pattern
         if is_wildcard(pattern) or self.policies.history_for(pattern) is None:
             return Subscribed({} if since is None else {"recovered": False}, [])
         now = trio.current_time()

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 # Label values reported even while zero, so that dashboards and rate() see them from the start.
 REJECT_REASONS = ("shutting_down", "max_connections", "max_connections_per_ip", "origin",
-                  "unauthorized", "forbidden", "subprotocol")  # fmt: skip
+                  "unauthorized", "forbidden", "subprotocol",
+                  "identity_max_connections")  # fmt: skip
+HANDSHAKE_FAILURES = ("timeout", "dropped", "bad_request", "gone")
 PUBLISH_RESULTS = ("ok", ErrorCode.TOO_LARGE, ErrorCode.RATE_LIMITED, ErrorCode.FORBIDDEN,
                    ErrorCode.INTERNAL)  # fmt: skip
 DROP_POLICIES = (Policy.DROP_OLDEST, Policy.DROP_NEWEST, Policy.CONFLATE)
@@ -64,6 +66,18 @@ class BrokerCollector:
             stats.connections_rejected,
             REJECT_REASONS,
         )
+        yield _labelled(
+            "broker_handshakes_failed",
+            "Connections that never became a WebSocket: no request within handshake_timeout, "
+            "dropped for a newer one over max_handshakes, a bad request, or the peer gone.",
+            "reason",
+            stats.handshakes_failed,
+            HANDSHAKE_FAILURES,
+        )
+        yield _counter("broker_internal_errors",
+                       "Broker bugs contained to one connection (each closed it, or dropped "
+                       "its handshake, with the traceback logged).",
+                       stats.internal_errors)  # fmt: skip
         yield _gauge("broker_subscriptions", "Subscriptions over all connections now.",
                      broker.hub.subscription_count())  # fmt: skip
         yield _counter("broker_messages_in", "pub frames received (whatever their result).",

@@ -1,12 +1,15 @@
 """Publish rate limits: token buckets, pure, driven by the caller's clock.
 
 A :class:`PublishLimiter` holds two buckets, one of messages and one of bytes, so a connection
-is bounded in both messages and bytes per second. Each holds up to its burst and gains its
+can be bounded in both messages and bytes per second. Each holds up to its burst and gains its
 rate per second; a publish takes one message and its size in bytes, or, if either bucket is
-short, nothing.
+short, nothing. A rate of 0 turns its bucket off (no limit); a burst of 0 with a rate is one
+second's worth (at least one message). :func:`publish_limiter` gives ``None`` when both are off.
 """
 
 from __future__ import annotations
+
+_OFF = float("inf")  # a bucket that never runs short (elapsed time is > 0 when multiplied)
 
 
 class PublishLimiter:
@@ -17,11 +20,13 @@ class PublishLimiter:
     def __init__(
         self, rate: float, burst: float, bytes_rate: float, bytes_burst: float, now: float
     ) -> None:
-        if min(rate, burst, bytes_rate, bytes_burst) <= 0:
-            raise ValueError("rates and bursts must be greater than 0")
-        self.rate, self.burst = rate, burst
-        self.bytes_rate, self.bytes_burst = bytes_rate, bytes_burst
-        self._messages, self._bytes = burst, bytes_burst
+        if min(rate, burst, bytes_rate, bytes_burst) < 0:
+            raise ValueError("rates and bursts must be 0 (no limit) or more")
+        self.rate, self.burst = (rate, burst or max(rate, 1.0)) if rate else (_OFF, _OFF)
+        self.bytes_rate, self.bytes_burst = (
+            (bytes_rate, bytes_burst or bytes_rate) if bytes_rate else (_OFF, _OFF)
+        )
+        self._messages, self._bytes = self.burst, self.bytes_burst
         self._updated = now
 
     def tokens(self, now: float) -> tuple[float, float]:
@@ -54,3 +59,12 @@ class PublishLimiter:
         self._messages -= 1
         self._bytes -= size
         return True
+
+
+def publish_limiter(
+    rate: float, burst: float, bytes_rate: float, bytes_burst: float, now: float
+) -> PublishLimiter | None:
+    """A :class:`PublishLimiter`, or ``None`` if both rates are 0 (no limit at all)."""
+    if not rate and not bytes_rate:
+        return None
+    return PublishLimiter(rate, burst, bytes_rate, bytes_burst, now)

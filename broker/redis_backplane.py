@@ -7,8 +7,10 @@ Each node keeps two connections to Redis:
   ``pub`` is acknowledged only once Redis has taken the message;
 - a **subscriber** connection, ``SUBSCRIBE``\\ d to one channel per concrete topic and
   ``PSUBSCRIBE``\\ d to one glob per wildcard pattern that local clients hold
-  (reference-counted: a pattern is subscribed once per node, and unsubscribed when its last
-  local subscriber leaves).
+  (:func:`~broker.backplane.redis_glob`; reference-counted: a channel or glob is subscribed
+  once per node, and unsubscribed when its last local subscriber leaves). Redis matches every
+  glob against every message published, so a node follows at most ``max_patterns`` globs
+  (:meth:`RedisBackplane.refuse_to_follow`).
 
 Every message carries its origin node id and a per-node sequence number (and, on topics with
 history, the epoch and offset given by :mod:`broker.redis_history`). The origin node delivers
@@ -55,6 +57,13 @@ from broker.resp import (
 from broker.topics import is_wildcard
 
 log = logging.getLogger("broker.cluster")
+
+
+def _is_glob(name: bytes) -> bool:
+    """Whether a Redis name of :meth:`RedisBackplane.redis_name` is a glob (neither topics
+    nor the prefix contain ``*``; every glob does)."""
+    return b"*" in name
+
 
 #: What a lost, refused or broken connection to Redis raises: an outage, not a bug.
 _FAILURES = (OSError, ConnectionLost, ProtocolError, RedisError, trio.TooSlowError)
@@ -163,6 +172,7 @@ class RedisBackplane:
         prefix: str = "broker",
         *,
         buffer: int = 1024,
+        max_patterns: int = 1024,
         timeout: float = 5.0,
         min_backoff: float = 0.05,
         max_backoff: float = 5.0,
@@ -172,12 +182,14 @@ class RedisBackplane:
         self.timeout = timeout
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.max_patterns = max_patterns
         self._prefix = f"{prefix}:m:"
-        self._wanted: Counter[str] = Counter()  # pattern -> local subscriptions
-        self._dirty: set[str] = set()  # patterns whose Redis subscription may need a change
-        self._sent: set[str] = set()  # patterns subscribed on the current connection
-        self._pending: Counter[str] = Counter()  # pattern -> (un)subscribe acks not yet seen
-        self._names: dict[bytes, str] = {}  # Redis channel or glob -> pattern
+        # By Redis name (a channel, or a glob: see _globs).
+        self._wanted: Counter[bytes] = Counter()  # -> local subscriptions that need it
+        self._globs: set[bytes] = set()  # the names in _wanted that are globs
+        self._dirty: set[bytes] = set()  # names whose Redis subscription may need a change
+        self._sent: set[bytes] = set()  # names subscribed on the current connection
+        self._pending: Counter[bytes] = Counter()  # -> (un)subscribe acks not yet seen
         self._changed = trio.Event()
         self._progress = trio.Event()
         self._commands: _Commands | None = None  # set while connected
@@ -203,34 +215,59 @@ class RedisBackplane:
         return {
             **self.stats,
             "buffered": self._to_hub.statistics().current_buffer_used,
-            "patterns": len(self._wanted),
+            "patterns": len(self._globs),
+            "channels": len(self._wanted) - len(self._globs),
         }
 
     # --- the hub's side ---
 
     def follow(self, pattern: str) -> None:
         """Count one more local subscription to ``pattern``; subscribe in Redis if first."""
-        self._wanted[pattern] += 1
-        if self._wanted[pattern] == 1:
-            self._dirty.add(pattern)
+        name = self.redis_name(pattern)
+        self._wanted[name] += 1
+        if self._wanted[name] == 1:
+            if is_wildcard(pattern):
+                self._globs.add(name)
+            self._dirty.add(name)
             self._changed.set()
+
+    def refuse_to_follow(self, pattern: str) -> str | None:
+        """Why a subscription to ``pattern`` would be one glob too many, if it would."""
+        if not is_wildcard(pattern) or len(self._globs) < self.max_patterns:
+            return None
+        if self.redis_name(pattern) in self._wanted:
+            return None
+        return (
+            f"this node already follows {len(self._globs)} wildcard patterns in Redis, its "
+            "limit (cluster.max_patterns): subscribe to concrete topics, or to a pattern "
+            "already in use"
+        )
 
     def unfollow(self, pattern: str) -> None:
         """Count one local subscription fewer; unsubscribe in Redis when none is left."""
-        self._wanted[pattern] -= 1
-        if self._wanted[pattern] <= 0:
-            del self._wanted[pattern]
-            self._dirty.add(pattern)
+        name = self.redis_name(pattern)
+        self._wanted[name] -= 1
+        if self._wanted[name] <= 0:
+            del self._wanted[name]
+            self._globs.discard(name)
+            self._dirty.add(name)
             self._changed.set()
 
     async def wait_followed(self, pattern: str) -> None:
         """Return once Redis confirmed the subscription covering ``pattern`` (or it is down,
         or ``timeout`` passed)."""
+        name = self.redis_name(pattern)
         with trio.move_on_after(self.timeout):
             while self.connected and not (
-                pattern in self._sent and not self._pending[pattern] and pattern not in self._dirty
+                name in self._sent and not self._pending[name] and name not in self._dirty
             ):
                 await self._progress.wait()
+
+    def redis_name(self, pattern: str) -> bytes:
+        """The Redis channel (a concrete topic) or glob (a wildcard pattern) of ``pattern``."""
+        if is_wildcard(pattern):
+            return redis_glob(self._prefix, pattern).encode()
+        return (self._prefix + pattern).encode()
 
     async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
         """``PUBLISH`` the message; raises BackplaneUnavailable if Redis does not take it.
@@ -339,7 +376,8 @@ class RedisBackplane:
         else:
             self._missed()
             log.warning(
-                "cluster: Redis at %s reachable again after %.1f s; resubscribing %d pattern(s)",
+                "cluster: Redis at %s reachable again after %.1f s; resubscribing %d channel(s) "
+                "and glob(s)",
                 self.address,
                 trio.current_time() - self.down_since,
                 len(self._wanted),
@@ -355,31 +393,24 @@ class RedisBackplane:
         self._progress.set()
         self._progress = trio.Event()
 
-    def _redis_name(self, pattern: str) -> bytes:
-        wild = is_wildcard(pattern)
-        name = redis_glob(self._prefix, pattern) if wild else self._prefix + pattern
-        encoded = name.encode()
-        self._names[encoded] = pattern
-        return encoded
-
     async def _sync_follows(self, connection: RedisConnection) -> None:
         """Keep the subscriber connection's Redis subscriptions in step with ``_wanted``."""
         while True:
             self._changed = trio.Event()
             verbs: dict[str, list[bytes]] = {}
-            for pattern in self._dirty:
-                wanted, subscribed = pattern in self._wanted, pattern in self._sent
+            for name in self._dirty:
+                wanted, subscribed = name in self._wanted, name in self._sent
                 if wanted == subscribed:
                     continue
                 verb = "SUBSCRIBE" if wanted else "UNSUBSCRIBE"
-                if is_wildcard(pattern):
+                if _is_glob(name):
                     verb = "P" + verb
-                verbs.setdefault(verb, []).append(self._redis_name(pattern))
-                self._pending[pattern] += 1
+                verbs.setdefault(verb, []).append(name)
+                self._pending[name] += 1
                 if wanted:
-                    self._sent.add(pattern)
+                    self._sent.add(name)
                 else:
-                    self._sent.discard(pattern)
+                    self._sent.discard(name)
             self._dirty.clear()
             self._wake_waiters()  # a follow that needed no command may be satisfied now
             if verbs:
@@ -446,14 +477,11 @@ class RedisBackplane:
                     self._hub_behind = False
 
     def _acknowledged(self, name: Reply) -> None:
-        pattern = self._names.get(name) if isinstance(name, bytes) else None
-        if pattern is None:
+        if not isinstance(name, bytes) or name not in self._pending:
             return
-        self._pending[pattern] -= 1
-        if self._pending[pattern] <= 0:
-            del self._pending[pattern]
-            if pattern not in self._sent and isinstance(name, bytes):
-                self._names.pop(name, None)
+        self._pending[name] -= 1
+        if self._pending[name] <= 0:
+            del self._pending[name]
         self._wake_waiters()
 
     async def _deliver_loop(self, deliver: Deliver) -> None:

@@ -4,8 +4,9 @@ In Redis, per topic: ``{prefix}:e:{topic}`` its epoch, ``{prefix}:o:{topic}`` it
 offset, ``{prefix}:h:{topic}`` a stream of its last ``history_size`` messages (entry id
 ``0-<offset>``, fields ``d`` data and ``t`` time in ms). :data:`PUBLISH_SCRIPT` numbers a
 message, appends it and ``PUBLISH``\\ es it in one atomic step, so every node receives a
-topic's messages in offset order. A new epoch is made when Redis has none for the topic (the
-first use, or Redis lost its data), so offsets and epochs are the same on every node.
+topic's messages in offset order. Epochs are made in Redis (see :data:`_EPOCH_AND_NOW`), so
+offsets and epochs are the same on every node. Only a publish stores keys for a topic, and
+they expire after ``history_meta_ttl`` without one: subscribing stores nothing in Redis.
 
 The hub's :class:`~broker.history.HistoryStore` calls are synchronous (docs/history.md), so
 :class:`RedisHistory` answers them from a **mirror**: per topic, an unbroken run of the
@@ -40,40 +41,54 @@ from broker.resp import encode_command
 
 log = logging.getLogger("broker.cluster")
 
-#: Both scripts start here: the topic's epoch (a new history, and its offset and stream
-#: cleared, when there is none) and Redis' clock in ms. KEYS epoch, offset, stream; ARGV[1]
-#: the new epoch.
+#: Both scripts start here: the topic's epoch and Redis' clock in ms. A topic with no history
+#: in Redis (never published to, or its keys expired) has the cluster's fresh epoch, made here
+#: when there is none, which lives half of history_meta_ttl: so a topic whose keys expired
+#: (after history_meta_ttl) never gets an epoch it had again. KEYS epoch, offset, stream,
+#: fresh; ARGV[1] a new epoch, ARGV[2] the fresh epoch's life in ms.
 _EPOCH_AND_NOW = """
 local epoch = redis.call('GET', KEYS[1])
+local stored = epoch
 if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2], KEYS[3])
+  epoch = redis.call('GET', KEYS[4])
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call('SET', KEYS[4], epoch, 'PX', ARGV[2])
+  end
 end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 """
 
-#: KEYS epoch, offset, stream; ARGV new epoch, data, size, ttl ms (0: none), channel,
-#: envelope head (a msgpack array of 5 without its last two items: epoch and offset).
+#: KEYS as above; ARGV as above, then data, size, ttl ms (0: none), channel, envelope head (a
+#: msgpack array of 5 without its last two items: epoch and offset), the keys' life in ms.
+#: Only a publish stores anything for the topic, and every key it stores expires.
 PUBLISH_SCRIPT = (
     _EPOCH_AND_NOW
     + """
+if not stored then
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
 local offset = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], '0-' .. offset, 'd', ARGV[2], 't', ms)
-if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
-redis.call('PUBLISH', ARGV[5], ARGV[6] .. cmsgpack.pack(epoch) .. cmsgpack.pack(offset))
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], '0-' .. offset, 'd', ARGV[3], 't', ms)
+local ttl, life = tonumber(ARGV[5]), tonumber(ARGV[8])
+redis.call('PEXPIRE', KEYS[1], math.max(ttl, life))
+redis.call('PEXPIRE', KEYS[2], math.max(ttl, life))
+redis.call('PEXPIRE', KEYS[3], ttl > 0 and ttl or life)
+redis.call('PUBLISH', ARGV[6], ARGV[7] .. cmsgpack.pack(epoch) .. cmsgpack.pack(offset))
 return {epoch, offset}
 """
 )
 
-#: KEYS epoch, offset, stream; ARGV new epoch, the first offset wanted.
+#: KEYS as above; ARGV as above, then the first offset wanted. Stores nothing.
 #: Returns {epoch, latest offset, now in ms, entries}.
 LOAD_SCRIPT = (
     _EPOCH_AND_NOW
     + """
+if not stored then return {epoch, 0, ms, {}} end
 local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
-return {epoch, latest, ms, redis.call('XRANGE', KEYS[3], '0-' .. ARGV[2], '+')}
+return {epoch, latest, ms, redis.call('XRANGE', KEYS[3], '0-' .. ARGV[3], '+')}
 """
 )
 
@@ -96,20 +111,28 @@ class RedisHistory:
         limits_for: Callable[[str], HistoryLimits | None],
         prefix: str = "broker",
         max_bytes: int = 64 * 1024 * 1024,
+        meta_ttl: float = 30 * 24 * 3600.0,
     ) -> None:
         self.backplane = backplane
         self.limits_for = limits_for
         self.max_bytes = max_bytes
+        self.meta_ttl_ms = max(2, int(meta_ttl * 1000))
         self._prefix = prefix
         self._topics: OrderedDict[str, _Mirror] = OrderedDict()
         self._bytes = 0
 
-    def keys(self, topic: str) -> tuple[str, str, str]:
-        """The Redis keys of ``topic``: epoch, latest offset, stream."""
+    def keys(self, topic: str) -> tuple[str, str, str, str]:
+        """The Redis keys of ``topic``: epoch, latest offset, stream; and the fresh epoch."""
         return (
             f"{self._prefix}:e:{topic}",
             f"{self._prefix}:o:{topic}",
             f"{self._prefix}:h:{topic}",
+            f"{self._prefix}:fresh",
+        )
+
+    def _script(self, script: str, topic: str, *args: bytes | str | int) -> bytes:
+        return encode_command(
+            "EVAL", script, 4, *self.keys(topic), new_epoch(), self.meta_ttl_ms // 2, *args
         )
 
     # --- publishing (async: Redis numbers the message) ---
@@ -121,9 +144,9 @@ class RedisHistory:
         without ``wait``). Raises BackplaneUnavailable."""
         ttl = 0 if limits.ttl is None else max(1, int(limits.ttl * 1000))
         head = self.backplane.envelope_head(packed)
-        command = encode_command(
-            "EVAL", PUBLISH_SCRIPT, 3, *self.keys(topic), new_epoch(), packed, limits.size, ttl,
-            self.backplane.channel(topic), head,
+        command = self._script(
+            PUBLISH_SCRIPT, topic, packed, limits.size, ttl, self.backplane.channel(topic), head,
+            self.meta_ttl_ms,
         )  # fmt: skip
         reply = await self.backplane.call(command, wait=wait)
         if not wait:
@@ -169,7 +192,7 @@ class RedisHistory:
         limits = self.limits_for(topic)
         if limits is None or self.is_warm(topic):
             return
-        command = encode_command("EVAL", LOAD_SCRIPT, 3, *self.keys(topic), new_epoch(), 0)
+        command = self._script(LOAD_SCRIPT, topic, 0)
         reply = await self.backplane.call(command)
         # no checkpoint from here to the caller's subscribe (Hub.subscribe's proof)
         if not (isinstance(reply, list) and len(reply) == 4):

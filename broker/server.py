@@ -26,17 +26,35 @@ import trio
 from broker.auth import AuthError, Identity, build_authenticator, token_from_request
 from broker.config import Config, ConfigError, TlsConfig
 from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
+from broker.exceptiongroups import first_leaf
 from broker.frames import SUBPROTOCOLS, Encoding
+from broker.handshake import BadHandshake, error_response
 from broker.history import HistoryStore, MemoryHistory
 from broker.hub import Hub, PolicyTable, TopicRule
+from broker.logs import BurstLog
 from broker.monitor import serve_monitor
 from broker.redis_backplane import RedisBackplane
 from broker.redis_history import RedisHistory
 from broker.resp import RedisAddress
 from broker.stats import BrokerStats
-from broker.websocket import Handshake, WebSocket, peer_address, read_handshake
+from broker.websocket import (
+    ConnectionClosed,
+    Handshake,
+    WebSocket,
+    peer_address,
+    read_handshake,
+)
 
 log = logging.getLogger("broker.server")
+
+#: What a peer that goes away (or whose TLS breaks) raises, at any stage: its doing, not ours.
+PEER_GONE = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    ConnectionClosed,
+    EOFError,
+    OSError,
+)
 
 
 def choose_encoding(offered: tuple[str, ...]) -> Encoding | None:
@@ -54,20 +72,14 @@ def choose_encoding(offered: tuple[str, ...]) -> Encoding | None:
 
 class Refused(Exception):
     """A handshake refused with HTTP ``status``; ``str()`` is the reason sent in the body,
-    ``label`` the reason's name in metrics (one of a few)."""
+    ``label`` the reason's name in metrics (one of a few), ``who`` whom the limit counts
+    (the token's subject; by default the client's IP address)."""
 
-    def __init__(self, status: int, reason: str, label: str) -> None:
+    def __init__(self, status: int, reason: str, label: str, *, who: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.label = label
-
-
-def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The value of the first header called ``name`` (lower case), if any."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1").strip()
-    return None
+        self.who = who
 
 
 def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
@@ -88,10 +100,18 @@ def is_loopback(host: str) -> bool:
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    """A TLS server context for ``[tls]``; unreadable or mismatched files are a ConfigError."""
+    """A TLS server context for ``[tls]``; unreadable or mismatched files, or a key that
+    needs a pass phrase (the daemon has no one to ask), are a ConfigError."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def no_pass_phrase() -> bytes:
+        raise ConfigError(
+            f"tls.key: {tls.key} is encrypted, and the broker cannot ask for its pass phrase: "
+            "give it an unencrypted key (openssl pkey -in KEY -out PLAIN_KEY)"
+        )
+
     try:
-        context.load_cert_chain(tls.cert, tls.key)
+        context.load_cert_chain(tls.cert, tls.key, password=no_pass_phrase)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"tls: cannot load cert {tls.cert} and key {tls.key}: {exc}") from None
     return context
@@ -103,7 +123,12 @@ def build_backplane(config: Config) -> RedisBackplane | None:
     if not cluster.backend:
         return None
     node_id = cluster.node_id or secrets.token_hex(4)
-    return RedisBackplane(RedisAddress.from_url(cluster.backend), node_id, cluster.prefix)
+    return RedisBackplane(
+        RedisAddress.from_url(cluster.backend),
+        node_id,
+        cluster.prefix,
+        max_patterns=cluster.max_patterns,
+    )
 
 
 class Broker:
@@ -123,6 +148,7 @@ class Broker:
                 policies.history_for,
                 self.config.cluster.prefix,
                 self.config.history.max_bytes,
+                self.config.cluster.history_meta_ttl,
             )
         self.hub = Hub(policies, limits.slow_timeout, history, backplane)
         for rule in self.config.topics:
@@ -147,6 +173,9 @@ class Broker:
         self.ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
         self.connections: set[Connection] = set()
         self.admitted_per_ip: Counter[str] = Counter()  # accepted or being accepted
+        self.admitted_per_subject: Counter[str] = Counter()
+        self._handshaking: dict[trio.CancelScope, None] = {}  # in progress, oldest first
+        self._refusals = BurstLog()
         self.port: int | None = None
         self.stats = BrokerStats()
         self.metrics_url: str | None = None  # the internal HTTP listener's, once it listens
@@ -263,107 +292,183 @@ class Broker:
             )
 
     async def _serve_stream(self, stream: trio.abc.Stream) -> None:
-        """One accepted TCP (or TLS) stream: the handshake, then the connection."""
-        try:
-            with trio.move_on_after(self.config.server.handshake_timeout):
-                request = await read_handshake(stream)
-            if request is not None:
-                admitted = await self._admit_or_reject(request)
-                if admitted is not None:  # awaited here, not inside: one coroutine frame less
-                    await self._serve_admitted(request, *admitted)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away during the handshake
-        finally:
-            await trio.aclose_forcefully(stream)
+        """One accepted TCP (or TLS) stream, from its first byte to its close: the boundary
+        around each connection.
 
-    async def _admit_or_reject(
-        self, request: Handshake
-    ) -> tuple[Encoding, Identity, str, str] | None:
-        """The handshake's encoding, identity, peer and IP if it is admitted; else it is
-        answered with an HTTP error and the answer is ``None``."""
-        remote = peer_address(request.stream)
+        Whatever the peer does, at whatever stage, ends here: a peer that goes away is
+        logged at debug level and counted; a bad handshake is answered, counted and logged
+        once per burst; an error of the broker's own (a bug) is logged with its traceback,
+        counted, and closes this connection alone (with 1011 once it is a WebSocket). Only
+        cancellation reaches the server's nursery.
+        """
+        remote = peer_address(stream)
         ip, peer = (
             ("unknown", "unknown") if remote is None else (remote[0], f"{remote[0]}:{remote[1]}")
         )
-        encoding = choose_encoding(request.subprotocols)
-        if encoding is None:
-            offered = ", ".join(request.subprotocols)
-            log.info("rejected peer=%s: unsupported subprotocol(s) %s", peer, offered)
-            self.stats.connections_rejected["subprotocol"] += 1
-            await request.reject(
-                400, f"unsupported subprotocol; offer one of {', '.join(SUBPROTOCOLS)}\n".encode()
-            )
-            return None
         try:
-            identity = self.admit(request, ip)
+            admitted = await self._handshake(stream, ip, peer)
+            if admitted is not None:
+                await self._serve_admitted(*admitted, peer, ip)
+        except* PEER_GONE as group:
+            log.debug("peer=%s went away: %r", peer, first_leaf(group))
+        except* Exception:
+            self.stats.internal_errors += 1
+            log.exception("peer=%s: internal error; the connection is dropped", peer)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handshake(
+        self, stream: trio.abc.Stream, ip: str, peer: str
+    ) -> tuple[Handshake, Encoding, Identity] | None:
+        """Read the upgrade request and admit or refuse it, within ``handshake_timeout`` and
+        among at most ``max_handshakes`` in progress (the oldest is dropped for a new one).
+        What to accept, or ``None`` once the stream is done with."""
+        failures = self.stats.handshakes_failed
+        scope = trio.CancelScope(
+            deadline=trio.current_time() + self.config.server.handshake_timeout
+        )
+        handshaking = self._handshaking
+        handshaking[scope] = None
+        if len(handshaking) > self.config.server.max_handshakes:
+            oldest = next(iter(handshaking))
+            del handshaking[oldest]
+            oldest.cancel()
+            failures["dropped"] += 1
+            if (skipped := self._refusals.first("max_handshakes", trio.current_time())) is not None:
+                log.warning(
+                    "%d handshakes in progress (server.max_handshakes): dropping the oldest "
+                    "(%d more dropped unlogged before)",
+                    len(handshaking) + 1,
+                    skipped,
+                )
+        try:
+            with scope:
+                try:
+                    request = await read_handshake(stream)
+                except BadHandshake as bad:
+                    failures["bad_request"] += 1
+                    if (
+                        skipped := self._refusals.first(("bad", ip), trio.current_time())
+                    ) is not None:
+                        log.info("rejected peer=%s: %d %s (%d more unlogged)", peer, bad.status,
+                                 bad, skipped)  # fmt: skip
+                    await stream.send_all(
+                        error_response(bad.status, f"{bad}\n".encode(), bad.headers)
+                    )
+                    return None
+                except PEER_GONE:
+                    failures["gone"] += 1
+                    return None
+                admitted = await self._admit_or_reject(request, ip, peer)
+                return None if admitted is None else (request, *admitted)
+        finally:
+            if handshaking.pop(scope, 0) is None and scope.cancelled_caught:
+                failures["timeout"] += 1
+                log.debug("peer=%s: no handshake within %g s", peer,
+                          self.config.server.handshake_timeout)  # fmt: skip
+        return None
+
+    async def _admit_or_reject(
+        self, request: Handshake, ip: str, peer: str
+    ) -> tuple[Encoding, Identity] | None:
+        """The handshake's encoding and identity if it is admitted; else it is answered with
+        the refusal (counted, and logged once per burst) and the answer is ``None``."""
+        encoding = choose_encoding(request.upgrade.subprotocols)
+        try:
+            if encoding is None:
+                offered = ", ".join(request.upgrade.subprotocols)
+                log.debug("peer=%s offered only unknown subprotocols: %s", peer, offered)
+                supported = ", ".join(SUBPROTOCOLS)
+                raise Refused(
+                    400, f"unsupported subprotocol; offer one of {supported}", "subprotocol"
+                )
+            return encoding, self.admit(request, ip)
         except Refused as refused:
-            log.info("rejected peer=%s: %d %s", peer, refused.status, refused)
             self.stats.connections_rejected[refused.label] += 1
-            extra = [(b"WWW-Authenticate", b'Bearer realm="broker"')]
-            await request.reject(
-                refused.status, f"{refused}\n".encode(), extra if refused.status == 401 else ()
-            )
-            return None
-        return encoding, identity, peer, ip
+            skipped = self._refusals.first((refused.label, refused.who or ip), trio.current_time())
+            if skipped is not None:
+                more = f" ({skipped} more like it unlogged)" if skipped else ""
+                log.info("rejected peer=%s: %d %s%s", peer, refused.status, refused, more)
+            challenge = [(b"WWW-Authenticate", b'Bearer realm="broker"')]
+            headers = challenge if refused.status == 401 else []
+            await request.reject(refused.status, f"{refused}\n".encode(), headers)
+        except Exception:  # a bug of ours (in an authenticator, say): this handshake's alone
+            self.stats.internal_errors += 1
+            log.exception("peer=%s: internal error while admitting; answered 500", peer)
+            await request.reject(500, b"internal error\n")
+        return None
 
     def admit(self, request: Handshake, ip: str) -> Identity:
         """Who the handshake's client is, if it may connect now; raises :class:`Refused`.
 
         Checked cheapest first: shutting down and connection limits (503), a browser
-        ``Origin`` not in ``allowed_origins`` (403), then the token (401 or 403).
+        ``Origin`` not in ``allowed_origins`` (403), the token (401 or 403), then the
+        connections its token allows (503).
         """
         limits = self.config.limits
         if self._shutdown.is_set():
             raise Refused(503, "shutting down", "shutting_down")
-        if self.admitted_per_ip.total() >= limits.max_connections:
+        if limits.max_connections and self.admitted_per_ip.total() >= limits.max_connections:
             raise Refused(
                 503,
                 f"too many connections (max_connections {limits.max_connections})",
                 "max_connections",
             )
-        if self.admitted_per_ip[ip] >= limits.max_connections_per_ip:
+        per_ip = limits.max_connections_per_ip
+        if per_ip and self.admitted_per_ip[ip] >= per_ip:
             raise Refused(
                 503,
-                f"too many connections from {ip} "
-                f"(max_connections_per_ip {limits.max_connections_per_ip})",
+                f"too many connections from {ip} (max_connections_per_ip {per_ip})",
                 "max_connections_per_ip",
             )
-        origin = header(request.headers, b"origin")
+        origin = request.upgrade.header(b"origin")
         if not origin_allowed(origin, self.config.server.allowed_origins):
             raise Refused(403, f"origin {origin} is not allowed", "origin")
         try:
-            return self.authenticator.authenticate(
-                token_from_request(request.headers, request.path)
-            )
+            identity = self.authenticator.authenticate(token_from_request(request.upgrade))
         except AuthError as exc:
             label = "unauthorized" if exc.status == 401 else "forbidden"
             raise Refused(exc.status, str(exc), label) from None
+        cap = identity.limits.max_connections
+        if cap and self.admitted_per_subject[identity.subject] >= cap:
+            raise Refused(
+                503,
+                f"too many connections for {identity.subject!r} (its token allows {cap})",
+                "identity_max_connections",
+                who=identity.subject,
+            )
+        return identity
 
     async def _serve_admitted(
         self, request: Handshake, encoding: Encoding, identity: Identity, peer: str, ip: str
     ) -> None:
-        limits = self.connection_limits
+        limits = self.connection_limits.for_token(identity.limits)
+        subject = identity.subject
         self.admitted_per_ip[ip] += 1
+        self.admitted_per_subject[subject] += 1
         try:
-            websocket: WebSocket = await request.accept(
-                encoding.value if request.subprotocols else None,
-                max_message_size=limits.max_message_size,
-                ping_interval=limits.ping_interval,
-                ping_timeout=limits.ping_timeout,
-            )
+            with trio.fail_after(self.config.server.handshake_timeout):  # writing the 101
+                websocket: WebSocket = await request.accept(
+                    encoding.value if request.upgrade.subprotocols else None,
+                    max_message_size=limits.max_message_size,
+                    ping_interval=limits.ping_interval,
+                    ping_timeout=limits.ping_timeout,
+                )
+            del request  # the request's headers are not kept for the connection's life
             connection = Connection(
-                websocket, encoding, self.hub, self.connection_limits, peer, identity, self.stats
+                websocket, encoding, self.hub, limits, peer, identity, self.stats
             )
             self.connections.add(connection)
             self.stats.connections_accepted += 1
-            log.info(
-                "connect peer=%s subject=%s encoding=%s", peer, identity.subject, encoding.value
-            )
+            log.info("connect peer=%s subject=%s encoding=%s", peer, subject, encoding.value)
             started = trio.current_time()
             try:
                 await connection.serve()
-            except Exception:
-                log.exception("peer=%s: connection failed", peer)
+            except* PEER_GONE as group:  # what the connection did not expect from its peer
+                log.debug("peer=%s went away: %r", peer, first_leaf(group))
+            except* Exception:
+                self.stats.internal_errors += 1
+                log.exception("peer=%s: internal error; closing the connection with 1011", peer)
                 connection.close_code, connection.close_reason = 1011, "internal error"
                 await websocket.aclose(1011, "internal error", limits.close_timeout)
             finally:
@@ -378,9 +483,14 @@ class Broker:
                     trio.current_time() - started,
                 )
         finally:
-            self.admitted_per_ip[ip] -= 1
-            if not self.admitted_per_ip[ip]:
-                del self.admitted_per_ip[ip]
+            _release(self.admitted_per_ip, ip)
+            _release(self.admitted_per_subject, subject)
+
+
+def _release(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
 
 
 def _describe(rule: TopicRule) -> str:

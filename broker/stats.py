@@ -71,6 +71,8 @@ class BrokerStats:
 
     connections_accepted: int = 0
     connections_rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    handshakes_failed: Counter[str] = field(default_factory=Counter)  # by reason
+    internal_errors: int = 0  # broker bugs contained to one connection
     frames_in: int = 0  # pub frames received, whatever became of them
     bytes_in: int = 0  # WebSocket message bytes received
     publishes: Counter[str] = field(default_factory=Counter)  # by result: "ok" or an err code

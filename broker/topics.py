@@ -1,7 +1,8 @@
 """Topics and subscription patterns: validation, matching, and the trie the hub routes with.
 
 A topic is 1..255 bytes of UTF-8: segments separated by ``.``, no empty segment, no
-whitespace or control character. A pattern may also use ``*`` (exactly one segment) and
+whitespace, control or invisible formatting character (zero-width spaces and joiners, bidi
+overrides: a topic must read as what it is). A pattern may also use ``*`` (exactly one segment) and
 ``>`` (one or more trailing segments, last position only), with NATS semantics. ``*`` and
 ``>`` are only wildcards as a whole segment; inside a segment (``a*b``) they are rejected
 rather than taken literally, so a typo never silently subscribes to nothing.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 MAX_TOPIC_BYTES = 255
 
@@ -35,9 +36,11 @@ def _check_common(name: str, what: str) -> list[str]:
     if (
         (not name.isprintable() or " " in name)
         if ascii_only
-        else any(c.isspace() or unicodedata.category(c) in ("Cc", "Cs") for c in name)
+        else any(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in name)
     ):
-        raise InvalidTopic(f"{what} {name!r} contains whitespace or a control character")
+        raise InvalidTopic(
+            f"{what} {name!r} contains whitespace, a control or an invisible formatting character"
+        )
     segments = name.split(".")
     if "" in segments:
         raise InvalidTopic(f"{what} {name!r} has an empty segment")
@@ -97,16 +100,32 @@ def pattern_matches(pattern: str, topic: str) -> bool:
     return len(topic_segments) == len(pattern_segments)
 
 
+# Every node starts with this one empty dict in each of its slots, and gets a dict of its
+# own only when something is added there: a node of a deep pattern costs ~150 bytes instead
+# of ~370 (three empty dicts each). Never added to.
+_NONE: dict[Any, Any] = {}
+
+
 class _Node(Generic[T]):
     __slots__ = ("children", "tail", "values")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node[T]] = {}
-        self.values: dict[T, None] = {}  # subscribers whose pattern ends here (ordered set)
-        self.tail: dict[T, None] = {}  # subscribers whose pattern ends here with ">"
+        self.children: dict[str, _Node[T]] = _NONE
+        self.values: dict[T, None] = _NONE  # subscribers whose pattern ends here (ordered set)
+        self.tail: dict[T, None] = _NONE  # subscribers whose pattern ends here with ">"
 
     def is_empty(self) -> bool:
         return not (self.children or self.values or self.tail)
+
+    def child(self, segment: str) -> _Node[T]:
+        """The child for ``segment``, created if absent."""
+        children = self.children
+        if children is _NONE:
+            children = self.children = {}
+        node = children.get(segment)
+        if node is None:
+            node = children[segment] = _Node()
+        return node
 
 
 class PatternTrie(Generic[T]):
@@ -129,9 +148,16 @@ class PatternTrie(Generic[T]):
         node = self._root
         segments = pattern.split(".")
         for segment in segments[:-1]:
-            node = node.children.setdefault(segment, _Node())
-        last = segments[-1]
-        slot = node.tail if last == ">" else node.children.setdefault(last, _Node()).values
+            node = node.child(segment)
+        if segments[-1] == ">":
+            if node.tail is _NONE:
+                node.tail = {}
+            slot = node.tail
+        else:
+            node = node.child(segments[-1])
+            if node.values is _NONE:
+                node.values = {}
+            slot = node.values
         if value not in slot:
             slot[value] = None
             self._count += 1

@@ -24,22 +24,15 @@ import struct
 from collections.abc import Sequence
 
 import trio
-from wsproto import ConnectionType, WSConnection
+from wsproto import ConnectionType
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Pong,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.utilities import LocalProtocolError
+
+from broker.handshake import Upgrade, UpgradeReader, accept_response, error_response
 
 RECEIVE_SIZE = 1048576
+HANDSHAKE_RECEIVE_SIZE = 65536  # a request head is at most MAX_REQUEST_HEAD
 _OPEN, _REMOTE_CLOSING = ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING
 _STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 _HEADER_16 = struct.Struct("!BBH").pack  # a data frame's header, 16-bit length
@@ -86,25 +79,18 @@ def frame_header(length: int, text: bool) -> bytes:
 
 
 class Handshake:
-    """A client's WebSocket upgrade request, waiting for :meth:`accept` or :meth:`reject`."""
+    """A client's checked upgrade request on ``stream``, waiting for :meth:`accept` or
+    :meth:`reject`."""
 
-    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, request: Request) -> None:
+    def __init__(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
         self.stream = stream
-        self._ws: WSConnection | None = ws
-        self.path = request.target
-        self.headers: Sequence[tuple[bytes, bytes]] = request.extra_headers
-        self.subprotocols: tuple[str, ...] = tuple(request.subprotocols)
+        self.upgrade = upgrade
 
     async def reject(
         self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
     ) -> None:
         """Answer with HTTP ``status`` and a ``body``; the caller then closes the stream."""
-        assert self._ws is not None, "already accepted"
-        all_headers = [*headers, (b"Content-Length", str(len(body)).encode())]
-        data = self._ws.send(RejectConnection(status_code=status, headers=all_headers,
-                                              has_body=True))  # fmt: skip
-        data += self._ws.send(RejectData(data=body))
-        await self.stream.send_all(data)
+        await self.stream.send_all(error_response(status, body, headers))
 
     async def accept(
         self,
@@ -114,41 +100,30 @@ class Handshake:
         ping_interval: float,
         ping_timeout: float,
     ) -> WebSocket:
-        """Complete the upgrade choosing ``subprotocol``; return the open WebSocket."""
-        assert self._ws is not None, "already accepted"
-        data = self._ws.send(AcceptConnection(subprotocol=subprotocol))
-        connection = self._ws.connection
-        assert connection is not None
-        # The open connection needs none of the handshake: drop it (~2.5 KiB per connection).
-        self._ws = None
-        self.headers = ()
+        """Complete the upgrade choosing ``subprotocol``; return the open WebSocket, which
+        reads first what the client sent right behind its request."""
         websocket = WebSocket(
-            self.stream, connection, subprotocol, max_message_size, ping_interval, ping_timeout
+            self.stream,
+            Connection(ConnectionType.SERVER),
+            subprotocol,
+            max_message_size,
+            ping_interval,
+            ping_timeout,
+            self.upgrade.trailing,
         )
-        await websocket.send_raw(data)
+        await websocket.send_raw(accept_response(self.upgrade, subprotocol))
         return websocket
 
 
-async def read_handshake(stream: trio.abc.Stream) -> Handshake | None:
-    """Read a WebSocket upgrade request; ``None`` if the client went away or sent garbage
-    (answered with 400 when wsproto says so). Bound it with the handshake timeout."""
-    ws = WSConnection(ConnectionType.SERVER)
-    try:
-        while True:
-            data = await stream.receive_some(RECEIVE_SIZE)
-            if not data:
-                return None
-            try:
-                ws.receive_data(bytes(data))
-            except RemoteProtocolError as exc:
-                if exc.event_hint is not None:
-                    await stream.send_all(ws.send(exc.event_hint))
-                return None
-            for event in ws.events():
-                if isinstance(event, Request):
-                    return Handshake(stream, ws, event)
-    except _STREAM_GONE:
-        return None
+async def read_handshake(stream: trio.abc.Stream) -> Handshake:
+    """Read a WebSocket upgrade request (bound it with the handshake timeout). Raises
+    :class:`~broker.handshake.BadHandshake` for a request to refuse (answer it), and
+    :class:`EOFError` or a trio stream error if the client went away."""
+    reader = UpgradeReader()
+    while True:
+        upgrade = reader.receive(await stream.receive_some(HANDSHAKE_RECEIVE_SIZE))
+        if upgrade is not None:
+            return Handshake(stream, upgrade)
 
 
 class WebSocket:
@@ -172,6 +147,7 @@ class WebSocket:
         "_sending",
         "_socket",
         "_timer_at",
+        "_trailing",
         "closed",
         "stream",
         "subprotocol",
@@ -185,8 +161,10 @@ class WebSocket:
         max_message_size: int,
         ping_interval: float,
         ping_timeout: float,
+        trailing: bytes = b"",
     ) -> None:
         self.stream = stream
+        self._trailing = trailing  # received behind the upgrade request: read first
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._fd = -1 if self._socket is None else self._socket.fileno()  # for send_now
         self.subprotocol = subprotocol
@@ -326,12 +304,16 @@ class WebSocket:
         while True:
             if self.closed is not None:
                 raise ConnectionClosed(self.closed)
-            data = None
-            with trio.move_on_at(self._timer_at):
-                try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                except _STREAM_GONE:
-                    data = b""
+            data: bytes | bytearray | None = self._trailing
+            if data:
+                self._trailing = b""
+            else:
+                data = None
+                with trio.move_on_at(self._timer_at):
+                    try:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                    except _STREAM_GONE:
+                        data = b""
             if data is None:
                 await self._keepalive()
                 continue

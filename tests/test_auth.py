@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.auth import AuthError, JwtAuth, NoAuth, StaticTokens, token_from_request
 from broker.config import AuthConfig, ConfigError, JwtConfig, TokenGrant, config_from_dict
+from broker.handshake import Upgrade
 from broker.server import Broker
 from tests.helpers import make_config, start_broker
 from tests.wire import bearer, connect, rejection
@@ -213,12 +214,21 @@ async def test_a_token_that_expires_while_connected_closes_the_connection_with_4
 # --- the pure parts ---
 
 
+def request(target: str, *headers: tuple[bytes, bytes]) -> Upgrade:
+    return Upgrade(target, headers, (), b"dGhlIHNhbXBsZSBub25jZQ==")
+
+
 def test_the_header_wins_over_the_query_string() -> None:
-    headers = [(b"authorization", b"Bearer from-header")]
-    assert token_from_request(headers, "/?token=from-query") == "from-header"
-    assert token_from_request([], "/?token=from-query") == "from-query"
-    assert token_from_request([(b"authorization", b"Basic dXNlcg==")], "/") is None
-    assert token_from_request([], "/") is None
+    header = (b"authorization", b"Bearer from-header")
+    assert token_from_request(request("/?token=from-query", header)) == "from-header"
+    assert token_from_request(request("/?token=from-query")) == "from-query"
+    assert token_from_request(request("/", (b"authorization", b"Basic dXNlcg=="))) is None
+    assert token_from_request(request("/")) is None
+
+
+@pytest.mark.parametrize("target", ["//[", "//[::1/", "/?token=%zz&token=b", "/?" + "a&" * 2000])
+def test_a_token_is_found_or_not_in_any_target(target: str) -> None:
+    token_from_request(request(target))  # no exception: a bad target is no token
 
 
 def test_static_tokens_and_no_auth_without_sockets() -> None:

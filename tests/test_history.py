@@ -49,13 +49,44 @@ def test_offsets_start_at_one_and_grow_by_one_per_topic() -> None:
     assert history.position("a", 0).offset == 3
 
 
-def test_epoch_is_stable_while_history_is_kept_and_differs_between_topics() -> None:
+def test_epoch_is_stable_while_history_is_kept() -> None:
     history = store()
     epoch = history.position("a", 0).epoch
     history.append("a", b"x", 0)
-    assert history.position("a", 0).epoch == epoch
-    assert history.position("b", 0).epoch != epoch
+    assert history.position("a", 0) == Position(epoch, 1)
     assert store().position("a", 0).epoch != epoch  # a restarted store: a new epoch
+
+
+def test_reading_positions_stores_nothing_and_evicts_no_one() -> None:
+    history = store(max_bytes=TOPIC_OVERHEAD + 1 + MESSAGE_OVERHEAD + 100)
+    history.append("a", bytes(100), 0)
+    epoch = history.position("a", 0).epoch
+    for n in range(10_000):  # a client subscribing and unsubscribing to new topics
+        fresh = history.position(f"t{n}", 0)
+        assert fresh.offset == 0
+        assert history.since(f"t{n}", fresh, 0).recovered
+    assert history.statistics()["topics"] == 1
+    assert history.position("a", 0) == Position(epoch, 1)
+
+
+def test_a_subscriber_before_the_first_message_recovers_it() -> None:
+    history = store()
+    before = history.position("a", 0)  # what a sub's ok said
+    history.append("a", pack_data("first"), 0)
+    replay = history.since("a", before, 0)
+    assert replay.recovered and [m.offset for m in replay.messages] == [1]
+
+
+def test_a_topic_created_again_after_eviction_never_reuses_an_epoch() -> None:
+    cost = TOPIC_OVERHEAD + 1 + MESSAGE_OVERHEAD + 100
+    history = store(max_bytes=cost)
+    history.append("a", bytes(100), 0)
+    old = history.position("a", 0)
+    history.append("b", bytes(100), 0)  # evicts "a"
+    assert history.position("a", 0).epoch != old.epoch
+    history.append("a", bytes(100), 0)  # created again: offset 1 of a new epoch
+    assert history.position("a", 0).epoch != old.epoch
+    assert not history.since("a", old, 0).recovered
 
 
 def test_since_replays_the_messages_after_the_offset() -> None:
@@ -150,7 +181,16 @@ def test_memory_cap_evicts_least_recently_published_topics_whole(
     replay = history.since("b", Position(old_epoch_b, 3), 0)
     assert not replay.recovered and replay.latest.offset == 0
     assert replay.latest.epoch != old_epoch_b
-    assert "evicted topic 'b'" in caplog.text and "1 topic(s) evicted so far" in caplog.text
+    assert "starting with 'b'" in caplog.text and "1 topic(s) evicted so far" in caplog.text
+
+
+def test_evictions_are_logged_once_per_burst(caplog: pytest.LogCaptureFixture) -> None:
+    history = store(max_bytes=TOPIC_OVERHEAD + 5 + MESSAGE_OVERHEAD + 100)
+    with caplog.at_level(logging.INFO, logger="broker.history"):
+        for n in range(1000):
+            history.append(f"t{n:04}", bytes(100), 0)
+    assert history.statistics()["evicted_topics"] == 999
+    assert caplog.text.count("evicting") == 1
 
 
 def test_one_topic_over_the_cap_loses_its_oldest_messages_not_its_epoch() -> None:

@@ -110,11 +110,13 @@ async def test_a_browser_origin_not_allowed_is_refused_with_403(nursery: trio.Nu
 @pytest.mark.parametrize(
     ("section", "table", "key"),
     [
-        ("limits", {"max_connections": 0}, "limits.max_connections"),
+        ("limits", {"max_connections": -1}, "limits.max_connections"),
         ("limits", {"max_connections_per_ip": -1}, "limits.max_connections_per_ip"),
         ("limits", {"publish_rate": "fast"}, "limits.publish_rate"),
         ("limits", {"publish_burst": 1.5}, "limits.publish_burst"),
-        ("limits", {"publish_bytes_rate": 0}, "limits.publish_bytes_rate"),
+        ("limits", {"publish_bytes_rate": -5}, "limits.publish_bytes_rate"),
+        ("limits", {"max_subscription_segments": 0}, "limits.max_subscription_segments"),
+        ("server", {"max_handshakes": 0}, "server.max_handshakes"),
         ("server", {"allowed_origins": "https://a"}, "server.allowed_origins"),
         ("server", {"allowed_origins": [1]}, "server.allowed_origins"),
     ],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.ratelimit import PublishLimiter
+from broker.ratelimit import PublishLimiter, publish_limiter
 
 
 def test_the_buckets_start_full_and_refill_at_their_rate() -> None:
@@ -24,11 +24,28 @@ def test_a_clock_going_backwards_adds_nothing() -> None:
     assert not limiter.try_publish(1, 4.0)
 
 
-def test_rates_and_bursts_must_be_positive() -> None:
+def test_rates_and_bursts_must_not_be_negative() -> None:
     with pytest.raises(ValueError):
-        PublishLimiter(rate=0, burst=1, bytes_rate=1, bytes_burst=1, now=0)
+        PublishLimiter(rate=-1, burst=1, bytes_rate=1, bytes_burst=1, now=0)
     with pytest.raises(ValueError):
-        PublishLimiter(rate=1, burst=1, bytes_rate=1, bytes_burst=0, now=0)
+        PublishLimiter(rate=1, burst=1, bytes_rate=1, bytes_burst=-1, now=0)
+
+
+def test_a_rate_of_zero_is_no_limit_and_no_limiter_at_all() -> None:
+    assert publish_limiter(0, 0, 0, 0, now=0) is None
+    limiter = PublishLimiter(rate=0, burst=0, bytes_rate=10, bytes_burst=10, now=0)
+    assert all(limiter.try_publish(1, now=0) for _ in range(10))  # only bytes count
+    assert not limiter.try_publish(1, now=0)
+    messages_only = PublishLimiter(rate=2, burst=0, bytes_rate=0, bytes_burst=0, now=0)
+    assert [messages_only.try_publish(10**9, now=0) for _ in range(3)] == [True, True, False]
+    assert messages_only.try_publish(10**9, now=0.5)  # the burst defaults to a second's worth
+
+
+def test_a_slow_rate_without_a_burst_still_lets_one_message_through() -> None:
+    limiter = PublishLimiter(rate=0.5, burst=0, bytes_rate=0, bytes_burst=0, now=0)
+    assert limiter.try_publish(1, now=0)
+    assert not limiter.try_publish(1, now=1)
+    assert limiter.try_publish(1, now=2)
 
 
 def test_the_limiter_refuses_when_messages_run_out_and_takes_nothing() -> None:

@@ -56,7 +56,6 @@ GOOD_TOPICS = [
     "€" * 85,  # 3 bytes each: 255 bytes
     "😀" * 63 + "abc",  # 4 bytes each: 252 + 3 = 255 bytes
     ".".join(["a"] * 128),  # 255 bytes of one-letter segments
-    "a\u200bb",  # zero-width space is a format character, not whitespace
 ]
 
 BAD_COMMON = [
@@ -88,6 +87,11 @@ BAD_COMMON = [
     pytest.param("a\u1680b", id="ogham-space"),
     pytest.param("a\x00b", id="nul"),
     pytest.param("a\x1bb", id="escape"),
+    pytest.param("a\u200bb", id="zero-width-space"),
+    pytest.param("a\u200db", id="zero-width-joiner"),
+    pytest.param("a\u202eb", id="right-to-left-override"),
+    pytest.param("a\u2066b", id="left-to-right-isolate"),
+    pytest.param("\ufeffa", id="byte-order-mark"),
     pytest.param("a\x7fb", id="delete"),
     pytest.param("a\x9fb", id="c1-control"),
     pytest.param("a\ud800b", id="lone-surrogate"),

@@ -19,6 +19,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from broker.handshake import BadHandshake
 from broker.websocket import (
     ConnectionClosed,
     MessageTooBig,
@@ -61,9 +62,8 @@ async def open_pair(
     peer = Peer(client_stream)
     await peer.send(Request(host="broker", target="/?token=t", subprotocols=subprotocols or []))
     handshake = await read_handshake(server_stream)
-    assert handshake is not None
-    assert handshake.path == "/?token=t"
-    assert handshake.subprotocols == tuple(subprotocols or ())
+    assert handshake.upgrade.target == "/?token=t"
+    assert handshake.upgrade.subprotocols == tuple(subprotocols or ())
     websocket = await handshake.accept(
         subprotocols[0] if subprotocols else None,
         max_message_size=1000,
@@ -86,7 +86,6 @@ async def test_reject_sends_status_headers_and_body() -> None:
     peer = Peer(client_stream)
     await peer.send(Request(host="broker", target="/"))
     handshake = await read_handshake(server_stream)
-    assert handshake is not None
     await handshake.reject(401, b"no token\n", [(b"WWW-Authenticate", b"Bearer")])
     events = await peer.events()
     assert isinstance(events[0], RejectConnection)
@@ -95,10 +94,33 @@ async def test_reject_sends_status_headers_and_body() -> None:
     assert b"".join(e.data for e in events if isinstance(e, RejectData)) == b"no token\n"
 
 
-async def test_garbage_instead_of_a_handshake_is_no_handshake() -> None:
+async def test_garbage_instead_of_a_handshake_is_a_bad_handshake() -> None:
     server_stream, client_stream = trio.testing.memory_stream_pair()
     await client_stream.send_all(b"not http at all\r\n\r\n")
-    assert await read_handshake(server_stream) is None
+    with pytest.raises(BadHandshake) as refused:
+        await read_handshake(server_stream)
+    assert refused.value.status == 400
+
+
+async def test_a_client_gone_before_its_request_ends_is_an_eof() -> None:
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    await client_stream.aclose()
+    with pytest.raises(EOFError):
+        await read_handshake(server_stream)
+
+
+async def test_frames_sent_with_the_request_are_read_first() -> None:
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    peer = Peer(client_stream)
+    request = peer.ws.send(Request(host="broker", target="/"))
+    early = b"\x82\x85\x00\x00\x00\x00early"  # binary, masked with zeros: what a client sends
+    await client_stream.send_all(request + early)
+    handshake = await read_handshake(server_stream)
+    websocket = await handshake.accept(
+        None, max_message_size=1000, ping_interval=20, ping_timeout=20
+    )
+    assert await websocket.receive() == [b"early"]
 
 
 async def test_one_read_returns_every_message_it_completed_in_order() -> None:
