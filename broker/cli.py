@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -91,6 +93,17 @@ async def _stop_listening_for_signals(nursery: trio.Nursery, broker: Broker) -> 
     nursery.cancel_scope.cancel()
 
 
+def raise_open_file_limit() -> None:
+    """Raise this process's open-file limit to the most the system allows, as Go programs
+    do: every connection needs a file descriptor, and the usual soft limit of 1024 would
+    refuse clients long before ``max_connections`` (the broker logs what the limit allows)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``broker`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -105,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"broker: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log.level, config.log.format)
+    raise_open_file_limit()
     status = 0
     try:
         trio.run(run_until_signalled, broker)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import secrets
 import ssl
 from collections import Counter
@@ -46,6 +47,9 @@ from broker.websocket import (
 )
 
 log = logging.getLogger("broker.server")
+
+#: File descriptors the broker needs besides its clients' (listeners, Redis, logs, metrics).
+SPARE_FILES = 64
 
 #: What a peer that goes away (or whose TLS breaks) raises, at any stage: its doing, not ours.
 PEER_GONE = (
@@ -160,6 +164,8 @@ class Broker:
             queue_bytes=limits.queue_bytes,
             max_payload=limits.max_payload,
             max_bad_frames=limits.max_bad_frames,
+            max_subscription_bytes=limits.max_subscription_bytes,
+            max_subscription_segments=limits.max_subscription_segments,
             max_message_size=server.max_message_size,
             ping_interval=server.ping_interval,
             ping_timeout=server.ping_timeout,
@@ -280,10 +286,27 @@ class Broker:
             config.limits.slow_timeout,
         )
         log.info("auth mode: %s", config.auth.mode)
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        clients = max(0, files - SPARE_FILES)
+        if files != resource.RLIM_INFINITY and clients < config.limits.max_connections:
+            log.info(
+                "the open-file limit (%d) allows about %d clients at once, fewer than "
+                "limits.max_connections (%d): raise it with ulimit -n or LimitNOFILE=",
+                files,
+                clients,
+                config.limits.max_connections,
+            )
         if self.metrics_url is not None:
             log.info(
                 "metrics and health on %s (/metrics /healthz /readyz /connz)", self.metrics_url
             )
+            if not is_loopback(config.metrics.host):
+                log.warning(
+                    "the metrics listener on %s, a non-loopback address, has no authentication: "
+                    "/connz shows token subjects, client addresses and subscriptions to anyone "
+                    "who can reach it. Keep it on a private network or firewall it.",
+                    config.metrics.host,
+                )
         if config.auth.mode == "none" and not is_loopback(config.server.host):
             log.warning(
                 "AUTH IS OFF on %s, a non-loopback address: anyone who can reach it may publish "

@@ -15,7 +15,7 @@ import jwt
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.auth import AuthError, JwtAuth, NoAuth, StaticTokens, token_from_request
 from broker.config import AuthConfig, ConfigError, JwtConfig, TokenGrant, config_from_dict
@@ -288,6 +288,37 @@ def test_an_unreadable_public_key_file_is_a_config_error(tmp_path: Path) -> None
         auth = jwt_auth(algorithm="RS256", public_key_file=str(path))
         with pytest.raises(ConfigError, match=re.escape("auth.jwt.public_key_file")):
             Broker(make_config().replace(auth=auth))
+
+
+def test_an_ec_key_for_rs256_is_a_config_error(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    path = tmp_path / "ec.pem"
+    path.write_bytes(
+        key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    auth = jwt_auth(algorithm="RS256", secret="", public_key_file=str(path))
+    with pytest.raises(ConfigError, match="RSA public key"):
+        Broker(make_config().replace(auth=auth))
+
+
+def test_whatever_pyjwt_raises_on_a_token_is_a_401() -> None:
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    authenticator = JwtAuth(JwtConfig(algorithm="RS256"), ec_key.public_key())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = jwt.encode({"sub": "x", "exp": time.time() + 60}, rsa_key, "RS256")
+    with pytest.raises(AuthError) as refused:  # PyJWT raised TypeError here
+        authenticator.authenticate(token)
+    assert refused.value.status == 401
+
+
+@pytest.mark.parametrize("exp", [10**400, 2**1024, -(10**400)])
+def test_an_expiry_beyond_any_clock_is_a_401(exp: int) -> None:
+    authenticator = JwtAuth(JwtConfig(secret=SECRET), SECRET.encode())
+    with pytest.raises(AuthError) as refused:
+        authenticator.authenticate(make_jwt(exp=exp, aud=None, iss=None))
+    assert refused.value.status == 401
 
 
 @pytest.mark.parametrize(

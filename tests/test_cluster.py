@@ -449,6 +449,10 @@ async def test_a_history_topic_refuses_publishes_while_redis_is_down(redis: Redi
         ("a?[b].>", "ax[b].c", False),
         ("a?[b].>", "a?b.c", False),
         ("back\\slash.*", "back\\slash.z", True),
+        ("a.*.b.*.c.*", "a.x.b.y.c.z", True),  # the glob stops at its second wildcard
+        ("a.*.b.*.c.*", "a.x.b.y.d.z", True),  # so it brings more: the hub filters again
+        ("a.*.b.*.c.*", "a.x.c.y.c.z", False),
+        (".".join(["*"] * 100), ".".join(["x"] * 100), True),
     ],
 )
 async def test_redis_globs_cover_what_a_pattern_matches_in_real_redis(
@@ -464,6 +468,58 @@ async def test_redis_globs_cover_what_a_pattern_matches_in_real_redis(
         assert receivers == int(matches)
     finally:
         await subscriber.aclose()
+
+
+async def test_a_node_follows_at_most_max_patterns_wildcard_globs(redis: RedisServer) -> None:
+    async with nodes(redis, 1, history=False) as (node,):
+        backplane(node).max_patterns = 3
+        async with connect(node.url) as client, connect(node.url) as other:
+            for n in range(3):
+                await client.subscribe(f"p{n}.*", id=n)
+            await client.send({"op": "sub", "id": 9, "topic": "p9.*"})
+            refused = await client.reply(9)
+            assert refused["code"] == "too_many_subs" and "max_patterns" in refused["msg"]
+            await other.subscribe("p0.*")  # a glob already followed costs Redis nothing more
+            await other.send({"op": "sub", "id": 2, "topic": "p0.*.x.*"})  # a fourth glob
+            assert (await other.reply(2))["code"] == "too_many_subs"
+            await other.subscribe("concrete.topic", id=3)  # channels are not capped
+            await client.send({"op": "unsub", "id": 10, "topic": "p1.*"})
+            await client.reply(10)
+            await client.subscribe("p9.*", id=11)  # room again
+            await wait_redis(redis, "NUMPAT", 3)
+
+
+async def test_subscribing_stores_nothing_in_redis_and_publishing_stores_keys_that_expire(
+    redis: RedisServer,
+) -> None:
+    async with nodes(redis, 2) as (a, b), connect(a.url) as client, connect(b.url) as other:
+        first = await sub_since_nothing(client, "chat.waiting")
+        for n in range(200):  # subscribe-only churn on new history topics
+            await client.send(
+                {"op": "sub", "id": 2, "topic": f"chat.churn.{n}"},
+                {"op": "unsub", "id": 3, "topic": f"chat.churn.{n}"},
+            )
+            assert (await client.reply(2))["op"] == "ok"
+            await client.reply(3)
+        keys = await redis.command("KEYS", "broker:*")
+        assert keys == [b"broker:fresh"]  # one key for the whole cluster
+        await other.publish("chat.waiting", "first", id=7)
+        await client.expect("msg", topic="chat.waiting", data="first", offset=1)
+        for key in (b"broker:e:chat.waiting", b"broker:o:chat.waiting", b"broker:h:chat.waiting"):
+            ttl = await redis.command("PTTL", key)
+            assert isinstance(ttl, int) and 0 < ttl <= 30 * 24 * 3600 * 1000
+        async with connect(b.url) as late:  # subscribed before the first message: recovers it
+            since = {"epoch": first["epoch"], "offset": 0}
+            reply = await sub_since(late, "chat.waiting", since["epoch"], 0, id=4)
+            assert reply["recovered"] is True and reply["epoch"] == first["epoch"]
+            await late.expect("msg", data="first", offset=1)
+
+
+async def sub_since_nothing(client: WireClient, topic: str) -> Frame:
+    await client.send({"op": "sub", "id": 1, "topic": topic})
+    reply = await client.reply(1)
+    assert reply["op"] == "ok" and reply["offset"] == 0
+    return reply
 
 
 def test_cluster_config_is_checked_naming_the_key() -> None:

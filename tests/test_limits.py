@@ -1,21 +1,32 @@
 """Limits that protect the broker from hostile or buggy clients, end to end.
 
-Already covered elsewhere: the handshake timeout against slowloris clients
-(test_bad_input.py::test_tcp_client_that_never_handshakes_is_dropped) and
-max_subscriptions, which is also the per-connection topic limit (test_bad_input.py,
-``too_many_subs``).
+Already covered elsewhere: the handshake timeout and slowloris clients (test_faults.py),
+max_subscriptions (test_bad_input.py, ``too_many_subs``), and the bytes and segments of a
+connection's subscriptions (test_hardening.py).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
+import jwt
 import pytest
 import trio
 
-from broker.config import AuthConfig, ConfigError, TokenGrant, config_from_dict
+from broker.config import (
+    AuthConfig,
+    Config,
+    ConfigError,
+    IdentityLimits,
+    JwtConfig,
+    TokenGrant,
+    config_from_dict,
+)
+from broker.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.wire import connect, rejection
 
@@ -136,3 +147,133 @@ def test_limits_are_loaded_from_toml_tables() -> None:
     assert config.limits.max_connections == 5
     assert config.limits.publish_rate == 2.0
     assert config.server.allowed_origins == ("https://a",)
+
+
+# --- defaults that let ordinary users in (issue 16) -------------------------------------
+
+
+async def test_by_default_an_office_behind_one_nat_all_gets_in(broker: Broker) -> None:
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(connect(broker.url)) for _ in range(150)]
+        await clients[-1].subscribe("office")
+        await clients[0].publish("office", "hello")
+        await clients[-1].expect("msg", topic="office", data="hello")
+
+
+async def test_by_default_a_service_may_publish_a_burst_of_3000_messages_of_8_kib(
+    broker: Broker,
+) -> None:
+    async with connect(broker.url) as service, connect(broker.url) as reader:
+        await reader.subscribe("ticks")
+        payload = b"x" * 8192
+        for start in range(0, 3000, 100):
+            frames = [{"op": "pub", "topic": "ticks", "data": payload} for _ in range(99)]
+            await service.send(*frames, {"op": "pub", "id": start, "topic": "ticks", "data": b""})
+            assert (await service.reply(start))["op"] == "ok"
+            for _ in range(100):
+                await reader.expect("msg", topic="ticks")
+
+
+# --- limits per token ---------------------------------------------------------------------
+
+BROWSER = TokenGrant(
+    "browser-token",
+    "browser",
+    publish=(">",),
+    subscribe=(">",),
+    limits=IdentityLimits(publish_rate=0.001, publish_burst=2, max_connections=2),
+)
+SERVICE = TokenGrant("service-token", "service", publish=(">",), subscribe=(">",))
+
+
+async def start_with_tokens(nursery: trio.Nursery, **limits: Any) -> Broker:
+    config = make_config(**limits).replace(auth=AuthConfig("tokens", (BROWSER, SERVICE)))
+    return await start_broker(nursery, config)
+
+
+async def test_a_token_carries_its_own_publish_rate(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_with_tokens(nursery)
+    async with (
+        connect(broker.url + "?token=browser-token") as browser,
+        connect(broker.url + "?token=service-token") as service,
+    ):
+        with caplog.at_level(logging.INFO, logger="broker.connection"):
+            await browser.send(
+                *({"op": "pub", "id": n, "topic": "t", "data": n} for n in range(50))
+            )
+            codes = [(await browser.reply(n)).get("code", "ok") for n in range(50)]
+        assert codes == ["ok", "ok"] + ["rate_limited"] * 48
+        await service.send(*({"op": "pub", "id": n, "topic": "t", "data": n} for n in range(50)))
+        assert {(await service.reply(n))["op"] for n in range(50)} == {"ok"}
+    lines = [r.getMessage() for r in caplog.records if "publish rate" in r.getMessage()]
+    assert len(lines) == 1  # once per burst, not per frame
+    assert "subject=browser" in lines[0] and "0.001 messages per second" in lines[0]
+
+
+async def test_a_token_caps_the_connections_its_subject_holds(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_with_tokens(nursery)
+    url = broker.url + "?token=browser-token"
+    async with connect(url), connect(url):
+        with caplog.at_level(logging.INFO, logger="broker.server"):
+            for _ in range(5):
+                refused = await rejection(url)
+                assert refused.status_code == 503
+                assert b"'browser'" in (refused.body or b"")
+        async with connect(broker.url + "?token=service-token"):  # others are unaffected
+            pass
+    rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(rejected) == 1 and "its token allows 2" in rejected[0]
+    assert broker.stats.connections_rejected["identity_max_connections"] == 5
+    await wait_until(lambda: not broker.admitted_per_subject)
+    async with connect(url), connect(url):  # the slots came back
+        pass
+
+
+async def test_a_jwt_limits_claim_sets_that_clients_limits(nursery: trio.Nursery) -> None:
+    auth = AuthConfig(mode="jwt", jwt=JwtConfig(secret="s" * 32))
+    broker = await start_broker(nursery, make_config().replace(auth=auth))
+
+    def token(**claims: Any) -> str:
+        payload = {"sub": "tab", "exp": time.time() + 60, "publish": [">"], **claims}
+        return jwt.encode(payload, "s" * 32, "HS256")
+
+    limited = broker.url + "?token=" + token(limits={"publish_rate": 0.001, "publish_burst": 1})
+    async with connect(limited) as client:
+        await client.publish("t", 1, id=1)
+        await client.send({"op": "pub", "id": 2, "topic": "t", "data": 2})
+        await client.expect("err", id=2, code="rate_limited")
+    one = broker.url + "?token=" + token(limits={"max_connections": 1})
+    async with connect(one):
+        assert (await rejection(one)).status_code == 503
+    for bad in ({"publish_rate": -1}, {"rate": 5}, [1]):
+        refused = await rejection(broker.url + "?token=" + token(limits=bad))
+        assert refused.status_code == 401
+
+
+def test_token_limits_are_read_from_the_config_and_checked() -> None:
+    def config(**token: Any) -> Config:
+        table = {"token": "t", "subject": "s", **token}
+        return config_from_dict({"auth": {"mode": "tokens", "tokens": [table]}})
+
+    [grant] = config(publish_rate=5, max_connections=3).auth.tokens
+    assert grant.limits == IdentityLimits(publish_rate=5.0, max_connections=3)
+    with pytest.raises(ConfigError, match=re.escape("auth.tokens[0].publish_rate")):
+        config(publish_rate=-1)
+    with pytest.raises(ConfigError, match="publish_rate"):  # the message lists what is known
+        config(rate=1)
+
+
+async def test_refused_handshakes_are_logged_once_per_burst_and_all_counted(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_broker(nursery, make_config(max_connections_per_ip=1))
+    async with connect(broker.url):
+        with caplog.at_level(logging.INFO, logger="broker.server"):
+            for _ in range(20):
+                assert (await rejection(broker.url)).status_code == 503
+    assert sum("rejected" in r.getMessage() for r in caplog.records) == 1
+    assert broker.stats.connections_rejected["max_connections_per_ip"] == 20

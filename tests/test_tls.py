@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from broker.config import ConfigError, TlsConfig, config_from_dict
 from broker.server import Broker
@@ -98,3 +99,20 @@ def test_unreadable_tls_files_are_a_config_error(tmp_path: Path, tls: TlsConfig)
     for config in (missing, mismatched):
         with pytest.raises(ConfigError, match=re.escape("tls:")):
             Broker(make_config().replace(tls=config))
+
+
+def test_an_encrypted_key_is_a_config_error_not_a_pass_phrase_prompt(
+    tmp_path: Path, tls: TlsConfig
+) -> None:
+    key = serialization.load_pem_private_key(Path(tls.key).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    config = make_config().replace(tls=TlsConfig(cert=tls.cert, key=str(encrypted)))
+    with pytest.raises(ConfigError, match="is encrypted"):
+        Broker(config)  # with a terminal, OpenSSL used to prompt here and ignore SIGTERM
