@@ -24,6 +24,7 @@ from broker.config import (
 from broker.history import HistoryLimits
 from broker.hub import TopicRule
 from broker.outbound import Policy
+from broker.server import Broker
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "broker.toml"
 
@@ -63,6 +64,23 @@ def test_no_file_gives_the_documented_defaults() -> None:
 def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, "")
     assert load_config(path) == Config(path=path)
+
+
+def test_the_internet_facing_example_is_valid_and_asks_for_its_files() -> None:
+    config = load_config(EXAMPLE.parent / "internet.toml")
+    limits = config.limits
+    assert limits.max_connections_per_ip == 200 and limits.publish_rate == 20
+    assert config.auth.mode == "jwt" and config.auth.jwt.limits_claim == "limits"
+    assert config.server.allowed_origins and config.metrics.host == "127.0.0.1"
+    with pytest.raises(ConfigError, match="public_key_file"):  # CHANGE ME paths
+        Broker(config)
+
+
+def test_defaults_cap_no_address_and_no_publish_rate() -> None:
+    limits = LimitsConfig()
+    assert limits.max_connections_per_ip == 0
+    assert (limits.publish_rate, limits.publish_bytes_rate) == (0, 0)
+    assert limits.max_connections == 65536
 
 
 def test_example_config_loads_and_sets_every_key_to_its_default() -> None:
