@@ -20,7 +20,7 @@ import resource
 import secrets
 import ssl
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import trio
 
@@ -357,24 +357,22 @@ class Broker:
             del handshaking[oldest]
             oldest.cancel()
             failures["dropped"] += 1
-            if (skipped := self._refusals.first("max_handshakes", trio.current_time())) is not None:
-                log.warning(
-                    "%d handshakes in progress (server.max_handshakes): dropping the oldest "
-                    "(%d more dropped unlogged before)",
-                    len(handshaking) + 1,
-                    skipped,
-                )
+            self._log_once_per_burst(
+                "max_handshakes",
+                logging.WARNING,
+                "%d handshakes in progress (server.max_handshakes): dropping the oldest",
+                len(handshaking) + 1,
+            )
         try:
             with scope:
                 try:
                     request = await read_handshake(stream)
                 except BadHandshake as bad:
                     failures["bad_request"] += 1
-                    if (
-                        skipped := self._refusals.first(("bad", ip), trio.current_time())
-                    ) is not None:
-                        log.info("rejected peer=%s: %d %s (%d more unlogged)", peer, bad.status,
-                                 bad, skipped)  # fmt: skip
+                    self._log_once_per_burst(
+                        ("bad_request", ip), logging.INFO, "rejected peer=%s: %d %s", peer,
+                        bad.status, bad,
+                    )  # fmt: skip
                     await stream.send_all(
                         error_response(bad.status, f"{bad}\n".encode(), bad.headers)
                     )
@@ -408,10 +406,10 @@ class Broker:
             return encoding, self.admit(request, ip)
         except Refused as refused:
             self.stats.connections_rejected[refused.label] += 1
-            skipped = self._refusals.first((refused.label, refused.who or ip), trio.current_time())
-            if skipped is not None:
-                more = f" ({skipped} more like it unlogged)" if skipped else ""
-                log.info("rejected peer=%s: %d %s%s", peer, refused.status, refused, more)
+            self._log_once_per_burst(
+                (refused.label, refused.who or ip), logging.INFO, "rejected peer=%s: %d %s", peer,
+                refused.status, refused,
+            )  # fmt: skip
             challenge = [(b"WWW-Authenticate", b'Bearer realm="broker"')]
             headers = challenge if refused.status == 401 else []
             await request.reject(refused.status, f"{refused}\n".encode(), headers)
@@ -420,6 +418,14 @@ class Broker:
             log.exception("peer=%s: internal error while admitting; answered 500", peer)
             await request.reject(500, b"internal error\n")
         return None
+
+    def _log_once_per_burst(self, key: Hashable, level: int, message: str, *args: object) -> None:
+        """Log the first of a burst of like events (``key``: which limit, and whom), saying
+        how many of the previous burst went unlogged (they are all counted in metrics)."""
+        skipped = self._refusals.first(key, trio.current_time())
+        if skipped is not None:
+            more = f" ({skipped} more like it before were not logged)" if skipped else ""
+            log.log(level, message + more, *args)
 
     def admit(self, request: Handshake, ip: str) -> Identity:
         """Who the handshake's client is, if it may connect now; raises :class:`Refused`.

@@ -8,6 +8,7 @@ connection's life (resets, timeouts, TLS on the wrong port) are in test_faults.p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -228,3 +229,28 @@ async def test_a_metrics_listener_beyond_loopback_is_warned_about(
     with caplog.at_level(logging.WARNING, logger="broker.server"):
         broker._log_startup()
     assert "/connz" in caplog.text and "no authentication" in caplog.text
+
+
+# --- slowloris ----------------------------------------------------------------------------
+
+
+async def test_trickling_handshakes_neither_lock_out_a_new_client_nor_grow_without_bound(
+    broker: Broker,
+) -> None:
+    assert broker.port is not None
+    cap = broker.config.server.max_handshakes
+    tricklers = []
+    for _ in range(cap + 500):  # each sends part of a request, then a byte now and then
+        stream = await open_tcp(broker.port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nX-Slow: ")
+        tricklers.append(stream)
+    for stream in tricklers[-100:]:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(b"x")
+    with trio.fail_after(2):
+        async with connect(broker.url) as client:
+            await client.subscribe("still.open")
+    assert len(broker._handshaking) <= cap  # memory: bounded by the cap, not by the attack
+    assert broker.stats.handshakes_failed["dropped"] >= 500
+    for stream in tricklers:
+        await stream.aclose()
