@@ -483,7 +483,6 @@ class Broker:
                     ping_interval=limits.ping_interval,
                     ping_timeout=limits.ping_timeout,
                 )
-            del request  # the request's headers are not kept for the connection's life
             connection = Connection(
                 websocket, encoding, self.hub, limits, peer, identity, self.stats
             )

@@ -102,6 +102,8 @@ class Handshake:
     ) -> WebSocket:
         """Complete the upgrade choosing ``subprotocol``; return the open WebSocket, which
         reads first what the client sent right behind its request."""
+        # The open connection needs none of the request: drop it (~0.9 KiB per connection).
+        upgrade, self.upgrade = self.upgrade, _ACCEPTED
         websocket = WebSocket(
             self.stream,
             Connection(ConnectionType.SERVER),
@@ -109,10 +111,13 @@ class Handshake:
             max_message_size,
             ping_interval,
             ping_timeout,
-            self.upgrade.trailing,
+            upgrade.trailing,
         )
-        await websocket.send_raw(accept_response(self.upgrade, subprotocol))
+        await websocket.send_raw(accept_response(upgrade, subprotocol))
         return websocket
+
+
+_ACCEPTED = Upgrade("", (), (), b"")  # what a Handshake holds once accepted
 
 
 async def read_handshake(stream: trio.abc.Stream) -> Handshake:
