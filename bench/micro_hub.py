@@ -14,9 +14,9 @@ import time
 
 import trio
 
-from broker.frames import Encoding
-from broker.hub import Hub, PolicyTable, Subscription
-from broker.outbound import OutboundQueue
+from broker.core.hub import Hub, PolicyTable, Subscription
+from broker.core.outbound import OutboundQueue
+from broker.protocol.frames import Encoding
 
 
 class FakeSubscriber:

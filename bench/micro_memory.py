@@ -16,7 +16,7 @@ import tracemalloc
 import trio
 
 from broker.config import Config, LimitsConfig
-from broker.server import Broker
+from broker.io.server import Broker
 
 LOADGEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen", "bench.mjs")
 

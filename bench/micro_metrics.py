@@ -1,7 +1,7 @@
 """Micro-benchmark: what the metrics counting costs on the hot path (publish -> written).
 
-Publishes N messages through a real :class:`~broker.hub.Hub` to K real
-:class:`~broker.connection.Connection` objects whose WebSocket is a stub that accepts every
+Publishes N messages through a real :class:`~broker.core.hub.Hub` to K real
+:class:`~broker.io.connection.Connection` objects whose WebSocket is a stub that accepts every
 write at once, so what is timed is the broker's own work: fan-out, queueing, the writer's
 batches, and the counting this branch added (a publish timestamp per message, per-batch
 counters and histograms). Run it from a checkout with and without the metrics to compare:
@@ -28,10 +28,10 @@ import trio
 import trio.testing
 
 import broker
-from broker.connection import Connection, ConnectionLimits
-from broker.frames import Encoding
-from broker.hub import Hub, PolicyTable, Subscription
-from broker.outbound import OutboundQueue, Policy
+from broker.core.hub import Hub, PolicyTable, Subscription
+from broker.core.outbound import OutboundQueue, Policy
+from broker.io.connection import Connection, ConnectionLimits
+from broker.protocol.frames import Encoding
 
 
 class StubWebSocket:

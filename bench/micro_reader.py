@@ -4,7 +4,7 @@
     .venv/bin/python bench/micro_reader.py              # both shapes below, best of 3 each
     .venv/bin/python bench/micro_reader.py latency --reads 100 --repeat 1   # one shape, once
 
-A real :class:`~broker.connection.Connection` executes prepared reads (lists of msgpack
+A real :class:`~broker.io.connection.Connection` executes prepared reads (lists of msgpack
 WebSocket messages) from a stand-in WebSocket; its subscribers are real connections whose
 stand-in WebSockets count writes instead of making the syscall. Prints CPU microseconds per
 delivery (``time.process_time``) and writes per delivery, for
@@ -32,9 +32,9 @@ import msgpack
 import trio
 import trio.testing
 
-from broker.connection import Connection, ConnectionLimits
-from broker.frames import Encoding, Sub
-from broker.hub import Hub, PolicyTable
+from broker.core.hub import Hub, PolicyTable
+from broker.io.connection import Connection, ConnectionLimits
+from broker.protocol.frames import Encoding, Sub
 
 UNLIMITED = ConnectionLimits(
     publish_rate=1e12,

@@ -9,7 +9,7 @@ Embed it with::
 """
 
 from broker.config import Config, ConfigError, load_config
-from broker.server import Broker
+from broker.io.server import Broker
 
 __all__ = ["Broker", "Config", "ConfigError", "load_config"]
 __version__ = "0.1.0"

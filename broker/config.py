@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.history import HistoryLimits
-from broker.hub import TopicRule
-from broker.outbound import Policy
-from broker.resp import RedisAddress
-from broker.topics import InvalidTopic, validate_pattern
+from broker.cluster.resp import RedisAddress
+from broker.core.history import HistoryLimits
+from broker.core.hub import TopicRule
+from broker.core.outbound import Policy
+from broker.protocol.topics import InvalidTopic, validate_pattern
 
 
 class ConfigError(Exception):

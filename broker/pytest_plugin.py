@@ -4,7 +4,7 @@ Fixtures, for pytest-trio tests:
 
 - ``broker_config``: the :class:`~broker.config.Config` the broker starts with. Override it in
   your ``conftest.py`` to set limits or policies; the host is 127.0.0.1 and the port a free one.
-- ``broker``: a running, in-process :class:`~broker.server.Broker`, shut down after the test.
+- ``broker``: a running, in-process :class:`~broker.io.server.Broker`, shut down after the test.
 - ``broker_url``: its ``ws://127.0.0.1:PORT/`` URL.
 - ``broker_client``: a :class:`broker_client.Client` connected to that broker, closed after
   the test.
@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from broker.config import Config
-from broker.server import Broker
+from broker.io.server import Broker
 from broker_client import Client, connect
 
 

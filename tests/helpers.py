@@ -9,9 +9,9 @@ from typing import Any
 import trio
 
 from broker.config import Config, LimitsConfig, ServerConfig
-from broker.hub import TopicRule
-from broker.outbound import Policy
-from broker.server import Broker
+from broker.core.hub import TopicRule
+from broker.core.outbound import Policy
+from broker.io.server import Broker
 
 
 def make_config(

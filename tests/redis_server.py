@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from broker.resp import ConnectionLost, RedisAddress, RedisConnection
+from broker.cluster.resp import ConnectionLost, RedisAddress, RedisConnection
 
 REDIS_SERVER = shutil.which("redis-server")
 

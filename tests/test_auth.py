@@ -17,10 +17,10 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from broker.auth import AuthError, JwtAuth, NoAuth, StaticTokens, token_from_request
 from broker.config import AuthConfig, ConfigError, JwtConfig, TokenGrant, config_from_dict
-from broker.handshake import Upgrade
-from broker.server import Broker
+from broker.io.auth import AuthError, JwtAuth, NoAuth, StaticTokens, token_from_request
+from broker.io.server import Broker
+from broker.protocol.handshake import Upgrade
 from tests.helpers import make_config, start_broker
 from tests.wire import bearer, connect, rejection
 

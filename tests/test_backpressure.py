@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from broker.server import Broker
+from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, stuck_subscriber
 from tests.wire import WireClient, connect

@@ -12,7 +12,7 @@ import trio
 from wsproto.events import BytesMessage
 
 from broker.config import Config
-from broker.server import Broker
+from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, open_raw, open_tcp
 from tests.wire import WireClient, connect

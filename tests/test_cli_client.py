@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from broker.server import Broker
+from broker.io.server import Broker
 from broker_client import Client
 from tests.helpers import make_config, start_broker, wait_until
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from broker.server import Broker
+from broker.io.server import Broker
 from broker_client import (
     BadRequest,
     BrokerError,

@@ -8,7 +8,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from broker.server import Broker
+from broker.io.server import Broker
 from broker_client import (
     Backoff,
     Client,

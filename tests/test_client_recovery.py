@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker.server import Broker
+from broker.io.server import Broker
 from broker_client import Backoff, Client, Message, Position, Subscription, connect
 from broker_client.recovery import Recovery
 from tests.helpers import start_broker, wait_until

@@ -13,7 +13,7 @@ import trio
 import trustme
 
 from broker.config import TlsConfig
-from broker.server import Broker
+from broker.io.server import Broker
 from broker_client import (
     Backoff,
     CannotConnect,

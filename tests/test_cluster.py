@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import trio
 
-from broker.backplane import redis_glob
+from broker.cluster.backplane import RedisBackplane
+from broker.cluster.resp import RedisAddress, RedisConnection, encode_command
 from broker.config import AuthConfig, ClusterConfig, Config, TokenGrant
-from broker.history import HistoryLimits
-from broker.hub import TopicRule
-from broker.outbound import Policy
-from broker.redis_backplane import RedisBackplane
-from broker.resp import RedisAddress, RedisConnection, encode_command
-from broker.server import Broker
+from broker.core.backplane import redis_glob
+from broker.core.history import HistoryLimits
+from broker.core.hub import TopicRule
+from broker.core.outbound import Policy
+from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.redis_server import RedisServer, running_redis
 from tests.wire import Frame, WireClient, connect

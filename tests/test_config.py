@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from broker.cli import main
 from broker.config import (
     Config,
     ConfigError,
@@ -21,10 +20,11 @@ from broker.config import (
     config_from_dict,
     load_config,
 )
-from broker.history import HistoryLimits
-from broker.hub import TopicRule
-from broker.outbound import Policy
-from broker.server import Broker
+from broker.core.history import HistoryLimits
+from broker.core.hub import TopicRule
+from broker.core.outbound import Policy
+from broker.io.server import Broker
+from broker.operations.cli import main
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "broker.toml"
 

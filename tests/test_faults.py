@@ -44,9 +44,9 @@ from wsproto.connection import Connection as WebSocketProtocol
 from wsproto.events import BytesMessage, CloseConnection
 
 from broker.config import Config, TlsConfig
-from broker.connection import Connection
-from broker.server import Broker
-from broker.websocket import WebSocket
+from broker.io.connection import Connection
+from broker.io.server import Broker
+from broker.io.websocket import WebSocket
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, open_raw, open_tcp, stuck_subscriber
 from tests.wire import connect

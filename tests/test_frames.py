@@ -1,4 +1,4 @@
-"""Unit tests for broker.frames: decoding batches, validating frames, encoding replies and msgs."""
+"""broker.protocol.frames: decoding batches, validating frames, encoding replies and msgs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.frames import (
+from broker.core.history import Position
+from broker.protocol.frames import (
     MAX_ID,
     Encoding,
     ErrorCode,
@@ -28,8 +29,7 @@ from broker.frames import (
     join_batch,
     validate_frame,
 )
-from broker.history import Position
-from broker.topics import MAX_TOPIC_BYTES
+from broker.protocol.topics import MAX_TOPIC_BYTES
 
 MSGPACK, JSON = Encoding.MSGPACK, Encoding.JSON
 

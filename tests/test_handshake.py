@@ -1,4 +1,4 @@
-"""broker.handshake without sockets: every upgrade request ends in an Upgrade or a refusal."""
+"""broker.protocol.handshake, no sockets: every upgrade request ends in an Upgrade or a refusal."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
-from broker.handshake import (
+from broker.protocol.handshake import (
     MAX_REQUEST_HEAD,
     BadHandshake,
     Upgrade,

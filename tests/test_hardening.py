@@ -17,10 +17,10 @@ import pytest
 import trio
 
 from broker.config import MetricsConfig
-from broker.frames import MAX_DATA_DEPTH
-from broker.handshake import MAX_REQUEST_HEAD
-from broker.logs import BurstLog, TextFormatter, escape_control
-from broker.server import Broker
+from broker.io.server import Broker
+from broker.operations.logs import BurstLog, TextFormatter, escape_control
+from broker.protocol.frames import MAX_DATA_DEPTH
+from broker.protocol.handshake import MAX_REQUEST_HEAD
 from tests.helpers import make_config, start_broker
 from tests.rawsocket import open_tcp
 from tests.test_recovery import history_config, publish_numbers, running, sub

@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.config import ConfigError, config_from_dict, load_config
-from broker.frames import (
+from broker.core.history import (
+    MESSAGE_OVERHEAD,
+    TOPIC_OVERHEAD,
+    HistoryLimits,
+    MemoryHistory,
+    Position,
+)
+from broker.protocol.frames import (
     Encoding,
     ErrorCode,
     FrameError,
@@ -21,13 +28,6 @@ from broker.frames import (
     encode_message_tail,
     pack_data,
     validate_frame,
-)
-from broker.history import (
-    MESSAGE_OVERHEAD,
-    TOPIC_OVERHEAD,
-    HistoryLimits,
-    MemoryHistory,
-    Position,
 )
 
 

@@ -11,10 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-from broker.frames import Encoding, encode_message_body
-from broker.hub import Hub, PolicyTable, Subscription, TopicRule
-from broker.outbound import Offer, OutboundQueue, Policy
-from broker.topics import pattern_matches
+from broker.core.hub import Hub, PolicyTable, Subscription, TopicRule
+from broker.core.outbound import Offer, OutboundQueue, Policy
+from broker.protocol.frames import Encoding, encode_message_body
+from broker.protocol.topics import pattern_matches
 
 SLOW_TIMEOUT = 5.0
 
@@ -90,7 +90,7 @@ def test_policy_is_cached_per_topic(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append((pattern, topic))
         return real(pattern, topic)
 
-    monkeypatch.setattr("broker.hub.pattern_matches", counting)
+    monkeypatch.setattr("broker.core.hub.pattern_matches", counting)
     table = PolicyTable([TopicRule("a.*", Policy.CONFLATE), TopicRule("b.>", Policy.DROP_NEWEST)])
     assert table.for_topic("b.x") is Policy.DROP_NEWEST
     assert len(calls) == 2
@@ -228,7 +228,7 @@ async def test_message_is_encoded_once_per_encoding_and_the_body_shared(
         encoded.append(encoding)
         return real(topic, data, encoding, *args)
 
-    monkeypatch.setattr("broker.hub.encode_message_body", counting)
+    monkeypatch.setattr("broker.core.hub.encode_message_body", counting)
     hub = make_hub()
     binary = [FakeSubscriber(Encoding.MSGPACK) for _ in range(3)]
     text = [FakeSubscriber(Encoding.JSON) for _ in range(2)]

@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from broker.config import AuthConfig, Config, TokenGrant
-from broker.history import HistoryLimits
-from broker.hub import TopicRule
-from broker.outbound import Policy
+from broker.core.history import HistoryLimits
+from broker.core.hub import TopicRule
+from broker.core.outbound import Policy
 from tests.helpers import make_config, start_broker
 
 JS_CLIENT = Path(__file__).resolve().parent.parent / "clients" / "js"

@@ -185,7 +185,7 @@ async def test_help_explains_serve() -> None:
 
 
 def test_flags_override_the_config_file(tmp_path: Path) -> None:
-    from broker.cli import build_parser, config_from_args
+    from broker.operations.cli import build_parser, config_from_args
 
     path = tmp_path / "broker.toml"
     path.write_text('[server]\nhost = "0.0.0.0"\nport = 9000\n[log]\nlevel = "debug"\n')

@@ -26,7 +26,7 @@ from broker.config import (
     TokenGrant,
     config_from_dict,
 )
-from broker.server import Broker
+from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.wire import connect, rejection
 

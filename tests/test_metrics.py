@@ -15,8 +15,6 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.cli import main
-from broker.cli_stats import COLUMNS
 from broker.config import (
     AuthConfig,
     ClusterConfig,
@@ -26,8 +24,7 @@ from broker.config import (
     TokenGrant,
     config_from_dict,
 )
-from broker.server import Broker
-from broker.stats import (
+from broker.core.stats import (
     BrokerStats,
     ConnectionSnapshot,
     Histogram,
@@ -36,6 +33,9 @@ from broker.stats import (
     format_subscriptions,
     top_connections,
 )
+from broker.io.server import Broker
+from broker.operations.cli import main
+from broker.operations.cli_stats import COLUMNS
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, open_raw, stuck_subscriber
 from tests.wire import bearer, connect

@@ -1,4 +1,4 @@
-"""Unit tests for broker.outbound: the bounded queue, its five on_full policies, and its waits."""
+"""broker.core.outbound: the bounded queue, its five on_full policies, and its waits."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from broker.outbound import HeldWakes, Offer, OutboundQueue, Policy
+from broker.core.outbound import HeldWakes, Offer, OutboundQueue, Policy
 
 BLOCK, DROP_OLDEST, DROP_NEWEST = Policy.BLOCK, Policy.DROP_OLDEST, Policy.DROP_NEWEST
 CONFLATE, DISCONNECT = Policy.CONFLATE, Policy.DISCONNECT

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.permissions import Permissions, covers
-from broker.topics import pattern_matches, validate_pattern
+from broker.core.permissions import Permissions, covers
+from broker.protocol.topics import pattern_matches, validate_pattern
 
 # Patterns use the literals a and b; topics also use c, a literal no pattern names, so that a
 # ``*`` or ``>`` is never mistaken for a literal. Topics are one segment longer than the longest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from broker.server import Broker
+from broker.io.server import Broker
 from tests.rawsocket import open_raw
 from tests.wire import connect
 

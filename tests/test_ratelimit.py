@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.ratelimit import PublishLimiter, publish_limiter
+from broker.core.ratelimit import PublishLimiter, publish_limiter
 
 
 def test_the_buckets_start_full_and_refill_at_their_rate() -> None:

@@ -13,11 +13,11 @@ import trio
 import trio.testing
 
 from broker.config import Config, HistoryConfig
-from broker.frames import Encoding
-from broker.history import HistoryLimits
-from broker.hub import Hub, PolicyTable, Subscription, TopicRule
-from broker.outbound import OutboundQueue, Policy
-from broker.server import Broker
+from broker.core.history import HistoryLimits
+from broker.core.hub import Hub, PolicyTable, Subscription, TopicRule
+from broker.core.outbound import OutboundQueue, Policy
+from broker.io.server import Broker
+from broker.protocol.frames import Encoding
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, open_raw
 from tests.wire import Frame, WireClient, connect

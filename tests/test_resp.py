@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.backplane import glob_escape
-from broker.resp import (
+from broker.cluster.resp import (
     NEED_DATA,
     ProtocolError,
     RedisAddress,
@@ -15,6 +14,7 @@ from broker.resp import (
     ReplyParser,
     encode_command,
 )
+from broker.core.backplane import glob_escape
 
 
 def parse_all(data: bytes) -> list[object]:

@@ -12,7 +12,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from broker.config import ConfigError, TlsConfig, config_from_dict
-from broker.server import Broker
+from broker.io.server import Broker
 from tests.helpers import make_config, start_broker
 from tests.rawsocket import open_tcp
 from tests.wire import connect

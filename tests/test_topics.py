@@ -1,4 +1,4 @@
-"""Unit tests for broker.topics: validation, the reference matcher, and the PatternTrie."""
+"""Unit tests for broker.protocol.topics: validation, the reference matcher, and the PatternTrie."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import broker.topics as topic_module
-from broker.topics import (
+import broker.protocol.topics as topic_module
+from broker.protocol.topics import (
     MAX_TOPIC_BYTES,
     InvalidTopic,
     PatternTrie,

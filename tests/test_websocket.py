@@ -1,4 +1,4 @@
-"""broker.websocket on an in-memory stream pair, against a hand-driven wsproto client."""
+"""broker.io.websocket on an in-memory stream pair, against a hand-driven wsproto client."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from broker.handshake import BadHandshake
-from broker.websocket import (
+from broker.io.websocket import (
     ConnectionClosed,
     MessageTooBig,
     PingTimeout,
@@ -28,6 +27,7 @@ from broker.websocket import (
     frame_header,
     read_handshake,
 )
+from broker.protocol.handshake import BadHandshake
 
 
 class Peer:

@@ -1,6 +1,7 @@
 """``broker stats``: name the slow subscribers of a running broker, from its ``/connz``.
 
-It reads the internal HTTP listener (``[metrics] port``; see :mod:`broker.monitor`) and prints
+It reads the internal HTTP listener (``[metrics] port``; see
+:mod:`broker.operations.monitor`) and prints
 the connections with the deepest queues (or the most drops, or the oldest queued message:
 ``--sort``), one line each with peer address, token subject and subscriptions. A broker that
 cannot be reached is one ``broker: ...`` line on stderr and exit status 1.
@@ -15,7 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from broker.stats import SortKey, format_subscriptions
+from broker.core.stats import SortKey, format_subscriptions
 
 DEFAULT_URL = "http://127.0.0.1:8766"
 COLUMNS = ("PEER", "SUBJECT", "QUEUED", "BYTES", "DROPPED", "OLDEST", "SUBSCRIPTIONS")

@@ -35,9 +35,9 @@ from broker.config import (
     TokenGrant,
     identity_limits,
 )
-from broker.handshake import Upgrade
-from broker.permissions import Permissions
-from broker.topics import InvalidTopic, validate_pattern
+from broker.core.permissions import Permissions
+from broker.protocol.handshake import Upgrade
+from broker.protocol.topics import InvalidTopic, validate_pattern
 
 
 class AuthError(Exception):

@@ -3,7 +3,7 @@
 :class:`BrokerStats` is a bag of plain integers shared by the server, the hub's queues and
 every connection; they add to it once per frame received, once per batch written, and once per
 drop, never once per message per subscriber, and nothing here takes a lock or does I/O.
-:mod:`broker.metrics` reads it at scrape time. :class:`Histogram` is the same idea for
+:mod:`broker.operations.metrics` reads it at scrape time. :class:`Histogram` is the same idea for
 distributions: fixed bucket bounds, one list increment per observation. Times for metrics
 (a message's publish, its write, a queue's oldest) come from :func:`metrics_clock`.
 

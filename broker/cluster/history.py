@@ -8,7 +8,7 @@ topic's messages in offset order. Epochs are made in Redis (see :data:`_EPOCH_AN
 offsets and epochs are the same on every node. Only a publish stores keys for a topic, and
 they expire after ``history_meta_ttl`` without one: subscribing stores nothing in Redis.
 
-The hub's :class:`~broker.history.HistoryStore` calls are synchronous (docs/history.md), so
+The hub's :class:`~broker.core.history.HistoryStore` calls are synchronous (docs/history.md), so
 :class:`RedisHistory` answers them from a **mirror**: per topic, an unbroken run of the
 latest messages, fed by the messages this node receives (every node follows every topic that
 keeps history). A topic is *warm* when its mirror is known whole up to the latest message
@@ -16,7 +16,7 @@ received; otherwise (never seen, evicted from the mirror, or after an outage: se
 :meth:`clear`) :meth:`load` reads epoch, offset and the kept tail from Redis first. Messages
 already received but still in the backplane's buffer may be older than what a load read; they
 are not kept twice, and the hub skips them for a subscription whose ``ok`` already covers them
-(see :class:`~broker.hub.Subscription`).
+(see :class:`~broker.core.hub.Subscription`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.backplane import BackplaneUnavailable
-from broker.history import (
+from broker.cluster.backplane import RedisBackplane
+from broker.cluster.resp import encode_command
+from broker.core.backplane import BackplaneUnavailable
+from broker.core.history import (
     MESSAGE_OVERHEAD,
     TOPIC_OVERHEAD,
     HistoryLimits,
@@ -36,8 +38,6 @@ from broker.history import (
     Stored,
     new_epoch,
 )
-from broker.redis_backplane import RedisBackplane
-from broker.resp import encode_command
 
 log = logging.getLogger("broker.cluster")
 
@@ -103,7 +103,7 @@ class _Mirror:
 
 
 class RedisHistory:
-    """The cluster's :class:`~broker.history.HistoryStore` (see the module doc)."""
+    """The cluster's :class:`~broker.core.history.HistoryStore` (see the module doc)."""
 
     def __init__(
         self,

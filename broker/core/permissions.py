@@ -1,7 +1,8 @@
 """Who may publish to which topics and subscribe to which patterns.
 
 A :class:`Permissions` holds two lists of patterns (the ``*``/``>`` syntax of
-:mod:`broker.topics`). Publishing to a topic is allowed if a ``publish`` pattern matches it.
+:mod:`broker.protocol.topics`). Publishing to a topic is allowed if a ``publish`` pattern
+matches it.
 Subscribing to a pattern is allowed only if one ``subscribe`` pattern *covers* it: every topic
 the requested pattern can match, the granted one matches too. So ``chat.>`` covers ``chat.*``
 and ``chat.a.b``, but ``chat.*`` does not cover ``chat.>`` (which also matches ``chat.a.b``).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.topics import pattern_matches
+from broker.protocol.topics import pattern_matches
 
 
 def covers(granted: str, requested: str) -> bool:

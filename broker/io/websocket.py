@@ -29,7 +29,7 @@ from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from broker.handshake import Upgrade, UpgradeReader, accept_response, error_response
+from broker.protocol.handshake import Upgrade, UpgradeReader, accept_response, error_response
 
 RECEIVE_SIZE = 1048576
 HANDSHAKE_RECEIVE_SIZE = 65536  # a request head is at most MAX_REQUEST_HEAD
@@ -122,7 +122,7 @@ _ACCEPTED = Upgrade("", (), (), b"")  # what a Handshake holds once accepted
 
 async def read_handshake(stream: trio.abc.Stream) -> Handshake:
     """Read a WebSocket upgrade request (bound it with the handshake timeout). Raises
-    :class:`~broker.handshake.BadHandshake` for a request to refuse (answer it), and
+    :class:`~broker.protocol.handshake.BadHandshake` for a request to refuse (answer it), and
     :class:`EOFError` or a trio stream error if the client went away."""
     reader = UpgradeReader()
     while True:

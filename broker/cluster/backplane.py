@@ -7,14 +7,14 @@ Each node keeps two connections to Redis:
   ``pub`` is acknowledged only once Redis has taken the message;
 - a **subscriber** connection, ``SUBSCRIBE``\\ d to one channel per concrete topic and
   ``PSUBSCRIBE``\\ d to one glob per wildcard pattern that local clients hold
-  (:func:`~broker.backplane.redis_glob`; reference-counted: a channel or glob is subscribed
+  (:func:`~broker.core.backplane.redis_glob`; reference-counted: a channel or glob is subscribed
   once per node, and unsubscribed when its last local subscriber leaves). Redis matches every
   glob against every message published, so a node follows at most ``max_patterns`` globs
   (:meth:`RedisBackplane.refuse_to_follow`).
 
 Every message carries its origin node id and a per-node sequence number (and, on topics with
-history, the epoch and offset given by :mod:`broker.redis_history`). The origin node delivers
-its plain messages to its own subscribers at once (in :class:`~broker.hub.Hub`) and skips
+history, the epoch and offset given by :mod:`broker.cluster.history`). The origin node delivers
+its plain messages to its own subscribers at once (in :class:`~broker.core.hub.Hub`) and skips
 them when Redis echoes them; numbered ones it delivers from the echo, as every node does, so
 that every node sees them in offset order. When several of a node's subscriptions match one message,
 Redis sends it once per match, back to back; the node delivers it once (the hub then gives it
@@ -27,7 +27,7 @@ stops reading, TCP pushes back on Redis, and Redis buffers for us up to its
 as an outage (see docs/cluster.md).
 
 Outages: while Redis is unreachable the node keeps serving its local clients, publishes raise
-:class:`~broker.backplane.BackplaneUnavailable` (the ``pub`` is answered ``err unavailable``
+:class:`~broker.core.backplane.BackplaneUnavailable` (the ``pub`` is answered ``err unavailable``
 after local delivery), the outage is logged once, and the node reconnects with exponential
 backoff and resubscribes to everything its clients hold.
 """
@@ -42,10 +42,7 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
-from broker.backplane import BackplaneUnavailable, Deliver, Missed, redis_glob
-from broker.exceptiongroups import first_leaf
-from broker.history import Position
-from broker.resp import (
+from broker.cluster.resp import (
     ConnectionLost,
     ProtocolError,
     RedisAddress,
@@ -54,7 +51,10 @@ from broker.resp import (
     Reply,
     encode_command,
 )
-from broker.topics import is_wildcard
+from broker.core.backplane import BackplaneUnavailable, Deliver, Missed, redis_glob
+from broker.core.history import Position
+from broker.exceptiongroups import first_leaf
+from broker.protocol.topics import is_wildcard
 
 log = logging.getLogger("broker.cluster")
 
@@ -161,7 +161,7 @@ class _Commands:
 
 
 class RedisBackplane:
-    """A :class:`~broker.backplane.Backplane` over Redis pub/sub (see the module doc)."""
+    """A :class:`~broker.core.backplane.Backplane` over Redis pub/sub (see the module doc)."""
 
     active = True
 

@@ -8,7 +8,7 @@ hands each message published on another node to ``deliver`` (the hub's local fan
 a time in arrival order, through a bounded buffer.
 
 :class:`NoBackplane` is the embedded single-node mode: nothing leaves the process and it costs
-nothing. :class:`~broker.redis_backplane.RedisBackplane` shares messages through Redis pub/sub.
+nothing. :class:`~broker.cluster.backplane.RedisBackplane` shares messages through Redis pub/sub.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Protocol
 
 import trio
 
-from broker.history import Position
+from broker.core.history import Position
 
 #: The hub's local fan-out of a message from another node: ``deliver(topic, packed_data,
 #: position)``; ``position`` is set for messages numbered by a shared history.

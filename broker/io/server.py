@@ -1,14 +1,14 @@
 """The broker: a nursery holding the WebSocket listener and one task per client connection.
 
 :meth:`Broker.serve` listens (``wss://`` when ``[tls]`` is set) and reads each WebSocket
-handshake (:mod:`broker.websocket`, within ``handshake_timeout``), admits it
+handshake (:mod:`broker.io.websocket`, within ``handshake_timeout``), admits it
 (connection limits, ``Origin``, the token: see :meth:`Broker.admit`), negotiates the encoding
-(the subprotocol picks it), and runs a :class:`~broker.connection.Connection` per client.
+(the subprotocol picks it), and runs a :class:`~broker.io.connection.Connection` per client.
 :meth:`Broker.shutdown` stops accepting, lets every connection flush what is queued for up
 to ``drain_timeout``, closes each with 1001, and lets :meth:`serve` return.
 
 With ``[metrics] port`` set, :meth:`serve` also runs the internal HTTP listener
-(:mod:`broker.monitor`: ``/metrics``, ``/healthz``, ``/readyz``, ``/connz``) in the same
+(:mod:`broker.operations.monitor`: ``/metrics``, ``/healthz``, ``/readyz``, ``/connz``) in the same
 nursery; :attr:`Broker.stats` holds the counters it reports.
 """
 
@@ -24,27 +24,27 @@ from collections.abc import Hashable, Sequence
 
 import trio
 
-from broker.auth import AuthError, Identity, build_authenticator, token_from_request
+from broker.cluster.backplane import RedisBackplane
+from broker.cluster.history import RedisHistory
+from broker.cluster.resp import RedisAddress
 from broker.config import Config, ConfigError, TlsConfig
-from broker.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
+from broker.core.history import HistoryStore, MemoryHistory
+from broker.core.hub import Hub, PolicyTable, TopicRule
+from broker.core.stats import BrokerStats
 from broker.exceptiongroups import first_leaf
-from broker.frames import SUBPROTOCOLS, Encoding
-from broker.handshake import BadHandshake, error_response
-from broker.history import HistoryStore, MemoryHistory
-from broker.hub import Hub, PolicyTable, TopicRule
-from broker.logs import BurstLog
-from broker.monitor import serve_monitor
-from broker.redis_backplane import RedisBackplane
-from broker.redis_history import RedisHistory
-from broker.resp import RedisAddress
-from broker.stats import BrokerStats
-from broker.websocket import (
+from broker.io.auth import AuthError, Identity, build_authenticator, token_from_request
+from broker.io.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
+from broker.io.websocket import (
     ConnectionClosed,
     Handshake,
     WebSocket,
     peer_address,
     read_handshake,
 )
+from broker.operations.logs import BurstLog
+from broker.operations.monitor import serve_monitor
+from broker.protocol.frames import SUBPROTOCOLS, Encoding
+from broker.protocol.handshake import BadHandshake, error_response
 
 log = logging.getLogger("broker.server")
 

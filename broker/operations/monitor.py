@@ -5,7 +5,7 @@ with the broker. It is for operators and Prometheus, not clients: it listens on 
 on 127.0.0.1 unless told otherwise, with no authentication (as NATS's monitoring port).
 
 =============== ==========================================================================
-``/metrics``    Prometheus text format (:mod:`broker.metrics`).
+``/metrics``    Prometheus text format (:mod:`broker.operations.metrics`).
 ``/healthz``    200 while the process serves HTTP at all (liveness).
 ``/readyz``     200 while :meth:`Broker.ready` says so, else 503 with the reason (readiness).
 ``/connz``      JSON: the connections ranked by ``?sort=queue|drops|oldest`` (default
@@ -28,14 +28,14 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from broker.core.stats import SortKey, metrics_clock, top_connections
 from broker.exceptiongroups import first_leaf
-from broker.metrics import broker_registry
-from broker.stats import SortKey, metrics_clock, top_connections
+from broker.operations.metrics import broker_registry
 
 if TYPE_CHECKING:
     from hypercorn.typing import Framework
 
-    from broker.server import Broker
+    from broker.io.server import Broker
 
 log = logging.getLogger("broker.monitor")
 

@@ -24,7 +24,7 @@ its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued pa
 and never dropped. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
 
 For observability each message carries the time it was published (``now``, read once per
-publish by the hub from :func:`~broker.stats.metrics_clock`), so the age of the oldest queued
+publish by the hub from :func:`~broker.core.stats.metrics_clock`), so the age of the oldest queued
 message and of each batch's oldest are known without a clock call per subscriber; drops are
 also counted by policy into a mapping the broker shares between queues
 (:attr:`OutboundQueue.drops`).
@@ -274,7 +274,7 @@ class OutboundQueue:
         self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy, now: float = 0.0
     ) -> Offer:
         """Try to queue ``frame + tail``, a message of ``topic`` for subscription ``sub``,
-        published at ``now`` (:func:`~broker.stats.metrics_clock`)."""
+        published at ``now`` (:func:`~broker.core.stats.metrics_clock`)."""
         if self._closed:
             return Offer.CLOSED
         size = len(frame) + len(tail)

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 import trio
 
 from broker import __version__
-from broker.cli_client import add_client_commands, run_client_command
-from broker.cli_stats import add_stats_command, run_stats
 from broker.config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, load_config
 from broker.exceptiongroups import first_leaf
-from broker.logs import setup_logging
-from broker.server import Broker
+from broker.io.server import Broker
+from broker.operations.cli_client import add_client_commands, run_client_command
+from broker.operations.cli_stats import add_stats_command, run_stats
+from broker.operations.logs import setup_logging
 
 log = logging.getLogger("broker")
 

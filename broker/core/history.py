@@ -9,7 +9,7 @@ epoch mean nothing any more.
 :class:`HistoryStore` is the hub's whole view of a store: :meth:`~HistoryStore.append`,
 :meth:`~HistoryStore.position`, :meth:`~HistoryStore.since`. Its calls are synchronous on
 purpose: the hub relies on "read the history, then register the live subscription" happening
-with no checkpoint in between (see :meth:`broker.hub.Hub.subscribe`). :class:`MemoryHistory`
+with no checkpoint in between (see :meth:`broker.core.hub.Hub.subscribe`). :class:`MemoryHistory`
 is the embedded store. It keeps at most ``size`` messages per topic, drops messages older than
 ``ttl`` seconds lazily (when the topic is next touched), and keeps the whole store under
 ``max_bytes`` by evicting the least recently published topics first.
@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from broker.logs import BurstLog
+from broker.operations.logs import BurstLog
 
 log = logging.getLogger("broker.history")
 
@@ -104,7 +104,7 @@ class HistoryStore(Protocol):
 
 @runtime_checkable
 class SharedHistory(HistoryStore, Protocol):
-    """A store shared by the nodes of a cluster (:class:`~broker.redis_history.RedisHistory`):
+    """A store shared by the nodes of a cluster (:class:`~broker.cluster.history.RedisHistory`):
     it numbers messages itself, asynchronously, and answers the synchronous calls for a topic
     once :meth:`load` made it warm."""
 

@@ -20,8 +20,8 @@ from typing import Any, Final
 
 import msgpack
 
-from broker.history import Position
-from broker.topics import InvalidTopic, is_wildcard, validate_pattern, validate_topic
+from broker.core.history import Position
+from broker.protocol.topics import InvalidTopic, is_wildcard, validate_pattern, validate_topic
 
 MAX_ID = 2**64 - 1
 #: How deep ``data`` may nest maps and arrays: deeper values cannot be re-encoded for every

@@ -2,7 +2,7 @@
 
 :class:`BrokerCollector` is a ``prometheus_client`` custom collector: nothing on the message
 path calls ``prometheus_client`` (its metric objects take a lock per update); the broker
-counts in :class:`~broker.stats.BrokerStats` and current state is read off the broker when
+counts in :class:`~broker.core.stats.BrokerStats` and current state is read off the broker when
 Prometheus asks. Each broker has its own :class:`~prometheus_client.CollectorRegistry`
 (:func:`broker_registry`), so several brokers in one process do not clash.
 
@@ -23,13 +23,13 @@ from prometheus_client.core import (
     Metric,
 )
 
-from broker.frames import ErrorCode
-from broker.outbound import Policy
-from broker.redis_backplane import RedisBackplane
-from broker.stats import Histogram
+from broker.cluster.backplane import RedisBackplane
+from broker.core.outbound import Policy
+from broker.core.stats import Histogram
+from broker.protocol.frames import ErrorCode
 
 if TYPE_CHECKING:
-    from broker.server import Broker
+    from broker.io.server import Broker
 
 # Label values reported even while zero, so that dashboards and rate() see them from the start.
 REJECT_REASONS = ("shutting_down", "max_connections", "max_connections_per_ip", "origin",
@@ -42,7 +42,7 @@ DROP_POLICIES = (Policy.DROP_OLDEST, Policy.DROP_NEWEST, Policy.CONFLATE)
 
 
 class BrokerCollector:
-    """Collects one :class:`~broker.server.Broker`'s metrics when scraped."""
+    """Collects one :class:`~broker.io.server.Broker`'s metrics when scraped."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker

@@ -14,12 +14,12 @@
   the end of its read (:meth:`Connection.write_held`, docs/design.md "Direct writes").
 - When the client's token expires, the connection is closed with 4003.
 
-Every ``sub`` and ``pub`` is checked against the client's :class:`~broker.auth.Identity`
+Every ``sub`` and ``pub`` is checked against the client's :class:`~broker.io.auth.Identity`
 (``err forbidden``) and every ``pub`` against its publish rate (``err rate_limited``); the
 connection stays open after either.
 
 Each connection counts what it receives and writes into the broker's shared
-:class:`~broker.stats.BrokerStats` (per frame or per batch, not per subscriber), and
+:class:`~broker.core.stats.BrokerStats` (per frame or per batch, not per subscriber), and
 :meth:`Connection.snapshot` describes it for ``/connz`` and the slow-consumer log line.
 
 Closing is a request (:meth:`Connection.close`): the writer flushes or discards what is
@@ -37,10 +37,15 @@ from typing import Any
 
 import trio
 
-from broker.auth import ANONYMOUS, Identity, seconds_left
-from broker.backplane import BackplaneUnavailable
 from broker.config import IdentityLimits
-from broker.frames import (
+from broker.core.backplane import BackplaneUnavailable
+from broker.core.hub import Hub, Subscription
+from broker.core.outbound import OutboundQueue, join_pairs
+from broker.core.ratelimit import publish_limiter
+from broker.core.stats import BrokerStats, ConnectionSnapshot, describe, metrics_clock
+from broker.io.auth import ANONYMOUS, Identity, seconds_left
+from broker.io.websocket import ConnectionClosed, MessageTooBig, PingTimeout, WebSocket
+from broker.protocol.frames import (
     Command,
     Encoding,
     ErrorCode,
@@ -53,11 +58,6 @@ from broker.frames import (
     encode_lag,
     encode_ok,
 )
-from broker.hub import Hub, Subscription
-from broker.outbound import OutboundQueue, join_pairs
-from broker.ratelimit import publish_limiter
-from broker.stats import BrokerStats, ConnectionSnapshot, describe, metrics_clock
-from broker.websocket import ConnectionClosed, MessageTooBig, PingTimeout, WebSocket
 
 log = logging.getLogger("broker.connection")
 
@@ -192,7 +192,7 @@ class Connection:
 
     def snapshot(self, now: float) -> ConnectionSnapshot:
         """This connection's peer, subject, subscriptions and queue, as of ``now``
-        (:func:`~broker.stats.metrics_clock`)."""
+        (:func:`~broker.core.stats.metrics_clock`)."""
         queue = self._queue.statistics()
         oldest = self._queue.oldest_time()
         return ConnectionSnapshot(
@@ -317,7 +317,7 @@ class Connection:
         self, lags: dict[str, int], parts: list[bytes], size: int
     ) -> tuple[list[bytes], int]:
         """What to send as one message for ``lags`` and the ``parts`` of ``size`` bytes (see
-        :class:`~broker.outbound.Batch`), and its size."""
+        :class:`~broker.core.outbound.Batch`), and its size."""
         if not lags and not self._text:
             return parts, size  # each frame's body and tail, joined by the send
         encoding = self._encoding

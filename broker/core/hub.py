@@ -1,14 +1,15 @@
 """The hub: who is subscribed to what, and fan-out of each published message.
 
-:meth:`Hub.publish` finds the matching subscriptions in a :class:`~broker.topics.PatternTrie`,
+:meth:`Hub.publish` finds the matching subscriptions in a
+:class:`~broker.protocol.topics.PatternTrie`,
 encodes the message once per encoding in use, and offers it to each subscriber's
-:class:`~broker.outbound.OutboundQueue` under the topic's ``on_full`` policy. It returns once
+:class:`~broker.core.outbound.OutboundQueue` under the topic's ``on_full`` policy. It returns once
 the message is queued for every matching subscription, which is when a ``pub`` with an ``id``
 is acknowledged. Under ``block`` that may mean waiting for a slow subscriber, for at most
 ``slow_timeout``, after which that subscriber is closed with 4002 and the others carry on.
 
 For topics whose rule keeps history, :meth:`Hub.publish` first appends the message to the
-:class:`~broker.history.HistoryStore`, which numbers it, and every ``msg`` frame of it carries
+:class:`~broker.core.history.HistoryStore`, which numbers it, and every ``msg`` frame of it carries
 that ``offset`` (the same for every subscriber, so it is still encoded once per encoding).
 :meth:`Hub.subscribe` with a ``since`` position reads the kept tail and registers the live
 subscription in one step with no checkpoint: see its doc for why that means no gap and no
@@ -25,18 +26,18 @@ from typing import Any, Protocol
 
 import trio
 
-from broker.backplane import Backplane, BackplaneUnavailable, NoBackplane
-from broker.frames import (
+from broker.core.backplane import Backplane, BackplaneUnavailable, NoBackplane
+from broker.core.history import HistoryLimits, HistoryStore, MemoryHistory, Position, SharedHistory
+from broker.core.outbound import HeldWakes, Offer, OutboundQueue, Policy
+from broker.core.stats import metrics_clock
+from broker.protocol.frames import (
     Encoding,
     encode_message_body,
     encode_message_tail,
     pack_data,
     unpack_data,
 )
-from broker.history import HistoryLimits, HistoryStore, MemoryHistory, Position, SharedHistory
-from broker.outbound import HeldWakes, Offer, OutboundQueue, Policy
-from broker.stats import metrics_clock
-from broker.topics import PatternTrie, is_wildcard, pattern_matches
+from broker.protocol.topics import PatternTrie, is_wildcard, pattern_matches
 
 # Per-delivery comparisons read module globals: an Enum member read through its class is ten
 # times slower on Python 3.11 (see broker/outbound.py).
@@ -243,7 +244,7 @@ class Hub:
 
         Returns once the message is queued (or dropped, per policy) for all of them, and,
         with a cluster backplane, handed to it for the other nodes; raises
-        :class:`~broker.backplane.BackplaneUnavailable` (after the local delivery) if the
+        :class:`~broker.core.backplane.BackplaneUnavailable` (after the local delivery) if the
         backplane could not take it. Not ``acknowledged`` (a ``pub`` without ``id``), it
         returns once the message is queued, in order, for the backplane, without waiting for
         Redis' answer: a publisher that asks for no ``ok`` is not held up by a round trip.
