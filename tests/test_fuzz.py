@@ -357,9 +357,7 @@ def head_size(data: bytes) -> int:
 #: Remove this allowance once that test passes.
 def refusal_status_ok(status: int, data: bytes) -> bool:
     """Whether ``status`` is a status ``UpgradeReader`` may refuse ``data`` with: 4xx."""
-    if 400 <= status <= 499:
-        return True
-    return status == 501 and b"transfer-encoding" in data.lower()
+    return 400 <= status <= 499
 
 
 def check_any_request_bytes(data: bytes, cuts: Sequence[int]) -> None:
@@ -368,8 +366,7 @@ def check_any_request_bytes(data: bytes, cuts: Sequence[int]) -> None:
     - the reader returns an ``Upgrade`` or ``None``, raises ``BadHandshake`` with a 4xx or
       ``EOFError`` at the end of the stream, and nothing else;
     - the answer for a refusal is a whole HTTP response with that status (h11 client);
-    - the pieces give the same outcome as the whole, except that a head over the limit
-      in pieces is refused with 431 before its end is seen;
+    - the pieces give the same outcome as the whole;
     - a head over ``MAX_REQUEST_HEAD`` is never accepted.
     """
     whole = feed([data] if data else [], then_eof=True)
@@ -379,11 +376,7 @@ def check_any_request_bytes(data: bytes, cuts: Sequence[int]) -> None:
             assert refusal_status_ok(value, data), (value, data[:200])
         if kind == "upgrade":
             assert head_size(data) <= MAX_REQUEST_HEAD
-    if whole != pieces:
-        # h11 checks the limit only on an incomplete head: fed whole, a long head that is
-        # also malformed is refused for what is wrong with it instead of 431
-        assert whole[0] == "refused" and pieces == ("refused", 431), (whole, pieces)
-        assert head_size(data) > MAX_REQUEST_HEAD
+    assert whole == pieces, (whole, pieces)
     if whole[0] == "refused":  # the answer the server sends for it
         with pytest.raises(BadHandshake) as refused:
             UpgradeReader().receive(data)
@@ -557,11 +550,6 @@ def test_the_refusals_with_headers_are_whole_http_responses(
     check_error_response(status, b"why\n", headers)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BROKER BUG: h11 hints 501 for a Transfer-Encoding it does not support, and "
-    "UpgradeReader raises BadHandshake(501); the contract (and docs/metrics.md) says 4xx",
-)
 @pytest.mark.parametrize(
     "framing",
     [b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked"],
@@ -578,11 +566,6 @@ def test_an_unsupported_transfer_coding_is_refused_with_a_4xx(framing: bytes) ->
     assert 400 <= status <= 499
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h11 checks its size limit only while a head is incomplete: a malformed head over "
-    "MAX_REQUEST_HEAD is refused with 400 when it arrives in one read, 431 in pieces",
-)
 def test_a_malformed_head_over_the_limit_is_refused_with_431_even_in_one_read() -> None:
     data = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"x" * 20000 + b"\r\nno colon\r\n\r\n"
     assert feed(split(data, [17000])) == ("refused", 431)
