@@ -155,6 +155,12 @@ def test_json_non_finite_literals_are_undecodable(literal: str) -> None:
     assert f"{literal} is not JSON" in error.msg
 
 
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1" * 400 + ".0"])
+def test_json_numbers_too_large_for_a_double_are_undecodable(number: str) -> None:
+    (error,) = decode_batch(f'{{"op":"pub","topic":"a","data":{number}}}', JSON)
+    assert isinstance(error, FrameError) and "too large for a double" in error.msg
+
+
 @pytest.mark.parametrize("number", [str(2**64), str(-(2**63) - 1), "1" * 400])
 def test_json_integers_msgpack_cannot_carry_are_undecodable(number: str) -> None:
     (error,) = decode_batch(f'{{"op":"pub","topic":"a","data":[{number}]}}', JSON)

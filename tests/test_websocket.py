@@ -217,3 +217,13 @@ async def test_on_a_socket_messages_are_written_directly_until_the_close() -> No
         nursery.start_soon(answer)
         await websocket.aclose(1000, None, 5.0)
     assert not websocket.can_send_now()  # its file descriptor number may be reused
+
+
+async def test_messages_read_with_a_message_over_the_limit_are_returned_before_it() -> None:
+    websocket, peer = await open_pair()
+    small = b"\x82\x85\x00\x00\x00\x00small"
+    big = b"\x82\xfe\x03\xe9\x00\x00\x00\x00" + b"x" * 1001  # masked, 16-bit length
+    await peer.stream.send_all(small + big)
+    assert await websocket.receive() == [b"small"]
+    with pytest.raises(MessageTooBig):
+        await websocket.receive()

@@ -152,6 +152,7 @@ class WebSocket:
         "_sending",
         "_socket",
         "_timer_at",
+        "_too_big",
         "_trailing",
         "closed",
         "stream",
@@ -170,6 +171,7 @@ class WebSocket:
     ) -> None:
         self.stream = stream
         self._trailing = trailing  # received behind the upgrade request: read first
+        self._too_big = False  # a message over max_message_size came after those returned
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._fd = -1 if self._socket is None else self._socket.fileno()  # for send_now
         self.subprotocol = subprotocol
@@ -303,6 +305,8 @@ class WebSocket:
         (say, a publish held back under ``block``) does not count against the peer: its pong
         may be sitting unread, so an overdue pong gets another ``ping_timeout``.
         """
+        if self._too_big:
+            raise MessageTooBig
         now = trio.current_time()
         if self._ping_outstanding and now >= self._timer_at:
             self._timer_at = now + self._ping_timeout
@@ -345,7 +349,10 @@ class WebSocket:
                 piece: bytes | bytearray | str = event.data
                 self._partial_size += len(piece)
                 if self._partial_size > self._max_message_size:
-                    raise MessageTooBig
+                    if not done:
+                        raise MessageTooBig
+                    self._too_big = True  # the messages before it first; then the close
+                    break
                 partial = self._partial
                 if not event.message_finished:
                     if partial is None:

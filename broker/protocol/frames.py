@@ -173,7 +173,16 @@ def _msgpack_int(text: str) -> int:
     return value
 
 
-_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_msgpack_int)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:30]} is too large for a double")
+    return value
+
+
+_JSON_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_int=_msgpack_int, parse_float=_finite_float
+)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 

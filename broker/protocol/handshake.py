@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -86,18 +87,32 @@ class UpgradeReader:
     def receive(self, data: bytes | bytearray) -> Upgrade | None:
         """Take the next bytes (``b""`` at end of stream); the request once it is complete,
         ``None`` while more is needed. Raises :class:`BadHandshake`, or :class:`EOFError`
-        at the end of the stream (a request completed earlier was returned then)."""
+        at the end of the stream (a request completed earlier was returned then).
+
+        The answer does not depend on how the bytes were split into reads: they are parsed
+        at most ``max_head`` at a time, as if they had come in pieces.
+        """
         if not data:
             raise EOFError
+        data = bytes(data)
+        for start in range(0, len(data), self._max_head):
+            upgrade = self._parse(data[start : start + self._max_head])
+            if upgrade is not None:
+                rest = data[start + self._max_head :]
+                return dataclasses.replace(upgrade, trailing=upgrade.trailing + rest)
+        return None
+
+    def _parse(self, data: bytes) -> Upgrade | None:
         self._received += len(data)
-        self._http.receive_data(bytes(data) if isinstance(data, bytearray) else data)
+        self._http.receive_data(data)
         try:
             event = self._http.next_event()
         except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+            # A head over the limit is 431, whatever else is wrong with it; h11 hints 501 for
+            # a transfer coding it does not know, but any body on an upgrade is an error.
+            if self._received > self._max_head:
                 raise _too_large(self._max_head) from None
-            raise BadHandshake(status, f"bad HTTP request: {exc}") from None
+            raise BadHandshake(400, f"bad HTTP request: {exc}") from None
         if event is h11.NEED_DATA:
             return None
         assert isinstance(event, h11.Request), event  # the first event of a server is one
