@@ -60,10 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.test_fuzz
 
 from broker.config import Config, LimitsConfig, ServerConfig  # noqa: E402
-from broker.history import HistoryLimits  # noqa: E402
-from broker.hub import TopicRule  # noqa: E402
-from broker.outbound import Policy  # noqa: E402
-from broker.server import Broker  # noqa: E402
+from broker.core.outbound import Policy  # noqa: E402
+from broker.core.rules import HistoryLimits, TopicRule  # noqa: E402
+from broker.io.server import Broker  # noqa: E402
 
 #: Which layer each property of tests/test_fuzz.py exercises (for the counts printed); a
 #: property not listed here still runs, counted as "other".

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Micro-benchmark of the pure fan-out path: Hub.publish into OutboundQueues, no sockets.
+"""Micro-benchmark of the pure fan-out path: a publish into OutboundQueues, no sockets.
 
     .venv/bin/python bench/micro_hub.py [subscribers] [messages]
 
-Prints the cost per delivery of Hub.publish (trie match, encode once, offer per subscriber)
+Prints the cost per delivery of LocalDelivery.publish (route, encode once, offer per subscriber)
 plus OutboundQueue.take_batch, best of 5, for fanout (one topic) and topics (one each).
 """
 
@@ -14,8 +14,11 @@ import time
 
 import trio
 
-from broker.core.hub import Hub, PolicyTable, Subscription
+from broker.core.delivery import LocalDelivery
+from broker.core.history import MemoryHistory
+from broker.core.hub import Hub, Subscription
 from broker.core.outbound import OutboundQueue
+from broker.core.rules import PolicyTable
 from broker.protocol.frames import Encoding
 
 
@@ -32,9 +35,10 @@ class FakeSubscriber:
 
 async def scenario(subscribers: int, messages: int, own_topics: bool) -> float:
     hub = Hub(PolicyTable([]), slow_timeout=5.0)
+    delivery = LocalDelivery(hub, MemoryHistory(hub.policies.history_for))
     subs = [FakeSubscriber() for _ in range(subscribers)]
     for i, sub in enumerate(subs):
-        hub.subscribe(Subscription(sub, f"bench.t.{i}" if own_topics else "bench.fanout"))
+        hub.add(Subscription(sub, f"bench.t.{i}" if own_topics else "bench.fanout"))
     topics = [f"bench.t.{i}" for i in range(subscribers)] if own_topics else ["bench.fanout"]
     data = b"a" * 64
     best = float("inf")
@@ -42,7 +46,7 @@ async def scenario(subscribers: int, messages: int, own_topics: bool) -> float:
     for _ in range(5):
         start = time.process_time()
         for n in range(messages):
-            await hub.publish(topics[n % len(topics)], data)
+            delivery.publish(topics[n % len(topics)], data, 0.0)
             if n % every == every - 1:  # each subscriber has ~64 messages queued
                 for sub in subs:
                     sub.queue.take_batch(1 << 20)

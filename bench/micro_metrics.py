@@ -1,6 +1,6 @@
 """Micro-benchmark: what the metrics counting costs on the hot path (publish -> written).
 
-Publishes N messages through a real :class:`~broker.core.hub.Hub` to K real
+Publishes N messages through a real :class:`~broker.core.delivery.LocalDelivery` to K real
 :class:`~broker.io.connection.Connection` objects whose WebSocket is a stub that accepts every
 write at once, so what is timed is the broker's own work: fan-out, queueing, the writer's
 batches, and the counting this branch added (a publish timestamp per message, per-batch
@@ -28,16 +28,25 @@ import trio
 import trio.testing
 
 import broker
-from broker.core.hub import Hub, PolicyTable, Subscription
+from broker.config import ServerConfig
+from broker.core.delivery import LocalDelivery
+from broker.core.history import MemoryHistory
+from broker.core.hub import Hub, Subscription
 from broker.core.outbound import OutboundQueue, Policy
-from broker.io.connection import Connection, ConnectionLimits
+from broker.core.rules import PolicyTable, SessionLimits
+from broker.io.connection import Connection
+from broker.io.writes import DirectWrites
 from broker.protocol.frames import Encoding
 
 
 class StubWebSocket:
-    """Accepts every message at once; never receives anything."""
+    """Accepts every message at once; never receives anything; no direct writes."""
 
     closed = None
+    sending_rest = False
+
+    def can_send_now(self) -> bool:
+        return False
 
     def __init__(self) -> None:
         self.sent = 0
@@ -60,22 +69,25 @@ async def run_once(messages: int, subscribers: int) -> float:
     CPU time of this process, not wall time, so that other load on the machine counts less.
     """
     hub = Hub(PolicyTable(()), slow_timeout=60.0)
-    limits = ConnectionLimits()
+    delivery = LocalDelivery(hub, MemoryHistory(hub.policies.history_for))
+    writes, limits, server = DirectWrites(), SessionLimits(), ServerConfig()
     connections = []
     async with trio.open_nursery() as nursery:
         for n in range(subscribers):
             stub: Any = StubWebSocket()
-            connection = Connection(stub, Encoding.MSGPACK, hub, limits, f"bench:{n}")
+            connection = Connection(
+                stub, Encoding.MSGPACK, delivery, writes, limits, server, f"bench:{n}"
+            )
             subscription = Subscription(connection, "bench.*")
             connection.subscriptions["bench.*"] = subscription
-            hub.subscribe(subscription)
+            hub.add(subscription)
             connections.append(connection)
             nursery.start_soon(connection.serve)
         await trio.testing.wait_all_tasks_blocked()
         data = {"n": 0, "payload": "x" * 100}
         start = time.process_time()
         for _ in range(messages):
-            await hub.publish("bench.a", data)
+            delivery.publish("bench.a", data, 0.0)
         await trio.testing.wait_all_tasks_blocked()  # every writer has emptied its queue
         assert not any(len(connection.queue) for connection in connections)
         elapsed = time.process_time() - start

@@ -4,9 +4,10 @@
     .venv/bin/python bench/micro_reader.py              # both shapes below, best of 3 each
     .venv/bin/python bench/micro_reader.py latency --reads 100 --repeat 1   # one shape, once
 
-A real :class:`~broker.io.connection.Connection` executes prepared reads (lists of msgpack
-WebSocket messages) from a stand-in WebSocket; its subscribers are real connections whose
-stand-in WebSockets count writes instead of making the syscall. Prints CPU microseconds per
+A real :class:`~broker.io.connection.Connection` (its session, the one-node delivery) executes
+prepared reads (lists of msgpack WebSocket messages) from a stand-in WebSocket; its
+subscribers are real connections whose stand-in WebSockets count writes instead of making the
+syscall. Prints CPU microseconds per
 delivery (``time.process_time``) and writes per delivery, for
 
 - ``fanout``: 200 subscribers on one topic, 64 pubs per read (deep queues: the writers
@@ -32,16 +33,18 @@ import msgpack
 import trio
 import trio.testing
 
-from broker.core.hub import Hub, PolicyTable
-from broker.io.connection import Connection, ConnectionLimits
+from broker.config import ServerConfig
+from broker.core.delivery import LocalDelivery
+from broker.core.history import MemoryHistory
+from broker.core.hub import Hub
+from broker.core.rules import PolicyTable, SessionLimits
+from broker.core.session import Waiting
+from broker.io.connection import Connection
+from broker.io.writes import DirectWrites
 from broker.protocol.frames import Encoding, Sub
 
-UNLIMITED = ConnectionLimits(
-    publish_rate=1e12,
-    publish_burst=10**12,
-    publish_bytes_rate=10**15,
-    publish_bytes_burst=10**15,
-)
+LIMITS = SessionLimits()  # no publish rate
+SERVER = ServerConfig()
 
 
 class StandInWebSocket:
@@ -78,14 +81,19 @@ class StandInWebSocket:
 async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int) -> float:
     """CPU seconds per delivery of executing ``reads`` reads; prints writes per delivery."""
     hub = Hub(PolicyTable([]), slow_timeout=5.0)
+    delivery = LocalDelivery(hub, MemoryHistory(hub.policies.history_for))
+    writes = DirectWrites()
+
+    def connection(websocket: Any, peer: str) -> Connection:
+        return Connection(websocket, Encoding.MSGPACK, delivery, writes, LIMITS, SERVER, peer)
+
     topics = ["bench.one"] if one_topic else [f"bench.t.{i}" for i in range(subscribers)]
     connections = []
     for i in range(subscribers):
-        stand_in: Any = StandInWebSocket()
-        connection = Connection(stand_in, Encoding.MSGPACK, hub, UNLIMITED, "sub")
-        connection._subscribe(Sub(1, topics[i % len(topics)]))
-        connection.queue.take_batch(1 << 20)  # the ok
-        connections.append(connection)
+        subscriber = connection(StandInWebSocket(), "sub")
+        await subscriber.session.complete(Waiting(Sub(1, topics[i % len(topics)])))
+        subscriber.queue.take_batch(1 << 20)  # the ok
+        connections.append(subscriber)
     frames = [msgpack.packb({"op": "pub", "topic": t, "data": b"x" * 64}) for t in topics]
     prepared, n = [], 0
     for _ in range(reads):
@@ -93,7 +101,7 @@ async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int)
         n += pubs_per_read
         prepared.append([b"".join(pubs[i : i + 64]) for i in range(0, len(pubs), 64)])
     publisher_ws = StandInWebSocket(prepared)
-    publisher = Connection(cast(Any, publisher_ws), Encoding.MSGPACK, hub, UNLIMITED, "pub")
+    publisher = connection(publisher_ws, "pub")
     async with trio.open_nursery() as nursery:
         for connection in connections:
             nursery.start_soon(connection._write_loop)
@@ -106,9 +114,9 @@ async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int)
         elapsed = time.process_time() - start
         nursery.cancel_scope.cancel()
     deliveries = reads * pubs_per_read * (subscribers if one_topic else 1)
-    writes = sum(cast(StandInWebSocket, c.websocket).writes for c in connections)
+    written = sum(cast(StandInWebSocket, c.websocket).writes for c in connections)
     print(
-        f"    {elapsed / deliveries * 1e6:.2f} us/delivery, {writes / deliveries:.3f} writes each"
+        f"    {elapsed / deliveries * 1e6:.2f} us/delivery, {written / deliveries:.3f} writes each"
     )
     return elapsed / deliveries
 

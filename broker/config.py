@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.cluster.resp import RedisAddress
-from broker.core.history import HistoryLimits
-from broker.core.hub import TopicRule
 from broker.core.outbound import Policy
+from broker.core.rules import HistoryLimits, IdentityLimits, SessionLimits, TopicRule
 from broker.protocol.topics import InvalidTopic, validate_pattern
 
 
@@ -42,26 +41,14 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    """``[limits]``: per-connection bounds."""
+class LimitsConfig(SessionLimits):
+    """``[limits]``: what each client's session may do (:class:`SessionLimits`, where each
+    key's default is), how long a ``block`` subscriber may stay full, and how many clients
+    may connect (0: no limit)."""
 
-    max_subscriptions: int = 1024
-    queue_messages: int = 1024
-    queue_bytes: int = 8 * 1024 * 1024
     slow_timeout: float = 5.0
-    max_payload: int = 1024 * 1024  # encoded size of one pub frame; more gets err too_large
-    max_bad_frames: int = 10  # bad frames in a row before closing with 4008
-    # The subscriptions of one connection together: pattern bytes and segments (what the
-    # broker's routing trie costs); one more gets err too_many_subs.
-    max_subscription_bytes: int = 256 * 1024
-    max_subscription_segments: int = 16384
-    # 0 means no limit for the keys below (NO_LIMIT_KEYS).
     max_connections: int = 65536  # in total; one more is refused with HTTP 503
     max_connections_per_ip: int = 0  # from one client address; one more gets HTTP 503
-    publish_rate: float = 0.0  # pub frames per second per connection (token bucket)
-    publish_burst: int = 0  # 0 with a rate: one second's worth
-    publish_bytes_rate: int = 0  # pub bytes per second per connection
-    publish_bytes_burst: int = 0
 
 
 #: Keys where 0 turns the limit off (every other number must be greater than 0).
@@ -70,20 +57,6 @@ NO_LIMIT_KEYS = frozenset(
     for key in ("max_connections", "max_connections_per_ip", "publish_rate", "publish_burst",
                 "publish_bytes_rate", "publish_bytes_burst")
 )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class IdentityLimits:
-    """Limits that one token carries for whoever presents it (a ``[[auth.tokens]]`` entry
-    or a JWT's limits claim), in place of the ``[limits]`` of the same name; ``None`` keeps
-    the broker's. ``max_connections`` caps the connections open at once with the token's
-    subject. 0 means no limit, as in ``[limits]``."""
-
-    publish_rate: float | None = None
-    publish_burst: float | None = None
-    publish_bytes_rate: float | None = None
-    publish_bytes_burst: float | None = None
-    max_connections: int | None = None
 
 
 IDENTITY_LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(IdentityLimits))
@@ -95,7 +68,7 @@ def identity_limits(table: Mapping[str, Any], where: str) -> IdentityLimits:
     values: dict[str, Any] = {}
     for key in IDENTITY_LIMIT_KEYS:
         if key in table:
-            kind = int if key == "max_connections" else float
+            kind = float if key == "publish_rate" else int
             values[key] = _check_value(f"{where}.{key}", table[key], kind, zero_allowed=True)
     return IdentityLimits(**values)
 

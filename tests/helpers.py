@@ -9,8 +9,8 @@ from typing import Any
 import trio
 
 from broker.config import Config, LimitsConfig, ServerConfig
-from broker.core.hub import TopicRule
 from broker.core.outbound import Policy
+from broker.core.rules import TopicRule
 from broker.io.server import Broker
 
 

@@ -212,14 +212,14 @@ async def test_an_internal_error_on_a_publish_is_answered_and_the_connection_goe
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    real = broker.hub.publish_nowait
+    real = broker.delivery.publish
 
-    def failing(topic: str, data: Any, *, acknowledged: bool = True) -> Any:
+    def failing(topic: str, data: Any, now: float, *, acknowledged: bool = True) -> Any:
         if topic == "boom":
             raise RuntimeError("a bug")
-        return real(topic, data, acknowledged=acknowledged)
+        return real(topic, data, now, acknowledged=acknowledged)
 
-    monkeypatch.setattr(broker.hub, "publish_nowait", failing)
+    monkeypatch.setattr(broker.delivery, "publish", failing)
     async with bystanders(broker_url) as (sub, pub), connect(broker_url) as client:
         await client.send({"op": "pub", "id": 7, "topic": "boom", "data": 1})
         await client.expect("err", id=7, code="internal")

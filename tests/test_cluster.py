@@ -18,13 +18,12 @@ from typing import Any
 import pytest
 import trio
 
-from broker.cluster.backplane import RedisBackplane
+from broker.cluster.backplane import RedisBackplane, redis_glob
+from broker.cluster.delivery import ClusterDelivery
 from broker.cluster.resp import RedisAddress, RedisConnection, encode_command
 from broker.config import AuthConfig, ClusterConfig, Config, TokenGrant
-from broker.core.backplane import redis_glob
-from broker.core.history import HistoryLimits
-from broker.core.hub import TopicRule
 from broker.core.outbound import Policy
+from broker.core.rules import HistoryLimits, TopicRule
 from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.redis_server import RedisServer, running_redis
@@ -57,9 +56,9 @@ def cluster_config(
 
 
 def backplane(broker: Broker) -> RedisBackplane:
-    plane = broker.hub.backplane
-    assert isinstance(plane, RedisBackplane)
-    return plane
+    delivery = broker.delivery
+    assert isinstance(delivery, ClusterDelivery) and isinstance(delivery.backplane, RedisBackplane)
+    return delivery.backplane
 
 
 @asynccontextmanager
@@ -370,7 +369,7 @@ async def test_recovery_on_another_node_during_continuous_publishing_is_exact(
                 for _ in range(3):
                     seen = (await first.expect("msg"))["offset"]
             for round in range(6):
-                a.hub.history.clear()  # cold: the next sub loads from Redis mid-stream
+                a.delivery.history.clear()  # cold: the next sub loads from Redis mid-stream
                 async with connect(a.url if round % 2 else b.url) as client:
                     reply = await sub_since(client, "chat.live", epoch, seen, 1)
                     assert reply["recovered"] is True, reply

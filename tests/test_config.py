@@ -20,9 +20,8 @@ from broker.config import (
     config_from_dict,
     load_config,
 )
-from broker.core.history import HistoryLimits
-from broker.core.hub import TopicRule
 from broker.core.outbound import Policy
+from broker.core.rules import HistoryLimits, TopicRule
 from broker.io.server import Broker
 from broker.operations.cli import main
 

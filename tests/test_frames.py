@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.core.history import Position
 from broker.protocol.frames import (
     MAX_ID,
     Encoding,
     ErrorCode,
     FrameError,
+    Position,
     Pub,
     Sub,
     Unsub,

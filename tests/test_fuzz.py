@@ -45,12 +45,14 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
-from broker.frames import (
+from broker.io.websocket import ConnectionClosed, MessageTooBig, PingTimeout, read_handshake
+from broker.protocol.frames import (
     MAX_DATA_DEPTH,
     MAX_ID,
     Encoding,
     ErrorCode,
     FrameError,
+    Position,
     Pub,
     Sub,
     Unsub,
@@ -60,7 +62,7 @@ from broker.frames import (
     pack_data,
     unpack_data,
 )
-from broker.handshake import (
+from broker.protocol.handshake import (
     MAX_REQUEST_HEAD,
     BadHandshake,
     Upgrade,
@@ -68,9 +70,7 @@ from broker.handshake import (
     accept_response,
     error_response,
 )
-from broker.history import Position
-from broker.topics import MAX_TOPIC_BYTES
-from broker.websocket import ConnectionClosed, MessageTooBig, PingTimeout, read_handshake
+from broker.protocol.topics import MAX_TOPIC_BYTES
 
 #: Examples per property: few enough to keep the file within seconds in CI; bench/fuzz.py
 #: sets ``FUZZ_EXAMPLES`` to run the same properties with many more.

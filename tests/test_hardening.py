@@ -17,8 +17,9 @@ import pytest
 import trio
 
 from broker.config import MetricsConfig
+from broker.core.stats import BurstLog
 from broker.io.server import Broker
-from broker.operations.logs import BurstLog, TextFormatter, escape_control
+from broker.operations.logs import TextFormatter, escape_control
 from broker.protocol.frames import MAX_DATA_DEPTH
 from broker.protocol.handshake import MAX_REQUEST_HEAD
 from tests.helpers import make_config, start_broker
@@ -150,7 +151,7 @@ async def test_subscribe_churn_on_new_history_topics_evicts_no_ones_history(
             since = {"epoch": first["epoch"], "offset": 0}
             reply = await sub(again, "chat.kept", since=since)
             assert reply["recovered"] is True and reply["offset"] == 3
-        assert broker.hub.history.statistics()["topics"] == 1  # type: ignore[attr-defined]
+        assert broker.delivery.history.statistics()["topics"] == 1  # type: ignore[attr-defined]
     assert "evict" not in caplog.text
 
 
@@ -188,7 +189,7 @@ async def test_a_sub_whose_replay_cannot_be_encoded_is_not_left_subscribed(
     nursery: trio.Nursery,
 ) -> None:
     broker = await start_broker(nursery, history_config())
-    history = broker.hub.history
+    history = broker.delivery.history
     position = history.position("chat.bad", 0)
     history.append("chat.bad", b"\xc1", 0)  # stored by some bug: 0xc1 is never msgpack
     async with connect(broker.url, "json") as client:

@@ -12,17 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.config import ConfigError, config_from_dict, load_config
-from broker.core.history import (
-    MESSAGE_OVERHEAD,
-    TOPIC_OVERHEAD,
-    HistoryLimits,
-    MemoryHistory,
-    Position,
-)
+from broker.core.history import MESSAGE_OVERHEAD, TOPIC_OVERHEAD, MemoryHistory
+from broker.core.rules import HistoryLimits
 from broker.protocol.frames import (
     Encoding,
     ErrorCode,
     FrameError,
+    Position,
     Sub,
     encode_message_body,
     encode_message_tail,

@@ -1,4 +1,5 @@
-"""Unit tests for broker.hub: policy lookup and fan-out to in-memory subscribers."""
+"""broker.core.hub and rules: policy lookup, and fan-out to in-memory subscribers (through
+the one-node LocalDelivery, as the broker publishes)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from broker.core.hub import Hub, PolicyTable, Subscription, TopicRule
+from broker.core.delivery import LocalDelivery
+from broker.core.history import MemoryHistory
+from broker.core.hub import Hub, Subscription
 from broker.core.outbound import Offer, OutboundQueue, Policy
+from broker.core.rules import PolicyTable, TopicRule
 from broker.protocol.frames import Encoding, encode_message_body
 from broker.protocol.topics import pattern_matches
 
@@ -47,8 +51,16 @@ def make_hub(rules: dict[str, Policy] | None = None) -> Hub:
 
 def subscribe(hub: Hub, subscriber: FakeSubscriber, pattern: str) -> Subscription:
     subscription = Subscription(subscriber, pattern)
-    hub.subscribe(subscription)
+    hub.add(subscription)
     return subscription
+
+
+async def publish(hub: Hub, topic: str, data: Any) -> int:
+    """Publish as one node does, waiting for room if asked; how many subscriptions matched."""
+    rest = LocalDelivery(hub, MemoryHistory(hub.policies.history_for)).publish(topic, data, 0.0)
+    if rest is not None:
+        await rest.complete()
+    return len(hub.route(topic)[1])
 
 
 def msg(topic: str, sub: str, data: Any) -> dict[str, Any]:
@@ -90,7 +102,7 @@ def test_policy_is_cached_per_topic(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append((pattern, topic))
         return real(pattern, topic)
 
-    monkeypatch.setattr("broker.core.hub.pattern_matches", counting)
+    monkeypatch.setattr("broker.core.rules.pattern_matches", counting)
     table = PolicyTable([TopicRule("a.*", Policy.CONFLATE), TopicRule("b.>", Policy.DROP_NEWEST)])
     assert table.for_topic("b.x") is Policy.DROP_NEWEST
     assert len(calls) == 2
@@ -118,7 +130,7 @@ async def test_each_matching_subscription_gets_the_message_once() -> None:
     subscribe(hub, star, "chat.*")
     subscribe(hub, tail, ">")
     subscribe(hub, other, "chat.b")
-    assert await hub.publish("chat.a", "hi") == 3
+    assert await publish(hub, "chat.a", "hi") == 3
     assert exact.received() == [msg("chat.a", "chat.a", "hi")]
     assert star.received() == [msg("chat.a", "chat.*", "hi")]
     assert tail.received() == [msg("chat.a", ">", "hi")]
@@ -128,8 +140,8 @@ async def test_each_matching_subscription_gets_the_message_once() -> None:
 async def test_publish_with_no_subscribers_matches_none() -> None:
     hub = make_hub()
     subscribe(hub, FakeSubscriber(), "a.*")
-    assert await hub.publish("a", 1) == 0
-    assert await hub.publish("a.b.c", 1) == 0
+    assert await publish(hub, "a", 1) == 0
+    assert await publish(hub, "a.b.c", 1) == 0
 
 
 async def test_overlapping_patterns_of_one_connection_each_get_a_copy() -> None:
@@ -137,7 +149,7 @@ async def test_overlapping_patterns_of_one_connection_each_get_a_copy() -> None:
     subscriber = FakeSubscriber()
     for pattern in ("a.b", "a.*", "a.>", "*.b"):
         subscribe(hub, subscriber, pattern)
-    assert await hub.publish("a.b", 7) == 4
+    assert await publish(hub, "a.b", 7) == 4
     received = subscriber.received()
     assert sorted(frame["sub"] for frame in received) == ["*.b", "a.*", "a.>", "a.b"]
     assert all(frame["topic"] == "a.b" and frame["data"] == 7 for frame in received)
@@ -148,7 +160,7 @@ async def test_messages_arrive_in_publish_order() -> None:
     subscriber = FakeSubscriber()
     subscribe(hub, subscriber, "t.*")
     for n in range(10):
-        await hub.publish(f"t.{n % 3}", n)
+        await publish(hub, f"t.{n % 3}", n)
     assert [frame["data"] for frame in subscriber.received()] == list(range(10))
 
 
@@ -157,10 +169,10 @@ async def test_unsubscribe_stops_routing_but_keeps_what_is_queued() -> None:
     subscriber = FakeSubscriber()
     star = subscribe(hub, subscriber, "a.*")
     subscribe(hub, subscriber, "a.>")
-    await hub.publish("a.b", 1)
-    hub.unsubscribe(star)
+    await publish(hub, "a.b", 1)
+    hub.remove(star)
     assert hub.subscription_count() == 1
-    assert await hub.publish("a.b", 2) == 1
+    assert await publish(hub, "a.b", 2) == 1
     received = sorted(subscriber.received(), key=lambda frame: (frame["sub"], frame["data"]))
     assert received == [msg("a.b", "a.*", 1), msg("a.b", "a.>", 1), msg("a.b", "a.>", 2)]
 
@@ -171,8 +183,8 @@ async def test_same_pattern_from_two_connections_are_two_subscriptions() -> None
     subscription = subscribe(hub, first, "a")
     subscribe(hub, second, "a")
     assert hub.subscription_count() == 2
-    hub.unsubscribe(subscription)
-    assert await hub.publish("a", 0) == 1
+    hub.remove(subscription)
+    assert await publish(hub, "a", 0) == 1
     assert (first.received(), second.received()) == ([], [msg("a", "a", 0)])
 
 
@@ -180,32 +192,33 @@ async def test_subscriptions_made_or_dropped_after_a_publish_change_the_next_one
     # The hub remembers each topic's matches: every subscription change must reach them.
     hub = make_hub()
     exact, star = FakeSubscriber(), FakeSubscriber()
-    assert await hub.publish("a.b", 0) == 0
+    assert await publish(hub, "a.b", 0) == 0
     exact_sub = subscribe(hub, exact, "a.b")
-    assert await hub.publish("a.b", 1) == 1
+    assert await publish(hub, "a.b", 1) == 1
     star_sub = subscribe(hub, star, "a.*")
-    assert await hub.publish("a.b", 2) == 2
-    hub.unsubscribe(exact_sub)
-    assert await hub.publish("a.b", 3) == 1
-    hub.unsubscribe(star_sub)
-    assert await hub.publish("a.b", 4) == 0
+    assert await publish(hub, "a.b", 2) == 2
+    hub.remove(exact_sub)
+    assert await publish(hub, "a.b", 3) == 1
+    hub.remove(star_sub)
+    assert await publish(hub, "a.b", 4) == 0
     assert [frame["data"] for frame in exact.received()] == [1, 2]
     assert [frame["data"] for frame in star.received()] == [2, 3]
 
 
-async def test_publish_nowait_finishes_without_a_coroutine_unless_it_must_wait() -> None:
+async def test_a_blocked_publish_is_queued_at_once_and_only_its_rest_waits() -> None:
     hub = make_hub()
     ready = FakeSubscriber()
     subscribe(hub, ready, "a")
-    assert hub.publish_nowait("a", 1) is None
+    delivery = LocalDelivery(hub, MemoryHistory(hub.policies.history_for))
+    assert delivery.publish("a", 1, 0.0) is None
     assert ready.received() == [msg("a", "a", 1)]
     slow = full_subscriber(hub, "a")
-    rest = hub.publish_nowait("a", 2)  # queued for ready; slow waits for room
+    rest = delivery.publish("a", 2, 0.0)  # queued for both now; slow's publisher must wait
     assert rest is not None
     assert ready.received() == [msg("a", "a", 2)]
-    slow.queue.take_batch(1 << 20)
-    assert await rest == 2
-    assert slow.received() == [msg("a", "a", 2)]
+    old, new = slow.queue.take_batch(1 << 20).frames  # the message past the bound is there
+    assert old == b"old" and msgpack.unpackb(new) == msg("a", "a", 2)
+    await rest.complete()  # the take made room: returns at once
 
 
 async def test_each_subscriber_gets_its_own_encoding() -> None:
@@ -213,7 +226,7 @@ async def test_each_subscriber_gets_its_own_encoding() -> None:
     binary, text = FakeSubscriber(Encoding.MSGPACK), FakeSubscriber(Encoding.JSON)
     subscribe(hub, binary, "t")
     subscribe(hub, text, "t")
-    await hub.publish("t", {"blob": b"\x01", "n": 1})
+    await publish(hub, "t", {"blob": b"\x01", "n": 1})
     assert binary.received() == [msg("t", "t", {"blob": b"\x01", "n": 1})]
     assert text.received() == [msg("t", "t", {"blob": "AQ==", "n": 1})]
 
@@ -235,7 +248,7 @@ async def test_message_is_encoded_once_per_encoding_and_the_body_shared(
     for subscriber in binary + text:
         subscribe(hub, subscriber, "t.*")
         subscribe(hub, subscriber, ">")
-    assert await hub.publish("t.x", "payload") == 10
+    assert await publish(hub, "t.x", "payload") == 10
     assert sorted(encoded, key=lambda e: e.value) == [Encoding.JSON, Encoding.MSGPACK]
 
     # Every queued entry of one encoding holds the very same body object.
@@ -264,17 +277,17 @@ async def test_block_waits_for_room_then_queues(autojump_clock: trio.abc.Clock) 
     published = trio.Event()
 
     async def publisher() -> None:
-        await hub.publish("chat.a", "hi")
+        await publish(hub, "chat.a", "hi")
         published.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(publisher)
         await trio.sleep(SLOW_TIMEOUT - 1)
         assert not published.is_set()
-        assert slow.queue.take_batch(1 << 20).frames == [b"old"]  # the writer makes room
+        old, new = slow.queue.take_batch(1 << 20).frames  # the writer makes room
+        assert old == b"old" and msgpack.unpackb(new) == msg("chat.a", "chat.>", "hi")
         await trio.testing.wait_all_tasks_blocked()
         assert published.is_set()
-    assert slow.received() == [msg("chat.a", "chat.>", "hi")]
     assert slow.closed == []
 
 
@@ -286,7 +299,7 @@ async def test_block_closes_a_subscriber_full_past_slow_timeout(
     healthy = FakeSubscriber()
     subscribe(hub, healthy, "chat.*")
     start = trio.current_time()
-    assert await hub.publish("chat.a", "hi") == 2
+    assert await publish(hub, "chat.a", "hi") == 2
     assert trio.current_time() - start == pytest.approx(SLOW_TIMEOUT)
     assert slow.closed == [f"outbound queue full for {SLOW_TIMEOUT:g} s (block)"]
     assert healthy.received() == [msg("chat.a", "chat.*", "hi")]
@@ -298,11 +311,11 @@ async def test_block_timeout_counts_from_when_the_queue_first_filled(
     hub = make_hub()
     slow = full_subscriber(hub, "chat.>")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(hub.publish, "chat.a", 1)
+        nursery.start_soon(publish, hub, "chat.a", 1)
         await trio.sleep(3)
         start = trio.current_time()
         # A second publisher gives up with the first: the subscriber made no progress.
-        await hub.publish("chat.b", 2)
+        await publish(hub, "chat.b", 2)
         assert trio.current_time() - start == pytest.approx(SLOW_TIMEOUT - 3)
     assert slow.closed
 
@@ -313,7 +326,7 @@ async def test_block_publish_returns_when_the_subscriber_goes_away(
     hub = make_hub()
     slow = full_subscriber(hub, "chat.>")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(hub.publish, "chat.a", 1)
+        nursery.start_soon(publish, hub, "chat.a", 1)
         await trio.testing.wait_all_tasks_blocked()
         slow.queue.close()  # the connection closed for its own reasons
     assert trio.current_time() < SLOW_TIMEOUT
@@ -326,7 +339,7 @@ async def test_disconnect_closes_a_full_subscriber_at_once() -> None:
     healthy = FakeSubscriber()
     subscribe(hub, healthy, "feed.*")
     with trio.testing.assert_no_checkpoints():
-        assert await hub.publish("feed.a", 1) == 2
+        assert await publish(hub, "feed.a", 1) == 2
     assert slow.closed == ["outbound queue full on 'feed.a' (disconnect)"]
     assert slow.received() == []
     assert healthy.received() == [msg("feed.a", "feed.*", 1)]
@@ -337,7 +350,7 @@ async def test_drop_policies_never_wait_and_report_lag(policy: Policy) -> None:
     hub = make_hub({"ticks.>": policy})
     slow = full_subscriber(hub, "ticks.>")
     with trio.testing.assert_no_checkpoints():
-        await hub.publish("ticks.a", 1)
+        await publish(hub, "ticks.a", 1)
     assert slow.queue.take_batch(1 << 20).lags == {"ticks.>": 1}
     assert slow.closed == []
 
@@ -346,8 +359,8 @@ async def test_policy_follows_the_topic_not_the_subscription() -> None:
     hub = make_hub({"ticks.>": Policy.DROP_NEWEST})
     slow = full_subscriber(hub, ">")
     with trio.testing.assert_no_checkpoints():
-        await hub.publish("ticks.a", 1)  # drop_newest: dropped, no wait
+        await publish(hub, "ticks.a", 1)  # drop_newest: dropped, no wait
     with trio.move_on_after(0) as scope:  # block: would wait
-        await hub.publish("chat.a", 1)
+        await publish(hub, "chat.a", 1)
     assert scope.cancelled_caught
     assert slow.queue.take_batch(1 << 20).lags == {">": 1}

@@ -16,9 +16,8 @@ import pytest
 import trio
 
 from broker.config import AuthConfig, Config, TokenGrant
-from broker.core.history import HistoryLimits
-from broker.core.hub import TopicRule
 from broker.core.outbound import Policy
+from broker.core.rules import HistoryLimits, TopicRule
 from tests.helpers import make_config, start_broker
 
 JS_CLIENT = Path(__file__).resolve().parent.parent / "clients" / "js"

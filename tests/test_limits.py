@@ -21,11 +21,11 @@ from broker.config import (
     AuthConfig,
     Config,
     ConfigError,
-    IdentityLimits,
     JwtConfig,
     TokenGrant,
     config_from_dict,
 )
+from broker.core.rules import IdentityLimits
 from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.wire import connect, rejection

@@ -138,7 +138,7 @@ async def test_drops_and_slow_consumer_disconnects_are_counted(
     assert metrics['broker_messages_dropped_total{policy="drop_newest"}'] > 0
     assert metrics["broker_slow_consumer_disconnects_total"] == 1
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow cons")]
-    assert "subject=slowpoke subs=feed queued=4 " in line
+    assert "subject=slowpoke subs=feed queued=5 " in line  # the bound, and one past it
     assert "oldest=" in line and "closing with 4002" in line
     await dropping.stream.aclose()
 

@@ -13,9 +13,11 @@ import trio
 import trio.testing
 
 from broker.config import Config, HistoryConfig
-from broker.core.history import HistoryLimits
-from broker.core.hub import Hub, PolicyTable, Subscription, TopicRule
+from broker.core.delivery import LocalDelivery
+from broker.core.history import MemoryHistory
+from broker.core.hub import Hub, Subscription
 from broker.core.outbound import OutboundQueue, Policy
+from broker.core.rules import HistoryLimits, PolicyTable, TopicRule
 from broker.io.server import Broker
 from broker.protocol.frames import Encoding
 from tests.helpers import make_config, start_broker, wait_until
@@ -260,7 +262,7 @@ async def test_memory_cap_evicts_the_least_recently_published_topic(
         for n in range(30):  # ~30 KB of history on other topics
             await client.send({"op": "pub", "topic": f"chat.t{n}", "data": b"x" * 1000})
         await publish_numbers(client, 0, 1, topic="chat.last")
-        assert broker.hub.history.statistics()["bytes"] <= 20_000  # type: ignore[attr-defined]
+        assert broker.delivery.history.statistics()["bytes"] <= 20_000  # type: ignore[attr-defined]
         async with connect(broker.url) as again:
             reply = await sub(again, "chat.first", {"epoch": epoch, "offset": 1})
         assert reply["recovered"] is False and reply["epoch"] != epoch and reply["offset"] == 0
@@ -319,24 +321,21 @@ class FakeSubscriber:
         raise AssertionError(why)
 
 
-async def test_blocked_publishes_of_a_history_topic_keep_offset_order() -> None:
-    """A newer publish never overtakes an older one that waits for room in a full queue."""
+async def test_publishes_of_a_history_topic_queue_in_offset_order_even_when_blocked() -> None:
+    """A publish is queued whole before anyone waits: no newer publish overtakes an older one
+    whose publisher waits for room in a full queue."""
     rule = TopicRule("chat.>", Policy.BLOCK, HistoryLimits(10))
     hub = Hub(PolicyTable([rule]), slow_timeout=60)
+    delivery = LocalDelivery(hub, MemoryHistory(hub.policies.history_for))
     subscriber = FakeSubscriber()
-    hub.subscribe(Subscription(subscriber, TOPIC))
-    frames: list[bytes] = []
-
-    async def drain() -> None:
-        while len(frames) < 3:
-            await subscriber.queue.wait_batch()
-            frames.extend(subscriber.queue.take_batch(1 << 20).frames)
-
+    await delivery.subscribe(Subscription(subscriber, TOPIC), None)
+    assert delivery.publish(TOPIC, 1, 0.0) is None  # the queue is now full
+    second = delivery.publish(TOPIC, 2, 0.0)  # queued past the bound: its publisher must wait
+    third = delivery.publish(TOPIC, 3, 0.0)  # another publisher, before the first one waits
+    assert second is not None and third is not None
     async with trio.open_nursery() as nursery:
-        await hub.publish(TOPIC, 1)  # the queue is now full
-        nursery.start_soon(hub.publish, TOPIC, 2)  # waits for room
+        nursery.start_soon(second.complete)
+        nursery.start_soon(third.complete)
         await trio.testing.wait_all_tasks_blocked()
-        frames += subscriber.queue.take_batch(1 << 20).frames  # room: 2 may go now ...
-        nursery.start_soon(drain)
-        await hub.publish(TOPIC, 3)  # ... and 3, published before 2 wakes, must not overtake
+        frames = subscriber.queue.take_batch(1 << 20).frames  # room: both go on
     assert [msgpack.unpackb(frame)["offset"] for frame in frames] == [1, 2, 3]

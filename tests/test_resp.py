@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.cluster.backplane import glob_escape
 from broker.cluster.resp import (
     NEED_DATA,
     ProtocolError,
@@ -14,7 +15,6 @@ from broker.cluster.resp import (
     ReplyParser,
     encode_command,
 )
-from broker.core.backplane import glob_escape
 
 
 def parse_all(data: bytes) -> list[object]:

@@ -7,7 +7,7 @@ Each node keeps two connections to Redis:
   ``pub`` is acknowledged only once Redis has taken the message;
 - a **subscriber** connection, ``SUBSCRIBE``\\ d to one channel per concrete topic and
   ``PSUBSCRIBE``\\ d to one glob per wildcard pattern that local clients hold
-  (:func:`~broker.core.backplane.redis_glob`; reference-counted: a channel or glob is subscribed
+  (:func:`redis_glob`; reference-counted: a channel or glob is subscribed
   once per node, and unsubscribed when its last local subscriber leaves). Redis matches every
   glob against every message published, so a node follows at most ``max_patterns`` globs
   (:meth:`RedisBackplane.refuse_to_follow`).
@@ -27,7 +27,7 @@ stops reading, TCP pushes back on Redis, and Redis buffers for us up to its
 as an outage (see docs/cluster.md).
 
 Outages: while Redis is unreachable the node keeps serving its local clients, publishes raise
-:class:`~broker.core.backplane.BackplaneUnavailable` (the ``pub`` is answered ``err unavailable``
+:class:`~broker.core.delivery.Unavailable` (the ``pub`` is answered ``err unavailable``
 after local delivery), the outage is logged once, and the node reconnects with exponential
 backoff and resubscribes to everything its clients hold.
 """
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import msgpack
 import trio
 
+from broker.cluster.delivery import Deliver, Missed
 from broker.cluster.resp import (
     ConnectionLost,
     ProtocolError,
@@ -51,9 +52,9 @@ from broker.cluster.resp import (
     Reply,
     encode_command,
 )
-from broker.core.backplane import BackplaneUnavailable, Deliver, Missed, redis_glob
-from broker.core.history import Position
+from broker.core.delivery import Unavailable
 from broker.exceptiongroups import first_leaf
+from broker.protocol.frames import Position
 from broker.protocol.topics import is_wildcard
 
 log = logging.getLogger("broker.cluster")
@@ -91,13 +92,13 @@ class _Commands:
         self.why = ""
 
     async def call(self, payload: bytes, *, wait: bool = True) -> Reply:
-        """Send one encoded command and return its reply; raises BackplaneUnavailable.
+        """Send one encoded command and return its reply; raises Unavailable.
 
         Without ``wait`` it returns once the command is queued (in order), and its reply is
         ignored: failures after that show as the outage they cause.
         """
         if self.broken.is_set():
-            raise BackplaneUnavailable(self.why)
+            raise Unavailable(self.why)
         pending = _Pending()
         with trio.move_on_after(self._timeout):
             try:
@@ -106,16 +107,16 @@ class _Commands:
                 except trio.WouldBlock:
                     await self._in.send((payload, pending))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise BackplaneUnavailable(self.why) from None
+                raise Unavailable(self.why) from None
             if not wait:
                 return None
             await pending.done.wait()
         if not pending.done.is_set():
             self.fail(f"no reply from Redis within {self._timeout:g} s")
         if pending.error is not None:
-            raise BackplaneUnavailable(pending.error)
+            raise Unavailable(pending.error)
         if isinstance(pending.reply, RedisError):
-            raise BackplaneUnavailable(f"Redis answered: {pending.reply}")
+            raise Unavailable(f"Redis answered: {pending.reply}")
         return pending.reply
 
     async def write_loop(self) -> None:
@@ -162,8 +163,6 @@ class _Commands:
 
 class RedisBackplane:
     """A :class:`~broker.core.backplane.Backplane` over Redis pub/sub (see the module doc)."""
-
-    active = True
 
     def __init__(
         self,
@@ -270,7 +269,7 @@ class RedisBackplane:
         return (self._prefix + pattern).encode()
 
     async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
-        """``PUBLISH`` the message; raises BackplaneUnavailable if Redis does not take it.
+        """``PUBLISH`` the message; raises Unavailable if Redis does not take it.
 
         Without ``wait``, returns once the message is queued for Redis, in order."""
         envelope = msgpack.packb([self.node_id, self._next_seq(), packed], use_bin_type=True)
@@ -281,7 +280,7 @@ class RedisBackplane:
         """Run an encoded command on the command connection (see :meth:`_Commands.call`)."""
         commands = self._commands
         if commands is None:
-            raise BackplaneUnavailable(self.why_down)
+            raise Unavailable(self.why_down)
         return await commands.call(command, wait=wait)
 
     def channel(self, topic: str) -> str:
@@ -498,3 +497,37 @@ class RedisBackplane:
                     item = self._from_redis.receive_nowait()
                 except trio.WouldBlock:
                     break
+
+
+GLOB_SPECIAL = "\\*?[]"
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with Redis glob specials escaped, so it matches only itself."""
+    return "".join("\\" + char if char in GLOB_SPECIAL else char for char in text)
+
+
+#: A glob keeps at most this many wildcards: Redis matches every glob against every channel
+#: published, and a glob of many stars costs it far more than one of two.
+GLOB_WILDCARDS = 2
+
+
+def redis_glob(prefix: str, pattern: str) -> str:
+    """A Redis PSUBSCRIBE glob matching at least the channels of the topics ``pattern`` matches.
+
+    Redis' ``*`` also matches dots, so ``chat.*`` brings ``chat.a.b`` too: the hub's own
+    matcher filters again on delivery. ``>`` (one or more segments) becomes ``?*``. The glob
+    ends at the pattern's :data:`GLOB_WILDCARDS`-th wildcard (``a.*.b.*.c.*`` follows
+    ``a.*.b.*``), which covers the rest.
+    """
+    segments: list[str] = []
+    wildcards = 0
+    for segment in pattern.split("."):
+        if segment in ("*", ">"):
+            wildcards += 1
+            segments.append("*" if segment == "*" else "?*")
+            if wildcards == GLOB_WILDCARDS:
+                break
+        else:
+            segments.append(glob_escape(segment))
+    return glob_escape(prefix) + ".".join(segments)

@@ -28,16 +28,10 @@ from dataclasses import dataclass, field
 
 from broker.cluster.backplane import RedisBackplane
 from broker.cluster.resp import encode_command
-from broker.core.backplane import BackplaneUnavailable
-from broker.core.history import (
-    MESSAGE_OVERHEAD,
-    TOPIC_OVERHEAD,
-    HistoryLimits,
-    Position,
-    Replay,
-    Stored,
-    new_epoch,
-)
+from broker.core.delivery import Unavailable
+from broker.core.history import MESSAGE_OVERHEAD, TOPIC_OVERHEAD, Replay, Stored, new_epoch
+from broker.core.rules import HistoryLimits
+from broker.protocol.frames import Position
 
 log = logging.getLogger("broker.cluster")
 
@@ -141,7 +135,7 @@ class RedisHistory:
         self, topic: str, packed: bytes, limits: HistoryLimits, *, wait: bool
     ) -> Position | None:
         """Number, keep and publish a message in one step in Redis; its position (``None``
-        without ``wait``). Raises BackplaneUnavailable."""
+        without ``wait``). Raises Unavailable."""
         ttl = 0 if limits.ttl is None else max(1, int(limits.ttl * 1000))
         head = self.backplane.envelope_head(packed)
         command = self._script(
@@ -152,7 +146,7 @@ class RedisHistory:
         if not wait:
             return None
         if not (isinstance(reply, list) and len(reply) == 2):
-            raise BackplaneUnavailable(f"unexpected answer from Redis: {reply!r:.80}")
+            raise Unavailable(f"unexpected answer from Redis: {reply!r:.80}")
         epoch, offset = reply
         assert isinstance(epoch, bytes) and isinstance(offset, int)
         return Position(epoch.decode(), offset)
@@ -188,7 +182,7 @@ class RedisHistory:
 
     async def load(self, topic: str, now: float) -> None:
         """Make ``topic`` warm: read its epoch, latest offset and kept messages from Redis.
-        Raises BackplaneUnavailable."""
+        Raises Unavailable."""
         limits = self.limits_for(topic)
         if limits is None or self.is_warm(topic):
             return
@@ -196,7 +190,7 @@ class RedisHistory:
         reply = await self.backplane.call(command)
         # no checkpoint from here to the caller's subscribe (Hub.subscribe's proof)
         if not (isinstance(reply, list) and len(reply) == 4):
-            raise BackplaneUnavailable(f"unexpected answer from Redis: {reply!r:.80}")
+            raise Unavailable(f"unexpected answer from Redis: {reply!r:.80}")
         raw_epoch, latest, redis_ms, entries = reply
         assert isinstance(raw_epoch, bytes) and isinstance(latest, int)
         assert isinstance(redis_ms, int) and isinstance(entries, list)
@@ -253,7 +247,7 @@ class RedisHistory:
     def _warm(self, topic: str, now: float) -> _Mirror:
         mirror = self._topics.get(topic)
         if mirror is None or not mirror.warm:
-            raise BackplaneUnavailable(f"the history of {topic!r} is not loaded from Redis")
+            raise Unavailable(f"the history of {topic!r} is not loaded from Redis")
         limits = self.limits_for(topic)
         if limits is not None and limits.ttl is not None:
             while mirror.kept and mirror.kept[0].time <= now - limits.ttl:

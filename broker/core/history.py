@@ -6,13 +6,13 @@ numbering; a new epoch (with offsets starting again from 1) means the kept histo
 (the in-memory store was restarted, or the topic was evicted whole), so positions of the old
 epoch mean nothing any more.
 
-:class:`HistoryStore` is the hub's whole view of a store: :meth:`~HistoryStore.append`,
+:class:`HistoryStore` is the core's whole view of a store: :meth:`~HistoryStore.append`,
 :meth:`~HistoryStore.position`, :meth:`~HistoryStore.since`. Its calls are synchronous on
-purpose: the hub relies on "read the history, then register the live subscription" happening
-with no checkpoint in between (see :meth:`broker.core.hub.Hub.subscribe`). :class:`MemoryHistory`
-is the embedded store. It keeps at most ``size`` messages per topic, drops messages older than
-``ttl`` seconds lazily (when the topic is next touched), and keeps the whole store under
-``max_bytes`` by evicting the least recently published topics first.
+purpose: "read the history, then register the live subscription" must happen with no
+checkpoint in between (see :meth:`broker.core.delivery.LocalDelivery.subscribe`).
+:class:`MemoryHistory` is the embedded store. It keeps at most ``size`` messages per topic,
+drops messages older than ``ttl`` seconds lazily (when the topic is next touched), and keeps
+the whole store under ``max_bytes`` by evicting the least recently published topics first.
 
 Only a publish creates a topic's state. A topic never published to (or evicted) reports the
 store's *fresh* epoch and offset 0 without being stored, and its first publish numbers it in
@@ -35,9 +35,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
-from broker.operations.logs import BurstLog
+from broker.core.rules import HistoryLimits
+from broker.core.stats import BurstLog
+from broker.protocol.frames import Position
 
 log = logging.getLogger("broker.history")
 
@@ -46,22 +48,6 @@ log = logging.getLogger("broker.history")
 # topics cannot outgrow max_bytes either.
 MESSAGE_OVERHEAD = 64
 TOPIC_OVERHEAD = 256
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryLimits:
-    """How much history a topic keeps: at most ``size`` messages, none older than ``ttl`` s."""
-
-    size: int
-    ttl: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Position:
-    """A place in a topic's history: the last offset seen, in the numbering named by ``epoch``."""
-
-    epoch: str
-    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +73,7 @@ class Replay:
 
 
 class HistoryStore(Protocol):
-    """Where the hub keeps history; every call is synchronous (no checkpoint)."""
+    """Where history is kept; every call is synchronous (no checkpoint)."""
 
     def append(self, topic: str, data: bytes, now: float) -> int:
         """Keep ``data`` (a msgpack value) as the topic's next message; return its offset."""
@@ -100,28 +86,6 @@ class HistoryStore(Protocol):
 
     def clear(self) -> None:
         """Forget every topic (messages were lost): each starts a new epoch when next used."""
-
-
-@runtime_checkable
-class SharedHistory(HistoryStore, Protocol):
-    """A store shared by the nodes of a cluster (:class:`~broker.cluster.history.RedisHistory`):
-    it numbers messages itself, asynchronously, and answers the synchronous calls for a topic
-    once :meth:`load` made it warm."""
-
-    async def publish(
-        self, topic: str, packed: bytes, limits: HistoryLimits, *, wait: bool
-    ) -> Position | None:
-        """Number, keep and send a message to every node; its position (``None`` without
-        ``wait``)."""
-
-    def record(self, topic: str, position: Position, data: bytes, now: float) -> None:
-        """Keep a message received from the shared store, numbered at ``position``."""
-
-    def is_warm(self, topic: str) -> bool:
-        """True if the synchronous calls can answer for ``topic`` now."""
-
-    async def load(self, topic: str, now: float) -> None:
-        """Make ``topic`` warm."""
 
 
 def new_epoch() -> str:

@@ -4,9 +4,12 @@ The queue holds encoded frames waiting for the connection's writer. Messages (``
 bounded by count and bytes; when a message does not fit, the topic's policy decides:
 
 =============== ===========================================================================
-``block``       :meth:`OutboundQueue.offer` answers ``FULL``; the publisher waits for room
-                (:meth:`OutboundQueue.wait_room`) and gives up on the subscriber after
-                ``slow_timeout`` of continuous fullness.
+``block``       the message is queued anyway, past the bound, and :meth:`OutboundQueue.offer`
+                answers ``OVER``: the publisher must wait for room
+                (:meth:`OutboundQueue.wait_room`) before it publishes again, and gives up on
+                the subscriber after ``slow_timeout`` of continuous fullness. So a queue
+                holds at most one message past its bound per publisher, and a publish never
+                stops half-way (its offsets reach every subscriber in order).
 ``drop_oldest`` the oldest queued messages *of the same subscription* make room; if even
                 all of them would not, none is evicted and the new message is dropped.
 ``drop_newest`` the new message is dropped.
@@ -23,6 +26,12 @@ and reported by the writer as one ``lag`` frame ahead of the next batch. Replies
 its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued past the bounds
 and never dropped. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
 
+The writer waits in :meth:`~OutboundQueue.wait_batch`. When something arrives for a waiting
+writer, the queue first asks its :attr:`~OutboundQueue.on_ready` hook (set by whoever owns the
+socket): a hook that answers True has taken charge of the write (it will
+:meth:`~OutboundQueue.take_direct` or :meth:`~OutboundQueue.wake_writer`), and the queue
+asks it nothing more until then.
+
 For observability each message carries the time it was published (``now``, read once per
 publish by the hub from :func:`~broker.core.stats.metrics_clock`), so the age of the oldest queued
 message and of each batch's oldest are known without a clock call per subscriber; drops are
@@ -34,8 +43,8 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import trio
 
@@ -55,7 +64,7 @@ class Offer(enum.Enum):
 
     QUEUED = "queued"  # in the queue (possibly after evicting or replacing older messages)
     DROPPED = "dropped"  # not queued; counted as lag
-    FULL = "full"  # block policy: wait for room, then offer again
+    OVER = "over"  # block policy: queued past the bound; wait for room before the next
     DISCONNECT = "disconnect"  # disconnect policy: the subscriber must be closed
     CLOSED = "closed"  # the queue is closed; the subscriber is going away
 
@@ -65,7 +74,7 @@ class Offer(enum.Enum):
 # ``offer`` runs once per delivery.
 _BLOCK, _DROP_OLDEST, _DROP_NEWEST = Policy.BLOCK, Policy.DROP_OLDEST, Policy.DROP_NEWEST
 _CONFLATE, _DISCONNECT = Policy.CONFLATE, Policy.DISCONNECT
-_QUEUED, _DROPPED, _FULL = Offer.QUEUED, Offer.DROPPED, Offer.FULL
+_QUEUED, _DROPPED, _OVER = Offer.QUEUED, Offer.DROPPED, Offer.OVER
 
 
 #: ``_times`` entry of an evicted message (its parts are emptied; removed lazily).
@@ -99,52 +108,6 @@ def join_pairs(parts: list[bytes]) -> list[bytes]:
     return [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
 
 
-class WakeHolder(Protocol):
-    """Who writes a queue's data instead of its writer while :class:`HeldWakes` hold its
-    wake-up (:attr:`OutboundQueue.waker`)."""
-
-    def write_held(self) -> None:
-        """Clear ``wake_held`` and write what was queued meanwhile (or wake the writer)."""
-        ...
-
-
-class HeldWakes:
-    """Writers' wake-ups held back while one task runs (a reader executing what one read
-    brought), so that at the end (:meth:`release`) each touched idle connection is written
-    to once, directly, instead of each writer task being woken for it.
-
-    The holder must :meth:`release` before it waits for anything; a wake-up from any other
-    task is never held.
-    """
-
-    __slots__ = ("_held", "_task")
-
-    def __init__(self) -> None:
-        self._held: list[WakeHolder] = []
-        self._task: trio.lowlevel.Task | None = None
-
-    def hold(self) -> None:
-        """Hold wake-ups from the current task until :meth:`release`."""
-        self._task = trio.lowlevel.current_task()
-
-    def join(self, holder: WakeHolder) -> bool:
-        """If the current task holds wake-ups, remember ``holder`` for :meth:`release` (once
-        per hold) and answer True; otherwise False."""
-        if self._task is not trio.lowlevel.current_task():
-            return False
-        self._held.append(holder)
-        return True
-
-    def release(self) -> None:
-        """Stop holding; every remembered holder writes (or wakes its writer). No checkpoint."""
-        self._task = None
-        held = self._held
-        if held:
-            self._held = []
-            for holder in held:
-                holder.write_held()
-
-
 class OutboundQueue:
     """A bounded queue of encoded frames with per-topic full policies (see the module doc).
 
@@ -160,6 +123,7 @@ class OutboundQueue:
         "_closed",
         "_dead",
         "_evictable",
+        "_handed_off",
         "_kicked",
         "_lags",
         "_latest",
@@ -175,9 +139,7 @@ class OutboundQueue:
         "max_bytes",
         "max_messages",
         "max_replies",
-        "wake_held",
-        "waker",
-        "wakes",
+        "on_ready",
     )
 
     def __init__(
@@ -207,12 +169,10 @@ class OutboundQueue:
         self._readable: trio.Event | None = None  # the writer waits for something to send
         self._room: trio.Event | None = None  # publishers wait for the writer to take a batch
         self._kicked = False  # wait_batch returns even with nothing queued
-        # When the waiting writer would be woken while `wakes` hold wake-ups, the waker joins
-        # them instead and writes at their release (wake_held: joined; the queue asks no
-        # more until the waker clears it).
-        self.waker: WakeHolder | None = None
-        self.wakes: HeldWakes | None = None
-        self.wake_held = False
+        # Asked first when something arrives for the waiting writer (see the module doc);
+        # _handed_off: it took charge, and is not asked again until it is done.
+        self.on_ready: Callable[[], bool] | None = None
+        self._handed_off = False
         self.full_since: float | None = None
         self.dropped_total = 0
         self.drops: Counter[str] = drops if drops is not None else Counter()  # by policy
@@ -287,13 +247,14 @@ class OutboundQueue:
                 self._times.append(now)
                 self._messages = messages + 1
                 self._bytes += size
-                if self._readable is not None and not self.wake_held:
+                if self._readable is not None and not self._handed_off:
                     self._wake_writer()
             else:
                 self._append(sub, topic, frame, tail, now, policy)
             return _QUEUED
         if policy is _BLOCK:
-            return _FULL
+            self._append(sub, topic, frame, tail, now, policy)
+            return _OVER
         if policy is _DISCONNECT:
             return Offer.DISCONNECT
         latest = self._latest.get((sub, topic)) if policy is _CONFLATE else None
@@ -387,10 +348,10 @@ class OutboundQueue:
 
     def _wake_writer(self) -> None:
         readable = self._readable
-        if readable is not None and not self.wake_held:
-            waker, wakes = self.waker, self.wakes
-            if waker is not None and wakes is not None and wakes.join(waker):
-                self.wake_held = True
+        if readable is not None and not self._handed_off:
+            on_ready = self.on_ready
+            if on_ready is not None and on_ready():
+                self._handed_off = True
                 return
             self._readable = None
             readable.set()
@@ -402,6 +363,7 @@ class OutboundQueue:
 
     def wake_writer(self, *, kick: bool = False) -> None:
         """Wake the waiting writer now; with ``kick``, even with nothing queued."""
+        self._handed_off = False
         self._kicked = self._kicked or kick
         readable = self._readable
         if readable is not None:
@@ -419,8 +381,14 @@ class OutboundQueue:
             self._room = trio.Event()
         await self._room.wait()
 
+    @property
+    def full(self) -> bool:
+        """Whether the queue holds its bound of messages or bytes (or more: see ``block``)."""
+        return self._messages >= self.max_messages or self._bytes >= self.max_bytes
+
     async def wait_room(self) -> None:
-        """Wait until the writer takes a batch (or the queue closes)."""
+        """Wait until the writer takes a batch (or the queue closes); ``full_since`` says since
+        when publishers have been waiting."""
         if self._closed:
             return
         if self.full_since is None:
@@ -454,7 +422,8 @@ class OutboundQueue:
         writer is waiting, at most ``max_frames`` frames in at most ``max_bytes`` are queued
         and there is no lag to report, take them all, as :meth:`take_batch` would, as
         ``(parts, messages, oldest, size)`` (no :class:`Batch` built). Otherwise take nothing
-        and answer ``None``."""
+        and answer ``None``. Either way the writer's wake-up is no longer handed off."""
+        self._handed_off = False
         times = self._times
         if (
             self._readable is None

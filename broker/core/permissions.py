@@ -12,8 +12,9 @@ everything ``a.>`` does, yet ``a.>`` is refused, because one subscription is one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from broker.core.rules import IdentityLimits
 from broker.protocol.topics import pattern_matches
 
 
@@ -61,3 +62,17 @@ class Permissions:
     def may_subscribe(self, pattern: str) -> bool:
         """True if one ``subscribe`` pattern covers ``pattern`` (see :func:`covers`)."""
         return any(covers(granted, pattern) for granted in self.subscribe)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated client: its name, its grants, when its token expires (Unix time),
+    and the limits its token sets."""
+
+    subject: str
+    permissions: Permissions
+    expires_at: float | None = None
+    limits: IdentityLimits = field(default_factory=IdentityLimits)
+
+
+ANONYMOUS = Identity("anonymous", Permissions.allow_all())

@@ -19,7 +19,7 @@ import enum
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 # The metrics clock: real seconds (not a test's virtual trio clock), and a call costs about a
@@ -155,3 +155,26 @@ def describe(snapshot: ConnectionSnapshot) -> str:
         f"queued={snapshot.queue_messages} queued_bytes={snapshot.queue_bytes} "
         f"dropped={snapshot.dropped} oldest={age}"
     )
+
+
+class BurstLog:
+    """Says which of a stream of like events to log: the first of each burst, where a burst
+    ends after ``quiet`` seconds without one. Keyed by what makes events alike (a limit and
+    who hit it); remembers at most ``max_keys`` keys."""
+
+    def __init__(self, quiet: float = 10.0, max_keys: int = 4096) -> None:
+        self.quiet = quiet
+        self.max_keys = max_keys
+        self._last: dict[Hashable, tuple[float, int]] = {}  # key -> (last seen, not logged)
+
+    def first(self, key: Hashable, now: float) -> int | None:
+        """Count one event at ``now``: if it starts a burst, how many events of the previous
+        burst went unlogged (to say so in the line); ``None`` if it is part of a burst."""
+        last = self._last.get(key)
+        if last is not None and now - last[0] <= self.quiet:
+            self._last[key] = (now, last[1] + 1)
+            return None
+        if len(self._last) >= self.max_keys:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return 0 if last is None else last[1]

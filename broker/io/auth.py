@@ -19,7 +19,6 @@ import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jwt
@@ -30,12 +29,12 @@ from broker.config import (
     IDENTITY_LIMIT_KEYS,
     AuthConfig,
     ConfigError,
-    IdentityLimits,
     JwtConfig,
     TokenGrant,
     identity_limits,
 )
-from broker.core.permissions import Permissions
+from broker.core.permissions import ANONYMOUS, Identity, Permissions
+from broker.core.rules import IdentityLimits
 from broker.protocol.handshake import Upgrade
 from broker.protocol.topics import InvalidTopic, validate_pattern
 
@@ -46,20 +45,6 @@ class AuthError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """An authenticated client: its name, its grants, when its token expires (Unix time),
-    and the limits its token sets."""
-
-    subject: str
-    permissions: Permissions
-    expires_at: float | None = None
-    limits: IdentityLimits = field(default_factory=IdentityLimits)
-
-
-ANONYMOUS = Identity("anonymous", Permissions.allow_all())
 
 
 class Authenticator(Protocol):

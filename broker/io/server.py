@@ -25,15 +25,19 @@ from collections.abc import Hashable, Sequence
 import trio
 
 from broker.cluster.backplane import RedisBackplane
+from broker.cluster.delivery import ClusterDelivery
 from broker.cluster.history import RedisHistory
 from broker.cluster.resp import RedisAddress
 from broker.config import Config, ConfigError, TlsConfig
-from broker.core.history import HistoryStore, MemoryHistory
-from broker.core.hub import Hub, PolicyTable, TopicRule
-from broker.core.stats import BrokerStats
+from broker.core.delivery import Delivery, LocalDelivery
+from broker.core.history import MemoryHistory
+from broker.core.hub import Hub
+from broker.core.permissions import Identity
+from broker.core.rules import PolicyTable, TopicRule
+from broker.core.stats import BrokerStats, BurstLog
 from broker.exceptiongroups import first_leaf
-from broker.io.auth import AuthError, Identity, build_authenticator, token_from_request
-from broker.io.connection import CLOSE_GOING_AWAY, Connection, ConnectionLimits
+from broker.io.auth import AuthError, build_authenticator, token_from_request
+from broker.io.connection import Connection
 from broker.io.websocket import (
     ConnectionClosed,
     Handshake,
@@ -41,8 +45,9 @@ from broker.io.websocket import (
     peer_address,
     read_handshake,
 )
-from broker.operations.logs import BurstLog
+from broker.io.writes import DirectWrites
 from broker.operations.monitor import serve_monitor
+from broker.protocol.codes import CloseCode
 from broker.protocol.frames import SUBPROTOCOLS, Encoding
 from broker.protocol.handshake import BadHandshake, error_response
 
@@ -121,18 +126,23 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-def build_backplane(config: Config) -> RedisBackplane | None:
-    """The Redis backplane ``[cluster]`` asks for, or ``None`` for a single node."""
+def build_delivery(config: Config) -> Delivery:
+    """The delivery the config asks for: through Redis with ``[cluster]``, else one node."""
+    hub = Hub(PolicyTable(config.topics), config.limits.slow_timeout)
+    history_for = hub.policies.history_for
     cluster = config.cluster
     if not cluster.backend:
-        return None
-    node_id = cluster.node_id or secrets.token_hex(4)
-    return RedisBackplane(
+        return LocalDelivery(hub, MemoryHistory(history_for, config.history.max_bytes))
+    backplane = RedisBackplane(
         RedisAddress.from_url(cluster.backend),
-        node_id,
+        cluster.node_id or secrets.token_hex(4),
         cluster.prefix,
         max_patterns=cluster.max_patterns,
     )
+    history = RedisHistory(
+        backplane, history_for, cluster.prefix, config.history.max_bytes, cluster.history_meta_ttl
+    )
+    return ClusterDelivery(hub, backplane, history)
 
 
 class Broker:
@@ -140,41 +150,9 @@ class Broker:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config()
-        limits, server = self.config.limits, self.config.server
-        policies = PolicyTable(self.config.topics)
-        backplane = build_backplane(self.config)
-        history: HistoryStore
-        if backplane is None:
-            history = MemoryHistory(policies.history_for, self.config.history.max_bytes)
-        else:
-            history = RedisHistory(
-                backplane,
-                policies.history_for,
-                self.config.cluster.prefix,
-                self.config.history.max_bytes,
-                self.config.cluster.history_meta_ttl,
-            )
-        self.hub = Hub(policies, limits.slow_timeout, history, backplane)
-        for rule in self.config.topics:
-            if rule.history is not None:  # every node mirrors every history: docs/cluster.md
-                self.hub.backplane.follow(rule.pattern)
-        self.connection_limits = ConnectionLimits(
-            max_subscriptions=limits.max_subscriptions,
-            queue_messages=limits.queue_messages,
-            queue_bytes=limits.queue_bytes,
-            max_payload=limits.max_payload,
-            max_bad_frames=limits.max_bad_frames,
-            max_subscription_bytes=limits.max_subscription_bytes,
-            max_subscription_segments=limits.max_subscription_segments,
-            max_message_size=server.max_message_size,
-            ping_interval=server.ping_interval,
-            ping_timeout=server.ping_timeout,
-            close_timeout=server.drain_timeout,
-            publish_rate=limits.publish_rate,
-            publish_burst=limits.publish_burst,
-            publish_bytes_rate=limits.publish_bytes_rate,
-            publish_bytes_burst=limits.publish_bytes_burst,
-        )
+        self.delivery = build_delivery(self.config)
+        self.hub = self.delivery.hub
+        self.writes = DirectWrites()
         self.authenticator = build_authenticator(self.config.auth)
         self.ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
         self.connections: set[Connection] = set()
@@ -212,15 +190,15 @@ class Broker:
         """Whether the broker accepts connections now, and why not: ``/readyz`` answers this.
 
         False before it listens and once it shuts down. A subsystem that the broker needs to
-        be useful (the cluster backplane, when configured) extends this check.
+        be useful (Redis, in a cluster) extends this check.
         """
         if self.port is None:
             return False, "not listening yet"
         if self.shutting_down:
             return False, "shutting down"
-        backplane = self.hub.backplane
-        if isinstance(backplane, RedisBackplane) and not backplane.connected:
-            return False, backplane.why_down
+        status = self.delivery.status()
+        if status is not None and not status[0]:
+            return status
         return True, "ready"
 
     async def wait_stopped(self) -> None:
@@ -244,7 +222,7 @@ class Broker:
                         served = [trio.SSLListener(lst, self.ssl_context) for lst in listeners]
                     await trio.serve_listeners(self._serve_stream, served, handler_nursery=nursery)
 
-            await nursery.start(self.hub.backplane.run, self.hub.deliver, self.hub.messages_missed)
+            await nursery.start(self.delivery.run)
             listeners: list[trio.SocketListener] = await nursery.start(listen)
             metrics = self.config.metrics
             if metrics.port is not None:
@@ -269,7 +247,7 @@ class Broker:
             timeout,
         )
         for connection in list(self.connections):
-            connection.close(CLOSE_GOING_AWAY, "server shutting down")
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
         with trio.move_on_after(2 * timeout):  # a flush, then the closing handshake
             while self.connections:
                 await self._connection_ended.wait()
@@ -471,7 +449,8 @@ class Broker:
     async def _serve_admitted(
         self, request: Handshake, encoding: Encoding, identity: Identity, peer: str, ip: str
     ) -> None:
-        limits = self.connection_limits.for_token(identity.limits)
+        limits = self.config.limits.for_token(identity.limits)
+        server = self.config.server
         subject = identity.subject
         self.admitted_per_ip[ip] += 1
         self.admitted_per_subject[subject] += 1
@@ -479,13 +458,14 @@ class Broker:
             with trio.fail_after(self.config.server.handshake_timeout):  # writing the 101
                 websocket: WebSocket = await request.accept(
                     encoding.value if request.upgrade.subprotocols else None,
-                    max_message_size=limits.max_message_size,
-                    ping_interval=limits.ping_interval,
-                    ping_timeout=limits.ping_timeout,
+                    max_message_size=server.max_message_size,
+                    ping_interval=server.ping_interval,
+                    ping_timeout=server.ping_timeout,
                 )
             connection = Connection(
-                websocket, encoding, self.hub, limits, peer, identity, self.stats
-            )
+                websocket, encoding, self.delivery, self.writes, limits, server, peer, identity,
+                self.stats,
+            )  # fmt: skip
             self.connections.add(connection)
             self.stats.connections_accepted += 1
             log.info("connect peer=%s subject=%s encoding=%s", peer, subject, encoding.value)
@@ -497,8 +477,11 @@ class Broker:
             except* Exception:
                 self.stats.internal_errors += 1
                 log.exception("peer=%s: internal error; closing the connection with 1011", peer)
-                connection.close_code, connection.close_reason = 1011, "internal error"
-                await websocket.aclose(1011, "internal error", limits.close_timeout)
+                connection.close_code = CloseCode.INTERNAL_ERROR
+                connection.close_reason = "internal error"
+                await websocket.aclose(
+                    CloseCode.INTERNAL_ERROR, "internal error", server.drain_timeout
+                )
             finally:
                 self.connections.discard(connection)
                 self._connection_ended.set()

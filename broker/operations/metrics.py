@@ -23,10 +23,9 @@ from prometheus_client.core import (
     Metric,
 )
 
-from broker.cluster.backplane import RedisBackplane
 from broker.core.outbound import Policy
 from broker.core.stats import Histogram
-from broker.protocol.frames import ErrorCode
+from broker.protocol.codes import ErrorCode
 
 if TYPE_CHECKING:
     from broker.io.server import Broker
@@ -52,10 +51,10 @@ class BrokerCollector:
         broker, stats = self.broker, self.broker.stats
         yield _gauge("broker_ready", "1 if the broker accepts connections (see /readyz).",
                      1 if broker.ready()[0] else 0)  # fmt: skip
-        backplane = broker.hub.backplane
-        if isinstance(backplane, RedisBackplane):
+        status = broker.delivery.status()
+        if status is not None:  # a cluster
             yield _gauge("broker_backplane_up", "1 while the Redis cluster backplane is connected.",
-                         1 if backplane.connected else 0)  # fmt: skip
+                         1 if status[0] else 0)  # fmt: skip
         yield _gauge("broker_connections", "Client connections open now.", len(broker.connections))
         yield _counter("broker_connections_accepted", "Client connections accepted.",
                        stats.connections_accepted)  # fmt: skip
@@ -151,7 +150,7 @@ def _histogram(name: str, documentation: str, histogram: Histogram) -> Histogram
 
 
 def _history(broker: Broker) -> Iterator[Metric]:
-    statistics = getattr(broker.hub.history, "statistics", None)  # the in-memory store has it
+    statistics = getattr(broker.delivery.history, "statistics", None)  # the in-memory store
     if statistics is None:
         return
     kept: dict[str, int] = statistics()

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgpack
 
-from broker.core.history import Position
+from broker.protocol.codes import ErrorCode as ErrorCode  # re-exported: FrameError.code
 from broker.protocol.topics import InvalidTopic, is_wildcard, validate_pattern, validate_topic
 
 MAX_ID = 2**64 - 1
@@ -45,18 +45,13 @@ class Encoding(enum.Enum):
 SUBPROTOCOLS: Final = tuple(encoding.value for encoding in Encoding)
 
 
-class ErrorCode(enum.StrEnum):
-    """The ``code`` of an ``err`` frame, as fixed by the protocol."""
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A place in a topic's history: the last offset seen, in the numbering named by ``epoch``
+    (what ``since`` carries)."""
 
-    BAD_REQUEST = "bad_request"
-    UNKNOWN_OP = "unknown_op"
-    INVALID_TOPIC = "invalid_topic"
-    FORBIDDEN = "forbidden"
-    TOO_LARGE = "too_large"
-    TOO_MANY_SUBS = "too_many_subs"
-    RATE_LIMITED = "rate_limited"
-    UNAVAILABLE = "unavailable"
-    INTERNAL = "internal"
+    epoch: str
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,334 @@
+"""One client's session, without I/O: decoded commands in, replies out, the broker changed.
+
+A :class:`Session` holds what the protocol says about one client: its subscriptions, its
+limits, its permissions, its publish rate and its run of bad frames. :meth:`Session.execute`
+runs the commands of one WebSocket message in order, answering each into the client's
+outbound queue (``ok``, ``err``; the replay of a recovering ``sub``), publishing and
+subscribing through the :class:`~broker.core.delivery.Delivery`. It never waits: a command
+that must (a publish a ``block`` subscriber holds back, a publish or a subscription that
+needs other nodes) stops the run and comes back as a :class:`Waiting`, which the caller
+finishes with :meth:`Session.complete` before it goes on with the rest. The connection
+around a session (:mod:`broker.io.connection`) only reads, writes and times.
+
+The rules, in the order they are checked:
+
+=========== ==================================================================================
+``pub``     ``max_payload`` (``too_large``), the publish rate (``rate_limited``: checked before
+            the permission, so refused publishes count too), the permission (``forbidden``)
+``sub``     the permission (``forbidden``), ``since`` on a subscription held already
+            (``bad_request``), ``max_subscriptions``, ``max_subscription_bytes``,
+            ``max_subscription_segments``, and what the delivery can follow
+            (``too_many_subs``); a repeated ``sub`` is answered ``ok``
+bad frames ``err`` for each; ``max_bad_frames`` in a row close the client with 4008
+=========== ==================================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from broker.core.delivery import Delivery, Pending, Unavailable
+from broker.core.hub import Subscriber, Subscription
+from broker.core.permissions import Identity
+from broker.core.ratelimit import publish_limiter
+from broker.core.rules import SessionLimits
+from broker.core.stats import BrokerStats, metrics_clock
+from broker.protocol.codes import CloseCode, ErrorCode
+from broker.protocol.frames import (
+    Command,
+    FrameError,
+    Pub,
+    Sub,
+    Unsub,
+    encode_err,
+    encode_ok,
+)
+
+log = logging.getLogger("broker.connection")
+
+
+class Client(Subscriber, Protocol):
+    """What a session needs of its connection: its queue and encoding, and a way to close it
+    (the first request wins; with ``flush``, what is queued is sent first)."""
+
+    def close(self, code: CloseCode, reason: str, *, flush: bool = True) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A command :meth:`Session.execute` stopped at: finish it with :meth:`Session.complete`.
+
+    ``rest`` is what is left of a publish (``None`` for a ``sub``, which is done whole
+    there)."""
+
+    command: Pub | Sub
+    rest: Pending | None = None
+
+
+class Session:
+    """One client's protocol state and rules (see the module doc)."""
+
+    __slots__ = (
+        "_bad_in_a_row",
+        "_client",
+        "_delivery",
+        "_limiter",
+        "_peer",
+        "_rate_limited",
+        "_subscribed_bytes",
+        "_subscribed_segments",
+        "identity",
+        "limits",
+        "stats",
+        "subscriptions",
+    )
+
+    def __init__(
+        self,
+        client: Client,
+        delivery: Delivery,
+        identity: Identity,
+        limits: SessionLimits,
+        stats: BrokerStats,
+        peer: str,
+        now: float,
+    ) -> None:
+        """``now``: :func:`trio.current_time` (the publish rate's clock)."""
+        self._client = client
+        self._delivery = delivery
+        self.identity = identity
+        self.limits = limits
+        self.stats = stats
+        self._peer = peer
+        self._limiter = publish_limiter(
+            limits.publish_rate,
+            limits.publish_burst,
+            limits.publish_bytes_rate,
+            limits.publish_bytes_burst,
+            now,
+        )
+        self._rate_limited = False  # refusing publishes over the rate now (logged once)
+        self._bad_in_a_row = 0
+        self._subscribed_bytes = self._subscribed_segments = 0  # over all subscriptions
+        self.subscriptions: dict[str, Subscription] = {}
+
+    # --- commands ---
+
+    def execute(
+        self, commands: Sequence[Command | FrameError], start: int, now: float
+    ) -> tuple[int, Waiting | None]:
+        """Run ``commands[start:]`` in order (``now``: :func:`trio.current_time`, when they
+        were read) until one must wait; return the index after the last one run and the one
+        that waits, if any. Stops once the client is closing (its queue closed)."""
+        queue = self._client.queue
+        for index in range(start, len(commands)):
+            if queue.closed:
+                break  # closing: the rest is not executed
+            command = commands[index]
+            if type(command) is Pub:  # most frames
+                self._bad_in_a_row = 0
+                rest = self._publish(command, now)
+                if rest is not None:
+                    return index + 1, Waiting(command, rest)
+            elif type(command) is FrameError:
+                self._refuse(command)
+            else:
+                assert isinstance(command, Sub | Unsub)
+                self._bad_in_a_row = 0
+                try:
+                    if not self._settle(command):
+                        assert isinstance(command, Sub)
+                        return index + 1, Waiting(command)
+                except Exception:
+                    self._internal_error(command)
+        return len(commands), None
+
+    def _settle(self, command: Sub | Unsub) -> bool:
+        """Execute and answer ``command`` now if it can be (an ``unsub``; a ``sub`` refused,
+        or held already); False for a ``sub`` that :meth:`complete` must make."""
+        if isinstance(command, Unsub):
+            self._unsubscribe(command)
+        elif (refusal := self._refuse_subscribe(command)) is not None:
+            self._reply_error(refusal)
+        elif command.topic in self.subscriptions:
+            self._client.queue.put_reply(encode_ok(command.id, self._client.encoding))
+        else:
+            return False
+        return True
+
+    async def complete(self, waiting: Waiting) -> None:
+        """Finish the command :meth:`execute` stopped at, and answer it."""
+        command = waiting.command
+        try:
+            if waiting.rest is not None:
+                assert isinstance(command, Pub)
+                await waiting.rest.complete()
+                self._published(command)
+            else:
+                assert isinstance(command, Sub)
+                await self._subscribe(command)
+        except Unavailable as exc:
+            if isinstance(command, Pub):
+                self.stats.publishes[ErrorCode.UNAVAILABLE] += 1
+            self._reply_error(FrameError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+        except Exception:
+            self._internal_error(command)
+
+    def end(self) -> None:
+        """The client is gone: drop every subscription."""
+        for subscription in self.subscriptions.values():
+            self._delivery.unsubscribe(subscription)
+        self.subscriptions.clear()
+
+    # --- publishing ---
+
+    def _publish(self, command: Pub, now: float) -> Pending | None:
+        """Check ``command`` and publish it; what is left to complete, or ``None`` once it
+        is done and answered."""
+        self.stats.frames_in += 1
+        refusal = self._refuse_publish(command, now)
+        if refusal is not None:
+            self.stats.publishes[refusal.code] += 1
+            self._reply_error(refusal)
+            return None
+        try:
+            rest = self._delivery.publish(
+                command.topic, command.data, metrics_clock(), acknowledged=command.id is not None
+            )
+        except Exception:
+            self._internal_error(command)
+            return None
+        if rest is None:
+            self._published(command)
+        return rest
+
+    def _published(self, command: Pub) -> None:
+        self.stats.publishes["ok"] += 1
+        if command.id is not None:
+            self._client.queue.put_reply(encode_ok(command.id, self._client.encoding))
+
+    def _refuse_publish(self, command: Pub, now: float) -> FrameError | None:
+        limits = self.limits
+        if command.size > limits.max_payload:
+            return FrameError(
+                ErrorCode.TOO_LARGE,
+                f"publish of {command.size} bytes exceeds max_payload ({limits.max_payload})",
+                command.id,
+            )
+        # The rate comes first, so that forbidden publishes cannot be sent without limit either.
+        limiter = self._limiter
+        if limiter is not None:
+            if not limiter.try_publish(command.size, now):
+                return self._over_rate(command)
+            self._rate_limited = False
+        if not self.identity.permissions.may_publish(command.topic):
+            return FrameError(
+                ErrorCode.FORBIDDEN, f"not allowed to publish to {command.topic!r}", command.id
+            )
+        return None
+
+    def _over_rate(self, command: Pub) -> FrameError:
+        limits = self.limits
+        rates = ", ".join(
+            f"{rate:g} {unit} per second"
+            for rate, unit in ((limits.publish_rate, "messages"),
+                               (limits.publish_bytes_rate, "bytes")) if rate
+        )  # fmt: skip
+        if not self._rate_limited:  # once per burst of refusals, not per frame
+            self._rate_limited = True
+            log.info("peer=%s subject=%s is over its publish rate (%s): refusing with "
+                     "err rate_limited", self._peer, self.identity.subject, rates)  # fmt: skip
+        return FrameError(ErrorCode.RATE_LIMITED, f"over the publish rate ({rates})", command.id)
+
+    # --- subscribing ---
+
+    def _refuse_subscribe(self, command: Sub) -> FrameError | None:
+        """Why ``command`` is refused, if it is (see the module doc)."""
+        topic = command.topic
+        if not self.identity.permissions.may_subscribe(topic):
+            return FrameError(
+                ErrorCode.FORBIDDEN, f"not allowed to subscribe to {topic!r}", command.id
+            )
+        if topic in self.subscriptions:
+            if command.since is None:
+                return None  # a repeated sub: ok
+            return FrameError(
+                ErrorCode.BAD_REQUEST,
+                f"already subscribed to {topic!r}; 'since' only applies to a new subscription "
+                "(unsub first)",
+                command.id,
+            )
+        too_many = self._over_subscription_limits(topic)
+        if too_many is None:
+            too_many = self._delivery.refuse_subscribe(topic)
+        if too_many is None:
+            return None
+        return FrameError(ErrorCode.TOO_MANY_SUBS, too_many, command.id)
+
+    def _over_subscription_limits(self, pattern: str) -> str | None:
+        """Why one more subscription to ``pattern`` is too many, if it is."""
+        limits = self.limits
+        if len(self.subscriptions) >= limits.max_subscriptions:
+            return f"at most {limits.max_subscriptions} subscriptions per connection"
+        size = self._subscribed_bytes + len(pattern)
+        if size > limits.max_subscription_bytes:
+            return (
+                f"the patterns of this connection's subscriptions would total {size} bytes; "
+                f"the limit is {limits.max_subscription_bytes} (max_subscription_bytes)"
+            )
+        segments = self._subscribed_segments + pattern.count(".") + 1
+        if segments > limits.max_subscription_segments:
+            return (
+                f"the patterns of this connection's subscriptions would have {segments} "
+                f"segments; the limit is {limits.max_subscription_segments} "
+                "(max_subscription_segments)"
+            )
+        return None
+
+    async def _subscribe(self, command: Sub) -> None:
+        """Subscribe (``command`` passed :meth:`_refuse_subscribe`) and queue the ``ok`` and
+        the replay."""
+        client = self._client
+        subscription = Subscription(client, command.topic)
+        subscribed = await self._delivery.subscribe(subscription, command.since)
+        # No checkpoint from the subscription until the replay is queued: the replay must
+        # sit in the queue ahead of every live message of a later publish (recover's doc).
+        self.subscriptions[command.topic] = subscription
+        self._subscribed_bytes += len(command.topic)
+        self._subscribed_segments += command.topic.count(".") + 1
+        queue = client.queue
+        queue.put_reply(encode_ok(command.id, client.encoding, **subscribed.fields))
+        now = metrics_clock()
+        for body in subscribed.replay:
+            queue.put_replay(subscription.pattern, command.topic, body, subscription.tail, now)
+
+    def _unsubscribe(self, command: Unsub) -> None:
+        dropped = self.subscriptions.pop(command.topic, None)
+        if dropped is not None:
+            self._delivery.unsubscribe(dropped)
+            self._subscribed_bytes -= len(dropped.pattern)
+            self._subscribed_segments -= dropped.pattern.count(".") + 1
+        self._client.queue.put_reply(encode_ok(command.id, self._client.encoding))
+
+    # --- errors ---
+
+    def _refuse(self, error: FrameError) -> None:
+        """Answer a bad frame; close the client if it was one too many in a row."""
+        self._reply_error(error)
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row >= self.limits.max_bad_frames:
+            log.info("peer=%s sent %d bad frames in a row", self._peer, self._bad_in_a_row)
+            self._client.close(CloseCode.POLICY, f"{self._bad_in_a_row} bad frames in a row")
+
+    def _internal_error(self, command: Command) -> None:
+        log.exception("peer=%s: internal error on %r", self._peer, command)
+        if isinstance(command, Pub):
+            self.stats.publishes[ErrorCode.INTERNAL] += 1
+        self._reply_error(FrameError(ErrorCode.INTERNAL, "internal error", command.id))
+
+    def _reply_error(self, error: FrameError) -> None:
+        log.debug("peer=%s err %s: %s", self._peer, error.code, error.msg)
+        self._client.queue.put_reply(encode_err(error, self._client.encoding))
