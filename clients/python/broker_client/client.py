@@ -37,6 +37,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from broker.protocol.codes import CloseCode
 from broker_client import codec
 from broker_client.codec import Encoding
 from broker_client.errors import (
@@ -57,7 +58,6 @@ from broker_client.subscription import Message, Subscription
 
 log = logging.getLogger("broker_client")
 
-CLOSE_FORBIDDEN = 4003
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 HANDSHAKE_ERRORS = (
     OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError, CannotConnect
@@ -553,7 +553,7 @@ class Client:
                 pending.resolve(None, ConnectionLost(why, code))
         if self._closing:
             return Closed("the client is closed")
-        if code == CLOSE_FORBIDDEN and not (callable(self._token) and self.reconnect):
+        if code == CloseCode.FORBIDDEN and not (callable(self._token) and self.reconnect):
             return Forbidden((reason.reason if reason else None) or "closed by the broker (4003)")
         if not self.reconnect:
             return ConnectionLost(why, code)

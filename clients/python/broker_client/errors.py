@@ -8,6 +8,8 @@ Errors the broker reports (an ``err`` frame, a 4003 close, a 401/403 handshake) 
 
 from __future__ import annotations
 
+from broker.protocol.codes import ErrorCode
+
 
 class ClientError(Exception):
     """Base of every exception this package raises."""
@@ -16,7 +18,7 @@ class ClientError(Exception):
 class BrokerError(ClientError):
     """The broker refused a command; ``code`` is the protocol's error code, ``message`` its text."""
 
-    code = "unknown"
+    code: str = "unknown"
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(f"{code or self.code}: {message}")
@@ -28,25 +30,25 @@ class BrokerError(ClientError):
 class BadRequest(BrokerError):
     """``bad_request``: the frame was malformed (a client bug)."""
 
-    code = "bad_request"
+    code: str = ErrorCode.BAD_REQUEST
 
 
 class UnknownOp(BrokerError):
     """``unknown_op``: the broker does not know this operation."""
 
-    code = "unknown_op"
+    code: str = ErrorCode.UNKNOWN_OP
 
 
 class InvalidTopic(BrokerError):
     """``invalid_topic``: not a valid topic (or pattern); publish needs a concrete topic."""
 
-    code = "invalid_topic"
+    code: str = ErrorCode.INVALID_TOPIC
 
 
 class Forbidden(BrokerError):
     """``forbidden``: not allowed, or the token was rejected (401/403, close 4003)."""
 
-    code = "forbidden"
+    code: str = ErrorCode.FORBIDDEN
 
 
 class Unauthorized(Forbidden):
@@ -55,37 +57,37 @@ class Unauthorized(Forbidden):
     A :class:`Forbidden`, so ``except Forbidden`` catches every refusal of the token.
     """
 
-    code = "unauthorized"
+    code: str = "unauthorized"  # an HTTP 401, not an err code
 
 
 class TooLarge(BrokerError):
     """``too_large``: the published message exceeds the broker's ``max_payload``."""
 
-    code = "too_large"
+    code: str = ErrorCode.TOO_LARGE
 
 
 class TooManySubscriptions(BrokerError):
     """``too_many_subs``: this connection already has the most subscriptions allowed."""
 
-    code = "too_many_subs"
+    code: str = ErrorCode.TOO_MANY_SUBS
 
 
 class RateLimited(BrokerError):
     """``rate_limited``: slow down and retry later."""
 
-    code = "rate_limited"
+    code: str = ErrorCode.RATE_LIMITED
 
 
 class Unavailable(BrokerError):
     """``unavailable``: the cluster backplane is down; only this node's subscribers got it."""
 
-    code = "unavailable"
+    code: str = ErrorCode.UNAVAILABLE
 
 
 class Internal(BrokerError):
     """``internal``: the broker failed; the connection stays usable."""
 
-    code = "internal"
+    code: str = ErrorCode.INTERNAL
 
 
 ERRORS_BY_CODE: dict[str, type[BrokerError]] = {
