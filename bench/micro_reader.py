@@ -38,10 +38,9 @@ from broker.core.delivery import LocalDelivery
 from broker.core.history import MemoryHistory
 from broker.core.hub import Hub
 from broker.core.rules import PolicyTable, SessionLimits
-from broker.core.session import Waiting
 from broker.io.connection import Connection
 from broker.io.writes import DirectWrites
-from broker.protocol.frames import Encoding, Sub
+from broker.protocol.frames import Encoding
 
 LIMITS = SessionLimits()  # no publish rate
 SERVER = ServerConfig()
@@ -91,7 +90,10 @@ async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int)
     connections = []
     for i in range(subscribers):
         subscriber = connection(StandInWebSocket(), "sub")
-        await subscriber.session.complete(Waiting(Sub(1, topics[i % len(topics)])))
+        sub = msgpack.packb({"op": "sub", "id": 1, "topic": topics[i % len(topics)]})
+        waiting = subscriber.session.receive([sub], 0.0)
+        assert waiting is not None
+        await subscriber.session.complete(waiting)
         subscriber.queue.take_batch(1 << 20)  # the ok
         connections.append(subscriber)
     frames = [msgpack.packb({"op": "pub", "topic": t, "data": b"x" * 64}) for t in topics]

@@ -587,35 +587,40 @@ QueueMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=
 test_queue_machine = QueueMachine.TestCase
 
 
-# --- the on_ready hook (a reader writing to idle subscribers itself) -----------------------
+# --- the owner asked first (a reader writing to idle subscribers itself) --------------------
 
 
-async def test_a_wake_up_the_hook_takes_leaves_the_writer_asleep(nursery: trio.Nursery) -> None:
+class Owner:
+    """Takes every wake-up (``takes``) or none, and counts the asks."""
+
+    def __init__(self, takes: bool) -> None:
+        self.takes, self.asked = takes, 0
+
+    def take_wake_up(self) -> bool:
+        self.asked += 1
+        return self.takes
+
+
+async def test_a_wake_up_the_owner_takes_leaves_the_writer_asleep(nursery: trio.Nursery) -> None:
     queue = OutboundQueue(10, 1000)
-    asked: list[int] = []
-
-    def take() -> bool:  # takes every wake-up
-        asked.append(1)
-        return True
-
-    queue.on_ready = take
+    owner = queue.owner = Owner(takes=True)
     woken = await wait_in_background(nursery, queue.wait_batch)  # the writer
     offer(queue, "s", "t", "m", BLOCK)
     offer(queue, "s", "t", "n", BLOCK)
-    assert asked == [1]  # asked once, until it is done
+    assert owner.asked == 1  # asked once, until it is done
     taken = queue.take_direct(8, 1000)
     assert taken is not None and taken[1] == 2
     await trio.testing.wait_all_tasks_blocked()
     assert not woken.is_set()  # written for it: the writer sleeps on
     offer(queue, "s", "t", "o", BLOCK)
-    assert asked == [1, 1]  # done with the first: asked again
+    assert owner.asked == 2  # done with the first: asked again
     queue.wake_writer(kick=True)  # e.g. to finish a partial write
     await woken.wait()
 
 
-async def test_a_hook_that_declines_lets_the_writer_wake(nursery: trio.Nursery) -> None:
+async def test_an_owner_that_declines_lets_the_writer_wake(nursery: trio.Nursery) -> None:
     queue = OutboundQueue(10, 1000)
-    queue.on_ready = lambda: False
+    queue.owner = Owner(takes=False)
     woken = await wait_in_background(nursery, queue.wait_batch)
     offer(queue, "s", "t", "m", BLOCK)
     await woken.wait()

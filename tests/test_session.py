@@ -25,7 +25,7 @@ from broker.core.rules import HistoryLimits, PolicyTable, SessionLimits, TopicRu
 from broker.core.session import Session
 from broker.core.stats import BrokerStats
 from broker.protocol.codes import CloseCode
-from broker.protocol.frames import Encoding, decode_batch
+from broker.protocol.frames import Encoding
 
 Frame = dict[str, Any]
 
@@ -74,15 +74,18 @@ def make_session(
     return Setup(client, session, delivery, stats)
 
 
+def message(*frames: Frame) -> str:
+    """``frames`` as one JSON WebSocket message."""
+    return "\n".join(json.dumps(frame) for frame in frames)
+
+
 async def run(setup: Setup, *frames: Frame, now: float = 0.0) -> list[Frame]:
     """Execute ``frames`` (one WebSocket message) as the connection does; the replies."""
-    message = "\n".join(json.dumps(frame) for frame in frames)
-    commands = decode_batch(message, Encoding.JSON)
-    done = 0
-    while done < len(commands):
-        done, waiting = setup.session.execute(commands, done, now)
-        if waiting is not None:
-            await setup.session.complete(waiting)
+    messages = [message(*frames)]
+    waiting = setup.session.receive(messages, now)
+    while waiting is not None:
+        await setup.session.complete(waiting)
+        waiting = setup.session.receive(messages, now, waiting)
     return setup.client.frames()
 
 
@@ -168,19 +171,20 @@ async def test_a_pub_that_a_block_subscriber_holds_back_is_answered_after_room()
     setup = make_session()
     slow = FakeClient(OutboundQueue(1, 1 << 20))
     subscriber = Session(slow, setup.delivery, ANONYMOUS, SessionLimits(), BrokerStats(), "s", 0)
-    done, waiting = subscriber.execute(decode_batch(json.dumps(sub("t")), Encoding.JSON), 0, 0)
+    waiting = subscriber.receive([message(sub("t"))], 0)
     assert waiting is not None
     await subscriber.complete(waiting)
-    message = "\n".join(json.dumps(pub("t", n, id=n)) for n in (6, 7, 8))
-    commands = decode_batch(message, Encoding.JSON)
-    done, waiting = setup.session.execute(commands, 0, 0.0)  # 6 fills its queue of 1
-    assert waiting is not None and done == 2  # 7 went past the bound: 8 waits its turn
+    messages = [message(*(pub("t", n, id=n) for n in (6, 7, 8)))]
+    waiting = setup.session.receive(messages, 0.0)  # 6 fills its queue of 1
+    assert waiting is not None and waiting.command.id == 7  # past the bound: 8 waits its turn
     assert summary(setup.client.frames()) == [("ok", 6)]  # 7 is answered after room
     async with trio.open_nursery() as nursery:
         nursery.start_soon(setup.session.complete, waiting)
         await trio.testing.wait_all_tasks_blocked()
         assert summary(slow.frames()) == [("ok", 1), ("msg", "t", 6), ("msg", "t", 7)]
     assert summary(setup.client.frames()) == [("ok", 7)]
+    assert setup.session.receive(messages, 0.0, waiting) is None  # then 8
+    assert summary(setup.client.frames()) == [("ok", 8)]
 
 
 async def test_other_nodes_unreachable_is_err_unavailable(
@@ -322,13 +326,20 @@ async def test_each_bad_frame_is_answered_and_max_in_a_row_closes_with_4008() ->
     assert setup.client.closes == [(CloseCode.POLICY, "3 bad frames in a row")]
 
 
-async def test_once_closing_the_rest_of_a_message_is_not_executed() -> None:
+async def test_once_closing_the_rest_of_a_read_is_not_executed() -> None:
     setup = make_session(max_bad_frames=1)
-    message = "\n".join([json.dumps({"op": "nope"}), json.dumps(sub("a"))])
-    commands = decode_batch(message, Encoding.JSON)
-    assert setup.session.execute(commands, 0, 0.0) == (2, None)
+    read = [message({"op": "nope"}, sub("a")), message(sub("b"))]
+    assert setup.session.receive(read, 0.0) is None
     assert setup.session.subscriptions == {}
     assert setup.client.closes == [(CloseCode.POLICY, "1 bad frames in a row")]
+
+
+async def test_the_messages_of_a_read_run_in_order_and_count_their_bytes() -> None:
+    setup = make_session()
+    read = [message(pub("a", id=1)), message(pub("a", id=2), pub("a", id=3))]
+    assert setup.session.receive(read, 0.0) is None
+    assert summary(setup.client.frames()) == [("ok", 1), ("ok", 2), ("ok", 3)]
+    assert setup.stats.bytes_in == sum(map(len, read))
 
 
 def test_a_subscription_is_routed_to_its_client() -> None:

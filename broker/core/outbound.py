@@ -27,10 +27,10 @@ its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued pa
 and never dropped. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
 
 The writer waits in :meth:`~OutboundQueue.wait_batch`. When something arrives for a waiting
-writer, the queue first asks its :attr:`~OutboundQueue.on_ready` hook (set by whoever owns the
-socket): a hook that answers True has taken charge of the write (it will
-:meth:`~OutboundQueue.take_direct` or :meth:`~OutboundQueue.wake_writer`), and the queue
-asks it nothing more until then.
+writer, the queue first asks its :attr:`~OutboundQueue.owner` (whoever owns the socket):
+an owner that takes the wake-up (:meth:`QueueOwner.take_wake_up` answers True) has taken
+charge of the write (it will :meth:`~OutboundQueue.take_direct` or
+:meth:`~OutboundQueue.wake_writer`), and the queue asks it nothing more until then.
 
 For observability each message carries the time it was published (``now``, read once per
 publish by the hub from :func:`~broker.core.stats.metrics_clock`), so the age of the oldest queued
@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -108,6 +108,15 @@ def join_pairs(parts: list[bytes]) -> list[bytes]:
     return [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
 
 
+class QueueOwner(Protocol):
+    """Who writes what a queue holds, asked first when its sleeping writer would be woken."""
+
+    def take_wake_up(self) -> bool:
+        """True to write for the writer (then :meth:`OutboundQueue.take_direct` or
+        :meth:`OutboundQueue.wake_writer`); False to let the queue wake it."""
+        ...
+
+
 class OutboundQueue:
     """A bounded queue of encoded frames with per-topic full policies (see the module doc).
 
@@ -139,7 +148,7 @@ class OutboundQueue:
         "max_bytes",
         "max_messages",
         "max_replies",
-        "on_ready",
+        "owner",
     )
 
     def __init__(
@@ -171,7 +180,7 @@ class OutboundQueue:
         self._kicked = False  # wait_batch returns even with nothing queued
         # Asked first when something arrives for the waiting writer (see the module doc);
         # _handed_off: it took charge, and is not asked again until it is done.
-        self.on_ready: Callable[[], bool] | None = None
+        self.owner: QueueOwner | None = None
         self._handed_off = False
         self.full_since: float | None = None
         self.dropped_total = 0
@@ -349,8 +358,8 @@ class OutboundQueue:
     def _wake_writer(self) -> None:
         readable = self._readable
         if readable is not None and not self._handed_off:
-            on_ready = self.on_ready
-            if on_ready is not None and on_ready():
+            owner = self.owner
+            if owner is not None and owner.take_wake_up():
                 self._handed_off = True
                 return
             self._readable = None

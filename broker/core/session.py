@@ -1,14 +1,14 @@
-"""One client's session, without I/O: decoded commands in, replies out, the broker changed.
+"""One client's session, without I/O: WebSocket messages in, replies out, the broker changed.
 
 A :class:`Session` holds what the protocol says about one client: its subscriptions, its
-limits, its permissions, its publish rate and its run of bad frames. :meth:`Session.execute`
-runs the commands of one WebSocket message in order, answering each into the client's
-outbound queue (``ok``, ``err``; the replay of a recovering ``sub``), publishing and
-subscribing through the :class:`~broker.core.delivery.Delivery`. It never waits: a command
-that must (a publish a ``block`` subscriber holds back, a publish or a subscription that
-needs other nodes) stops the run and comes back as a :class:`Waiting`, which the caller
-finishes with :meth:`Session.complete` before it goes on with the rest. The connection
-around a session (:mod:`broker.io.connection`) only reads, writes and times.
+limits, its permissions, its publish rate and its run of bad frames. :meth:`Session.receive`
+decodes the WebSocket messages of one read and runs their commands in order, answering each
+into the client's outbound queue (``ok``, ``err``; the replay of a recovering ``sub``),
+publishing and subscribing through the :class:`~broker.core.delivery.Delivery`. It never
+waits: a command that must (a publish a ``block`` subscriber holds back, a publish or a
+subscription that needs other nodes) stops the run and comes back as a :class:`Waiting`,
+which the caller finishes with :meth:`Session.complete` before it goes on with the rest.
+The connection around a session (:mod:`broker.io.connection`) only reads, writes and times.
 
 The rules, in the order they are checked:
 
@@ -43,6 +43,7 @@ from broker.protocol.frames import (
     Pub,
     Sub,
     Unsub,
+    decode_batch,
     encode_err,
     encode_ok,
 )
@@ -59,13 +60,20 @@ class Client(Subscriber, Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """A command :meth:`Session.execute` stopped at: finish it with :meth:`Session.complete`.
+    """The command :meth:`Session.receive` stopped at, and where to go on after it: finish it
+    with :meth:`Session.complete`, then pass it to :meth:`Session.receive` again.
 
-    ``rest`` is what is left of a publish (``None`` for a ``sub``, which is done whole
-    there)."""
+    ``rest`` is what is left of a publish (``None`` for a ``sub``, which is made whole
+    there); the rest of the read is ``commands[index:]`` of ``messages[message]``, then the
+    messages after it.
+    """
 
     command: Pub | Sub
-    rest: Pending | None = None
+    rest: Pending | None
+    messages: Sequence[bytes | str]
+    message: int
+    commands: list[Command | FrameError]
+    index: int
 
 
 class Session:
@@ -117,22 +125,46 @@ class Session:
 
     # --- commands ---
 
-    def execute(
-        self, commands: Sequence[Command | FrameError], start: int, now: float
-    ) -> tuple[int, Waiting | None]:
-        """Run ``commands[start:]`` in order (``now``: :func:`trio.current_time`, when they
-        were read) until one must wait; return the index after the last one run and the one
-        that waits, if any. Stops once the client is closing (its queue closed)."""
+    def receive(
+        self, messages: Sequence[bytes | str], now: float, waiting: Waiting | None = None
+    ) -> Waiting | None:
+        """Execute the frames of ``messages`` (the WebSocket messages one read completed) in
+        order, ``now`` being when they were read (:func:`trio.current_time`, for the rate),
+        until one must wait: that one, or ``None`` once all ran. With ``waiting`` (completed),
+        go on after it. Stops once the client is closing (its queue closed)."""
+        queue, stats, encoding = self._client.queue, self.stats, self._client.encoding
+        if waiting is None:
+            message, commands, start = 0, None, 0
+        else:
+            message, commands, start = waiting.message, waiting.commands, waiting.index
+        while message < len(messages):
+            if queue.closed:
+                return None  # closing: the rest is not executed
+            if commands is None:
+                data = messages[message]
+                stats.bytes_in += len(data)
+                commands, start = decode_batch(data, encoding), 0
+            index, command, rest = self._execute(commands, start, now)
+            if command is not None:
+                return Waiting(command, rest, messages, message, commands, index)
+            message, commands = message + 1, None
+        return None
+
+    def _execute(
+        self, commands: list[Command | FrameError], start: int, now: float
+    ) -> tuple[int, Pub | Sub | None, Pending | None]:
+        """Run ``commands[start:]``; the index after the one that must wait, that one and
+        the rest of its publish (or the length and ``None``, ``None``)."""
         queue = self._client.queue
         for index in range(start, len(commands)):
             if queue.closed:
-                break  # closing: the rest is not executed
+                break
             command = commands[index]
             if type(command) is Pub:  # most frames
                 self._bad_in_a_row = 0
                 rest = self._publish(command, now)
                 if rest is not None:
-                    return index + 1, Waiting(command, rest)
+                    return index + 1, command, rest
             elif type(command) is FrameError:
                 self._refuse(command)
             else:
@@ -141,10 +173,10 @@ class Session:
                 try:
                     if not self._settle(command):
                         assert isinstance(command, Sub)
-                        return index + 1, Waiting(command)
+                        return index + 1, command, None
                 except Exception:
                     self._internal_error(command)
-        return len(commands), None
+        return len(commands), None, None
 
     def _settle(self, command: Sub | Unsub) -> bool:
         """Execute and answer ``command`` now if it can be (an ``unsub``; a ``sub`` refused,
@@ -160,7 +192,7 @@ class Session:
         return True
 
     async def complete(self, waiting: Waiting) -> None:
-        """Finish the command :meth:`execute` stopped at, and answer it."""
+        """Finish the command :meth:`receive` stopped at, and answer it."""
         command = waiting.command
         try:
             if waiting.rest is not None:

@@ -2,9 +2,9 @@
 
 A nursery holds two tasks, a reader and a writer (plus a timer if the token expires):
 
-- The **reader** takes every WebSocket message one socket read completed, decodes each into
-  frames and has the session execute them all, in order, before anything else runs
-  (:meth:`Session.execute`, inside :meth:`DirectWrites.run`: the subscribers it queued
+- The **reader** takes every WebSocket message one socket read completed and has the
+  session execute their frames, in order, before anything else runs
+  (:meth:`Session.receive`, inside :meth:`DirectWrites.run`: the subscribers it queued
   for are written at the end, see :mod:`broker.io.writes`). A command the session cannot
   finish at once (a ``block`` subscriber's queue full, a ``sub``, other nodes) is awaited
   there (:meth:`Session.complete`): so a publisher held back stops reading, and TCP pushes
@@ -41,7 +41,7 @@ from broker.io.auth import seconds_left
 from broker.io.websocket import ConnectionClosed, MessageTooBig, PingTimeout, WebSocket
 from broker.io.writes import DirectWrites
 from broker.protocol.codes import CloseCode
-from broker.protocol.frames import Encoding, decode_batch, encode_lag
+from broker.protocol.frames import Encoding, encode_lag
 
 log = logging.getLogger("broker.connection")
 
@@ -93,7 +93,7 @@ class Connection:
         self._queue = OutboundQueue(
             limits.queue_messages, limits.queue_bytes, drops=self.stats.drops
         )
-        self._queue.on_ready = self._take_wake_up
+        self._queue.owner = self
         self.session = Session(
             self, delivery, identity, limits, self.stats, peer, trio.current_time()
         )
@@ -193,24 +193,15 @@ class Connection:
         await self.websocket.aclose(code, self.close_reason or None, self.server.drain_timeout)
 
     async def _read_loop(self) -> None:
-        session, writes, queue, stats = self.session, self.writes, self._queue, self.stats
-        execute, encoding = session.execute, self._encoding
+        session, writes, queue = self.session, self.writes, self._queue
         try:
             while True:
                 messages = await self.websocket.receive()
-                now = trio.current_time()  # for the rate limit: all of a read arrived at once
-                if len(messages) == 1:
-                    stats.bytes_in += len(messages[0])
-                    commands = decode_batch(messages[0], encoding)
-                else:
-                    stats.bytes_in += sum(map(len, messages))
-                    commands = [c for message in messages for c in decode_batch(message, encoding)]
-                done = 0
-                while done < len(commands):  # a read's subscribers are written once, at its end
-                    done, waiting = writes.run(execute, commands, done, now)
-                    if waiting is not None:
-                        await session.complete(waiting)
-                        now = trio.current_time()
+                # The subscribers a run queued for are written at its end (io/writes.py).
+                waiting = writes.run(session.receive, messages, trio.current_time(), None)
+                while waiting is not None:
+                    await session.complete(waiting)
+                    waiting = writes.run(session.receive, messages, trio.current_time(), waiting)
                 if queue.closed:
                     return  # closing
                 if queue.replies_full:  # a peer not reading its replies
@@ -258,8 +249,9 @@ class Connection:
             self.messages_out += batch.messages
             self.stats.count_write(depth, batch.messages, size, batch.oldest)
 
-    def _take_wake_up(self) -> bool:
-        """The queue's ``on_ready`` hook: a reader running commands writes for us at its end."""
+    def take_wake_up(self) -> bool:
+        """Asked by the queue when its writer is asleep: while a reader runs commands, the
+        reader writes for us at its end (:meth:`DirectWrites.take`)."""
         return self.writes.take(self)
 
     def write_held(self) -> None:

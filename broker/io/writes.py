@@ -3,7 +3,7 @@
 Waking a connection's writer task for every message costs a task switch per subscriber per
 publish. Instead, while a reader runs the commands of one read (:meth:`DirectWrites.run`),
 each subscriber queue that gets data for a writer asleep hands its wake-up here
-(:meth:`DirectWrites.take`, the queue's ``on_ready`` hook); when the run ends, each of them
+(:meth:`DirectWrites.take`, asked by the queue through its owner); when the run ends, each of them
 is written once, by the reader, if its socket takes it without waiting (see
 :meth:`broker.io.connection.Connection.write_held`), else its writer is woken.
 
