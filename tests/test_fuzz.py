@@ -71,6 +71,7 @@ from broker.protocol.handshake import (
     error_response,
 )
 from broker.protocol.topics import MAX_TOPIC_BYTES
+from tests.test_frames import topics
 
 #: Examples per property: few enough to keep the file within seconds in CI; bench/fuzz.py
 #: sets ``FUZZ_EXAMPLES`` to run the same properties with many more.
@@ -1223,18 +1224,7 @@ def test_arbitrary_text_as_a_json_message_decodes_without_raising(junk: str) -> 
     check_decoded(decode_batch(junk, JSON))
 
 
-segments = st.text(
-    alphabet=st.characters(exclude_categories=("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")).filter(
-        lambda char: char not in ".*>" and not char.isspace()
-    ),
-    min_size=1,
-    max_size=6,
-)
-concrete_topics = (
-    st.lists(segments, min_size=1, max_size=5)
-    .map(".".join)
-    .filter(lambda topic: len(topic.encode()) <= MAX_TOPIC_BYTES)
-)
+concrete_topics = topics  # valid concrete topics, from test_frames.py
 patterns = concrete_topics | st.builds(
     lambda topic, star, tail: ".".join(
         ["*" if star and i == 0 else s for i, s in enumerate(topic.split("."))]
