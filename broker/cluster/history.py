@@ -22,14 +22,12 @@ are not kept twice, and the hub skips them for a subscription whose ``ok`` alrea
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from broker.cluster.backplane import RedisBackplane
 from broker.cluster.resp import encode_command
 from broker.core.delivery import Unavailable
-from broker.core.history import MESSAGE_OVERHEAD, TOPIC_OVERHEAD, Replay, Stored, new_epoch
+from broker.core.history import KeptTopic, KeptTopics, Replay, Stored, new_epoch, replay_after
 from broker.core.rules import HistoryLimits
 from broker.protocol.frames import Position
 
@@ -87,15 +85,6 @@ return {epoch, latest, ms, redis.call('XRANGE', KEYS[3], '0-' .. ARGV[3], '+')}
 )
 
 
-@dataclass(eq=False, slots=True)
-class _Mirror:
-    epoch: str
-    latest: int  # the latest offset known
-    kept: deque[Stored] = field(default_factory=deque)  # contiguous, ending at latest
-    cost: int = 0
-    warm: bool = False  # kept holds every kept message up to latest
-
-
 class RedisHistory:
     """The cluster's :class:`~broker.core.history.HistoryStore` (see the module doc)."""
 
@@ -109,11 +98,9 @@ class RedisHistory:
     ) -> None:
         self.backplane = backplane
         self.limits_for = limits_for
-        self.max_bytes = max_bytes
         self.meta_ttl_ms = max(2, int(meta_ttl * 1000))
         self._prefix = prefix
-        self._topics: OrderedDict[str, _Mirror] = OrderedDict()
-        self._bytes = 0
+        self._topics = KeptTopics(max_bytes)  # the mirror, least recently used first
 
     def keys(self, topic: str) -> tuple[str, str, str, str]:
         """The Redis keys of ``topic``: epoch, latest offset, stream; and the fresh epoch."""
@@ -163,21 +150,22 @@ class RedisHistory:
         limits = self.limits_for(topic)
         if limits is None:
             return
-        mirror = self._topics.get(topic)
+        topics = self._topics
+        mirror = topics.get(topic)
         if mirror is None or mirror.epoch != position.epoch:
             # never seen, or a new epoch: the run starts here, warm only for a new epoch
             # whose first message this is
-            self._forget(topic)
-            mirror = self._new(topic, position.epoch, position.offset - 1)
+            mirror = topics.add(topic, position.epoch, position.offset - 1)
             mirror.warm = position.offset == 1
         if position.offset <= mirror.latest:
             return  # already loaded from Redis
         if position.offset != mirror.latest + 1:
-            self._drop_all(mirror)  # a hole: the run restarts here, not whole any more
+            while mirror.kept:  # a hole: the run restarts here, not whole any more
+                topics.drop_oldest(mirror)
             mirror.warm = False
         mirror.latest = position.offset
-        self._keep(mirror, Stored(position.offset, data, now), limits)
-        self._topics.move_to_end(topic)
+        topics.keep(mirror, Stored(position.offset, data, now), limits.size)
+        topics.used(topic)
         self._enforce_cap(topic)
 
     async def load(self, topic: str, now: float) -> None:
@@ -205,17 +193,16 @@ class RedisHistory:
             assert isinstance(data, bytes)
             offset = int(entry[0].split(b"-")[1])
             loaded.append(Stored(offset, data, now - (redis_ms - ms) / 1000))
-        old = self._topics.get(topic)
+        topics = self._topics
+        old = topics.get(topic)
         newer = [m for m in old.kept if m.offset > latest] if old and old.epoch == epoch else []
-        self._forget(topic)
-        mirror = self._new(topic, epoch, latest)
+        mirror = topics.add(topic, epoch, latest)
         for message in loaded:
-            self._keep(mirror, message, limits)
+            topics.keep(mirror, message, limits.size)
         for message in newer:  # received while the load was in flight
             if message.offset == mirror.latest + 1:
                 mirror.latest = message.offset
-                self._keep(mirror, message, limits)
-        mirror.warm = True
+                topics.keep(mirror, message, limits.size)
         self._enforce_cap(topic)
 
     def position(self, topic: str, now: float) -> Position:
@@ -225,13 +212,7 @@ class RedisHistory:
 
     def since(self, topic: str, position: Position, now: float) -> Replay:
         """The kept messages after ``position``, if its epoch is current (warm topic)."""
-        mirror = self._warm(topic, now)
-        latest = Position(mirror.epoch, mirror.latest)
-        if position.epoch != mirror.epoch or not 0 <= position.offset <= mirror.latest:
-            return Replay(latest, [], False)
-        messages = [m for m in mirror.kept if m.offset > position.offset]
-        first = messages[0].offset if messages else mirror.latest + 1
-        return Replay(latest, messages, position.offset + 1 >= first)
+        return replay_after(self._warm(topic, now), position)
 
     def append(self, topic: str, data: bytes, now: float) -> int:
         """Not used in a cluster: Redis numbers messages (see :meth:`publish`)."""
@@ -240,53 +221,18 @@ class RedisHistory:
     def clear(self) -> None:
         """Messages may have been missed (an outage): every topic must be loaded again."""
         self._topics.clear()
-        self._bytes = 0
 
     # --- internals ---
 
-    def _warm(self, topic: str, now: float) -> _Mirror:
+    def _warm(self, topic: str, now: float) -> KeptTopic:
         mirror = self._topics.get(topic)
         if mirror is None or not mirror.warm:
             raise Unavailable(f"the history of {topic!r} is not loaded from Redis")
-        limits = self.limits_for(topic)
-        if limits is not None and limits.ttl is not None:
-            while mirror.kept and mirror.kept[0].time <= now - limits.ttl:
-                self._drop_oldest(mirror)
+        self._topics.expire(mirror, self.limits_for(topic), now)
         return mirror
-
-    def _new(self, topic: str, epoch: str, latest: int) -> _Mirror:
-        mirror = self._topics[topic] = _Mirror(epoch, latest, cost=TOPIC_OVERHEAD + len(topic))
-        self._bytes += mirror.cost
-        return mirror
-
-    def _forget(self, topic: str) -> None:
-        mirror = self._topics.pop(topic, None)
-        if mirror is not None:
-            self._bytes -= mirror.cost
-
-    def _keep(self, mirror: _Mirror, message: Stored, limits: HistoryLimits) -> None:
-        mirror.kept.append(message)
-        cost = MESSAGE_OVERHEAD + len(message.data)
-        mirror.cost += cost
-        self._bytes += cost
-        while len(mirror.kept) > limits.size:
-            self._drop_oldest(mirror)
-
-    def _drop_oldest(self, mirror: _Mirror) -> None:
-        cost = MESSAGE_OVERHEAD + len(mirror.kept.popleft().data)
-        mirror.cost -= cost
-        self._bytes -= cost
-
-    def _drop_all(self, mirror: _Mirror) -> None:
-        while mirror.kept:
-            self._drop_oldest(mirror)
 
     def _enforce_cap(self, current: str) -> None:
-        """Over ``max_bytes``, forget the least recently published topics (they are loaded
-        from Redis again when next needed), never the current one."""
-        while self._bytes > self.max_bytes and len(self._topics) > 1:
-            oldest = next(iter(self._topics))
-            if oldest == current:
-                self._topics.move_to_end(current)
-                continue
-            self._forget(oldest)
+        """Over ``max_bytes``, forget the least recently used topics (they are loaded from
+        Redis again when next needed), never the current one."""
+        for _ in self._topics.evict(current):
+            pass

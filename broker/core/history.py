@@ -33,7 +33,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -94,11 +94,102 @@ def new_epoch() -> str:
 
 
 @dataclass(eq=False, slots=True)
-class _Topic:
+class KeptTopic:
+    """One topic's kept messages: an unbroken run ending at ``latest``, numbered in ``epoch``.
+
+    ``cost`` is its share of ``max_bytes``; ``warm`` (a cluster node's mirror) says that the
+    run holds every kept message up to ``latest``.
+    """
+
     epoch: str
-    cost: int  # bytes counted against max_bytes, this topic's share
-    offset: int = 0  # the latest offset given out
+    latest: int = 0  # the latest offset given out (or received)
     kept: deque[Stored] = field(default_factory=deque)  # contiguous offsets, oldest first
+    cost: int = 0
+    warm: bool = True
+
+
+class KeptTopics:
+    """Topics kept in memory, least recently used first, and what they cost against
+    ``max_bytes``: the bookkeeping that :class:`MemoryHistory` and a cluster node's mirror
+    (:class:`~broker.cluster.history.RedisHistory`) share. Each message costs its size plus
+    :data:`MESSAGE_OVERHEAD`, each topic its name plus :data:`TOPIC_OVERHEAD`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._topics: OrderedDict[str, KeptTopic] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._topics)
+
+    def get(self, topic: str) -> KeptTopic | None:
+        """The topic, if it is kept."""
+        return self._topics.get(topic)
+
+    def add(self, topic: str, epoch: str, latest: int = 0) -> KeptTopic:
+        """Keep ``topic`` anew (forgetting what was kept of it), as the most recently used."""
+        self.forget(topic)
+        state = self._topics[topic] = KeptTopic(epoch, latest, cost=TOPIC_OVERHEAD + len(topic))
+        self.bytes += state.cost
+        return state
+
+    def forget(self, topic: str) -> KeptTopic | None:
+        """Stop keeping ``topic``; what was kept of it, if anything."""
+        state = self._topics.pop(topic, None)
+        if state is not None:
+            self.bytes -= state.cost
+        return state
+
+    def used(self, topic: str) -> None:
+        """``topic`` was just used: it is evicted last."""
+        self._topics.move_to_end(topic)
+
+    def keep(self, state: KeptTopic, message: Stored, size: int) -> None:
+        """Append ``message`` to ``state``'s run, which keeps at most ``size`` messages."""
+        state.kept.append(message)
+        cost = MESSAGE_OVERHEAD + len(message.data)
+        state.cost += cost
+        self.bytes += cost
+        while len(state.kept) > size:
+            self.drop_oldest(state)
+
+    def drop_oldest(self, state: KeptTopic) -> None:
+        """Drop the oldest message of ``state``'s run."""
+        cost = MESSAGE_OVERHEAD + len(state.kept.popleft().data)
+        state.cost -= cost
+        self.bytes -= cost
+
+    def expire(self, state: KeptTopic, limits: HistoryLimits | None, now: float) -> None:
+        """Drop the messages of ``state`` older than its ``ttl`` at ``now``."""
+        if limits is not None and limits.ttl is not None:
+            expired = now - limits.ttl
+            while state.kept and state.kept[0].time <= expired:
+                self.drop_oldest(state)
+
+    def evict(self, current: str) -> Iterator[tuple[str, KeptTopic]]:
+        """While over ``max_bytes``, forget the least recently used topics but ``current``;
+        yield each."""
+        while self.bytes > self.max_bytes and len(self._topics) > 1:
+            oldest = next(iter(self._topics))
+            if oldest == current:
+                self._topics.move_to_end(current)
+                continue
+            state = self._topics.pop(oldest)
+            self.bytes -= state.cost
+            yield oldest, state
+
+    def clear(self) -> None:
+        """Forget every topic."""
+        self._topics.clear()
+        self.bytes = 0
+
+    def statistics(self) -> dict[str, int]:
+        """Topics and messages kept, and bytes counted against ``max_bytes``."""
+        return {
+            "topics": len(self._topics),
+            "messages": sum(len(state.kept) for state in self._topics.values()),
+            "bytes": self.bytes,
+        }
 
 
 class MemoryHistory:
@@ -114,43 +205,39 @@ class MemoryHistory:
         max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.limits_for = limits_for
-        self.max_bytes = max_bytes
-        self._topics: OrderedDict[str, _Topic] = OrderedDict()  # least recently published first
-        self._bytes = 0
+        self._topics = KeptTopics(max_bytes)  # least recently published first
         self._fresh = new_epoch()  # the epoch of every topic not stored (see the module doc)
         self.evicted_topics = 0
         self._eviction_log = BurstLog(quiet=60.0)
 
+    @property
+    def max_bytes(self) -> int:
+        """What all topics together may cost."""
+        return self._topics.max_bytes
+
     def statistics(self) -> dict[str, int]:
         """Topics and messages kept, bytes counted against ``max_bytes``, topics evicted."""
-        return {
-            "topics": len(self._topics),
-            "messages": sum(len(state.kept) for state in self._topics.values()),
-            "bytes": self._bytes,
-            "evicted_topics": self.evicted_topics,
-        }
+        return {**self._topics.statistics(), "evicted_topics": self.evicted_topics}
 
     def append(self, topic: str, data: bytes, now: float) -> int:
         """Keep ``data`` as the topic's next message; return its offset."""
         limits = self.limits_for(topic)
         if limits is None:
             raise ValueError(f"topic {topic!r} keeps no history")
+        topics = self._topics
         state = self._touch(topic, limits, now)
         if state is None:
-            state = self._topics[topic] = _Topic(self._fresh, TOPIC_OVERHEAD + len(topic))
-            self._bytes += state.cost
-        state.offset += 1
-        self._keep(state, Stored(state.offset, data, now))
-        while len(state.kept) > limits.size:
-            self._drop_oldest(state)
-        self._topics.move_to_end(topic)
-        self._enforce_cap(topic)
-        return state.offset
+            state = topics.add(topic, self._fresh)
+        state.latest += 1
+        topics.keep(state, Stored(state.latest, data, now), limits.size)
+        topics.used(topic)
+        self._enforce_cap(topic, state)
+        return state.latest
 
     def position(self, topic: str, now: float) -> Position:
         """The topic's epoch and latest offset; the fresh epoch and 0 for a topic not stored."""
         state = self._touch(topic, self.limits_for(topic), now)
-        return Position(self._fresh, 0) if state is None else Position(state.epoch, state.offset)
+        return Position(self._fresh, 0) if state is None else Position(state.epoch, state.latest)
 
     def since(self, topic: str, position: Position, now: float) -> Replay:
         """The kept messages after ``position.offset``, if ``position.epoch`` is current."""
@@ -158,68 +245,53 @@ class MemoryHistory:
         if state is None:
             latest = Position(self._fresh, 0)
             return Replay(latest, [], position == latest)
-        latest = Position(state.epoch, state.offset)
-        if position.epoch != state.epoch or not 0 <= position.offset <= state.offset:
-            return Replay(latest, [], False)
-        first = state.kept[0].offset if state.kept else state.offset + 1
-        start = max(position.offset + 1 - first, 0)
-        messages = list(itertools.islice(state.kept, start, None))
-        return Replay(latest, messages, position.offset + 1 >= first)
+        return replay_after(state, position)
 
     def clear(self) -> None:
         """Forget every topic: each starts a new epoch when next used."""
         self._topics.clear()
-        self._bytes = 0
         self._fresh = new_epoch()
 
     # --- internals ---
 
-    def _touch(self, topic: str, limits: HistoryLimits | None, now: float) -> _Topic | None:
+    def _touch(self, topic: str, limits: HistoryLimits | None, now: float) -> KeptTopic | None:
         """The topic's state, expired messages dropped; ``None`` if it is not stored."""
         state = self._topics.get(topic)
-        if state is not None and limits is not None and limits.ttl is not None:
-            expired = now - limits.ttl
-            while state.kept and state.kept[0].time <= expired:
-                self._drop_oldest(state)
+        if state is not None:
+            self._topics.expire(state, limits, now)
         return state
 
-    def _keep(self, state: _Topic, message: Stored) -> None:
-        state.kept.append(message)
-        cost = MESSAGE_OVERHEAD + len(message.data)
-        state.cost += cost
-        self._bytes += cost
-
-    def _drop_oldest(self, state: _Topic) -> None:
-        cost = MESSAGE_OVERHEAD + len(state.kept.popleft().data)
-        state.cost -= cost
-        self._bytes -= cost
-
-    def _enforce_cap(self, current: str) -> None:
+    def _enforce_cap(self, current: str, state: KeptTopic) -> None:
         """Evict whole topics, least recently published first, until under ``max_bytes``.
 
         The topic being written is never evicted whole; if it alone is over the cap, its
         oldest messages go instead (its epoch stays, so a recovery sees the gap).
         """
-        while self._bytes > self.max_bytes:
-            oldest = next(iter(self._topics))
-            if oldest != current:
-                state = self._topics.pop(oldest)
-                self._bytes -= state.cost
-                self._fresh = new_epoch()  # the evicted topic may come back: not in its epoch
-                self.evicted_topics += 1
-                if self._eviction_log.first("evicted", time.monotonic()) is not None:
-                    log.info(
-                        "history: evicting the least recently published topics to stay under "
-                        "max_bytes=%d, starting with %r (%d messages, %d bytes); %d topic(s) "
-                        "evicted so far (logged once a minute at most)",
-                        self.max_bytes,
-                        oldest,
-                        len(state.kept),
-                        state.cost,
-                        self.evicted_topics,
-                    )
-                continue
-            state = self._topics[current]
-            if not state.kept:
-                return
-            self._drop_oldest(state)
+        topics = self._topics
+        for evicted, gone in topics.evict(current):
+            self._fresh = new_epoch()  # the evicted topic may come back: not in its epoch
+            self.evicted_topics += 1
+            if self._eviction_log.first("evicted", time.monotonic()) is not None:
+                log.info(
+                    "history: evicting the least recently published topics to stay under "
+                    "max_bytes=%d, starting with %r (%d messages, %d bytes); %d topic(s) "
+                    "evicted so far (logged once a minute at most)",
+                    topics.max_bytes,
+                    evicted,
+                    len(gone.kept),
+                    gone.cost,
+                    self.evicted_topics,
+                )
+        while topics.bytes > topics.max_bytes and state.kept:
+            topics.drop_oldest(state)
+
+
+def replay_after(state: KeptTopic, position: Position) -> Replay:
+    """The kept messages of ``state`` after ``position``, if its epoch is ``state``'s."""
+    latest = Position(state.epoch, state.latest)
+    if position.epoch != state.epoch or not 0 <= position.offset <= state.latest:
+        return Replay(latest, [], False)
+    first = state.kept[0].offset if state.kept else state.latest + 1
+    start = max(position.offset + 1 - first, 0)
+    messages = list(itertools.islice(state.kept, start, None))
+    return Replay(latest, messages, position.offset + 1 >= first)
