@@ -160,16 +160,24 @@ async def survives(
                 f"{subscriber}); admitted per IP: {dict(broker.admitted_per_ip)}"
             ),
         )
-        await settles(
-            lambda: open_fds() <= fds,
-            lambda: f"file descriptors leaked: {open_fds()} open, {fds} before the attack",
-        )
-        now = live_objects()
-        assert all(now[kind] <= objects[kind] for kind in now), (
-            f"objects leaked: {now} alive, {objects} before the attack"
-        )
-        assert_no_error_logged(caplog)
+        await all_given_back(fds, objects, caplog, "before the attack")
         assert broker.stats.internal_errors == 0  # every failure was the peer's, and contained
+
+
+async def all_given_back(
+    fds: int, objects: dict[str, int], caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    """File descriptors and live connection objects are back to ``fds`` and ``objects``, and
+    nothing was logged at ERROR or with a traceback."""
+    await settles(
+        lambda: open_fds() <= fds,
+        lambda: f"file descriptors leaked: {open_fds()} open, {fds} {when}",
+    )
+    now = live_objects()
+    assert all(now[kind] <= objects[kind] for kind in now), (
+        f"objects leaked: {now} alive, {objects} {when}"
+    )
+    assert_no_error_logged(caplog)
 
 
 def assert_refused_or_closed(answer: bytes) -> None:
@@ -455,15 +463,7 @@ async def test_peers_resetting_while_the_broker_drains_on_shutdown_let_serve_ret
 
     assert not broker.connections
     assert broker.admitted_per_ip.total() == 0
-    await settles(
-        lambda: open_fds() <= fds,
-        lambda: f"file descriptors leaked: {open_fds()} open, {fds} before the broker started",
-    )
-    now = live_objects()
-    assert all(now[kind] <= objects[kind] for kind in now), (
-        f"objects leaked: {now} alive, {objects} before the broker started"
-    )
-    assert_no_error_logged(caplog)
+    await all_given_back(fds, objects, caplog, "before the broker started")
 
 
 # --- 10: TLS where it does not belong, and garbage where TLS belongs ---
