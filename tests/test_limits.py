@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, cast
 
 import jwt
 import pytest
@@ -26,7 +26,7 @@ from broker.config import (
     config_from_dict,
 )
 from broker.core.rules import IdentityLimits
-from broker.io.server import Broker
+from broker.io.server import Broker, Refused
 from tests.helpers import make_config, start_broker, wait_until
 from tests.wire import connect, rejection
 
@@ -277,3 +277,15 @@ async def test_refused_handshakes_are_logged_once_per_burst_and_all_counted(
                 assert (await rejection(broker.url)).status_code == 503
     assert sum("rejected" in r.getMessage() for r in caplog.records) == 1
     assert broker.stats.connections_rejected["max_connections_per_ip"] == 20
+
+
+async def test_every_503_says_when_to_come_back(nursery: trio.Nursery) -> None:
+    broker = await start_broker(nursery, make_config(max_connections_per_ip=1))
+    async with connect(broker.url):
+        refused = await rejection(broker.url)
+        assert refused.status_code == 503
+        assert (b"retry-after", b"5") in [(k.lower(), v) for k, v in refused.headers]
+    broker.shutdown()  # a handshake in flight now gets 503: the node is gone once drained
+    with pytest.raises(Refused) as draining:
+        broker.admit(cast(Any, None), "127.0.0.1")
+    assert (draining.value.status, draining.value.retry_after) == (503, 10)  # 2 x drain_timeout

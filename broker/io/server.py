@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import resource
 import secrets
 import ssl
@@ -79,16 +80,33 @@ def choose_encoding(offered: tuple[str, ...]) -> Encoding | None:
     return None
 
 
+#: Seconds a client refused for a connection cap should wait (``Retry-After``): long enough
+#: not to hammer a full broker, short enough to take a slot soon after one frees.
+CAP_RETRY_AFTER = 5
+
+
 class Refused(Exception):
     """A handshake refused with HTTP ``status``; ``str()`` is the reason sent in the body,
     ``label`` the reason's name in metrics (one of a few), ``who`` whom the limit counts
-    (the token's subject; by default the client's IP address)."""
+    (the token's subject; by default the client's IP address), ``retry_after`` the seconds
+    to wait before trying this broker again (``Retry-After``, on every 503)."""
 
-    def __init__(self, status: int, reason: str, label: str, *, who: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        label: str,
+        *,
+        who: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.label = label
         self.who = who
+        if retry_after is None and status == 503:
+            retry_after = CAP_RETRY_AFTER
+        self.retry_after = retry_after
 
 
 def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
@@ -388,8 +406,11 @@ class Broker:
                 (refused.label, refused.who or ip), logging.INFO, "rejected peer=%s: %d %s", peer,
                 refused.status, refused,
             )  # fmt: skip
-            challenge = [(b"WWW-Authenticate", b'Bearer realm="broker"')]
-            headers = challenge if refused.status == 401 else []
+            headers = []
+            if refused.status == 401:
+                headers.append((b"WWW-Authenticate", b'Bearer realm="broker"'))
+            if refused.retry_after is not None:
+                headers.append((b"Retry-After", str(refused.retry_after).encode()))
             await request.reject(refused.status, f"{refused}\n".encode(), headers)
         except Exception:  # a bug of ours (in an authenticator, say): this handshake's alone
             self.stats.internal_errors += 1
@@ -413,8 +434,9 @@ class Broker:
         connections its token allows (503).
         """
         limits = self.config.limits
-        if self._shutdown.is_set():
-            raise Refused(503, "shutting down", "shutting_down")
+        if self._shutdown.is_set():  # gone once drained: another node now, or this one later
+            gone_in = math.ceil(2 * self.config.server.drain_timeout)
+            raise Refused(503, "shutting down", "shutting_down", retry_after=gone_in)
         if limits.max_connections and self.admitted_per_ip.total() >= limits.max_connections:
             raise Refused(
                 503,
