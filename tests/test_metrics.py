@@ -6,8 +6,11 @@ it, and ``broker stats`` runs as a subprocess. The counting cores are tested wit
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,6 +41,7 @@ from broker.operations.cli import main
 from broker.operations.cli_stats import COLUMNS
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, open_raw, stuck_subscriber
+from tests.redis_server import running_redis
 from tests.wire import bearer, connect
 
 PAYLOAD = b"x" * 65536  # a few hundred of these overflow any loopback buffer
@@ -211,15 +215,60 @@ def test_a_broker_is_not_ready_before_it_listens() -> None:
     assert Broker(make_config()).ready() == (False, "not listening yet")
 
 
-def test_broker_stats_reports_an_unreachable_broker_in_one_line(
+def test_broker_stats_without_a_metrics_listener_says_how_to_turn_it_on(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with socket.socket() as unused:  # bound, never listening: connections are refused
         unused.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{unused.getsockname()[1]}"
-        assert main(["stats", "--url", url]) == 1
+        port = unused.getsockname()[1]
+        assert main(["stats", "--url", f"http://127.0.0.1:{port}"]) == 1
     error = capsys.readouterr().err
-    assert error.startswith(f"broker: cannot read {url}/connz") and error.count("\n") == 1
+    assert error.startswith(f"broker: cannot read http://127.0.0.1:{port}/connz")
+    assert f"[metrics]\n    port = {port}" in error and "docs/metrics.md" in error
+
+
+# --- what an operator's dashboard reads ----------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "examples" / "grafana" / "broker.json"
+METRIC = re.compile(r"\b(?:broker|process|python)_[a-z_]+")
+BY_LABELS = re.compile(r"\bby \(([^)]*)\)\s*\(\s*[a-z_]*\(?\s*((?:broker|process)_[a-z_]+)")
+
+
+async def test_metrics_include_the_process_figures(nursery: trio.Nursery) -> None:
+    broker = await start_broker(nursery, with_metrics(make_config()))
+    metrics = await scrape(broker)
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_max_fds", "process_start_time_seconds"):  # fmt: skip
+        assert metrics[name] > 0, name
+    assert any(name.startswith("python_info{") for name in metrics)
+
+
+async def test_every_query_of_the_grafana_dashboard_reads_metrics_the_broker_serves(
+    nursery: trio.Nursery,
+) -> None:
+    served: dict[str, set[str]] = {}  # name -> label names, over a node and a cluster node
+    async with running_redis() as redis:
+        cluster = ClusterConfig(backend=redis.url)
+        for config in (make_config(), make_config().replace(cluster=cluster)):
+            broker = await start_broker(nursery, with_metrics(config))
+            await wait_until(lambda: broker.ready()[0])  # noqa: B023 - awaited at once
+            for sample in await scrape(broker):
+                name, _, labels = sample.partition("{")
+                keys = {pair.split("=")[0] for pair in labels.rstrip("}").split(",") if pair}
+                served.setdefault(name, set()).update(keys)
+            broker.shutdown()
+            await broker.wait_stopped()
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    queries = [target["expr"] for panel in panels for target in panel["targets"]]
+    assert len(queries) >= 20
+    for query in queries:
+        names = METRIC.findall(query)
+        assert names, query
+        for name in names:
+            assert name in served, f"{name} (in {query!r}) is not served"
+        for labels, name in BY_LABELS.findall(query):
+            for label in (label.strip() for label in labels.split(",")):
+                assert label == "le" or label in served[name], f"{name} has no label {label}"
 
 
 def tokens(config: Config) -> Config:

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -52,6 +53,14 @@ def run_stats(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
         reason = getattr(exc, "reason", exc)
         print(f"broker: cannot read {url}: {reason}", file=sys.stderr)
+        if isinstance(reason, ConnectionRefusedError):
+            print(
+                "broker: nothing listens there. `broker stats` reads the broker's metrics "
+                "listener, which is off unless its config has\n\n    [metrics]\n    port = "
+                f"{urllib.parse.urlsplit(args.url).port or 8766}\n\nand --url points to it "
+                "(docs/metrics.md).",
+                file=sys.stderr,
+            )
         return 1
     if args.json:
         print(json.dumps(report, indent=2))

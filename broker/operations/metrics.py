@@ -7,7 +7,8 @@ Prometheus asks. Each broker has its own :class:`~prometheus_client.CollectorReg
 (:func:`broker_registry`), so several brokers in one process do not clash.
 
 Labels have a bounded set of values (a reason, a result code, a policy): never a topic, a
-client or a subject. ``docs/metrics.md`` lists every metric.
+client or a subject. ``docs/metrics.md`` lists every metric; the process's own figures
+(``process_*``, ``python_info``) come from prometheus_client's collectors.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -120,9 +121,13 @@ class BrokerCollector:
 
 
 def broker_registry(broker: Broker) -> CollectorRegistry:
-    """A fresh registry holding ``broker``'s collector (the global one is left alone)."""
+    """A fresh registry holding ``broker``'s collector and prometheus_client's process and
+    platform collectors (CPU seconds, resident memory, open file descriptors, start time,
+    the Python version); the global registry is left alone."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(broker))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     return registry
 
 
