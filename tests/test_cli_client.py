@@ -8,8 +8,9 @@ from pathlib import Path
 
 import trio
 
+from broker.config import AuthConfig, TokenGrant
 from broker.io.server import Broker
-from broker_client import Client
+from broker_client import Client, connect
 from tests.helpers import make_config, start_broker, wait_until
 
 BROKER = [sys.executable, "-m", "broker"]
@@ -82,17 +83,51 @@ async def test_sub_json_prints_one_object_per_line(broker: Broker, broker_client
     assert results[0].stdout == b'{"topic": "a.b.c", "sub": "a.>", "data": [1, 2]}\n'
 
 
-async def test_unreachable_broker_is_one_line_and_exit_1(nursery: trio.Nursery) -> None:
+async def test_unreachable_broker_is_one_line_and_exit_3(nursery: trio.Nursery) -> None:
     broker = await start_broker(nursery, make_config())
     url = broker.url
     broker.shutdown()
     await broker.wait_stopped()
     for command in (["pub", "x", "1"], ["sub", "x"]):
         result = await run(*command, "--url", url)
-        assert result.returncode == 1
+        assert result.returncode == 3
         lines = result.stderr.decode().splitlines()
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"broker: cannot connect to {url}: ")
+
+
+async def test_a_refused_connection_is_told_in_the_brokers_words_with_its_exit_status(
+    nursery: trio.Nursery,
+) -> None:
+    capped = await start_broker(nursery, make_config(max_connections_per_ip=1))
+    tokens = AuthConfig("tokens", (TokenGrant("t", "someone", subscribe=(">",)),))
+    guarded = await start_broker(nursery, make_config().replace(auth=tokens))
+    async with connect(capped.url):  # the one connection its address may have
+        busy = await run("sub", "a", "--url", capped.url, "--connect-timeout", "0.3")
+    assert busy.returncode == 5
+    *retries, last = busy.stderr.decode().strip().splitlines()  # a line per retry, then why
+    assert last == (
+        f"broker: cannot connect to {capped.url}: the broker refused with HTTP 503: "
+        "too many connections from 127.0.0.1 (max_connections_per_ip 1)"
+    )
+    assert all(line.startswith(f"connecting to {capped.url} failed: ") for line in retries)
+    refused = await run("pub", "a", "1", "--url", guarded.url)
+    assert refused.returncode == 4
+    assert refused.stderr.decode().strip().endswith("HTTP 401: a token is required")
+    assert "exit status:" in (await run("sub", "--help")).stdout.decode()
+
+
+async def test_several_urls_land_on_the_one_that_serves(nursery: trio.Nursery) -> None:
+    serving = await start_broker(nursery, make_config())
+    gone = await start_broker(nursery, make_config())
+    gone_url = gone.url
+    gone.shutdown()
+    await gone.wait_stopped()
+    async with connect(serving.url) as reader, reader.subscribe("x") as sub:
+        result = await run("pub", "x", "hi", "--url", gone_url, "--url", serving.url)
+        assert result.returncode == 0, result.stderr
+        with trio.fail_after(5):
+            assert (await sub.receive()).data == "hi"
 
 
 async def test_refused_publish_is_one_line_and_exit_1(broker_url: str) -> None:

@@ -202,9 +202,10 @@ async def test_handshake_rejected_with_401_or_403_is_forbidden(
         await request.reject(status, body=b"bad token")
 
     url = await fake_broker(nursery, reject)
-    with pytest.raises(Forbidden, match=f"HTTP {status} bad token"):
+    with pytest.raises(Forbidden, match=f"refused with HTTP {status}: bad token") as refused:
         async with connect(url, token="expired"):
             pass  # pragma: no cover
+    assert refused.value.status == status
 
 
 async def test_token_is_sent_as_a_bearer_header(nursery: trio.Nursery) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import ssl
 import subprocess
 import sys
@@ -90,7 +92,7 @@ async def test_the_cli_takes_a_ca_file(tls_broker: Broker, ca_file: Path) -> Non
                                           check=False)  # fmt: skip
 
     refused = await run("pub", "t", "x")
-    assert refused.returncode == 1 and b"certificate verification failed" in refused.stderr
+    assert refused.returncode == 3 and b"certificate verification failed" in refused.stderr
     async with trio.open_nursery() as nursery:
         results: list[subprocess.CompletedProcess[bytes]] = []
 
@@ -125,15 +127,22 @@ async def test_a_token_granting_nothing_is_forbidden_not_unauthorized(
     assert not isinstance(raised.value, Unauthorized)
 
 
-async def test_a_token_refused_on_reconnect_ends_the_client_without_retrying(
-    nursery: trio.Nursery,
+@pytest.mark.parametrize(
+    ("tokens", "ends"),
+    [
+        (["alice-token", "revoked", "revoked"], True),
+        (["alice-token", "stale", "alice-token"], False),
+    ],
+)
+async def test_a_token_refused_on_reconnect_gets_one_fresh_try_then_ends_the_client(
+    nursery: trio.Nursery, tokens: list[str], ends: bool
 ) -> None:
     broker = await start_with_auth(nursery, tokens_auth())
-    tokens = iter(["alice-token", "revoked", "alice-token"])
+    given = iter(tokens)
     asked: list[str] = []
 
     def token() -> str:
-        asked.append(next(tokens))
+        asked.append(next(given))
         return asked[-1]
 
     async with (
@@ -142,9 +151,13 @@ async def test_a_token_refused_on_reconnect_ends_the_client_without_retrying(
     ):
         (connection,) = broker.connections
         connection.close(1001, "server shutting down")
-        with pytest.raises(Unauthorized), trio.fail_after(5):
-            await sub.receive()
-    assert asked == ["alice-token", "revoked"]
+        if ends:
+            with pytest.raises(Unauthorized, match="unknown token"), trio.fail_after(5):
+                await sub.receive()
+        else:
+            with trio.fail_after(5):
+                await client.wait_reconnected()
+    assert asked == tokens
 
 
 async def test_an_expired_jwt_is_replaced_by_a_fresh_one_from_the_token_function(
@@ -184,16 +197,20 @@ async def test_an_expired_jwt_given_as_a_string_ends_the_client_with_forbidden(
 # --- overload ---
 
 
-async def test_a_full_broker_is_retried_until_it_has_room_or_connect_timeout(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+async def test_a_full_broker_is_retried_after_its_retry_after_until_it_has_room(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("broker.io.server.CAP_RETRY_AFTER", 0.3)  # the broker's 5 s, shorter
     broker = await start_broker(nursery, make_config(max_connections=1))
     async with connect(broker.url) as first:
-        with pytest.raises(Overloaded, match="HTTP 503"):
+        with pytest.raises(Overloaded, match="HTTP 503: too many connections") as refused:
             async with connect(broker.url, backoff=TINY, connect_timeout=0.2):
                 pass  # pragma: no cover
+        assert (refused.value.status, refused.value.retry_after) == (503, 0.3)
+        assert refused.value.reason == "too many connections (max_connections 1)"
         connected = trio.Event()
         caplog.clear()
+        caplog.set_level(logging.INFO, logger="broker_client")
 
         async def second() -> None:
             async with connect(broker.url, backoff=Backoff(base=0.01, max=0.05)):
@@ -204,3 +221,5 @@ async def test_a_full_broker_is_retried_until_it_has_room_or_connect_timeout(
         await first.aclose()
     with trio.fail_after(5):
         await connected.wait()
+    waits = re.findall(r"reconnecting to \S+ in ([0-9.]+) s", caplog.text)
+    assert waits and min(map(float, waits)) >= 0.25  # the Retry-After, not the 0.01 s backoff

@@ -1,14 +1,18 @@
 """The JavaScript client's own tests (``clients/js/test``), run by Node against real brokers.
 
-Node gets two brokers: ``BROKER_URL``, whose ``history.>`` topics keep history (``history.small.>``
-only the last 3 messages), and ``TOKENS_BROKER_URL``, in tokens mode with one token
-(``js-token``, allowed ``js.>``). ``clients/js/test/helpers.js`` names the same settings.
+Node gets three brokers and a dead address: ``BROKER_URL``, whose ``history.>`` topics keep
+history (``history.small.>`` only the last 3 messages); ``TOKENS_BROKER_URL``, in tokens mode with
+one token (``js-token``, allowed ``js.>``); ``CAPPED_BROKER_URL``, which takes one connection per
+IP address (the next handshake gets 503 with ``Retry-After``); and ``UNREACHABLE_URL``, a port
+bound but not listening, so connecting is refused at once. ``clients/js/test/helpers.js`` names
+the same settings.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -44,12 +48,22 @@ async def test_js_client_suite_passes_against_the_broker(
         pytest.fail("clients/js/node_modules is missing: run `make test` (it runs npm ci)")
     grant = TokenGrant("js-token", "js", publish=("js.>",), subscribe=("js.>",))
     tokens = await start_broker(nursery, make_config().replace(auth=AuthConfig("tokens", (grant,))))
+    capped = await start_broker(nursery, make_config(max_connections_per_ip=1))
     test_files = sorted(str(path) for path in (JS_CLIENT / "test").glob("*.test.js"))
-    with trio.fail_after(120):
+    # Bound without listen(): the port stays ours, and a connection to it is refused.
+    with socket.socket() as unreachable, trio.fail_after(120):
+        unreachable.bind(("127.0.0.1", 0))
+        env = {
+            **os.environ,
+            "BROKER_URL": broker_url,
+            "TOKENS_BROKER_URL": tokens.url,
+            "CAPPED_BROKER_URL": capped.url,
+            "UNREACHABLE_URL": f"ws://127.0.0.1:{unreachable.getsockname()[1]}/",
+        }
         result = await trio.run_process(
             [node, "--test", *test_files],
             cwd=JS_CLIENT,
-            env={**os.environ, "BROKER_URL": broker_url, "TOKENS_BROKER_URL": tokens.url},
+            env=env,
             capture_stdout=True,
             stderr=subprocess.STDOUT,
             check=False,

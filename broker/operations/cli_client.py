@@ -3,7 +3,8 @@
 ``pub`` publishes DATA (a string, or JSON with ``--json``) once, ``--count`` times, or each
 line of stdin, each acked, so a refusal is reported. ``sub`` prints one line per message,
 ``TOPIC DATA`` with DATA as JSON (or a JSON object per line with ``--json``), until ^C or
-``--count`` messages. Failures are one ``broker: ...`` line on stderr and exit status 1.
+``--count`` messages. A failure is one ``broker: ...`` line on stderr, in the broker's words
+when it refused, and an exit status that says what kind it was (:data:`EXIT_STATUSES`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,31 @@ from typing import Any
 
 import trio
 
-from broker_client import Client, ClientError, connect
+from broker_client import (
+    CannotConnect,
+    Client,
+    ClientError,
+    Forbidden,
+    Overloaded,
+    connect,
+)
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
+
+#: The exit statuses of ``broker pub`` and ``broker sub``, in ``--help`` and the README.
+EXIT_STATUSES = {
+    0: "done",
+    1: "the broker refused a command (err), or the connection was lost",
+    2: "bad arguments",
+    3: "cannot connect: no URL reachable, timed out, or TLS failed",
+    4: "refused: not allowed (HTTP 401 or 403 at the handshake; close 4003 or 4010)",
+    5: "refused: busy or shutting down (HTTP 503, retried until --connect-timeout)",
+    6: "refused for another reason (HTTP 400...)",
+    130: "interrupted (^C)",
+}
+EPILOG = "exit status:\n" + "\n".join(
+    f"  {status:<4} {meaning}" for status, meaning in EXIT_STATUSES.items()
+)
 
 
 def add_client_commands(commands: Any) -> None:
@@ -28,6 +51,8 @@ def add_client_commands(commands: Any) -> None:
     pub = commands.add_parser(
         "pub",
         help="publish a message to a running broker",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Publish DATA to TOPIC and wait for the broker to accept it. DATA is sent "
         "as a string; with --json it is parsed as JSON first ('{\"id\": 7}', '42', 'null'). "
         "Without DATA, each line of stdin is published as one message.",
@@ -41,6 +66,8 @@ def add_client_commands(commands: Any) -> None:
     sub = commands.add_parser(
         "sub",
         help="print the messages matching a pattern",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Subscribe to PATTERN ('*' matches one segment, '>' the rest) and print "
         "'TOPIC DATA' per message, DATA as JSON (bytes as base64), until ^C.",
     )
@@ -52,7 +79,19 @@ def add_client_commands(commands: Any) -> None:
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"the broker (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--url",
+        action="append",
+        help=f"the broker (default {DEFAULT_URL}); give it once per node of a cluster to try "
+        "them in a shuffled order, moving on when one is unreachable or busy",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a busy broker (HTTP 503) is retried before giving up (default 10)",
+    )
     parser.add_argument("--encoding", choices=("msgpack", "json"), default="msgpack",
                         help="wire encoding (default msgpack)")  # fmt: skip
     parser.add_argument("--token", help="sent as 'Authorization: Bearer TOKEN'")
@@ -68,7 +107,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         trio.run(command, args)
     except ClientError as exc:
         print(f"broker: {exc}", file=sys.stderr)
-        return 1
+        return exit_status(exc)
     except ValueError as exc:  # bad --json input, bad --count
         print(f"broker: {exc}", file=sys.stderr)
         return 2
@@ -116,8 +155,25 @@ async def subscribe_command(args: argparse.Namespace) -> None:
                 return
 
 
+def exit_status(error: ClientError) -> int:
+    """The exit status for what ended the command (see :data:`EXIT_STATUSES`)."""
+    if isinstance(error, Forbidden) and (error.status or error.close_code) is not None:
+        return 4  # refused at the handshake, or closed: its token expired or was revoked
+    if isinstance(error, Overloaded):
+        return 5
+    if isinstance(error, CannotConnect):
+        return 3 if error.status is None else 6
+    return 1
+
+
 def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
-    return connect(args.url, token=args.token, encoding=args.encoding, ca_file=args.ca_file)
+    return connect(
+        args.url or [DEFAULT_URL],
+        token=args.token,
+        encoding=args.encoding,
+        ca_file=args.ca_file,
+        connect_timeout=args.connect_timeout,
+    )
 
 
 def _parse_json(text: str) -> Any:

@@ -2,9 +2,11 @@
 /**
  * A client for the Trio pub/sub broker (wire protocol v1), for browsers and Node.
  *
- * One {@link Client} holds one WebSocket. It subscribes with NATS-style patterns, publishes with
- * acknowledgements, and when the connection drops it reconnects with exponential backoff and
- * subscribes again, asking for what it missed (`since`) on topics that keep history.
+ * One {@link Client} holds one WebSocket, to one of the broker URLs it was given. It subscribes
+ * with NATS-style patterns, publishes with acknowledgements, and when the connection drops it
+ * reconnects with exponential backoff and subscribes again, asking for what it missed (`since`)
+ * on topics that keep history, and saying what may be missing elsewhere. A refusal that waiting
+ * will not change ends it, with the broker's words.
  *
  * This file has no imports, so a page can load it as it is. JSON is built in
  * ({@link jsonCodec}); msgpack lives in `./msgpack.js`, which needs `@msgpack/msgpack`.
@@ -37,7 +39,38 @@
 
 /**
  * @typedef {"connecting" | "connected" | "disconnected" | "closed"} State
- * `disconnected` means waiting to reconnect; `closed` is final (after {@link Client#close}).
+ * `disconnected` means waiting to reconnect; `closed` is final (after {@link Client#close}, or a
+ * refusal that waiting will not change).
+ */
+
+/**
+ * Why a connection ended, or an attempt to open one failed. Given with the `disconnected` and
+ * `closed` states, and carried by {@link NotAnswered} and {@link Refused}.
+ * @typedef {object} Disconnection
+ * @property {string} url the broker URL it was about (without the token)
+ * @property {number} code the WebSocket close code; 1006 when no close frame came: the network
+ *   failed, the handshake was refused, or the broker could not be reached
+ * @property {string} reason the broker's words: the close reason, or the body of a refused
+ *   handshake; `""` when it said nothing (or the WebSocket does not show it)
+ * @property {number} [status] the HTTP status of a refused handshake, where the WebSocket shows
+ *   it: Node's `ws` package does, a browser never does (it shows only a close 1006)
+ * @property {number} [retryAfter] seconds, from the `Retry-After` of a refused handshake (503)
+ * @property {string} message all of the above in a sentence, for a person
+ * @property {number} [delay] ms until the next attempt (absent when the client ends)
+ */
+
+/**
+ * What a subscription may have missed while the client was disconnected, and why; given to
+ * `onResubscribe` after a reconnect unless the topic's history replayed everything.
+ * - `"evicted"`: messages were missed and the oldest of them are gone (more were published than
+ *   the topic keeps, or they outlived its `history_ttl`); the kept ones follow.
+ * - `"history_lost"`: the topic's history was lost (a new epoch: a broker restart, say); nothing
+ *   is replayed, and whatever was published before it is gone.
+ * - `"no_history"`: the topic keeps no history: whatever was published meanwhile is gone.
+ * - `"wildcard"`: a pattern cannot recover: whatever was published meanwhile is gone.
+ * @typedef {object} Missed
+ * @property {"evicted" | "history_lost" | "no_history" | "wildcard"} why
+ * @property {Disconnection} disconnection how the connection that had the subscription ended
  */
 
 /**
@@ -51,15 +84,18 @@
  * @typedef {object} ClientOptions
  * @property {Codec} [codec] default {@link jsonCodec}; pass `msgpackCodec` from `./msgpack.js`
  * @property {string | (() => string | Promise<string>)} [token] sent as `?token=`; a function
- *   is asked again before every (re)connect, so it can hand out a fresh token
+ *   is asked again before every (re)connect, so it can hand out a fresh token, and a refused
+ *   token (401, 403, 4003, 4010) is then retried rather than ending the client
  * @property {new (url: string, protocols: string[]) => WebSocket} [WebSocket] the constructor
  *   to use; default `globalThis.WebSocket` (Node 20 needs one, such as the `ws` package's)
  * @property {boolean} [reconnect] reconnect after the connection drops (default true)
  * @property {Backoff} [backoff] reconnect delays
  * @property {number} [timeout] ms to wait for the broker's answer to a command (default 10000)
- * @property {(state: State) => void} [onState] called on every state change
- * @property {(error: Error) => void} [onError] errors no promise reports: an `err` without
- *   `id`, a subscription the broker refused again after a reconnect, an undecodable message
+ * @property {(state: State, disconnection?: Disconnection) => void} [onState] called on every
+ *   state change; `disconnected`, and `closed` unless by {@link Client#close}, say why
+ * @property {(error: Error) => void} [onError] errors no promise reports: the {@link Refused}
+ *   that ended the client, an `err` without `id`, a subscription the broker refused again after
+ *   a reconnect, an undecodable message
  */
 
 /**
@@ -68,9 +104,10 @@
  *   kept messages after this position (`"start"`: every kept message), then go live
  * @property {(dropped: number) => void} [onLag] the broker dropped this many messages for
  *   this subscription (a drop policy: the subscriber was too slow)
- * @property {(subscription: Subscription) => void} [onResubscribe] called when the broker has
- *   accepted the subscription again after a reconnect, before the messages it replays; check
- *   `subscription.recovered`
+ * @property {(subscription: Subscription, missed?: Missed) => void} [onResubscribe] called when
+ *   the broker has accepted the subscription again after a reconnect, before the messages it
+ *   replays; `missed` says what may be missing and why, and is absent when the topic's history
+ *   replayed everything (`subscription.recovered` is then true)
  */
 
 /** The broker answered a command with `err`; `code` is the protocol's error code. */
@@ -89,16 +126,33 @@ export class PubSubError extends Error {
 /**
  * A command got no answer: `reason` is `"disconnected"` (the connection dropped first; the
  * command may or may not have taken effect), `"closed"` (the client was closed) or `"timeout"`.
+ * `disconnection` says how the connection ended, when one did.
  */
 export class NotAnswered extends Error {
   /**
    * @param {"disconnected" | "closed" | "timeout"} reason
    * @param {string} message
+   * @param {Disconnection} [disconnection]
    */
-  constructor(reason, message) {
+  constructor(reason, message, disconnection) {
     super(message);
     this.name = "NotAnswered";
     this.reason = reason;
+    this.disconnection = disconnection;
+  }
+}
+
+/**
+ * The broker refused this client in a way that waiting will not change (HTTP 400, 401 or 403,
+ * close 4003 or 4010), and the client has no token function to ask for a fresh token: it has
+ * ended. `disconnection` has the status or close code and the broker's words.
+ */
+export class Refused extends Error {
+  /** @param {Disconnection} disconnection */
+  constructor(disconnection) {
+    super(disconnection.message);
+    this.name = "Refused";
+    this.disconnection = disconnection;
   }
 }
 
@@ -140,6 +194,99 @@ export function withToken(url, token) {
   const parsed = new URL(url);
   parsed.searchParams.set("token", token);
   return parsed.toString();
+}
+
+/**
+ * A copy of `items` in a random order (Fisher-Yates).
+ * @template T
+ * @param {T[]} items
+ * @param {() => number} [random] a number in [0, 1)
+ */
+export function shuffled(items, random = Math.random) {
+  const copy = [...items];
+  for (let index = copy.length - 1; index > 0; index--) {
+    const other = Math.floor(random() * (index + 1));
+    [copy[index], copy[other]] = [copy[other], copy[index]];
+  }
+  return copy;
+}
+
+/**
+ * What a refused handshake showed: its HTTP status, `Retry-After` and body.
+ * @typedef {{ status: number, retryAfter?: number, reason: string }} Refusal
+ */
+
+/**
+ * Describe how a connection or an attempt ended (without `delay`: the caller decides that).
+ * @param {string} url
+ * @param {boolean} opened whether the handshake had succeeded
+ * @param {{ code: number, reason: string }} close the socket's close event
+ * @param {Refusal | undefined} refusal the refused handshake's response, where it is shown
+ * @param {string | undefined} failure what the socket's `error` event said, where refusals are
+ *   shown (Node's `ws`: "connect ECONNREFUSED ..."); undefined where they are hidden (browsers)
+ * @returns {Disconnection}
+ */
+export function describeClose(url, opened, { code, reason }, refusal, failure) {
+  if (refusal !== undefined) {
+    const { status, retryAfter } = refusal;
+    const message = `${url} refused the connection: HTTP ${status} ${refusal.reason}`.trim();
+    return { url, code, reason: refusal.reason, status, retryAfter, message };
+  }
+  let message;
+  if (opened) {
+    message = code === 1006 ? `the connection to ${url} dropped (1006, no close frame)`
+      : `${url} closed the connection: ${code} ${reason}`.trim();
+  } else if (failure !== undefined) {
+    message = `cannot reach ${url}: ${failure || `close ${code}`}`;
+  } else {
+    message = `cannot connect to ${url} (close ${code}): it is unreachable, or it refused the ` +
+      "handshake; a browser's WebSocket shows neither the HTTP status nor the broker's reason";
+  }
+  return { url, code, reason, message };
+}
+
+/** True if a fresh token could change `disconnection`: HTTP 401 or 403, close 4003 or 4010. */
+const wantsToken = (/** @type {Disconnection} */ { status, code }) =>
+  status === 401 || status === 403 || code === 4003 || code === 4010;
+
+/**
+ * Node's `http.IncomingMessage`, as the `ws` package hands it to `unexpected-response`.
+ * @typedef {{ statusCode?: number, headers: Record<string, string | string[] | undefined>,
+ *   setEncoding(encoding: string): void, on(event: string, listener: (chunk: string) => void): void
+ * }} HttpResponse
+ */
+
+/**
+ * Where the WebSocket is the `ws` package's (Node), read a refused handshake's status,
+ * `Retry-After` and body from its `unexpected-response` event, then end the attempt (which
+ * closes with 1006). A browser's WebSocket shows none of this.
+ * @param {WebSocket} socket
+ * @param {(refusal: Refusal) => void} onRefusal
+ * @returns {boolean} whether this socket shows refusals
+ */
+function watchRefusals(socket, onRefusal) {
+  const emitter = /** @type {any} */ (socket);
+  if (typeof emitter.on !== "function") return false;
+  /** @param {unknown} _request @param {HttpResponse} response */
+  const read = (_request, response) => {
+    let body = "";
+    response.setEncoding("utf8");
+    response.on("data", (chunk) => {
+      if (body.length < 1000) body += chunk;
+    });
+    response.on("error", () => emitter.terminate());
+    response.on("end", () => {
+      const retryAfter = Number(response.headers["retry-after"] ?? NaN);
+      onRefusal({
+        status: response.statusCode ?? 0,
+        retryAfter: Number.isFinite(retryAfter) && retryAfter >= 0 ? retryAfter : undefined,
+        reason: body.trim().slice(0, 500),
+      });
+      emitter.terminate();
+    });
+  };
+  emitter.on("unexpected-response", read);
+  return true;
 }
 
 /** True if `pattern` names one concrete topic (no `*` or `>` segment). */
@@ -225,6 +372,7 @@ export class Subscription {
    * @param {Frame} reply
    */
   _accept(reply) {
+    const askedEpoch = this.epoch;
     this._skipping = false;
     if (typeof reply.recovered === "boolean") this.recovered = reply.recovered;
     if (typeof reply.epoch === "string" && typeof reply.offset === "number") {
@@ -240,8 +388,29 @@ export class Subscription {
     }
     const again = this.accepted;
     this.accepted = true;
-    if (again) this.client._safely(() => this.options.onResubscribe?.(this));
-    else this._resolve(this);
+    if (!again) {
+      this._resolve(this);
+      return;
+    }
+    const missed = this._missed(reply, askedEpoch);
+    this.client._safely(() => this.options.onResubscribe?.(this, missed));
+  }
+
+  /**
+   * What a resubscribe's `ok` says may be missing: nothing if the history replayed it all.
+   * @param {Frame} reply
+   * @param {string | undefined} askedEpoch the epoch its `since` named
+   * @returns {Missed | undefined}
+   */
+  _missed(reply, askedEpoch) {
+    if (reply.recovered === true) return undefined;
+    /** @type {Missed["why"]} */
+    let why = "no_history";
+    if (!isConcrete(this.pattern)) why = "wildcard";
+    else if (reply.recovered === false && typeof reply.epoch === "string") {
+      why = reply.epoch === askedEpoch ? "evicted" : "history_lost";
+    }
+    return { why, disconnection: /** @type {Disconnection} */ (this.client._dropped) };
   }
 
   /** @param {Error} error why it ended without being unsubscribed */
@@ -257,22 +426,41 @@ export class Subscription {
  * Commands given while disconnected wait for the next connection. Subscriptions survive
  * reconnects. A command whose answer a dropped connection swallowed is rejected with
  * {@link NotAnswered} (reason `"disconnected"`): it may or may not have taken effect.
+ *
+ * Given several URLs (nodes of one cluster), it tries them in a shuffled order: an attempt
+ * that fails moves on at once to a URL not yet tried in this round; when all have failed, or a
+ * connection that was up drops, the next round comes after the backoff. A URL whose broker
+ * sent `Retry-After` is not tried again before that.
  */
 export class Client {
   /**
-   * @param {string} url the broker's `ws://` or `wss://` URL
+   * @param {string | string[]} urls the broker's `ws://` or `wss://` URL, or several
    * @param {ClientOptions} [options]
    */
-  constructor(url, options = {}) {
-    const protocol = new URL(url).protocol;
-    if (protocol !== "ws:" && protocol !== "wss:") {
-      throw new TypeError(`the broker URL must be ws:// or wss://, not ${url}`);
+  constructor(urls, options = {}) {
+    /** Every URL it may connect to. */
+    this.urls = typeof urls === "string" ? [urls] : [...urls];
+    if (this.urls.length === 0) throw new TypeError("no broker URL given");
+    for (const url of this.urls) {
+      const protocol = new URL(url).protocol;
+      if (protocol !== "ws:" && protocol !== "wss:") {
+        throw new TypeError(`the broker URL must be ws:// or wss://, not ${url}`);
+      }
     }
     const Socket = options.WebSocket ?? globalThis.WebSocket;
     if (Socket === undefined) {
       throw new TypeError("no WebSocket here: pass options.WebSocket (in Node, the ws package's)");
     }
-    this.url = url;
+    /** The URL in use, or being tried. */
+    this.url = this.urls[0];
+    /** @type {string[]} the URLs this round has yet to try, in a shuffled order */
+    this._round = [];
+    /** @type {Map<string, number>} when a URL whose broker sent Retry-After may be tried again */
+    this._notBefore = new Map();
+    /** @type {Disconnection | undefined} how the last connection that was up ended */
+    this._dropped = undefined;
+    /** @type {Error | undefined} what commands get once the client has ended */
+    this._ended = undefined;
     this.codec = options.codec ?? jsonCodec;
     this.options = options;
     this._Socket = Socket;
@@ -397,7 +585,7 @@ export class Client {
           if (this._subscriptions.get(subscription.pattern) === subscription) {
             this._subscriptions.delete(subscription.pattern);
           }
-          if (subscription.accepted) {
+          if (subscription.accepted && this.state !== "closed") {
             this._report(new Error(`resubscribing to ${subscription.pattern} failed: ${error.message}`));
           }
           subscription._end(error);
@@ -488,14 +676,17 @@ export class Client {
   }
 
   _closedError() {
-    return new NotAnswered("closed", "the client is closed");
+    return this._ended ?? new NotAnswered("closed", "the client is closed");
   }
 
-  /** @param {State} state */
-  _setState(state) {
+  /**
+   * @param {State} state
+   * @param {Disconnection} [disconnection] why, for `disconnected` and `closed`
+   */
+  _setState(state, disconnection) {
     if (this.state === state) return;
     this.state = state;
-    this._safely(() => this.options.onState?.(state));
+    this._safely(() => this.options.onState?.(state, disconnection));
   }
 
   /**
@@ -520,48 +711,75 @@ export class Client {
     }
   }
 
-  /** Become `closed`: reject everything still waiting. */
-  _finish() {
-    this._setState("closed");
-    const error = this._closedError();
+  /**
+   * Become `closed`: reject everything still waiting, and every command after, with `error`.
+   * @param {Error} [error]
+   * @param {Disconnection} [disconnection] why, unless {@link Client#close} was called
+   */
+  _finish(error = this._closedError(), disconnection) {
+    this._ended = error;
+    this._setState("closed", disconnection);
     for (const pending of [...this._pending.values()]) pending.reject(error);
     for (const waiter of this._waiters.splice(0)) waiter.reject(error);
     for (const subscription of this._subscriptions.values()) subscription._end(error);
   }
 
   async _open() {
+    if (this._round.length === 0) {
+      const now = Date.now();
+      const ready = this.urls.filter((url) => (this._notBefore.get(url) ?? 0) <= now);
+      this._round = shuffled(ready.length > 0 ? ready : this.urls);
+    }
+    const url = (this.url = /** @type {string} */ (this._round.shift()));
     this._setState("connecting");
-    let url;
+    /** Stand-in for a close event, when no socket could be made. */
+    const failed = (/** @type {unknown} */ error, /** @type {boolean} */ startOver) => {
+      this._report(/** @type {Error} */ (error));
+      this._retry({ url, code: 1006, reason: "", message: `cannot connect to ${url}: ${error}` }, startOver);
+    };
+    let target;
     try {
       const source = this.options.token;
       const token = typeof source === "function" ? await source() : source;
       if (/** @type {State} */ (this.state) === "closed") return;
-      url = withToken(this.url, token);
+      target = withToken(url, token);
     } catch (error) {
-      this._report(/** @type {Error} */ (error));
-      this._retry();
+      failed(error, true); // the token function failed: asking it again at once would not help
       return;
     }
     let socket;
     try {
-      socket = new this._Socket(url, [this.codec.subprotocol]);
+      socket = new this._Socket(target, [this.codec.subprotocol]);
     } catch (error) {
-      this._report(/** @type {Error} */ (error));
-      this._retry();
+      failed(error, false);
       return;
     }
     socket.binaryType = "arraybuffer";
     this._socket = socket;
-    socket.addEventListener("open", () => this._onOpen(socket));
+    let opened = false;
+    /** @type {Refusal | undefined} */
+    let refusal;
+    const showsRefusals = watchRefusals(socket, (refused) => (refusal = refused));
+    let failure = "";
+    socket.addEventListener("open", () => {
+      opened = true;
+      this._onOpen(socket);
+    });
     socket.addEventListener("message", (event) => socket === this._socket && this._onMessage(event.data));
-    socket.addEventListener("close", () => this._onClose(socket));
-    socket.addEventListener("error", () => {}); // always followed by "close", which acts
+    socket.addEventListener("error", (event) => {
+      failure = String(/** @type {any} */ (event).message ?? ""); // Node's ws says what; browsers do not
+    });
+    socket.addEventListener("close", (event) => {
+      const disconnection = describeClose(url, opened, event, refusal, showsRefusals ? failure : undefined);
+      this._onClose(socket, opened, disconnection);
+    });
   }
 
   /** @param {WebSocket} socket */
   _onOpen(socket) {
     if (socket !== this._socket) return;
     this._attempt = 0;
+    this._round = [];
     // Every subscription again, as one batch; `since` where the topic keeps history.
     const frames = this._subscribeFrames(this._subscriptions.values());
     if (frames.length > 0) this._send(frames);
@@ -607,19 +825,50 @@ export class Client {
     }
   }
 
-  /** @param {WebSocket} socket */
-  _onClose(socket) {
+  /**
+   * The socket closed: reject what waited for an answer on it, then try again, or end if the
+   * broker refused in a way that waiting will not change (and no token function can help).
+   * @param {WebSocket} socket
+   * @param {boolean} opened whether it had been connected
+   * @param {Disconnection} disconnection
+   */
+  _onClose(socket, opened, disconnection) {
     if (socket !== this._socket) return;
     this._socket = null;
-    const dropped = new NotAnswered("disconnected", "the connection dropped before the answer");
+    if (opened) this._dropped = disconnection;
+    const message = `the connection dropped before the answer: ${disconnection.message}`;
+    const dropped = new NotAnswered("disconnected", message, disconnection);
     for (const pending of [...this._pending.values()]) pending.reject(dropped);
-    if (this.options.reconnect === false) this._finish();
-    else this._retry();
+    const tokenCanHelp = typeof this.options.token === "function" && wantsToken(disconnection);
+    if (disconnection.status === 400 || (wantsToken(disconnection) && !tokenCanHelp)) {
+      const refused = new Refused(disconnection);
+      this._finish(refused, disconnection);
+      this._report(refused);
+    } else if (this.options.reconnect === false) {
+      this._finish(new NotAnswered("closed", `the client is closed: ${disconnection.message}`), disconnection);
+    } else {
+      this._retry(disconnection, opened);
+    }
   }
 
-  _retry() {
-    this._setState("disconnected");
-    const delay = backoffDelay(this._attempt++, this.options.backoff);
+  /**
+   * Try again: at once with the next URL of this round; after the backoff when none is left or
+   * `startOver` (a connection that was up dropped), and not before a URL's `Retry-After`.
+   * @param {Disconnection} disconnection
+   * @param {boolean} startOver
+   */
+  _retry(disconnection, startOver) {
+    const now = Date.now();
+    const { url, retryAfter } = disconnection;
+    if (retryAfter !== undefined) this._notBefore.set(url, now + retryAfter * 1000);
+    const ready = (/** @type {string} */ each) => (this._notBefore.get(each) ?? 0) <= now;
+    this._round = startOver ? [] : this._round.filter(ready);
+    let delay = 0;
+    if (this._round.length === 0) {
+      const soonest = Math.min(...this.urls.map((each) => (this._notBefore.get(each) ?? 0) - now));
+      delay = Math.max(backoffDelay(this._attempt++, this.options.backoff), soonest);
+    }
+    this._setState("disconnected", { ...disconnection, delay });
     this._retryTimer = setTimeout(() => void this._open(), delay);
   }
 }

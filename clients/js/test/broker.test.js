@@ -175,6 +175,21 @@ describe("reconnecting", needsBroker, () => {
     }
   });
 
+  test("a close by the broker is reported with its code and reason, and retried", async () => {
+    /** @type {Inbox<string>} */
+    const states = new Inbox();
+    const subject = client({ onState: (state, why) => states.push(why ? `${state}: ${why.message}` : state) });
+    await subject.publish("closing.fine", 1);
+    // Ten bad frames in a row (max_bad_frames): the broker answers them, then closes with 4008.
+    const refused = Array.from({ length: 10 }, () => subject.publish("closing..bad", 1));
+    for (const each of refused) await assert.rejects(each, { code: "invalid_topic" });
+    assert.equal(
+      await states.until((state) => state.startsWith("disconnected")),
+      `disconnected: ${url} closed the connection: 4008 10 bad frames in a row`,
+    );
+    await states.until((state) => state === "connected");
+  });
+
   test("a publish whose answer the drop swallowed is rejected as not answered", async () => {
     const proxy = new Proxy(url);
     const subject = client({}, await proxy.start());
@@ -182,7 +197,13 @@ describe("reconnecting", needsBroker, () => {
       await subject.publish("drop.before", 1);
       const lost = subject.publish("drop.after", 2); // sent at once: the client is connected
       proxy.cut(); // before the proxy could read it, so it never reaches the broker
-      await assert.rejects(lost, (error) => error instanceof NotAnswered && error.reason === "disconnected");
+      await assert.rejects(lost, (error) => {
+        assert.ok(error instanceof NotAnswered);
+        assert.equal(error.reason, "disconnected");
+        assert.equal(error.disconnection?.code, 1006);
+        assert.match(error.message, /^the connection dropped before the answer: the connection to .* dropped/);
+        return true;
+      });
     } finally {
       await proxy.stop();
     }

@@ -1,5 +1,8 @@
 // @ts-check
-/** Test helpers: a message inbox to await, a TCP proxy that can cut connections, a client maker. */
+/**
+ * Test helpers: a message inbox to await, a TCP proxy that can cut connections, a client maker,
+ * and a WebSocket that shows only what a browser's does.
+ */
 import net from "node:net";
 import WebSocket from "ws";
 
@@ -17,10 +20,19 @@ export const TOKENS_BROKER_URL = process.env.TOKENS_BROKER_URL;
 export const needsTokensBroker = {
   skip: TOKENS_BROKER_URL ? false : "TOKENS_BROKER_URL is not set (run through pytest)",
 };
+/** A broker that takes one connection per IP address: the next handshake gets 503. */
+export const CAPPED_BROKER_URL = process.env.CAPPED_BROKER_URL;
+/** A port where nothing listens: connecting is refused at once. */
+export const UNREACHABLE_URL = process.env.UNREACHABLE_URL;
+export const needsFailover = {
+  skip: BROKER_URL && CAPPED_BROKER_URL && UNREACHABLE_URL
+    ? false
+    : "BROKER_URL, CAPPED_BROKER_URL and UNREACHABLE_URL are not set (run through pytest)",
+};
 
 /**
  * A client on the `ws` package's WebSocket, with short reconnect delays.
- * @param {string} url
+ * @param {string | string[]} url
  * @param {import("../src/client.js").ClientOptions} [options]
  */
 export function makeClient(url, options = {}) {
@@ -31,6 +43,39 @@ export function makeClient(url, options = {}) {
     ...options,
   });
 }
+
+/**
+ * `make()` with the client's shuffle of several URLs keeping their given order (Math.random
+ * pinned just below 1 while the client picks its first round), so a test knows which comes first.
+ * @template T
+ * @param {() => T} make
+ */
+export function inGivenOrder(make) {
+  const random = Math.random;
+  Math.random = () => 0.999999;
+  try {
+    return make();
+  } finally {
+    Math.random = random;
+  }
+}
+
+/**
+ * The `ws` package's WebSocket with only what a browser's shows: no `unexpected-response`
+ * event, so a refused handshake is an `error` and a close 1006, without status or body.
+ */
+export const BrowserWebSocket = /** @type {any} */ (
+  function BrowserWebSocket(/** @type {string} */ url, /** @type {string[]} */ protocols) {
+    const socket = new WebSocket(url, protocols);
+    return new globalThis.Proxy(socket, {
+      get(target, key) {
+        if (key === "on") return undefined; // the EventEmitter side, which browsers do not have
+        const value = Reflect.get(target, key);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+  }
+);
 
 /**
  * Collects values pushed to it; `next()` waits for the next one (failing after 5 s).
@@ -65,13 +110,16 @@ export class Inbox {
   }
 
   /**
-   * Wait for the first item that satisfies `predicate`, discarding the others.
+   * Wait for the first item that satisfies `predicate`, discarding the others (failing after
+   * 5 s in all, however many others keep coming).
    * @param {(item: T) => boolean} predicate
    */
   async until(predicate) {
+    const deadline = Date.now() + 5000;
     for (;;) {
       const item = await this.next();
       if (predicate(item)) return item;
+      if (Date.now() > deadline) throw new Error("nothing matching arrived within 5 s");
     }
   }
 }

@@ -138,8 +138,8 @@ describe("recovery", { skip: await whyNotRecovery() }, () => {
         }
       },
       {
-        onResubscribe(resubscribed) {
-          seen.push(`resubscribed, recovered: ${resubscribed.recovered}`);
+        onResubscribe(resubscribed, missed) {
+          seen.push(`resubscribed, recovered: ${resubscribed.recovered}, missed: ${missed?.why}`);
           resumedAt = published;
         },
       },
@@ -152,8 +152,8 @@ describe("recovery", { skip: await whyNotRecovery() }, () => {
     const got = [];
     for (let count = 0; count <= published; count++) got.push(await seen.next());
     assert.deepEqual(got.filter((item) => typeof item === "number"), range(0, published));
-    assert.deepEqual(got.filter((item) => typeof item === "string"), ["resubscribed, recovered: true"]);
-    assert.ok(got.indexOf("resubscribed, recovered: true") > 50);
+    assert.deepEqual(got.filter((item) => typeof item === "string"), ["resubscribed, recovered: true, missed: undefined"]);
+    assert.ok(got.indexOf("resubscribed, recovered: true, missed: undefined") > 50);
     assert.equal(subscription.offset, published);
   });
 
@@ -164,7 +164,7 @@ describe("recovery", { skip: await whyNotRecovery() }, () => {
     /** @type {Inbox<unknown>} */
     const seen = new Inbox();
     const subscription = await subject.subscribe(topic, (message) => seen.push(message.offset), {
-      onResubscribe: (resubscribed) => seen.push(`recovered: ${resubscribed.recovered}`),
+      onResubscribe: (resubscribed, missed) => seen.push(`recovered: ${resubscribed.recovered}, ${missed?.why}`),
     });
     await publisher.publish(topic, "one");
     assert.equal(await seen.next(), 1);
@@ -175,7 +175,7 @@ describe("recovery", { skip: await whyNotRecovery() }, () => {
     proxy.refuse = false;
     const got = [];
     for (let count = 0; count < 4; count++) got.push(await seen.next());
-    assert.deepEqual(got, ["recovered: false", 8, 9, 10]);
+    assert.deepEqual(got, ["recovered: false, evicted", 8, 9, 10]);
     assert.equal(subscription.recovered, false);
     await publisher.publish(topic, 11);
     assert.equal(await seen.next(), 11);

@@ -2,14 +2,15 @@
 /**
  * The client against a scripted peer, for what a real broker shows only by chance: the `since`
  * it sends after a history was lost (a new epoch), an `ok` and messages in one batch, a batch
- * whose handler throws, and a `sub` the client gave up waiting for. (history.test.js and tokens.test.js use a real broker.)
+ * whose handler throws, a `sub` the client gave up waiting for, and closes the broker sends only
+ * after a while (4003, token expired) or not yet (4010). (The other files use real brokers.)
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { WebSocketServer } from "ws";
 
-import { NotAnswered, jsonCodec } from "../src/client.js";
+import { NotAnswered, Refused, jsonCodec } from "../src/client.js";
 import { Inbox, makeClient } from "./helpers.js";
 
 /**
@@ -19,7 +20,7 @@ import { Inbox, makeClient } from "./helpers.js";
 async function scriptedPeer() {
   const server = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols: (offered) => [...offered][0] });
   await new Promise((resolve) => server.once("listening", resolve));
-  /** @type {Inbox<{url: string, protocol: string, frames: Inbox<any>, send: (...frames: unknown[]) => void, drop: () => void}>} */
+  /** @type {Inbox<{url: string, protocol: string, frames: Inbox<any>, send: (...frames: unknown[]) => void, drop: () => void, close: (code: number, reason: string) => void}>} */
   const connections = new Inbox();
   server.on("connection", (socket, request) => {
     /** @type {Inbox<any>} */
@@ -33,6 +34,7 @@ async function scriptedPeer() {
       frames,
       send: (...sent) => socket.send(sent.map((frame) => JSON.stringify(frame)).join("\n")),
       drop: () => socket.terminate(),
+      close: (code, reason) => socket.close(code, reason),
     });
   });
   const { port } = /** @type {import("node:net").AddressInfo} */ (server.address());
@@ -47,7 +49,7 @@ test("a resubscribe asks for what was missed: since = epoch of the ok, offset of
     /** @type {Inbox<unknown>} the messages' data, and what onResubscribe saw */
     const inbox = new Inbox();
     const subscribing = client.subscribe("room.1", (message) => inbox.push(message.data), {
-      onResubscribe: (subscription) => inbox.push(`recovered: ${subscription.recovered}`),
+      onResubscribe: (subscription, missed) => inbox.push(`recovered: ${subscription.recovered}, ${missed?.why}`),
     });
     const wildcard = client.subscribe("room.*", () => {}); // no position: never `since`
     const sub = await first.frames.next();
@@ -75,7 +77,7 @@ test("a resubscribe asks for what was missed: since = epoch of the ok, offset of
       { op: "ok", id: again.id, epoch: "e2", offset: 1, recovered: false },
       { op: "msg", topic: "room.1", sub: "room.1", data: "two", offset: 2 },
     );
-    assert.deepEqual([await inbox.next(), await inbox.next()], ["recovered: false", "two"]);
+    assert.deepEqual([await inbox.next(), await inbox.next()], ["recovered: false, history_lost", "two"]);
     assert.deepEqual(subscription.position, { epoch: "e2", offset: 2 });
 
     second.drop();
@@ -153,6 +155,65 @@ test("a sub that timed out is undone with an unsub behind it", async () => {
     assert.deepEqual(resub, { op: "sub", id: resub.id, topic: "late" });
     connection.send({ op: "ok", id: resub.id });
     await again;
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("a close 4003 without a token function ends the client; what waited carries the close", async () => {
+  const peer = await scriptedPeer();
+  /** @type {Inbox<Error>} */
+  const errors = new Inbox();
+  /** @type {Inbox<string>} */
+  const states = new Inbox();
+  const client = makeClient(peer.url, {
+    token: "fixed",
+    onError: errors.push,
+    onState: (state, why) => states.push(`${state}: ${why?.code} ${why?.reason}`),
+  });
+  try {
+    const connection = await peer.connections.next();
+    const pending = client.publish("news", 1);
+    await connection.frames.next(); // sent, never answered
+    connection.close(4003, "token expired");
+    await assert.rejects(pending, (error) => {
+      assert.ok(error instanceof NotAnswered);
+      assert.deepEqual([error.reason, error.disconnection?.code, error.disconnection?.reason], [
+        "disconnected",
+        4003,
+        "token expired",
+      ]);
+      return true;
+    });
+    assert.equal(await states.until((state) => !state.startsWith("connect")), "closed: 4003 token expired");
+    const error = await errors.next();
+    assert.ok(error instanceof Refused);
+    assert.equal(error.message, `${peer.url} closed the connection: 4003 token expired`);
+    await assert.rejects(client.publish("news", 2), Refused);
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("a close 4010 with a token function asks it for a fresh token and connects again", async () => {
+  const peer = await scriptedPeer();
+  let issued = 0;
+  /** @type {Inbox<string>} */
+  const states = new Inbox();
+  const client = makeClient(peer.url, {
+    token: () => `t${++issued}`,
+    onState: (state, why) => states.push(why ? `${state}: ${why.code} ${why.reason}` : state),
+  });
+  try {
+    const first = await peer.connections.next();
+    assert.equal(first.url, "/?token=t1");
+    await states.until((state) => state === "connected");
+    first.close(4010, "disconnected by the server API");
+    assert.equal(await states.next(), "disconnected: 4010 disconnected by the server API");
+    assert.equal((await peer.connections.next()).url, "/?token=t2");
+    await states.until((state) => state === "connected");
   } finally {
     await client.close();
     peer.close();

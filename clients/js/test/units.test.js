@@ -1,11 +1,11 @@
 // @ts-check
-/** The pure parts: backoff delays, token URLs, the two codecs (batches included). */
+/** The pure parts: backoff delays, token URLs, the URL shuffle, what a close says, the two codecs. */
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { encode } from "@msgpack/msgpack";
 
-import { backoffDelay, jsonCodec, withToken } from "../src/client.js";
+import { backoffDelay, describeClose, jsonCodec, shuffled, withToken } from "../src/client.js";
 import { msgpackCodec } from "../src/msgpack.js";
 
 test("backoff doubles from the initial delay up to the cap, jittered to half..all", () => {
@@ -26,6 +26,29 @@ test("the token goes in the query, escaped, keeping what the URL had", () => {
   assert.equal(withToken("ws://h:1/", undefined), "ws://h:1/");
   assert.equal(withToken("ws://h:1/", "a b&c"), "ws://h:1/?token=a+b%26c");
   assert.equal(withToken("wss://h/ws?x=1&token=old", "new"), "wss://h/ws?x=1&token=new");
+});
+
+test("shuffled: every URL once, in an order the random source picks", () => {
+  const urls = ["ws://a/", "ws://b/", "ws://c/"];
+  assert.deepEqual(shuffled(urls, () => 0.999999), urls); // what inGivenOrder() relies on
+  assert.deepEqual(shuffled(urls, () => 0), ["ws://b/", "ws://c/", "ws://a/"]);
+  assert.deepEqual(shuffled(urls).sort(), urls);
+});
+
+test("a close says what is known: the broker's words, or what a browser cannot tell", () => {
+  const url = "ws://h/";
+  const abnormal = { code: 1006, reason: "" };
+  assert.deepEqual(describeClose(url, false, abnormal, { status: 503, retryAfter: 5, reason: "full" }, ""), {
+    url, code: 1006, reason: "full", status: 503, retryAfter: 5,
+    message: "ws://h/ refused the connection: HTTP 503 full",
+  });
+  const said = (/** @type {boolean} */ opened, /** @type {{code: number, reason: string}} */ close,
+    /** @type {string | undefined} */ failure) => describeClose(url, opened, close, undefined, failure).message;
+  assert.equal(said(true, { code: 1001, reason: "server shutting down" }, ""),
+    "ws://h/ closed the connection: 1001 server shutting down");
+  assert.equal(said(true, abnormal, ""), "the connection to ws://h/ dropped (1006, no close frame)");
+  assert.equal(said(false, abnormal, "connect ECONNREFUSED"), "cannot reach ws://h/: connect ECONNREFUSED");
+  assert.match(said(false, abnormal, undefined), /shows neither the HTTP status nor the broker's reason$/);
 });
 
 test("json: one frame per line out, every line of a batch in", () => {

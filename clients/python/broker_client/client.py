@@ -23,8 +23,7 @@ import inspect
 import logging
 import math
 import ssl
-import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, cast
 
@@ -40,6 +39,7 @@ from trio_websocket import (
 from broker.protocol.codes import CloseCode
 from broker_client import codec
 from broker_client.codec import Encoding
+from broker_client.endpoints import Endpoint, Endpoints
 from broker_client.errors import (
     CannotConnect,
     ClientError,
@@ -59,6 +59,9 @@ from broker_client.subscription import Message, Subscription
 log = logging.getLogger("broker_client")
 
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: Closes that reconnecting as it is would not change: the token expired (4003), the server
+#: API disconnected this user (4010).
+FINAL_CLOSES = frozenset({CloseCode.FORBIDDEN, 4010})
 HANDSHAKE_ERRORS = (
     OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError, CannotConnect
 )  # fmt: skip
@@ -81,7 +84,7 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: Token = None,
         encoding: str = "msgpack",
@@ -97,24 +100,19 @@ class Client:
         ssl_context: ssl.SSLContext | None = None,
         ca_file: str | None = None,
     ) -> None:
-        self.url = url
+        self._endpoints = Endpoints(url)
         if encoding not in ("msgpack", "json"):
             raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
         if not math.isfinite(reply_timeout) or reply_timeout <= 0:
             raise ValueError("reply_timeout must be a positive number of seconds")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"the URL must be ws://HOST[:PORT] or wss://HOST[:PORT], not {url!r}")
-        if parts.scheme == "ws" and (ssl_context is not None or ca_file is not None):
+        tls = any(endpoint.tls for endpoint in self._endpoints.all)
+        if not tls and (ssl_context is not None or ca_file is not None):
             raise ValueError("ssl_context and ca_file need a wss:// URL")
         if ssl_context is not None and ca_file is not None:
             raise ValueError("give ssl_context or ca_file, not both")
-        if parts.scheme == "wss" and ssl_context is None:
+        if tls and ssl_context is None:
             ssl_context = ssl.create_default_context(cafile=ca_file)
         self._ssl_context = ssl_context
-        self._host, self._port = parts.hostname, parts.port or (443 if self._ssl_context else 80)
-        self._host_header = parts.netloc.rpartition("@")[2]
-        self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.encoding = Encoding(f"pubsub.v1.{encoding}")
         self.reconnect = reconnect
         self.backoff = backoff if backoff is not None else Backoff()
@@ -142,6 +140,16 @@ class Client:
         self._stopped = trio.Event()
 
     # --- the public API ---
+
+    @property
+    def url(self) -> str:
+        """The broker URL connected to (or to be tried next)."""
+        return self._endpoints.current.url
+
+    @property
+    def urls(self) -> list[str]:
+        """Every broker URL this client may use, in the order it tries them."""
+        return [endpoint.url for endpoint in self._endpoints.all]
 
     async def publish(self, topic: str, data: Any) -> None:
         """Publish ``data`` to ``topic``; returns once the broker has accepted it.
@@ -274,14 +282,17 @@ class Client:
             self._stopped.set()
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
-        attempt = 0
+        attempt = 0  # rounds in which every URL failed, since the last connection
         give_up_at = trio.current_time() + self.connect_timeout  # the first connection's 503s
+        endpoints = self._endpoints
+        token_refused = False  # the last handshake's token was refused
         while not self._closing:
             websocket: WebSocketConnection | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     websocket = await self._open(nursery)
-                    attempt = 0
+                    attempt, token_refused = 0, False
+                    endpoints.connected()
                     reconnected = self._started
                     if not reconnected:
                         self._started = True
@@ -297,15 +308,26 @@ class Client:
                 if rest is not None or failed is None or self._websocket is not None:
                     raise
                 error = self._handshake_error(_first_leaf(failed))
-                delay = self.backoff.delay(attempt)
+                if self._final(error, token_refused):  # waiting would not change it
+                    if not self._started:
+                        raise error from None
+                    self._finish(error)
+                    return
+                if error.status in (401, 403):  # the token function's token: one fresh try
+                    token_refused = True
+                    continue
+                retry_after = getattr(error, "retry_after", None)
+                failed_url = self.url
+                if endpoints.failed(trio.current_time(), retry_after):
+                    log.warning("connecting to %s failed: %s; trying %s", failed_url, error,
+                                self.url)  # fmt: skip
+                    continue  # another URL, at once
+                delay = max(self.backoff.delay(attempt), endpoints.wait(trio.current_time()))
                 if not self._started and not (
                     isinstance(error, Overloaded) and trio.current_time() + delay < give_up_at
                 ):
                     raise error from None
-                if isinstance(error, Forbidden):
-                    self._finish(error)
-                    return
-                log.warning("connecting to %s failed: %s", self.url, error)
+                log.warning("connecting to %s failed: %s", failed_url, error)
             else:
                 assert websocket is not None
                 ended = self._connection_ended(websocket)
@@ -314,14 +336,26 @@ class Client:
                     return
                 delay = self.backoff.delay(attempt)
             attempt += 1
+            delay = max(delay, endpoints.wait(trio.current_time()))
             log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
             await trio.sleep(delay)
 
+    def _final(self, error: ClientError, token_refused: bool) -> bool:
+        """Whether a refused handshake will be refused again however long the client waits:
+        any 4xx; but a 401 or 403 to a token from the token function gets one more try with a
+        fresh one (a token that expired on the way, say)."""
+        status = error.status
+        if status is None or not 400 <= status < 500:
+            return False
+        fresh_token_may_help = callable(self._token) and self.reconnect and not token_refused
+        return not (status in (401, 403) and fresh_token_may_help)
+
     async def _open(self, nursery: trio.Nursery) -> WebSocketConnection:
+        endpoint = self._endpoints.current
         token = await self._current_token()
         headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
         with trio.fail_after(self.connect_timeout):
-            stream = await self._open_stream()
+            stream = await self._open_stream(endpoint)
             with trio.CancelScope() as handshake:
                 # trio-websocket's reader returns when the peer closes during the handshake,
                 # but never wakes the handshake (trio-websocket issue #199): wake it ourselves.
@@ -329,8 +363,8 @@ class Client:
                 websocket = await wrap_client_stream(
                     cast(trio.Nursery, reader_nursery),
                     stream,
-                    self._host_header,
-                    self._resource,
+                    endpoint.host_header,
+                    endpoint.resource,
                     subprotocols=[self.encoding.value],
                     extra_headers=headers,
                     max_message_size=MAX_MESSAGE_SIZE,
@@ -351,11 +385,14 @@ class Client:
         except Exception as exc:
             raise CannotConnect(f"the token function failed: {exc!r}") from exc
 
-    async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-        if self._ssl_context is None:
-            return await trio.open_tcp_stream(self._host, self._port)
+    async def _open_stream(
+        self, endpoint: Endpoint
+    ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+        if not endpoint.tls:
+            return await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        assert self._ssl_context is not None
         stream = await trio.open_ssl_over_tcp_stream(
-            self._host, self._port, ssl_context=self._ssl_context, https_compatible=True
+            endpoint.host, endpoint.port, ssl_context=self._ssl_context, https_compatible=True
         )
         try:  # here: a failure in trio-websocket's reader hangs (trio-websocket issue #199)
             await stream.do_handshake()
@@ -367,15 +404,9 @@ class Client:
     def _handshake_error(self, exc: BaseException) -> ClientError:
         if isinstance(exc, ClientError):
             return exc
-        if isinstance(exc, ConnectionRejected) and exc.status_code in (401, 403):
-            body = (exc.body or b"").decode("utf-8", "replace").strip()
-            refused = Unauthorized if exc.status_code == 401 else Forbidden
-            return refused(f"handshake rejected with HTTP {exc.status_code} {body}".strip())
         if isinstance(exc, ConnectionRejected):
-            reason = f"handshake rejected with HTTP {exc.status_code}"
-            if exc.status_code == 503:
-                return Overloaded(f"cannot connect to {self.url}: {reason} (busy or stopping)")
-        elif isinstance(exc, trio.TooSlowError):
+            return self._refused(exc)
+        if isinstance(exc, trio.TooSlowError):
             reason = f"no handshake within {self.connect_timeout} s"
         elif isinstance(exc, OSError):
             reason = _os_reason(exc)
@@ -384,6 +415,19 @@ class Client:
         else:
             reason = str(exc) or type(exc).__name__
         return CannotConnect(f"cannot connect to {self.url}: {reason}")
+
+    def _refused(self, rejected: ConnectionRejected) -> ClientError:
+        """The exception for a handshake the broker refused, in the broker's words."""
+        status = rejected.status_code
+        body = (rejected.body or b"").decode("utf-8", "replace").strip()
+        said = f"HTTP {status}: {body}" if body else f"HTTP {status}"
+        message = f"cannot connect to {self.url}: the broker refused with {said}"
+        if status in (401, 403):
+            error: ClientError = (Unauthorized if status == 401 else Forbidden)(message)
+            error.status = status
+            return error
+        refused = Overloaded if status == 503 else CannotConnect
+        return refused(message, status=status, reason=body, retry_after=_retry_after(rejected))
 
     async def _serve(self, websocket: WebSocketConnection, reconnected: bool) -> None:
         """Run the reader and writer until the connection ends; resubscribe if reconnected."""
@@ -538,25 +582,28 @@ class Client:
     def _connection_ended(self, websocket: WebSocketConnection) -> ClientError | None:
         """Fail what was in flight; return the error that ends the client, if this one does."""
         self._websocket = None
-        reason = None if self._dead_peer else websocket.closed
-        code = reason.code if reason is not None else None
+        closed = None if self._dead_peer else websocket.closed
+        code = closed.code if closed is not None else None
+        said = (closed.reason or None) if closed is not None else None
         if self._dead_peer:
             detail = f"no pong within {self.ping_interval} s"
-        elif reason is not None:
-            detail = f"close code {code}: {reason.reason}"
+        elif closed is not None:
+            detail = f"close code {code}" + (f": {said}" if said else "")
         else:
             detail = "no close frame"
         self._dead_peer = False
         why = f"connection to {self.url} lost ({detail})"
         for pending in list(self._pending.values()):
             if pending.written:
-                pending.resolve(None, ConnectionLost(why, code))
+                pending.resolve(None, ConnectionLost(why, code, said))
         if self._closing:
             return Closed("the client is closed")
-        if code == CloseCode.FORBIDDEN and not (callable(self._token) and self.reconnect):
-            return Forbidden((reason.reason if reason else None) or "closed by the broker (4003)")
+        if code in FINAL_CLOSES and not (callable(self._token) and self.reconnect):
+            error = Forbidden(f"the broker closed the connection with {detail}")
+            error.close_code, error.close_reason = code, said
+            return error
         if not self.reconnect:
-            return ConnectionLost(why, code)
+            return ConnectionLost(why, code, said)
         log.warning("%s; reconnecting", why)
         return None
 
@@ -607,6 +654,17 @@ def _tls_reason(exc: BaseException) -> str:
     return "the connection closed during the handshake"
 
 
+def _retry_after(rejected: ConnectionRejected) -> float | None:
+    """The seconds of a refusal's ``Retry-After`` header, if it has one in seconds."""
+    for name, value in rejected.headers or ():
+        if name.lower() == b"retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
 def _os_reason(exc: OSError) -> str:
     """The useful part of a connect error: trio wraps each address's error in a group."""
     cause = exc.__cause__
@@ -619,7 +677,7 @@ def _os_reason(exc: OSError) -> str:
 
 @asynccontextmanager
 async def connect(
-    url: str = "ws://127.0.0.1:8765",
+    url: str | Sequence[str] = "ws://127.0.0.1:8765",
     *,
     token: Token = None,
     encoding: str = "msgpack",
@@ -637,18 +695,23 @@ async def connect(
 ) -> AsyncIterator[Client]:
     """Connect to the broker at ``url`` and yield a :class:`Client`; close it on exit.
 
-    ``encoding`` is ``"msgpack"`` (default) or ``"json"``. ``token`` is sent as
-    ``Authorization: Bearer``; a function (sync or async) returning a token is called before
-    every connection. ``buffer_size`` bounds each subscription's buffer, ``outbox_size`` the
-    frames waiting to be sent. With ``reconnect`` (default) a dropped connection is retried for
-    ever with ``backoff`` delays, and subscriptions resume where they were on topics with
-    history; ``on_gap(subscription, why)`` is called when they cannot. A 401/403 handshake
-    ends the client with :class:`Unauthorized`/:class:`Forbidden`, as does close code 4003
-    (token expired) unless ``token`` is a function. A ping every ``ping_interval`` seconds
-    (``None``: never) unanswered for as long again counts as a drop. ``wss://`` URLs verify
-    the broker's certificate against ``ca_file`` (PEM) or ``ssl_context``, by default the
-    system's CAs. Raises :class:`CannotConnect` if the first connection fails
-    (:class:`Overloaded` after ``connect_timeout`` of HTTP 503s).
+    ``url`` may be a list: the nodes of a cluster, tried in a shuffled order, moving on to the
+    next when one is unreachable or refuses with 503. ``encoding`` is ``"msgpack"`` (default)
+    or ``"json"``. ``token`` is sent as ``Authorization: Bearer``; a function (sync or async)
+    returning a token is called before every connection. ``buffer_size`` bounds each
+    subscription's buffer, ``outbox_size`` the frames waiting to be sent. With ``reconnect``
+    (default) a dropped connection is retried for ever with ``backoff`` delays (never sooner
+    than a 503's ``Retry-After``), and subscriptions resume where they were on topics with
+    history; ``on_gap(subscription, why)`` is called when they cannot, and after every
+    reconnect for those that keep no history. A refusal that waiting would not change (HTTP
+    400, 401, 403 at the handshake; close 4003 or 4010) ends the client with
+    :class:`Unauthorized`, :class:`Forbidden` or :class:`CannotConnect`, in the broker's
+    words, unless ``token`` is a function (it is then asked for a fresh token). A ping every
+    ``ping_interval`` seconds (``None``: never) unanswered for as long again counts as a
+    drop. ``wss://`` URLs verify the broker's certificate against ``ca_file`` (PEM) or
+    ``ssl_context``, by default the system's CAs. Raises :class:`CannotConnect` if the first
+    connection fails on every URL (:class:`Overloaded` after ``connect_timeout`` of HTTP
+    503s).
     """
     client = Client(
         url, token=token, encoding=encoding, reconnect=reconnect, backoff=backoff,

@@ -1,9 +1,11 @@
-"""What can go wrong, as specific exceptions.
+"""What can go wrong, as specific exceptions, each with the broker's own words.
 
 Errors the broker reports (an ``err`` frame, a 4003 close, a 401/403 handshake) are
 :class:`BrokerError` subclasses, one per protocol error code, carrying the broker's ``code`` and
 ``message``. Errors of the connection itself (:class:`CannotConnect`, :class:`ConnectionLost`,
-:class:`ReplyTimeout`, :class:`Closed`) are :class:`ClientError` subclasses too.
+:class:`ReplyTimeout`, :class:`Closed`) are :class:`ClientError` subclasses too. A refused
+handshake keeps its HTTP ``status``, the broker's reason (the response's body) and its
+``retry_after``; a closed connection its ``close_code`` and ``close_reason``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from broker.protocol.codes import ErrorCode
 
 
 class ClientError(Exception):
-    """Base of every exception this package raises."""
+    """Base of every exception this package raises.
+
+    ``status`` (the HTTP status of a refused handshake) and ``close_code``/``close_reason``
+    (of the close that ended a connection) are set where they are what happened, else
+    ``None``.
+    """
+
+    status: int | None = None
+    close_code: int | None = None
+    close_reason: str | None = None
 
 
 class BrokerError(ClientError):
@@ -104,25 +115,46 @@ def error_from_frame(code: object, message: object) -> BrokerError:
 
 
 class CannotConnect(ClientError):
-    """The first connection to the broker failed (unreachable, refused, bad handshake)."""
+    """The first connection to the broker failed: unreachable, timed out, TLS, or refused by
+    the broker, then with its HTTP ``status``, its ``reason`` (the response's body) and its
+    ``retry_after`` (seconds, from ``Retry-After``)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class Overloaded(CannotConnect):
-    """HTTP 503 at the handshake: the broker is at its connection limit or shutting down.
+    """HTTP 503 at the handshake: the broker is at a connection limit or shutting down (its
+    ``reason`` says which).
 
-    Transient: the client retries it with backoff (the first connection for up to
-    ``connect_timeout``), and raises this only when it gives up.
+    Transient: the client tries its other URLs, and retries this one after its
+    ``retry_after`` and a backoff delay (the first connection for up to ``connect_timeout``);
+    it raises this only when it gives up.
     """
 
 
 class ConnectionLost(ClientError):
     """The connection dropped while a reply was awaited (the command may or may not have been
-    applied), or for good when reconnecting is off. ``close_code`` is the WebSocket code, if any.
+    applied), or for good when reconnecting is off. ``close_code`` and ``close_reason`` are
+    the broker's close frame's, if it sent one.
     """
 
-    def __init__(self, message: str, close_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, close_code: int | None = None, close_reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.close_code = close_code
+        self.close_reason = close_reason
 
 
 class ReplyTimeout(ClientError, TimeoutError):

@@ -6,8 +6,9 @@ last offset delivered, gives the ``since`` to resubscribe with after a reconnect
 replayed messages already delivered (a safety net: the broker replays only what is newer),
 and reads the broker's answer: did the reconnect lose messages, and why.
 
-A wildcard cannot recover (a position belongs to one topic, and the broker refuses ``since``
-on a pattern): once it has seen messages with offsets, each reconnect reports a possible loss.
+A reconnect is never silent: a subscription that cannot recover (a topic that keeps no
+history, or a wildcard: a position belongs to one topic, and the broker refuses ``since`` on a
+pattern) is told, after each reconnect, that what was published meanwhile is missing.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class Recovery:
         self.recovered: bool | None = None
         self._epoch: str | None = None
         self._offset = 0
-        self._offsets_seen = False
 
     @property
     def position(self) -> Position | None:
@@ -68,10 +68,8 @@ class Recovery:
         """A message reached the subscriptions: it is the last one seen (call it after, not
         before: a message whose delivery was cancelled by a drop must be asked for again).
         """
-        if isinstance(offset, int):
-            self._offsets_seen = True
-            if self.concrete:
-                self._offset = offset
+        if isinstance(offset, int) and self.concrete:
+            self._offset = offset
 
     def subscribed(self, reply: Mapping[str, object]) -> None:
         """Take the ``ok`` of the first ``sub``."""
@@ -95,18 +93,28 @@ class Recovery:
         return why
 
     def _loss(self, reply: Mapping[str, object]) -> str | None:
-        if reply.get("recovered") is True:
+        recovered = reply.get("recovered")
+        if recovered is True:
             return None
         epoch = reply.get("epoch")
-        if reply.get("recovered") is False:
+        if recovered is False:
             if epoch is None:
                 return "the topic keeps no history any more"
             if epoch != self._epoch:
                 return f"the topic's history was lost (new epoch {epoch})"
             return f"messages after offset {self._offset} were no longer kept"
-        if self._offsets_seen and not self.concrete:
-            return "a wildcard subscription cannot recover (subscribe to each topic for that)"
-        return None
+        # No since was sent: nothing published while the client was away comes back.
+        if not self.concrete:
+            return (
+                "reconnected: a wildcard subscription cannot recover what was published while "
+                "the client was away (subscribe to each topic that keeps history for that)"
+            )
+        if epoch is None:
+            return (
+                "reconnected: the topic keeps no history, so what was published on it while "
+                "the client was away is not replayed"
+            )
+        return "reconnected: what was published while the client was away may be missing"
 
     def _take_position(self, reply: Mapping[str, object]) -> None:
         # The broker goes on after our offset if it kept the epoch and had reached the offset
