@@ -82,6 +82,7 @@ class TokenGrant:
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
     limits: IdentityLimits = field(default_factory=IdentityLimits)
+    info: Any = None  # shown as the member's info on presence topics (docs/presence.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,9 @@ class ClusterConfig:
     max_patterns: int = 1024
     # Seconds an idle topic's history keys live in Redis (refreshed by each publish).
     history_meta_ttl: float = 30 * 24 * 3600.0
+    # Seconds after which the members of a node that stopped refreshing them (killed, cut
+    # off) leave on every other node (docs/presence.md).
+    presence_ttl: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,12 +370,16 @@ def _build_tokens(raw: Any) -> tuple[TokenGrant, ...]:
         for key in ("token", "subject"):
             if not isinstance(table.get(key), str) or not table[key]:
                 raise ConfigError(f"{where}.{key}: required, a non-empty string")
-        _reject_unknown(table, ["token", "subject", "publish", "subscribe",
+        _reject_unknown(table, ["token", "subject", "publish", "subscribe", "info",
                                  *IDENTITY_LIMIT_KEYS], f"{where}.")  # fmt: skip
         limits = identity_limits(table, where)
-        plain = {key: value for key, value in table.items() if key not in IDENTITY_LIMIT_KEYS}
+        plain = {
+            key: value
+            for key, value in table.items()
+            if key not in IDENTITY_LIMIT_KEYS and key != "info"
+        }
         grant: TokenGrant = _build_section(TokenGrant, plain, where)
-        grant = dataclasses.replace(grant, limits=limits)
+        grant = dataclasses.replace(grant, limits=limits, info=table.get("info"))
         if grant.token in seen:
             raise ConfigError(f"{where}.token: the same token is given twice")
         seen.add(grant.token)
@@ -398,7 +406,8 @@ def _build_topics(raw: Any) -> tuple[TopicRule, ...]:
         where = f"topics[{index}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table")
-        _reject_unknown(table, ["pattern", "on_full", "history_size", "history_ttl"], f"{where}.")
+        known = ["pattern", "on_full", "history_size", "history_ttl", "presence"]
+        _reject_unknown(table, known, f"{where}.")
         pattern = table.get("pattern")
         if not isinstance(pattern, str):
             raise ConfigError(f"{where}.pattern: required, a topic pattern such as 'ticks.>'")
@@ -413,7 +422,10 @@ def _build_topics(raw: Any) -> tuple[TopicRule, ...]:
             raise ConfigError(
                 f"{where}.on_full: {on_full!r} is not a policy (one of {policies})"
             ) from None
-        rules.append(TopicRule(pattern, policy, _build_history(table, where)))
+        presence = table.get("presence", False)
+        if not isinstance(presence, bool):
+            raise ConfigError(f"{where}.presence: expected true or false, got {presence!r}")
+        rules.append(TopicRule(pattern, policy, _build_history(table, where), presence))
     return tuple(rules)
 
 

@@ -28,6 +28,7 @@ import trio
 from broker.core.delivery import Subscribed, Unavailable, recover
 from broker.core.history import HistoryStore
 from broker.core.hub import UNPACK, Blocked, Hub, Subscription
+from broker.core.presence import LocalPresence
 from broker.core.rules import HistoryLimits
 from broker.core.stats import metrics_clock
 from broker.protocol.frames import Position, pack_data
@@ -116,6 +117,7 @@ class ClusterDelivery:
         self._hub = hub
         self.backplane = backplane
         self._history = history
+        self._presence = LocalPresence(hub)
         # Recent subscriptions on history topics: the position their ok reported (messages
         # up to it that were still on their way from Redis are not delivered to them).
         self._after: dict[Subscription, Position] = {}
@@ -134,6 +136,11 @@ class ClusterDelivery:
     def history(self) -> SharedHistory:
         """This node's mirror of the shared history."""
         return self._history
+
+    @property
+    def presence(self) -> LocalPresence:
+        """Who is present."""
+        return self._presence
 
     # --- publishing ---
 

@@ -26,6 +26,7 @@ import trio
 
 from broker.core.history import HistoryStore, Replay
 from broker.core.hub import Blocked, Hub, Subscription
+from broker.core.presence import LocalPresence, Presence
 from broker.protocol.frames import Encoding, Position, encode_message_body, pack_data, unpack_data
 from broker.protocol.topics import is_wildcard
 
@@ -62,6 +63,9 @@ class Delivery(Protocol):
 
     @property
     def history(self) -> HistoryStore: ...
+
+    @property
+    def presence(self) -> Presence: ...
 
     def publish(self, topic: str, data: Any, now: float, *, acknowledged: bool) -> Pending | None:
         """Publish ``data`` on ``topic`` (published at ``now``, :func:`metrics_clock` time);
@@ -107,6 +111,7 @@ class LocalDelivery:
     def __init__(self, hub: Hub, history: HistoryStore) -> None:
         self._hub = hub
         self._history = history
+        self._presence = LocalPresence(hub)
 
     @property
     def hub(self) -> Hub:
@@ -117,6 +122,11 @@ class LocalDelivery:
     def history(self) -> HistoryStore:
         """Where history is kept."""
         return self._history
+
+    @property
+    def presence(self) -> LocalPresence:
+        """Who is present, on this node."""
+        return self._presence
 
     def publish(
         self, topic: str, data: Any, now: float, *, acknowledged: bool = True

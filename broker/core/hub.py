@@ -22,7 +22,13 @@ import trio
 
 from broker.core.outbound import Offer, OutboundQueue, Policy
 from broker.core.rules import PolicyTable, TopicRule
-from broker.protocol.frames import Encoding, encode_message_body, encode_message_tail, unpack_data
+from broker.protocol.frames import (
+    Encoding,
+    encode_message_body,
+    encode_message_tail,
+    encode_presence_body,
+    unpack_data,
+)
 from broker.protocol.topics import PatternTrie, is_wildcard
 
 # Per-delivery comparisons read module globals: an Enum member read through its class is ten
@@ -57,6 +63,7 @@ class Subscription:
 
     subscriber: Subscriber
     pattern: str
+    join_leave: bool = False  # also gets join and leave frames (presence topics)
     tail: bytes = field(init=False)
     queue: OutboundQueue = field(init=False)  # the subscriber's, read once per delivery
     encoding: Encoding = field(init=False)
@@ -155,6 +162,27 @@ class Hub:
                     f"outbound queue full on {topic!r} (disconnect)"
                 )
         return blocked
+
+    def announce(self, topic: str, op: str, member: dict[str, Any], now: float) -> None:
+        """Offer a ``join`` or ``leave`` (``op``) of ``member`` on ``topic`` to each matching
+        subscription that asked for them, under the topic's policy; nobody waits for it
+        (:meth:`~broker.core.outbound.OutboundQueue.offer_event`)."""
+        rule, subscriptions = self.route(topic)
+        bodies: dict[Encoding, bytes] = {}
+        for subscription in subscriptions:
+            if not subscription.join_leave:
+                continue
+            encoding = subscription.encoding
+            body = bodies.get(encoding)
+            if body is None:
+                body = bodies[encoding] = encode_presence_body(op, topic, member, encoding)
+            outcome = subscription.queue.offer_event(
+                subscription.pattern, topic, body, subscription.tail, rule.on_full, now
+            )
+            if outcome is _DISCONNECT:
+                subscription.subscriber.close_slow_consumer(
+                    f"outbound queue full on {topic!r} (disconnect)"
+                )
 
     async def wait_for_room(self, blocked: Blocked) -> None:
         """Wait until each of the ``blocked`` subscriptions' queues has room again; close

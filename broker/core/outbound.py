@@ -291,6 +291,24 @@ class OutboundQueue:
         self._count_lag(sub, policy)
         return _DROPPED
 
+    def offer_event(
+        self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy, now: float = 0.0
+    ) -> Offer:
+        """Offer a ``join`` or ``leave`` frame: as :meth:`offer`, but nobody waits for it.
+        Under ``block`` it is queued past the bound, up to twice the bound, and dropped (as
+        lag) beyond; under ``conflate`` one member's event never replaces another's, so it
+        is as ``drop_oldest``."""
+        if policy is _BLOCK:
+            if self._closed:
+                return Offer.CLOSED
+            size = len(frame) + len(tail)
+            if self._messages < 2 * self.max_messages and self._bytes + size <= 2 * self.max_bytes:
+                self._append(sub, topic, frame, tail, now, policy)
+                return _QUEUED
+            self._count_lag(sub, policy)
+            return _DROPPED
+        return self.offer(sub, topic, frame, tail, _DROP_OLDEST if policy is _CONFLATE else policy, now)
+
     def _fits_without(self, own: deque[tuple[int, str]], size: int) -> bool:
         """Whether ``size`` more bytes would fit once every entry of ``own`` is evicted."""
         parts, base = self._parts, self._base

@@ -13,6 +13,7 @@ everything ``a.>`` does, yet ``a.>`` is refused, because one subscription is one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.core.rules import IdentityLimits
 from broker.protocol.topics import pattern_matches
@@ -73,6 +74,13 @@ class Identity:
     permissions: Permissions
     expires_at: float | None = None
     limits: IdentityLimits = field(default_factory=IdentityLimits)
+    info: Any = None  # the token's own presence info (trusted), if it has one
+    anonymous: bool = False  # no token: auth mode "none"
+
+    @property
+    def user(self) -> str | None:
+        """The token's subject, as presence shows it (``None`` when anonymous)."""
+        return None if self.anonymous else self.subject
 
 
-ANONYMOUS = Identity("anonymous", Permissions.allow_all())
+ANONYMOUS = Identity("anonymous", Permissions.allow_all(), anonymous=True)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from broker.core.outbound import Policy
-from broker.protocol.topics import pattern_matches
+from broker.protocol.topics import is_wildcard, pattern_matches, patterns_overlap
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,11 +28,13 @@ class HistoryLimits:
 @dataclass(frozen=True, slots=True)
 class TopicRule:
     """Settings for the topics matching ``pattern`` (the first matching rule wins):
-    the ``on_full`` policy and the history kept (``None``: none)."""
+    the ``on_full`` policy, the history kept (``None``: none), and whether the broker keeps
+    its subscribers' presence (docs/presence.md)."""
 
     pattern: str
     on_full: Policy
     history: HistoryLimits | None = None
+    presence: bool = False
 
 
 class PolicyTable:
@@ -68,6 +70,13 @@ class PolicyTable:
     def history_for(self, topic: str) -> HistoryLimits | None:
         """The history ``topic`` keeps, or ``None``."""
         return self.rule_for(topic).history
+
+    def presence_covers(self, pattern: str) -> bool:
+        """Whether ``pattern`` may match a topic with presence: a concrete topic whose rule
+        says so, or a wildcard overlapping a presence rule's pattern."""
+        if not is_wildcard(pattern):
+            return self.rule_for(pattern).presence
+        return any(rule.presence and patterns_overlap(rule.pattern, pattern) for rule in self._rules)
 
 
 @dataclass(frozen=True, slots=True)

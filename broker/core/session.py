@@ -1,7 +1,8 @@
 """One client's session, without I/O: WebSocket messages in, replies out, the broker changed.
 
-A :class:`Session` holds what the protocol says about one client: its subscriptions, its
-limits, its permissions, its publish rate and its run of bad frames. :meth:`Session.receive`
+A :class:`Session` holds what the protocol says about one client: its subscriptions (and the
+presence topics it is a member of), its limits, its permissions, its publish rate and its run
+of bad frames. :meth:`Session.receive`
 decodes the WebSocket messages of one read and runs their commands in order, answering each
 into the client's outbound queue (``ok``, ``err``; the replay of a recovering ``sub``),
 publishing and subscribing through the :class:`~broker.core.delivery.Delivery`. It never
@@ -16,9 +17,11 @@ The rules, in the order they are checked:
 ``pub``     ``max_payload`` (``too_large``), the publish rate (``rate_limited``: checked before
             the permission, so refused publishes count too), the permission (``forbidden``)
 ``sub``     the permission (``forbidden``), ``since`` on a subscription held already
-            (``bad_request``), ``max_subscriptions``, ``max_subscription_bytes``,
+            (``bad_request``), ``join_leave`` where no presence topic matches
+            (``not_enabled``), ``max_subscriptions``, ``max_subscription_bytes``,
             ``max_subscription_segments``, and what the delivery can follow
             (``too_many_subs``); a repeated ``sub`` is answered ``ok``
+``presence`` the subscribe permission (``forbidden``), a topic with presence (``not_enabled``)
 bad frames ``err`` for each; ``max_bad_frames`` in a row close the client with 4008
 =========== ==================================================================================
 """
@@ -33,6 +36,7 @@ from typing import Protocol
 from broker.core.delivery import Delivery, Pending, Unavailable
 from broker.core.hub import Subscriber, Subscription
 from broker.core.permissions import Identity
+from broker.core.presence import Member, new_client_id
 from broker.core.ratelimit import publish_limiter
 from broker.core.rules import SessionLimits
 from broker.core.stats import BrokerStats, metrics_clock
@@ -40,6 +44,7 @@ from broker.protocol.codes import CloseCode, ErrorCode
 from broker.protocol.frames import (
     Command,
     FrameError,
+    PresenceQuery,
     Pub,
     Sub,
     Unsub,
@@ -47,6 +52,7 @@ from broker.protocol.frames import (
     encode_err,
     encode_ok,
 )
+from broker.protocol.topics import is_wildcard
 
 log = logging.getLogger("broker.connection")
 
@@ -68,7 +74,7 @@ class Waiting:
     messages after it.
     """
 
-    command: Pub | Sub
+    command: Pub | Sub | PresenceQuery
     rest: Pending | None
     messages: Sequence[bytes | str]
     message: int
@@ -84,10 +90,12 @@ class Session:
         "_client",
         "_delivery",
         "_limiter",
+        "_members",
         "_peer",
         "_rate_limited",
         "_subscribed_bytes",
         "_subscribed_segments",
+        "client_id",
         "identity",
         "limits",
         "stats",
@@ -103,9 +111,12 @@ class Session:
         stats: BrokerStats,
         peer: str,
         now: float,
+        client_id: str | None = None,
     ) -> None:
-        """``now``: :func:`trio.current_time` (the publish rate's clock)."""
+        """``now``: :func:`trio.current_time` (the publish rate's clock); ``client_id``
+        names the client as a presence member (a new one by default)."""
         self._client = client
+        self.client_id = client_id if client_id is not None else new_client_id()
         self._delivery = delivery
         self.identity = identity
         self.limits = limits
@@ -122,6 +133,7 @@ class Session:
         self._bad_in_a_row = 0
         self._subscribed_bytes = self._subscribed_segments = 0  # over all subscriptions
         self.subscriptions: dict[str, Subscription] = {}
+        self._members: dict[str, Member] = {}  # presence topics this client is a member of
 
     # --- commands ---
 
@@ -152,7 +164,7 @@ class Session:
 
     def _execute(
         self, commands: list[Command | FrameError], start: int, now: float
-    ) -> tuple[int, Pub | Sub | None, Pending | None]:
+    ) -> tuple[int, Pub | Sub | PresenceQuery | None, Pending | None]:
         """Run ``commands[start:]``; the index after the one that must wait, that one and
         the rest of its publish (or the length and ``None``, ``None``)."""
         queue = self._client.queue
@@ -167,6 +179,12 @@ class Session:
                     return index + 1, command, rest
             elif type(command) is FrameError:
                 self._refuse(command)
+            elif type(command) is PresenceQuery:
+                self._bad_in_a_row = 0
+                refusal = self._refuse_presence(command)
+                if refusal is None:
+                    return index + 1, command, None
+                self._reply_error(refusal)
             else:
                 assert isinstance(command, Sub | Unsub)
                 self._bad_in_a_row = 0
@@ -199,6 +217,12 @@ class Session:
                 assert isinstance(command, Pub)
                 await waiting.rest.complete()
                 self._published(command)
+            elif isinstance(command, PresenceQuery):
+                page = await self._delivery.presence.page(
+                    command.topic, command.limit, command.cursor
+                )
+                client = self._client
+                client.queue.put_reply(encode_ok(command.id, client.encoding, **page.fields()))
             else:
                 assert isinstance(command, Sub)
                 await self._subscribe(command)
@@ -210,10 +234,14 @@ class Session:
             self._internal_error(command)
 
     def end(self) -> None:
-        """The client is gone: drop every subscription."""
+        """The client is gone: drop every subscription, and leave every presence topic."""
         for subscription in self.subscriptions.values():
             self._delivery.unsubscribe(subscription)
         self.subscriptions.clear()
+        members, self._members = self._members, {}
+        now = metrics_clock()
+        for topic, member in members.items():
+            self._delivery.presence.leave(topic, member, now)
 
     # --- publishing ---
 
@@ -284,6 +312,12 @@ class Session:
             return FrameError(
                 ErrorCode.FORBIDDEN, f"not allowed to subscribe to {topic!r}", command.id
             )
+        if command.join_leave and not self._delivery.hub.policies.presence_covers(topic):
+            return FrameError(
+                ErrorCode.NOT_ENABLED,
+                f"no topic matching {topic!r} has presence: 'join_leave' needs one",
+                command.id,
+            )
         if topic in self.subscriptions:
             if command.since is None:
                 return None  # a repeated sub: ok
@@ -324,7 +358,7 @@ class Session:
         """Subscribe (``command`` passed :meth:`_refuse_subscribe`) and queue the ``ok`` and
         the replay."""
         client = self._client
-        subscription = Subscription(client, command.topic)
+        subscription = Subscription(client, command.topic, command.join_leave)
         subscribed = await self._delivery.subscribe(subscription, command.since)
         # No checkpoint from the subscription until the replay is queued: the replay must
         # sit in the queue ahead of every live message of a later publish (recover's doc).
@@ -336,6 +370,28 @@ class Session:
         now = metrics_clock()
         for body in subscribed.replay:
             queue.put_replay(subscription.pattern, command.topic, body, subscription.tail, now)
+        if self._delivery.hub.policies.rule_for(command.topic).presence and not is_wildcard(
+            command.topic
+        ):
+            identity = self.identity
+            info = identity.info if identity.info is not None else command.info
+            member = self._members[command.topic] = Member(self.client_id, identity.user, info)
+            self._delivery.presence.join(command.topic, member, now)
+
+    def _refuse_presence(self, command: PresenceQuery) -> FrameError | None:
+        """Why a ``presence`` query is refused, if it is."""
+        topic = command.topic
+        if not self.identity.permissions.may_subscribe(topic):
+            return FrameError(
+                ErrorCode.FORBIDDEN, f"not allowed to subscribe to {topic!r}", command.id
+            )
+        if not self._delivery.hub.policies.rule_for(topic).presence:
+            return FrameError(
+                ErrorCode.NOT_ENABLED,
+                f"{topic!r} has no presence (a [[topics]] rule with presence = true)",
+                command.id,
+            )
+        return None
 
     def _unsubscribe(self, command: Unsub) -> None:
         dropped = self.subscriptions.pop(command.topic, None)
@@ -343,6 +399,9 @@ class Session:
             self._delivery.unsubscribe(dropped)
             self._subscribed_bytes -= len(dropped.pattern)
             self._subscribed_segments -= dropped.pattern.count(".") + 1
+            member = self._members.pop(command.topic, None)
+            if member is not None:
+                self._delivery.presence.leave(command.topic, member, metrics_clock())
         self._client.queue.put_reply(encode_ok(command.id, self._client.encoding))
 
     # --- errors ---

@@ -74,7 +74,11 @@ class StaticTokens:
         # Keyed by digest, so the lookup's timing says nothing about the secret tokens.
         self._identities = {
             _digest(grant.token): Identity(
-                grant.subject, Permissions(grant.publish, grant.subscribe), None, grant.limits
+                grant.subject,
+                Permissions(grant.publish, grant.subscribe),
+                None,
+                grant.limits,
+                grant.info,
             )
             for grant in grants
         }
@@ -124,6 +128,7 @@ class JwtAuth:
             permissions,
             _expiry(claims["exp"]),
             _claim_limits(claims, config.limits_claim),
+            claims.get("info"),
         )
         return _allowed_something(identity)
 

@@ -20,6 +20,7 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_SUBS = "too_many_subs"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"  # the cluster backplane is unreachable
+    NOT_ENABLED = "not_enabled"  # the topic does not offer what was asked (presence)
     INTERNAL = "internal"
 
 

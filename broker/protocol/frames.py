@@ -56,11 +56,14 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class Sub:
-    """``sub``: subscribe to a (valid) pattern; ``since`` asks for a replay (concrete topics)."""
+    """``sub``: subscribe to a (valid) pattern; ``since`` asks for a replay (concrete topics);
+    ``join_leave`` for join and leave frames (presence topics), ``info`` for the member."""
 
     id: int
     topic: str
     since: Position | None = None
+    join_leave: bool = False
+    info: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,20 @@ class Pub:
     size: int
 
 
-Command = Sub | Unsub | Pub
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """``presence``: a page of up to ``limit`` members of a concrete topic after ``cursor``
+    (``limit`` 0: the count only)."""
+
+    id: int
+    topic: str
+    limit: int = 1000
+    cursor: str | None = None
+
+
+Command = Sub | Unsub | Pub | PresenceQuery
+#: The most bytes a ``sub`` frame's ``info`` may take, msgpack-encoded.
+MAX_INFO_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +214,7 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
     op = value.get("op")
     if not isinstance(op, str):
         return FrameError(ErrorCode.BAD_REQUEST, "missing 'op' (a string)", frame_id)
-    if op not in ("sub", "unsub", "pub"):
+    if op not in ("sub", "unsub", "pub", "presence"):
         return FrameError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", frame_id)
     if op != "pub" and frame_id is None:
         return FrameError(ErrorCode.BAD_REQUEST, f"'{op}' needs an 'id'")
@@ -206,7 +222,7 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
     if not isinstance(topic, str):
         return FrameError(ErrorCode.BAD_REQUEST, "missing 'topic' (a string)", frame_id)
     try:
-        if op == "pub":
+        if op == "pub" or op == "presence":
             validate_topic(topic)
         else:
             validate_pattern(topic)
@@ -226,10 +242,46 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
     assert frame_id is not None
     if op == "sub":
         since = value.get("since")
-        if since is None:
-            return Sub(frame_id, topic)
-        return _validate_since(frame_id, topic, since)
+        if since is None and len(value) <= 3:
+            return Sub(frame_id, topic)  # the usual sub: op, id, topic
+        return _validate_sub(frame_id, topic, since, value)
+    if op == "presence":
+        return _validate_presence(frame_id, topic, value)
     return Unsub(frame_id, topic)
+
+
+def _validate_sub(frame_id: int, topic: str, since: Any, value: dict[Any, Any]) -> Command | FrameError:
+    join_leave = value.get("join_leave", False)
+    if type(join_leave) is not bool:
+        return FrameError(ErrorCode.BAD_REQUEST, "'join_leave' must be true or false", frame_id)
+    info = value.get("info")
+    if info is not None:
+        if type(info) in _CONTAINERS and not _within_depth(info):
+            return FrameError(ErrorCode.BAD_REQUEST, "'info' nests too deep", frame_id)
+        size = len(_pack(info))
+        if size > MAX_INFO_SIZE:
+            return FrameError(
+                ErrorCode.TOO_LARGE,
+                f"'info' takes {size} bytes; at most {MAX_INFO_SIZE} are allowed",
+                frame_id,
+            )
+    position = None
+    if since is not None:
+        checked = _validate_since(frame_id, topic, since)
+        if isinstance(checked, FrameError):
+            return checked
+        position = checked
+    return Sub(frame_id, topic, position, join_leave, info)
+
+
+def _validate_presence(frame_id: int, topic: str, value: dict[Any, Any]) -> Command | FrameError:
+    limit = value.get("limit", 1000)
+    if type(limit) is not int or not 0 <= limit <= 1000:
+        return FrameError(ErrorCode.BAD_REQUEST, "'limit' must be an integer 0..1000", frame_id)
+    cursor = value.get("cursor")
+    if cursor is not None and not isinstance(cursor, str):
+        return FrameError(ErrorCode.BAD_REQUEST, "'cursor' must be a string from an answer", frame_id)
+    return PresenceQuery(frame_id, topic, limit, cursor)
 
 
 _CONTAINERS = (dict, list, tuple)  # tuple: a msgpack array used as a map key
@@ -247,7 +299,7 @@ def _within_depth(value: Any) -> bool:
     return True
 
 
-def _validate_since(frame_id: int, topic: str, since: Any) -> Sub | FrameError:
+def _validate_since(frame_id: int, topic: str, since: Any) -> Position | FrameError:
     if is_wildcard(topic):
         return FrameError(
             ErrorCode.BAD_REQUEST,
@@ -263,7 +315,7 @@ def _validate_since(frame_id: int, topic: str, since: Any) -> Sub | FrameError:
             "'since' must be a map {epoch: string, offset: unsigned integer}",
             frame_id,
         )
-    return Sub(frame_id, topic, Position(epoch, offset))
+    return Position(epoch, offset)
 
 
 def _kind(value: Any) -> str:
@@ -355,6 +407,17 @@ def encode_message_body(
         return b"".join(parts)
     head = f'{{"op":"msg","topic":{_json_dumps(topic)},"data":{_json_dumps(data)},'
     return (head if offset is None else f'{head}"offset":{offset},').encode()
+
+
+def encode_presence_body(op: str, topic: str, member: dict[str, Any], encoding: Encoding) -> bytes:
+    """Encode a ``join`` or ``leave`` frame (``op``) but its ``sub``: the
+    :func:`encode_message_tail` of each subscription completes it, as for ``msg``."""
+    if encoding is _MSGPACK:
+        return b"".join(
+            (b"\x84", _pack("op"), _pack(op), _MSGPACK_TOPIC_KEY, _pack(topic), _pack("member"),
+             _pack(member))
+        )  # fmt: skip
+    return f'{{"op":"{op}","topic":{_json_dumps(topic)},"member":{_json_dumps(member)},'.encode()
 
 
 def encode_message_tail(pattern: str, encoding: Encoding) -> bytes:

@@ -100,6 +100,16 @@ def pattern_matches(pattern: str, topic: str) -> bool:
     return len(topic_segments) == len(pattern_segments)
 
 
+def patterns_overlap(first: str, second: str) -> bool:
+    """True if some concrete topic matches both valid patterns."""
+    a, b = first.split("."), second.split(".")
+    for index in range(min(len(a), len(b))):
+        if a[index] == ">" or b[index] == ">":
+            return True  # the other has a segment here, so a topic can match both
+        if a[index] != b[index] and a[index] != "*" and b[index] != "*":
+            return False
+    return len(a) == len(b)
+
 # Every node starts with this one empty dict in each of its slots, and gets a dict of its
 # own only when something is added there: a node of a deep pattern costs ~150 bytes instead
 # of ~370 (three empty dicts each). Never added to.
