@@ -569,10 +569,13 @@ class NodeProcess:
 
 
 async def start_node(
-    nursery: trio.Nursery, redis: RedisServer, tmp_path: Path, name: str
+    nursery: trio.Nursery, redis: RedisServer, tmp_path: Path, name: str, extra: str = ""
 ) -> NodeProcess:
+    """A node process; ``extra`` is added to its ``[cluster]`` table (then its topics)."""
     path = tmp_path / f"{name}.toml"
-    path.write_text(f'[cluster]\nbackend = "{redis.url}"\nnode_id = "{name}"\n{HISTORY_RULE}')
+    path.write_text(
+        f'[cluster]\nbackend = "{redis.url}"\nnode_id = "{name}"\n{extra}\n{HISTORY_RULE}'
+    )
     command = [sys.executable, "-m", "broker", "serve", "--config", str(path), "--port", "0"]
     process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
     node = NodeProcess(process)
@@ -582,13 +585,15 @@ async def start_node(
 
 @asynccontextmanager
 async def node_processes(
-    redis: RedisServer, tmp_path: Path, count: int
+    redis: RedisServer, tmp_path: Path, count: int, extra: str = ""
 ) -> AsyncIterator[list[NodeProcess]]:
     async with trio.open_nursery() as nursery:
         started: list[NodeProcess] = []
         try:
             for index in range(count):
-                started.append(await start_node(nursery, redis, tmp_path, f"node{index}"))
+                started.append(
+                    await start_node(nursery, redis, tmp_path, f"node{index}", extra)
+                )
             yield started
         finally:
             for node in started:

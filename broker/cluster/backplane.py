@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -203,6 +204,7 @@ class RedisBackplane:
         self._ping_unanswered = False  # a PING was sent on the subscriber connection
         self._hub_behind = False  # the subscriber reader waits for room in the buffer
         self._ever_connected = False
+        self._listeners: dict[bytes, Callable[[bytes], None]] = {}  # by channel
 
     @property
     def connected(self) -> bool:
@@ -261,6 +263,20 @@ class RedisBackplane:
                 name in self._sent and not self._pending[name] and name not in self._dirty
             ):
                 await self._progress.wait()
+
+    def listen(self, channel: str, handler: Callable[[bytes], None]) -> None:
+        """Hand every message of Redis ``channel`` (one of the broker's own, not a topic's)
+        to ``handler``, which must not block; from now on and after every reconnect."""
+        name = channel.encode()
+        self._listeners[name] = handler
+        self._wanted[name] += 1
+        self._dirty.add(name)
+        self._changed.set()
+
+    async def wait_connected(self) -> None:
+        """Return once both connections to Redis are up."""
+        while not self.connected:
+            await self._progress.wait()
 
     def redis_name(self, pattern: str) -> bytes:
         """The Redis channel (a concrete topic) or glob (a wildcard pattern) of ``pattern``."""
@@ -449,6 +465,10 @@ class RedisBackplane:
             else:
                 continue
             if not (isinstance(channel, bytes) and isinstance(payload, bytes)):
+                continue
+            listener = self._listeners.get(channel)
+            if listener is not None:
+                listener(payload)
                 continue
             try:
                 fields = msgpack.unpackb(payload, raw=False)

@@ -28,7 +28,7 @@ import trio
 from broker.core.delivery import Subscribed, Unavailable, recover
 from broker.core.history import HistoryStore
 from broker.core.hub import UNPACK, Blocked, Hub, Subscription
-from broker.core.presence import LocalPresence
+from broker.core.presence import Presence
 from broker.core.rules import HistoryLimits
 from broker.core.stats import metrics_clock
 from broker.protocol.frames import Position, pack_data
@@ -96,6 +96,16 @@ class SharedHistory(HistoryStore, Protocol):
         """Make ``topic`` warm. Raises :class:`Unavailable`."""
 
 
+class SharedPresence(Presence, Protocol):
+    """Presence shared by the nodes (:class:`~broker.cluster.presence.RedisPresence`)."""
+
+    async def run(self) -> None:
+        """Keep the shared presence up to date until cancelled."""
+
+    def came_back(self) -> None:
+        """The shared store is reachable again after an outage."""
+
+
 class Later:
     """A :class:`~broker.core.delivery.Pending`: ``function(*args)``, run when completed."""
 
@@ -113,11 +123,13 @@ class Later:
 class ClusterDelivery:
     """Delivery through a backplane and a shared history (see the module doc)."""
 
-    def __init__(self, hub: Hub, backplane: Backplane, history: SharedHistory) -> None:
+    def __init__(
+        self, hub: Hub, backplane: Backplane, history: SharedHistory, presence: SharedPresence
+    ) -> None:
         self._hub = hub
         self.backplane = backplane
         self._history = history
-        self._presence = LocalPresence(hub)
+        self._presence = presence
         # Recent subscriptions on history topics: the position their ok reported (messages
         # up to it that were still on their way from Redis are not delivered to them).
         self._after: dict[Subscription, Position] = {}
@@ -138,8 +150,8 @@ class ClusterDelivery:
         return self._history
 
     @property
-    def presence(self) -> LocalPresence:
-        """Who is present."""
+    def presence(self) -> SharedPresence:
+        """Who is present, on every node."""
         return self._presence
 
     # --- publishing ---
@@ -240,8 +252,9 @@ class ClusterDelivery:
 
     def messages_missed(self) -> None:
         """Messages from other nodes may have been lost: the mirrored history may have holes,
-        so it is forgotten (and loaded from Redis again when next used)."""
+        so it is forgotten (and loaded from Redis again when next used); presence is checked."""
         self.history.clear()
+        self._presence.came_back()
 
     # --- subscribing ---
 
@@ -291,4 +304,7 @@ class ClusterDelivery:
         for rule in self._hub.policies.rules:
             if rule.history is not None:
                 self.backplane.follow(rule.pattern)
-        await self.backplane.run(self.deliver, self.messages_missed, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._presence.run)
+            await nursery.start(self.backplane.run, self.deliver, self.messages_missed)
+            task_status.started()

@@ -28,6 +28,7 @@ import trio
 from broker.cluster.backplane import RedisBackplane
 from broker.cluster.delivery import ClusterDelivery
 from broker.cluster.history import RedisHistory
+from broker.cluster.presence import RedisPresence
 from broker.cluster.resp import RedisAddress
 from broker.config import Config, ConfigError, TlsConfig
 from broker.core.delivery import Delivery, LocalDelivery
@@ -160,7 +161,8 @@ def build_delivery(config: Config) -> Delivery:
     history = RedisHistory(
         backplane, history_for, cluster.prefix, config.history.max_bytes, cluster.history_meta_ttl
     )
-    return ClusterDelivery(hub, backplane, history)
+    presence = RedisPresence(backplane, hub, cluster.prefix, cluster.presence_ttl)
+    return ClusterDelivery(hub, backplane, history, presence)
 
 
 class Broker:
