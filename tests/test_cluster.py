@@ -591,9 +591,7 @@ async def node_processes(
         started: list[NodeProcess] = []
         try:
             for index in range(count):
-                started.append(
-                    await start_node(nursery, redis, tmp_path, f"node{index}", extra)
-                )
+                started.append(await start_node(nursery, redis, tmp_path, f"node{index}", extra))
             yield started
         finally:
             for node in started:

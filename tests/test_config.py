@@ -90,7 +90,7 @@ def test_example_config_loads_and_sets_every_key_to_its_default() -> None:
     assert config.topics == (
         TopicRule("ticks.>", Policy.DROP_OLDEST),
         TopicRule("prices.*", Policy.CONFLATE),
-        TopicRule("chat.>", Policy.BLOCK, HistoryLimits(size=1000, ttl=3600.0)),
+        TopicRule("chat.>", Policy.BLOCK, HistoryLimits(size=1000, ttl=3600.0), presence=True),
     )
     assert config.history == HistoryConfig()
     assert config.path == EXAMPLE
@@ -224,6 +224,15 @@ def test_bad_topic_pattern_is_named(pattern: str) -> None:
 @pytest.mark.parametrize("table", [{}, {"pattern": 5}, {"on_full": "block"}])
 def test_missing_topic_pattern_is_named(table: dict[str, Any]) -> None:
     assert error_of({"topics": [table]}).startswith("topics[0].pattern: required")
+
+
+def test_a_topic_rule_may_keep_presence_and_says_so_when_mistyped() -> None:
+    config = config_from_dict({"topics": [{"pattern": "room.>", "presence": True}]})
+    assert config.topics[0].presence is True
+    message = error_of({"topics": [{"pattern": "room.>", "presence": "yes"}]})
+    assert message.startswith("topics[0].presence: expected true or false")
+    assert config_from_dict({"cluster": {"presence_ttl": 5}}).cluster.presence_ttl == 5
+    assert error_of({"cluster": {"presence_ttl": 0}}).startswith("cluster.presence_ttl: must be")
 
 
 @pytest.mark.parametrize("on_full", ["drop", "BLOCK", "", 1, ["block"]])

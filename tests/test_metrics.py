@@ -27,6 +27,8 @@ from broker.config import (
     TokenGrant,
     config_from_dict,
 )
+from broker.core.outbound import Policy
+from broker.core.rules import TopicRule
 from broker.core.stats import (
     BrokerStats,
     ConnectionSnapshot,
@@ -241,6 +243,22 @@ async def test_metrics_include_the_process_figures(nursery: trio.Nursery) -> Non
                  "process_open_fds", "process_max_fds", "process_start_time_seconds"):  # fmt: skip
         assert metrics[name] > 0, name
     assert any(name.startswith("python_info{") for name in metrics)
+
+
+async def test_presence_members_and_topics_are_counted_without_a_label_per_topic(
+    nursery: trio.Nursery,
+) -> None:
+    room = TopicRule("room.>", Policy.BLOCK, presence=True)
+    broker = await start_broker(nursery, with_metrics(make_config().replace(topics=(room,))))
+    async with connect(broker.url) as one, connect(broker.url) as two:
+        for client, topics in ((one, ["room.a", "room.b"]), (two, ["room.a", "other"])):
+            for id, topic in enumerate(topics, start=1):
+                await client.send({"op": "sub", "id": id, "topic": topic})
+                await client.expect("ok", id=id)
+        metrics = await scrape(broker)
+    assert metrics["broker_presence_members"] == 3
+    assert metrics["broker_presence_topics"] == 2
+    assert not any("room" in name for name in metrics)
 
 
 async def test_every_query_of_the_grafana_dashboard_reads_metrics_the_broker_serves(

@@ -119,7 +119,8 @@ async def test_members_join_and_leave_on_unsub_and_on_close(nursery: trio.Nurser
             answer = await presence(watcher, "room.1", 2)
             assert answer["count"] == 2 and "cursor" not in answer
             assert {m["client"] for m in answer["members"]} == {
-                own["member"]["client"], joined["member"]["client"]
+                own["member"]["client"],
+                joined["member"]["client"],
             }
             await guest.send({"op": "unsub", "id": 2, "topic": "room.1"})
             assert (await watcher.expect("leave"))["member"] == joined["member"]

@@ -63,7 +63,8 @@ async def test_members_of_every_node_are_one_room_with_join_and_leave_everywhere
             answer = await presence(watcher, "room.1", 2)
             assert answer["count"] == 2
             assert {m["client"] for m in answer["members"]} == {
-                own["client"], joined["member"]["client"]
+                own["client"],
+                joined["member"]["client"],
             }
             async with connect(a.url) as asker:  # the same answer on the other node
                 assert (await presence(asker, "room.1", 1))["count"] == 2
@@ -83,7 +84,7 @@ async def test_pages_across_nodes_return_every_member_once(
             seen: list[str] = []
             cursor = None
             for id in range(1, 20):
-                extra = {"cursor": cursor} if cursor else {}
+                extra: dict[str, str] = {"cursor": cursor} if cursor else {}
                 answer = await presence(asker, "room.big", id, limit=5, **extra)
                 seen += [m["client"] for m in answer["members"]]
                 cursor = answer.get("cursor")
@@ -119,8 +120,8 @@ async def test_a_node_that_dies_has_its_members_leave_everywhere_within_presence
     tmp_path: Path,
 ) -> None:
     """SIGKILL: the node says nothing; the others find its alive key expired in Redis."""
-    extra = f"presence_ttl = {TTL}\n[[topics]]\npattern = \"room.>\"\npresence = true\n"
-    async with node_processes(redis, tmp_path, 2, extra) as (doomed, survivor):
+    extra = f'presence_ttl = {TTL}\n[[topics]]\npattern = "room.>"\npresence = true\n'
+    async with node_processes(redis, tmp_path, 2, extra) as (doomed, survivor):  # noqa: SIM117
         async with connect(survivor.url) as watcher, connect(doomed.url) as victim:
             await sub(watcher, "room.k", 1, join_leave=True)
             await watcher.expect("join")

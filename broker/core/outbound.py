@@ -307,7 +307,9 @@ class OutboundQueue:
                 return _QUEUED
             self._count_lag(sub, policy)
             return _DROPPED
-        return self.offer(sub, topic, frame, tail, _DROP_OLDEST if policy is _CONFLATE else policy, now)
+        return self.offer(
+            sub, topic, frame, tail, _DROP_OLDEST if policy is _CONFLATE else policy, now
+        )
 
     def _fits_without(self, own: deque[tuple[int, str]], size: int) -> bool:
         """Whether ``size`` more bytes would fit once every entry of ``own`` is evicted."""

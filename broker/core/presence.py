@@ -138,7 +138,9 @@ class Roster:
 
     def items(self) -> list[tuple[str, Member]]:
         """Every (topic, member) pair, for re-announcing them elsewhere."""
-        return [(topic, member) for topic, (by, _) in self._topics.items() for member in by.values()]
+        return [
+            (topic, member) for topic, (by, _) in self._topics.items() for member in by.values()
+        ]
 
 
 class Presence(Protocol):

@@ -76,7 +76,9 @@ class PolicyTable:
         says so, or a wildcard overlapping a presence rule's pattern."""
         if not is_wildcard(pattern):
             return self.rule_for(pattern).presence
-        return any(rule.presence and patterns_overlap(rule.pattern, pattern) for rule in self._rules)
+        return any(
+            rule.presence and patterns_overlap(rule.pattern, pattern) for rule in self._rules
+        )
 
 
 @dataclass(frozen=True, slots=True)

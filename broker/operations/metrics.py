@@ -80,6 +80,12 @@ class BrokerCollector:
                        stats.internal_errors)  # fmt: skip
         yield _gauge("broker_subscriptions", "Subscriptions over all connections now.",
                      broker.hub.subscription_count())  # fmt: skip
+        presence = broker.delivery.presence
+        yield _gauge("broker_presence_members",
+                     "Presence members held by this node's connections, over all topics.",
+                     presence.members)  # fmt: skip
+        yield _gauge("broker_presence_topics", "Topics with presence members on this node.",
+                     presence.topics)  # fmt: skip
         yield _counter("broker_messages_in", "pub frames received (whatever their result).",
                        stats.frames_in)  # fmt: skip
         yield _counter("broker_bytes_in", "WebSocket message bytes received from clients.",

@@ -250,7 +250,9 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
     return Unsub(frame_id, topic)
 
 
-def _validate_sub(frame_id: int, topic: str, since: Any, value: dict[Any, Any]) -> Command | FrameError:
+def _validate_sub(
+    frame_id: int, topic: str, since: Any, value: dict[Any, Any]
+) -> Command | FrameError:
     join_leave = value.get("join_leave", False)
     if type(join_leave) is not bool:
         return FrameError(ErrorCode.BAD_REQUEST, "'join_leave' must be true or false", frame_id)
@@ -280,7 +282,9 @@ def _validate_presence(frame_id: int, topic: str, value: dict[Any, Any]) -> Comm
         return FrameError(ErrorCode.BAD_REQUEST, "'limit' must be an integer 0..1000", frame_id)
     cursor = value.get("cursor")
     if cursor is not None and not isinstance(cursor, str):
-        return FrameError(ErrorCode.BAD_REQUEST, "'cursor' must be a string from an answer", frame_id)
+        return FrameError(
+            ErrorCode.BAD_REQUEST, "'cursor' must be a string from an answer", frame_id
+        )
     return PresenceQuery(frame_id, topic, limit, cursor)
 
 

@@ -110,6 +110,7 @@ def patterns_overlap(first: str, second: str) -> bool:
             return False
     return len(a) == len(b)
 
+
 # Every node starts with this one empty dict in each of its slots, and gets a dict of its
 # own only when something is added there: a node of a deep pattern costs ~150 bytes instead
 # of ~370 (three empty dicts each). Never added to.
