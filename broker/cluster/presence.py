@@ -132,7 +132,11 @@ BATCH = 1000
 class RedisPresence:
     """Presence shared through Redis (see the module doc)."""
 
-    def __init__(self, backplane: RedisBackplane, hub: Hub, prefix: str, ttl: float) -> None:
+    def __init__(
+        self, backplane: RedisBackplane, hub: Hub, prefix: str, ttl: float, *, enabled: bool
+    ) -> None:
+        """``enabled``: some topic rule has presence; if none has, this does nothing in
+        Redis (no channel followed, no alive key)."""
         self._backplane = backplane
         self._hub = hub
         self._prefix = prefix
@@ -143,7 +147,9 @@ class RedisPresence:
         self._changed = trio.Event()
         self._refresh_now = trio.Event()
         self.channel = f"{prefix}:presence"
-        backplane.listen(self.channel, self._received)
+        self.enabled = enabled
+        if enabled:
+            backplane.listen(self.channel, self._received)
 
     # --- the session's side ---
 
@@ -214,6 +220,8 @@ class RedisPresence:
     async def run(self) -> None:
         """Hand changes to Redis, keep this node alive there, and reap vanished nodes, until
         cancelled."""
+        if not self.enabled:
+            await trio.sleep_forever()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_changes)
             await self._keep_alive()

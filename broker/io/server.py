@@ -161,7 +161,13 @@ def build_delivery(config: Config) -> Delivery:
     history = RedisHistory(
         backplane, history_for, cluster.prefix, config.history.max_bytes, cluster.history_meta_ttl
     )
-    presence = RedisPresence(backplane, hub, cluster.prefix, cluster.presence_ttl)
+    presence = RedisPresence(
+        backplane,
+        hub,
+        cluster.prefix,
+        cluster.presence_ttl,
+        enabled=any(rule.presence for rule in config.topics),
+    )
     return ClusterDelivery(hub, backplane, history, presence)
 
 
