@@ -12,15 +12,18 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from broker.config import AuthConfig, TokenGrant
-from broker.core.outbound import Policy
+from broker.core.hub import ANNOUNCE_WINDOW, Hub, Subscription
+from broker.core.outbound import OutboundQueue, Policy
 from broker.core.presence import Member, Roster, new_client_id
 from broker.core.rules import PolicyTable, TopicRule
 from broker.io.server import Broker
 from broker.protocol.topics import patterns_overlap
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, open_raw
+from tests.test_hub import FakeSubscriber
 from tests.wire import WireClient, bearer, connect
 
 ROOM = TopicRule("room.>", Policy.DROP_OLDEST, presence=True)
@@ -237,3 +240,35 @@ async def test_join_and_leave_cost_nothing_where_nobody_asked(nursery: trio.Nurs
         await b.publish("room.q", "hello", id=2)
         assert (await a.expect("msg"))["data"] == "hello"  # no join frame came first
         await wait_until(lambda: broker.delivery.presence.members == 2)
+
+
+# --- join and leave in one write per window (no sockets, trio's autojump clock) ---
+
+
+async def test_a_join_storm_reaches_a_watcher_in_one_write_per_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = Hub(PolicyTable([ROOM]), 5.0)
+    watcher = FakeSubscriber(queue=OutboundQueue(1024, 1 << 20))
+    hub.add(Subscription(watcher, "room.1", join_leave=True))
+    woken = 0
+
+    async def writer() -> None:
+        nonlocal woken
+        while True:
+            await watcher.queue.wait_batch()
+            woken += 1
+            frames = watcher.received()
+            assert len(frames) == 500 and {f["op"] for f in frames} == {"join"}
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        nursery.start_soon(hub.write_announcements)
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(500):  # 500 joins in less than a window
+            hub.announce("room.1", "join", Member(f"c{n}", None, None).as_map(), 0.0)
+            await trio.sleep(ANNOUNCE_WINDOW / 1000)
+        assert woken == 0
+        await trio.sleep(ANNOUNCE_WINDOW)
+        assert woken == 1  # one wake-up, one batch, for 500 joins
+        nursery.cancel_scope.cancel()

@@ -305,6 +305,7 @@ class ClusterDelivery:
             if rule.history is not None:
                 self.backplane.follow(rule.pattern)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._hub.write_announcements)
             nursery.start_soon(self._presence.run)
             await nursery.start(self.backplane.run, self.deliver, self.messages_missed)
             task_status.started()

@@ -160,8 +160,9 @@ class LocalDelivery:
         """One node depends on nothing else."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Nothing runs in the background."""
+        """Write join and leave frames (:meth:`Hub.write_announcements`) until cancelled."""
         task_status.started()
+        await self._hub.write_announcements()
 
 
 def recover(

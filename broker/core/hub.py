@@ -43,6 +43,9 @@ UNPACK: Any = object()
 #: What :meth:`Hub.offer` returns: the subscriptions a message was queued for past their bound.
 Blocked = list["Subscription"]
 
+#: Seconds within which join and leave frames are written together (:meth:`Hub.announce`).
+ANNOUNCE_WINDOW = 0.02
+
 
 class Subscriber(Protocol):
     """The hub's view of a client: its queue, its encoding, and a way to drop it."""
@@ -83,6 +86,9 @@ class Hub:
         # Per topic published lately: its rule and matching subscriptions, in trie order. A
         # change to a concrete subscription forgets its topic; a wildcard one forgets all.
         self._routes: dict[str, tuple[TopicRule, tuple[Subscription, ...]]] = {}
+        # Queues given join or leave frames since their writers were last woken for them.
+        self._announced: set[OutboundQueue] = set()
+        self._announcing = trio.Event()
 
     def subscription_count(self) -> int:
         """How many subscriptions exist, over all clients."""
@@ -166,8 +172,12 @@ class Hub:
     def announce(self, topic: str, op: str, member: dict[str, Any], now: float) -> None:
         """Offer a ``join`` or ``leave`` (``op``) of ``member`` on ``topic`` to each matching
         subscription that asked for them, under the topic's policy; nobody waits for it
-        (:meth:`~broker.core.outbound.OutboundQueue.offer_event`)."""
+        (:meth:`~broker.core.outbound.OutboundQueue.offer_event`). Their writers are woken
+        by :meth:`write_announcements`, within :data:`ANNOUNCE_WINDOW`."""
         rule, subscriptions = self.route(topic)
+        announced = self._announced
+        if not announced:
+            self._announcing.set()
         bodies: dict[Encoding, bytes] = {}
         for subscription in subscriptions:
             if not subscription.join_leave:
@@ -176,13 +186,28 @@ class Hub:
             body = bodies.get(encoding)
             if body is None:
                 body = bodies[encoding] = encode_presence_body(op, topic, member, encoding)
-            outcome = subscription.queue.offer_event(
+            queue = subscription.queue
+            outcome = queue.offer_event(
                 subscription.pattern, topic, body, subscription.tail, rule.on_full, now
             )
+            announced.add(queue)
             if outcome is _DISCONNECT:
                 subscription.subscriber.close_slow_consumer(
                     f"outbound queue full on {topic!r} (disconnect)"
                 )
+
+    async def write_announcements(self) -> None:
+        """Until cancelled: every :data:`ANNOUNCE_WINDOW`, wake the writers of the queues
+        given join or leave frames meanwhile. So when many members join at once (everyone
+        reconnecting after a deploy), a subscriber gets them in one write per window, not one
+        write per join."""
+        while True:
+            await self._announcing.wait()
+            await trio.sleep(ANNOUNCE_WINDOW)
+            self._announcing = trio.Event()
+            announced, self._announced = self._announced, set()
+            for queue in announced:
+                queue.wake_writer_if_asleep()
 
     async def wait_for_room(self, blocked: Blocked) -> None:
         """Wait until each of the ``blocked`` subscriptions' queues has room again; close

@@ -294,11 +294,17 @@ class OutboundQueue:
     def offer_event(
         self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy, now: float = 0.0
     ) -> Offer:
-        """Offer a ``join`` or ``leave`` frame: as :meth:`offer`, but nobody waits for it.
-        Under ``block`` it is queued past the bound, up to twice the bound, and dropped (as
-        lag) beyond; under ``conflate`` one member's event never replaces another's, so it
-        is as ``drop_oldest``."""
-        if policy is _BLOCK:
+        """Offer a ``join`` or ``leave`` frame: as :meth:`offer`, but nobody waits for it,
+        and its writer is not woken (the caller does that later, once for many events, with
+        :meth:`wake_writer_if_asleep`). Under ``block`` it is queued past the bound, up to
+        twice the bound, and dropped (as lag) beyond; under ``conflate`` one member's event
+        never replaces another's, so it is as ``drop_oldest``."""
+        readable, self._readable = self._readable, None  # so that nothing wakes the writer
+        try:
+            if policy is not _BLOCK:
+                if policy is _CONFLATE:
+                    policy = _DROP_OLDEST
+                return self.offer(sub, topic, frame, tail, policy, now)
             if self._closed:
                 return Offer.CLOSED
             size = len(frame) + len(tail)
@@ -307,9 +313,9 @@ class OutboundQueue:
                 return _QUEUED
             self._count_lag(sub, policy)
             return _DROPPED
-        return self.offer(
-            sub, topic, frame, tail, _DROP_OLDEST if policy is _CONFLATE else policy, now
-        )
+        finally:
+            if self._readable is None:
+                self._readable = readable
 
     def _fits_without(self, own: deque[tuple[int, str]], size: int) -> bool:
         """Whether ``size`` more bytes would fit once every entry of ``own`` is evicted."""
@@ -384,6 +390,11 @@ class OutboundQueue:
                 return
             self._readable = None
             readable.set()
+
+    def wake_writer_if_asleep(self) -> None:
+        """Wake the writer if it waits and something is queued (as an offer would have)."""
+        if self._messages or self._lags:
+            self._wake_writer()
 
     @property
     def writer_waiting(self) -> bool:

@@ -1,9 +1,12 @@
-"""``broker pub`` and ``broker sub``: poke a running broker from a shell, through the client.
+"""``broker pub``, ``sub`` and ``presence``: poke a running broker from a shell, through the client.
 
 ``pub`` publishes DATA (a string, or JSON with ``--json``) once, ``--count`` times, or each
 line of stdin, each acked, so a refusal is reported. ``sub`` prints one line per message,
 ``TOPIC DATA`` with DATA as JSON (or a JSON object per line with ``--json``), until ^C or
-``--count`` messages. A failure is one ``broker: ...`` line on stderr, in the broker's words
+``--count`` lines; with ``--join-leave`` also ``TOPIC join MEMBER`` and ``TOPIC leave
+MEMBER`` (DATA is JSON, so never the bare word ``join``). ``presence`` prints the members of a
+topic with presence, ``CLIENT USER INFO`` per line (every page), or their number with
+``--count-only``. A failure is one ``broker: ...`` line on stderr, in the broker's words
 when it refused, and an exit status that says what kind it was (:data:`EXIT_STATUSES`).
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import sys
@@ -24,13 +28,17 @@ from broker_client import (
     Client,
     ClientError,
     Forbidden,
+    Join,
+    Leave,
+    Member,
     Overloaded,
+    PresenceGap,
     connect,
 )
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
-#: The exit statuses of ``broker pub`` and ``broker sub``, in ``--help`` and the README.
+#: The exit statuses of ``broker pub``, ``sub`` and ``presence``, in ``--help`` and the README.
 EXIT_STATUSES = {
     0: "done",
     1: "the broker refused a command (err), or the connection was lost",
@@ -47,7 +55,7 @@ EPILOG = "exit status:\n" + "\n".join(
 
 
 def add_client_commands(commands: Any) -> None:
-    """Add the ``pub`` and ``sub`` subcommands to ``broker``'s subparsers."""
+    """Add the ``pub``, ``sub`` and ``presence`` subcommands to ``broker``'s subparsers."""
     pub = commands.add_parser(
         "pub",
         help="publish a message to a running broker",
@@ -69,13 +77,50 @@ def add_client_commands(commands: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Subscribe to PATTERN ('*' matches one segment, '>' the rest) and print "
-        "'TOPIC DATA' per message, DATA as JSON (bytes as base64), until ^C.",
+        "'TOPIC DATA' per message, DATA as JSON (bytes as base64), until ^C. On a topic with "
+        "presence, subscribing to exactly that topic makes this command a member of it "
+        "(see 'broker presence'). With --join-leave, also print 'TOPIC join MEMBER' and "
+        "'TOPIC leave MEMBER' when a member comes to or leaves a matching presence topic "
+        '(MEMBER as JSON: {"client", "user", "info"}; this command\'s own join included). '
+        "When the broker dropped some of them (a slow consumer) or the connection was made "
+        "again, a line on stderr says the list they make may be wrong: run 'broker presence'.",
     )
     sub.add_argument("pattern", metavar="PATTERN", help="e.g. 'orders.*' or 'metrics.>'")
     sub.add_argument("--json", action="store_true",
-                     help='print {"topic", "sub", "data"} as one JSON object per line')  # fmt: skip
-    sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+                     help='print {"topic", "sub", "data"} as one JSON object per line; with '
+                     '--join-leave, {"op": "join" or "leave", "topic", "sub", "member"} for '
+                     "joins and leaves")  # fmt: skip
+    sub.add_argument("--count", type=int, metavar="N",
+                     help="exit after N lines (messages, and joins and leaves)")  # fmt: skip
+    sub.add_argument("--join-leave", action="store_true",
+                     help="also print when members join or leave (a topic with presence; "
+                     "else the broker refuses: not_enabled, exit status 1)")  # fmt: skip
+    sub.add_argument("--info", metavar="JSON",
+                     help="on a topic with presence, what the other members see as this "
+                     'one\'s info, as JSON (e.g. \'{"name": "ada"}\'; at most 1 KiB; a '
+                     "token's info wins)")  # fmt: skip
     _add_connection_flags(sub)
+
+    presence = commands.add_parser(
+        "presence",
+        help="print who is subscribed to a topic with presence",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the members of TOPIC, a concrete topic whose [[topics]] rule says "
+        "'presence = true': the connections subscribed to exactly TOPIC now, one line per "
+        "member, 'CLIENT USER INFO' (CLIENT is unique per connection; USER is its token's "
+        "subject, INFO what it shows, both as JSON, null when none), ordered by CLIENT and "
+        "read page by page until the last. With --count-only, print how many there are. A "
+        "topic without presence is refused: 'broker: not_enabled: ...', exit status 1.",
+    )
+    presence.add_argument("topic", metavar="TOPIC", help="a concrete topic, e.g. room.lobby")
+    presence.add_argument("--json", action="store_true",
+                          help='print {"client", "user", "info"} as one JSON object per '
+                          "line")  # fmt: skip
+    presence.add_argument("--count-only", action="store_true",
+                          help="print only the number of members (one page of 0 members: "
+                          "cheap on a big topic)")  # fmt: skip
+    _add_connection_flags(presence)
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -101,14 +146,15 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    """Run ``pub`` or ``sub``; returns the exit status."""
-    command = publish_command if args.command == "pub" else subscribe_command
+    """Run ``pub``, ``sub`` or ``presence``; returns the exit status."""
+    command = {"pub": publish_command, "sub": subscribe_command,
+               "presence": presence_command}[args.command]  # fmt: skip
     try:
         trio.run(command, args)
     except ClientError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return exit_status(exc)
-    except ValueError as exc:  # bad --json input, bad --count
+    except ValueError as exc:  # bad --json or --info input, bad --count
         print(f"broker: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -122,7 +168,7 @@ async def publish_command(args: argparse.Namespace) -> None:
     """``broker pub``: publish DATA ``--count`` times, or each stdin line."""
     if args.count < 1:
         raise ValueError("--count must be at least 1")
-    parse = _parse_json if args.json else str
+    parse = functools.partial(_parse_json, flag="--json") if args.json else str
     payloads = [parse(args.data)] * args.count if args.data is not None else None
     async with _connect(args) as client:
         if payloads is not None:
@@ -135,24 +181,50 @@ async def publish_command(args: argparse.Namespace) -> None:
 
 
 async def subscribe_command(args: argparse.Namespace) -> None:
-    """``broker sub``: print each message until ^C or ``--count`` messages."""
+    """``broker sub``: print each message (and join and leave) until ^C or ``--count`` lines."""
     if args.count is not None and args.count < 1:
         raise ValueError("--count must be at least 1")
+    info = None if args.info is None else _parse_json(args.info, flag="--info")
     seen = 0
     async with (
         _connect(args) as client,
-        client.subscribe(args.pattern) as subscription,
+        client.subscribe(args.pattern, join_leave=args.join_leave, info=info) as subscription,
     ):
-        async for message in subscription:
-            if args.json:
-                line = _dumps({"topic": message.topic, "sub": message.pattern,
-                               "data": message.data})  # fmt: skip
+        async for item in subscription:
+            if isinstance(item, PresenceGap):
+                print(f"broker: {item.pattern}: joins and leaves may be missing ({item.why}); "
+                      "'broker presence TOPIC' lists who is here", file=sys.stderr)  # fmt: skip
+                continue
+            if isinstance(item, Join | Leave):
+                op = "join" if isinstance(item, Join) else "leave"
+                member = _member_map(item.member)
+                if args.json:
+                    line = _dumps({"op": op, "topic": item.topic, "sub": item.pattern,
+                                   "member": member})  # fmt: skip
+                else:
+                    line = f"{item.topic} {op} {_dumps(member)}"
+            elif args.json:
+                line = _dumps({"topic": item.topic, "sub": item.pattern, "data": item.data})
             else:
-                line = f"{message.topic} {_dumps(message.data)}"
+                line = f"{item.topic} {_dumps(item.data)}"
             print(line, flush=True)
             seen += 1
             if seen == args.count:
                 return
+
+
+async def presence_command(args: argparse.Namespace) -> None:
+    """``broker presence``: print the members of a topic (every page), or their number."""
+    async with _connect(args) as client:
+        if args.count_only:
+            print((await client.presence(args.topic, limit=0)).count, flush=True)
+            return
+        async for member in client.members(args.topic):
+            if args.json:
+                line = _dumps(_member_map(member))
+            else:
+                line = f"{member.client} {_dumps(member.user)} {_dumps(member.info)}"
+            print(line, flush=True)
 
 
 def exit_status(error: ClientError) -> int:
@@ -176,11 +248,15 @@ def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
     )
 
 
-def _parse_json(text: str) -> Any:
+def _parse_json(text: str, flag: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--json: {text!r} is not JSON: {exc}") from None
+        raise ValueError(f"{flag}: {text!r} is not JSON: {exc}") from None
+
+
+def _member_map(member: Member) -> dict[str, Any]:
+    return {"client": member.client, "user": member.user, "info": member.info}
 
 
 def _dumps(value: Any) -> str:
