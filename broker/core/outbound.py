@@ -318,10 +318,18 @@ class OutboundQueue:
                 self._readable = readable
 
     def _fits_without(self, own: deque[tuple[int, str]], size: int) -> bool:
-        """Whether ``size`` more bytes would fit once every entry of ``own`` is evicted."""
+        """Whether ``size`` more bytes would fit once every entry of ``own`` is evicted:
+        found by evicting in thought from the oldest, stopping as soon as it fits (so a full
+        queue costs each new message the entries it evicts, not a walk over all of them)."""
         parts, base = self._parts, self._base
-        freed = sum(len(parts[2 * (n - base)]) + len(parts[2 * (n - base) + 1]) for n, _ in own)
-        return self._fits(size, self._messages - len(own), self._bytes - freed)
+        messages, queued = self._messages, self._bytes
+        for number, _ in own:
+            index = 2 * (number - base)
+            messages -= 1
+            queued -= len(parts[index]) + len(parts[index + 1])
+            if self._fits(size, messages, queued):
+                return True
+        return False
 
     def _append(
         self, sub: str, topic: str, frame: bytes, tail: bytes, now: float, policy: Policy
