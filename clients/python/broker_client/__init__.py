@@ -7,6 +7,10 @@
         async with client.subscribe("orders.*") as sub:
             async for msg in sub:
                 print(msg.topic, msg.data)
+
+On topics with presence, ``await client.presence(topic)`` (or ``client.members(topic)``)
+says who is subscribed, and ``client.subscribe(topic, join_leave=True)`` also yields
+:class:`Join` and :class:`Leave` events (see :mod:`broker_client.presence`).
 """
 
 from broker_client.client import Client, connect
@@ -20,6 +24,7 @@ from broker_client.errors import (
     Forbidden,
     Internal,
     InvalidTopic,
+    NotEnabled,
     Overloaded,
     RateLimited,
     ReplyTimeout,
@@ -29,9 +34,10 @@ from broker_client.errors import (
     Unavailable,
     UnknownOp,
 )
+from broker_client.presence import Join, Leave, Member, Presence, PresenceGap
 from broker_client.reconnect import Backoff
 from broker_client.recovery import Position
-from broker_client.subscription import Message, Subscription
+from broker_client.subscription import Event, Message, Subscription
 
 __all__ = [
     "Backoff",
@@ -42,12 +48,19 @@ __all__ = [
     "ClientError",
     "Closed",
     "ConnectionLost",
+    "Event",
     "Forbidden",
     "Internal",
     "InvalidTopic",
+    "Join",
+    "Leave",
+    "Member",
     "Message",
+    "NotEnabled",
     "Overloaded",
     "Position",
+    "Presence",
+    "PresenceGap",
     "RateLimited",
     "ReplyTimeout",
     "Subscription",

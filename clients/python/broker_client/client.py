@@ -6,8 +6,10 @@ buffers, waiting when one is full, so TCP pushes back on the broker) and a **wri
 what is queued in the :class:`~broker_client.outbox.Outbox`, as one batch per WebSocket
 message). When the connection drops, the client waits a :class:`Backoff` delay, reconnects,
 subscribes again to every live pattern (ahead of anything queued; with ``since`` where the
-topic keeps history, see :mod:`broker_client.recovery`) and then tells the user
-(``on_reconnect``, :meth:`Client.wait_reconnected`; ``on_gap`` if messages were missed).
+topic keeps history, see :mod:`broker_client.recovery`; with ``join_leave`` and ``info`` as
+first asked) and then tells the user (``on_reconnect``, :meth:`Client.wait_reconnected`;
+``on_gap`` if messages were missed; a :class:`PresenceGap` in each ``join_leave``
+subscription, whose events of the outage are lost).
 
 Delivery is at most once across a drop: a ``publish`` whose frame was already sent on the lost
 connection raises :class:`ConnectionLost` (it may or may not have been applied; retry if a
@@ -24,8 +26,8 @@ import logging
 import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
-from typing import Any, NoReturn, cast
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Literal, NoReturn, cast, overload
 
 import trio
 from trio_websocket import (
@@ -52,9 +54,17 @@ from broker_client.errors import (
     error_from_frame,
 )
 from broker_client.outbox import Item, Outbox, Pending
+from broker_client.presence import (
+    MAX_PAGE,
+    Member,
+    Presence,
+    PresenceGap,
+    event_from_frame,
+    presence_from_reply,
+)
 from broker_client.reconnect import Backoff
 from broker_client.recovery import Recovery
-from broker_client.subscription import Message, Subscription
+from broker_client.subscription import Event, Message, Subscription
 
 log = logging.getLogger("broker_client")
 
@@ -71,12 +81,42 @@ Token = str | Callable[[], str | Awaitable[str]] | None
 
 
 class _Route:
-    """One subscription at the broker, shared by the client's subscriptions to its pattern."""
+    """One subscription at the broker, shared by the client's subscriptions to its pattern.
 
-    def __init__(self, pattern: str) -> None:
+    ``join_leave`` and ``info`` are those of the first: the broker keeps one subscription
+    per pattern and connection, and answers a repeated ``sub`` without changing it.
+    """
+
+    def __init__(self, pattern: str, join_leave: bool = False, info: Any = None) -> None:
         self.pattern = pattern
+        self.join_leave = join_leave
+        self.info = info
         self.recovery = Recovery(pattern)
-        self.subscriptions: list[Subscription] = []
+        self.subscriptions: list[Subscription[Any]] = []
+
+    def sub_frame(self) -> dict[str, Any]:
+        """The ``sub`` frame (without ``id``) that makes this subscription at the broker."""
+        frame: dict[str, Any] = {"op": "sub", "topic": self.pattern}
+        if self.join_leave:
+            frame["join_leave"] = True
+        if self.info is not None:
+            frame["info"] = self.info
+        return frame
+
+    def refuse(self, join_leave: bool, info: Any) -> str | None:
+        """Why one more subscription with these options cannot share this one, if it cannot."""
+        if join_leave and not self.join_leave:
+            return (
+                f"already subscribed to {self.pattern!r} without join_leave on this client "
+                "(the broker keeps one subscription per pattern and connection): ask for "
+                "join_leave in the first subscription, or use another client"
+            )
+        if info is not None and info != self.info:
+            return (
+                f"already subscribed to {self.pattern!r} with info {self.info!r} on this "
+                "client: a member has one info per topic"
+            )
+        return None
 
 
 class Client:
@@ -95,7 +135,7 @@ class Client:
         buffer_size: int = 100,
         outbox_size: int = 1000,
         on_reconnect: Callable[[Client], None] | None = None,
-        on_gap: Callable[[Subscription, str], None] | None = None,
+        on_gap: Callable[[Subscription[Any], str], None] | None = None,
         ping_interval: float | None = 20.0,
         ssl_context: ssl.SSLContext | None = None,
         ca_file: str | None = None,
@@ -127,6 +167,7 @@ class Client:
         self._outbox = Outbox(outbox_size)
         self._pending: dict[int, Pending] = {}
         self._routes: dict[str, _Route] = {}
+        self._presence_gaps: list[tuple[_Route, str]] = []  # for the reader to deliver
         self._next_id = 0
         self._websocket: WebSocketConnection | None = None
         self._reconnected = trio.Event()
@@ -170,21 +211,48 @@ class Client:
         frame = {"op": "pub", "topic": topic, "data": data}
         self._outbox.put_nowait(codec.encode(frame, self.encoding))
 
+    @overload
+    def subscribe(
+        self, pattern: str, *, join_leave: Literal[False] = False, info: Any = None
+    ) -> AbstractAsyncContextManager[Subscription[Message]]: ...
+
+    @overload
+    def subscribe(
+        self, pattern: str, *, join_leave: bool, info: Any = None
+    ) -> AbstractAsyncContextManager[Subscription[Event]]: ...
+
     @asynccontextmanager
-    async def subscribe(self, pattern: str) -> AsyncIterator[Subscription]:
+    async def subscribe(
+        self, pattern: str, *, join_leave: bool = False, info: Any = None
+    ) -> AsyncIterator[Subscription[Any]]:
         """Subscribe to ``pattern`` for the ``async with`` block; iterate the result.
 
         Returns once the broker confirmed the subscription; raises ``InvalidTopic``,
         ``TooManySubscriptions`` and so on if it refused. Two subscriptions to the same
         pattern on one client share the broker's subscription and each get every message.
+
+        On a presence topic (docs/presence.md) the subscription makes this client a member
+        (a concrete topic only), showing ``info`` (any value, at most 1 KiB encoded, else
+        ``TooLarge``) unless its token carries one. With ``join_leave`` it also yields a
+        :class:`~broker_client.presence.Join` or :class:`~broker_client.presence.Leave` per
+        member that comes or goes on a matching presence topic (its own join included), and a
+        :class:`PresenceGap` where some may be missing; ``NotEnabled`` if no topic matching
+        ``pattern`` has presence. A second subscription to a pattern may not ask for
+        ``join_leave`` or another ``info`` than the first (``ValueError``).
         """
         self._check_open()
-        route = self._routes.setdefault(pattern, _Route(pattern))
-        subscription = Subscription(pattern, self.buffer_size, route.recovery)
+        route = self._routes.get(pattern)
+        if route is None:
+            route = self._routes[pattern] = _Route(pattern, join_leave, info)
+        elif (refusal := route.refuse(join_leave, info)) is not None:
+            raise ValueError(refusal)
+        subscription: Subscription[Any] = Subscription(
+            pattern, self.buffer_size, route.recovery, join_leave
+        )
         route.subscriptions.append(subscription)
         try:
             if len(route.subscriptions) == 1:
-                await self._subscribe(pattern, route)
+                await self._subscribe(route)
             yield subscription
         finally:
             subscription._discard()
@@ -192,6 +260,41 @@ class Client:
             if not route.subscriptions and self._routes.get(pattern) is route:
                 del self._routes[pattern]
                 self._unsubscribe_nowait(pattern)
+
+    async def presence(
+        self, topic: str, *, limit: int = MAX_PAGE, cursor: str | None = None
+    ) -> Presence:
+        """One page of the members of ``topic`` (a concrete topic with presence).
+
+        Returns the ``count`` of members now and up to ``limit`` (0..1000; 0 for the count
+        alone) of them, ordered by ``client``, with the ``cursor`` to pass for the next page
+        (``None`` when no more remain; :meth:`members` follows them for you). Raises
+        ``NotEnabled`` for a topic without presence, ``Forbidden`` without the permission to
+        subscribe to it, ``InvalidTopic`` for a wildcard.
+        """
+        if not 0 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be 0..{MAX_PAGE}, not {limit!r}")
+        frame: dict[str, Any] = {"op": "presence", "topic": topic, "limit": limit}
+        if cursor is not None:
+            frame["cursor"] = cursor
+        return presence_from_reply(await self._request(frame))
+
+    async def members(self, topic: str, *, page_size: int = MAX_PAGE) -> AsyncIterator[Member]:
+        """Every member of ``topic``, reading one page of ``page_size`` at a time.
+
+        A member present through the whole walk comes exactly once; one that joins or leaves
+        meanwhile may or may not come. Raises as :meth:`presence`.
+        """
+        if not 1 <= page_size <= MAX_PAGE:
+            raise ValueError(f"page_size must be 1..{MAX_PAGE}, not {page_size!r}")
+        cursor = None
+        while True:
+            page = await self.presence(topic, limit=page_size, cursor=cursor)
+            for member in page.members:
+                yield member
+            if page.cursor is None:
+                return
+            cursor = page.cursor
 
     async def wait_reconnected(self) -> None:
         """Wait for the next successful reconnect (subscriptions restored)."""
@@ -248,10 +351,10 @@ class Client:
             raise error_from_frame(pending.reply.get("code"), pending.reply.get("msg"))
         return pending.reply
 
-    async def _subscribe(self, pattern: str, route: _Route) -> None:
+    async def _subscribe(self, route: _Route) -> None:
         while True:
             try:
-                await self._request({"op": "sub", "topic": pattern}, route.recovery.subscribed)
+                await self._request(route.sub_frame(), route.recovery.subscribed)
                 return
             except ConnectionLost:
                 if not self.reconnect or self._error is not None:
@@ -447,9 +550,10 @@ class Client:
         """
         queued: dict[int, tuple[_Route, Pending]] = {}
         items: list[Item] = []
-        for pattern, route in self._routes.items():
+        for route in self._routes.values():
             self._next_id += 1
-            frame: dict[str, Any] = {"op": "sub", "id": self._next_id, "topic": pattern}
+            frame = route.sub_frame()
+            frame["id"] = self._next_id
             if (since := route.recovery.since()) is not None:
                 frame["since"] = since
             pending = Pending(functools.partial(self._resubscribed, route))
@@ -462,6 +566,9 @@ class Client:
     def _resubscribed(self, route: _Route, reply: dict[str, object]) -> None:
         """The broker took a resubscription (the reader, before the frames behind the ``ok``)."""
         self._tell_gap(route, route.recovery.resubscribed(reply))
+        if route.join_leave:  # the reader delivers it before the frames behind the ok
+            self._presence_gaps.append((route, "reconnected: join and leave events of the "
+                                        "time the client was away are lost"))  # fmt: skip
 
     def _tell_gap(self, route: _Route, why: str | None) -> None:
         if why is None:
@@ -491,8 +598,10 @@ class Client:
                 self._pending.pop(frame_id, None)
         for route, pending in queued.values():
             if not pending.done.is_set():  # its ok, if late, will not update the position
-                self._tell_gap(route, route.recovery.forget(
-                    f"no answer to the resubscription within {self.reply_timeout} s"))  # fmt: skip
+                why = f"no answer to the resubscription within {self.reply_timeout} s"
+                self._tell_gap(route, route.recovery.forget(why))
+                if route.join_leave:  # the reader delivers it with the next frame it reads
+                    self._presence_gaps.append((route, why))
         self.reconnects += 1
         log.info("reconnected to %s; %d subscription(s) restored", self.url, len(queued))
         self._reconnected.set()
@@ -554,18 +663,13 @@ class Client:
                 return  # no longer subscribed, or a replayed message already delivered
             message = Message(frame.get("topic", ""), frame.get("data"), pattern,
                               offset if isinstance(offset, int) else None)  # fmt: skip
-            for subscription in list(route.subscriptions):
-                try:
-                    subscription._deliver_nowait(message)
-                except trio.WouldBlock:
-                    log.debug("subscription %r is full: pausing the reader", pattern)
-                    self._stalls += 1
-                    self._stalled = True
-                    try:
-                        await subscription._deliver(message)
-                    finally:
-                        self._stalled = False
+            await self._hand_over(message, list(route.subscriptions))
             route.recovery.delivered(offset)
+        elif op == "join" or op == "leave":
+            route = self._routes.get(str(frame.get("sub")))
+            if route is not None and route.join_leave:
+                await self._hand_over(event_from_frame(frame, route.pattern),
+                                      [s for s in route.subscriptions if s.join_leave])  # fmt: skip
         elif op in ("ok", "err"):
             pending = self._pending.get(frame.get("id", -1))
             if pending is not None:
@@ -578,6 +682,29 @@ class Client:
             route = self._routes.get(str(frame.get("sub")))
             for subscription in route.subscriptions if route else ():
                 subscription._lag(dropped if isinstance(dropped, int) else 0)
+            if route is not None and route.join_leave:
+                why = f"the broker dropped {dropped} message(s) or join/leave event(s)"
+                self._presence_gaps.append((route, why))
+        while self._presence_gaps:
+            route, why = self._presence_gaps.pop(0)
+            if self._routes.get(route.pattern) is route:
+                gap = PresenceGap(route.pattern, why)
+                await self._hand_over(gap, [s for s in route.subscriptions if s.join_leave])
+
+    async def _hand_over(self, item: Event, subscriptions: list[Subscription[Any]]) -> None:
+        """Buffer ``item`` in each of ``subscriptions``; wait for room in a full one, so that
+        the reader stops reading (the backpressure)."""
+        for subscription in subscriptions:
+            try:
+                subscription._deliver_nowait(item)
+            except trio.WouldBlock:
+                log.debug("subscription %r is full: pausing the reader", subscription.pattern)
+                self._stalls += 1
+                self._stalled = True
+                try:
+                    await subscription._deliver(item)
+                finally:
+                    self._stalled = False
 
     def _connection_ended(self, websocket: WebSocketConnection) -> ClientError | None:
         """Fail what was in flight; return the error that ends the client, if this one does."""
@@ -688,7 +815,7 @@ async def connect(
     buffer_size: int = 100,
     outbox_size: int = 1000,
     on_reconnect: Callable[[Client], None] | None = None,
-    on_gap: Callable[[Subscription, str], None] | None = None,
+    on_gap: Callable[[Subscription[Any], str], None] | None = None,
     ping_interval: float | None = 20.0,
     ssl_context: ssl.SSLContext | None = None,
     ca_file: str | None = None,

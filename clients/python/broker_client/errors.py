@@ -72,7 +72,8 @@ class Unauthorized(Forbidden):
 
 
 class TooLarge(BrokerError):
-    """``too_large``: the published message exceeds the broker's ``max_payload``."""
+    """``too_large``: the published message exceeds the broker's ``max_payload``, or a
+    subscription's ``info`` takes over 1 KiB encoded."""
 
     code: str = ErrorCode.TOO_LARGE
 
@@ -95,6 +96,13 @@ class Unavailable(BrokerError):
     code: str = ErrorCode.UNAVAILABLE
 
 
+class NotEnabled(BrokerError):
+    """``not_enabled``: the topic does not offer what was asked: ``presence`` or
+    ``join_leave`` where no ``[[topics]]`` rule says ``presence = true``."""
+
+    code: str = ErrorCode.NOT_ENABLED
+
+
 class Internal(BrokerError):
     """``internal``: the broker failed; the connection stays usable."""
 
@@ -104,7 +112,7 @@ class Internal(BrokerError):
 ERRORS_BY_CODE: dict[str, type[BrokerError]] = {
     cls.code: cls
     for cls in (BadRequest, UnknownOp, InvalidTopic, Forbidden, TooLarge, TooManySubscriptions,
-                RateLimited, Unavailable, Internal)
+                RateLimited, Unavailable, NotEnabled, Internal)
 }  # fmt: skip
 
 

@@ -1,6 +1,8 @@
 """A subscription as the user sees it: an async iterator of :class:`Message` over a bounded buffer.
 
-The client's reader puts each ``msg`` for this pattern into the buffer. When the buffer is full
+The client's reader puts each ``msg`` for this pattern into the buffer (and, for a
+subscription made with ``join_leave=True``, each :class:`~broker_client.presence.Join` and
+:class:`~broker_client.presence.Leave`, in the order they arrived). When the buffer is full
 the reader waits, so it stops reading the socket, TCP pushes back on the broker, and the
 topic's ``on_full`` policy decides (block, drop with ``lag``, or disconnect). Memory never grows
 without bound. Because one reader serves the whole connection, one full subscription pauses
@@ -13,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic
 
 import trio
 
+from broker_client.presence import Join, Leave, PresenceGap
 from broker_client.recovery import Position, Recovery
 
 log = logging.getLogger("broker_client")
@@ -35,7 +38,22 @@ class Message:
     offset: int | None = None
 
 
-class Subscription:
+Event = Message | Join | Leave | PresenceGap
+"""What a subscription made with ``join_leave=True`` yields."""
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar
+
+    # What a subscription yields: a plain one, Message (PEP 696's default, so that a bare
+    # ``Subscription`` annotation means ``Subscription[Message]``); one with join_leave, Event.
+    Item = TypeVar("Item", default=Message)
+else:
+    from typing import TypeVar
+
+    Item = TypeVar("Item")  # Python 3.11's TypeVar takes no default; only checkers read it
+
+
+class Subscription(Generic[Item]):
     """Messages matching ``pattern``, in order; iterate with ``async for``.
 
     ``dropped`` counts messages the broker dropped for this subscription (its ``lag`` notices);
@@ -43,14 +61,24 @@ class Subscription:
     impossible); each of both also logs a warning. The iteration ends when the subscription or
     the client is closed, or raises the error that ended the client (``Forbidden``,
     ``ConnectionLost``).
+
+    With ``join_leave`` (a ``Subscription[Event]``), the iteration also yields a
+    :class:`~broker_client.presence.Join` or :class:`~broker_client.presence.Leave` for each
+    member that comes to or leaves a matching presence topic, and a
+    :class:`~broker_client.presence.PresenceGap` where some of those may be missing (a
+    ``lag``: the broker dropped messages or events for it; a reconnect). ``dropped`` then
+    counts dropped events too.
     """
 
-    def __init__(self, pattern: str, buffer_size: int, recovery: Recovery) -> None:
+    def __init__(
+        self, pattern: str, buffer_size: int, recovery: Recovery, join_leave: bool = False
+    ) -> None:
         self.pattern = pattern
+        self.join_leave = join_leave
         self.dropped = 0
         self.gaps = 0
         self._recovery = recovery
-        self._send, self._receive = trio.open_memory_channel[Message](buffer_size)
+        self._send, self._receive = trio.open_memory_channel[Item](buffer_size)
         self._error: BaseException | None = None
 
     @property
@@ -72,8 +100,9 @@ class Subscription:
         """
         return self._recovery.recovered
 
-    async def receive(self) -> Message:
-        """The next message; raises ``StopAsyncIteration`` (or the client's error) at the end."""
+    async def receive(self) -> Item:
+        """The next message (or event); raises ``StopAsyncIteration`` (or the client's
+        error) at the end."""
         try:
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -81,23 +110,23 @@ class Subscription:
                 raise self._error from None
             raise StopAsyncIteration from None
 
-    def __aiter__(self) -> Subscription:
+    def __aiter__(self) -> Subscription[Item]:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Item:
         return await self.receive()
 
     # --- called by the client ---
 
-    def _deliver_nowait(self, message: Message) -> None:
-        """Buffer ``message``; raises ``trio.WouldBlock`` when full."""
+    def _deliver_nowait(self, item: Item) -> None:
+        """Buffer ``item``; raises ``trio.WouldBlock`` when full."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            self._send.send_nowait(message)  # raises nothing if the consumer is gone
+            self._send.send_nowait(item)  # raises nothing if the consumer is gone
 
-    async def _deliver(self, message: Message) -> None:
-        """Buffer ``message``, waiting for room (this is the backpressure)."""
+    async def _deliver(self, item: Item) -> None:
+        """Buffer ``item``, waiting for room (this is the backpressure)."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._send.send(message)
+            await self._send.send(item)
 
     def _lag(self, dropped: int) -> None:
         self.dropped += dropped
