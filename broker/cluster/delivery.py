@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
-from broker.core.delivery import Subscribed, Unavailable, recover
+from broker.core.delivery import HistoryPage, Subscribed, Unavailable, read_history, recover
 from broker.core.history import HistoryStore
 from broker.core.hub import UNPACK, Blocked, Hub, Subscription
 from broker.core.presence import Presence
@@ -286,6 +286,13 @@ class ClusterDelivery:
         self._hub.remove(subscription)
         self.backplane.unfollow(subscription.pattern)
         self._after.pop(subscription, None)
+
+    async def read_history(self, topic: str, since: Position | None, limit: int) -> HistoryPage:
+        """Read this node's mirror of the topic's history, loading it from Redis first if
+        it is cold."""
+        if not self.history.is_warm(topic):
+            await self.history.load(topic, trio.current_time())
+        return read_history(self.history, topic, since, limit)
 
     def refuse_subscribe(self, pattern: str) -> str | None:
         """What the backplane says about following one more ``pattern``."""

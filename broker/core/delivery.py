@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import trio
 
-from broker.core.history import HistoryStore, Replay
+from broker.core.history import HistoryStore, Replay, Stored
 from broker.core.hub import Blocked, Hub, Subscription
 from broker.core.presence import LocalPresence, Presence
 from broker.protocol.frames import Encoding, Position, encode_message_body, pack_data, unpack_data
@@ -45,6 +45,44 @@ class Subscribed:
 
     fields: dict[str, Any]
     replay: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A ``history`` answer: the topic's ``latest`` position, up to ``limit`` kept messages
+    after the asked position, and (when a position was asked) whether they start right after
+    it (``recovered``)."""
+
+    latest: Position
+    messages: list[Stored]
+    recovered: bool | None
+
+    def fields(self) -> dict[str, Any]:
+        """The ``ok`` reply's fields."""
+        fields: dict[str, Any] = {
+            "epoch": self.latest.epoch,
+            "offset": self.latest.offset,
+            "messages": [
+                {"offset": stored.offset, "data": unpack_data(stored.data)}
+                for stored in self.messages
+            ],
+        }
+        if self.recovered is not None:
+            fields["recovered"] = self.recovered
+        return fields
+
+
+def read_history(
+    history: HistoryStore, topic: str, since: Position | None, limit: int
+) -> HistoryPage:
+    """Up to ``limit`` kept messages of ``topic`` after ``since`` (from the oldest kept if
+    ``None``), read now."""
+    now = trio.current_time()
+    asked = since if since is not None else Position(history.position(topic, now).epoch, 0)
+    replay = history.since(topic, asked, now)
+    return HistoryPage(
+        replay.latest, replay.messages[:limit], replay.recovered if since is not None else None
+    )
 
 
 class Pending(Protocol):
@@ -79,6 +117,10 @@ class Delivery(Protocol):
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop routing to ``subscription``; messages already queued are still delivered."""
+
+    async def read_history(self, topic: str, since: Position | None, limit: int) -> HistoryPage:
+        """Kept messages of a concrete topic with history (see :func:`read_history`). Raises
+        :class:`Unavailable` if its history cannot be read now."""
 
     def refuse_subscribe(self, pattern: str) -> str | None:
         """Why this node cannot take one more subscription to ``pattern``, if it cannot."""
@@ -152,6 +194,10 @@ class LocalDelivery:
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop routing to ``subscription``."""
         self._hub.remove(subscription)
+
+    async def read_history(self, topic: str, since: Position | None, limit: int) -> HistoryPage:
+        """Read the history kept here."""
+        return read_history(self._history, topic, since, limit)
 
     def refuse_subscribe(self, pattern: str) -> None:
         """One node takes any pattern."""

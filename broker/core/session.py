@@ -22,6 +22,7 @@ The rules, in the order they are checked:
             ``max_subscription_segments``, and what the delivery can follow
             (``too_many_subs``); a repeated ``sub`` is answered ``ok``
 ``presence`` the subscribe permission (``forbidden``), a topic with presence (``not_enabled``)
+``history``  the subscribe permission (``forbidden``), a topic with history (``not_enabled``)
 bad frames ``err`` for each; ``max_bad_frames`` in a row close the client with 4008
 =========== ==================================================================================
 """
@@ -44,6 +45,7 @@ from broker.protocol.codes import CloseCode, ErrorCode
 from broker.protocol.frames import (
     Command,
     FrameError,
+    HistoryQuery,
     PresenceQuery,
     Pub,
     Sub,
@@ -74,7 +76,7 @@ class Waiting:
     messages after it.
     """
 
-    command: Pub | Sub | PresenceQuery
+    command: Pub | Sub | PresenceQuery | HistoryQuery
     rest: Pending | None
     messages: Sequence[bytes | str]
     message: int
@@ -164,7 +166,7 @@ class Session:
 
     def _execute(
         self, commands: list[Command | FrameError], start: int, now: float
-    ) -> tuple[int, Pub | Sub | PresenceQuery | None, Pending | None]:
+    ) -> tuple[int, Pub | Sub | PresenceQuery | HistoryQuery | None, Pending | None]:
         """Run ``commands[start:]``; the index after the one that must wait, that one and
         the rest of its publish (or the length and ``None``, ``None``)."""
         queue = self._client.queue
@@ -179,9 +181,9 @@ class Session:
                     return index + 1, command, rest
             elif type(command) is FrameError:
                 self._refuse(command)
-            elif type(command) is PresenceQuery:
+            elif type(command) is PresenceQuery or type(command) is HistoryQuery:
                 self._bad_in_a_row = 0
-                refusal = self._refuse_presence(command)
+                refusal = self._refuse_query(command)
                 if refusal is None:
                     return index + 1, command, None
                 self._reply_error(refusal)
@@ -223,6 +225,12 @@ class Session:
                 )
                 client = self._client
                 client.queue.put_reply(encode_ok(command.id, client.encoding, **page.fields()))
+            elif isinstance(command, HistoryQuery):
+                kept = await self._delivery.read_history(
+                    command.topic, command.since, command.limit
+                )
+                client = self._client
+                client.queue.put_reply(encode_ok(command.id, client.encoding, **kept.fields()))
             else:
                 assert isinstance(command, Sub)
                 await self._subscribe(command)
@@ -378,17 +386,25 @@ class Session:
             member = self._members[command.topic] = Member(self.client_id, identity.user, info)
             self._delivery.presence.join(command.topic, member, now)
 
-    def _refuse_presence(self, command: PresenceQuery) -> FrameError | None:
-        """Why a ``presence`` query is refused, if it is."""
+    def _refuse_query(self, command: PresenceQuery | HistoryQuery) -> FrameError | None:
+        """Why a ``presence`` or ``history`` query is refused, if it is: both need the
+        subscribe permission, and a topic that offers what is asked."""
         topic = command.topic
         if not self.identity.permissions.may_subscribe(topic):
             return FrameError(
                 ErrorCode.FORBIDDEN, f"not allowed to subscribe to {topic!r}", command.id
             )
-        if not self._delivery.hub.policies.rule_for(topic).presence:
+        rule = self._delivery.hub.policies.rule_for(topic)
+        if isinstance(command, PresenceQuery) and not rule.presence:
             return FrameError(
                 ErrorCode.NOT_ENABLED,
                 f"{topic!r} has no presence (a [[topics]] rule with presence = true)",
+                command.id,
+            )
+        if isinstance(command, HistoryQuery) and rule.history is None:
+            return FrameError(
+                ErrorCode.NOT_ENABLED,
+                f"{topic!r} keeps no history (a [[topics]] rule with history_size)",
                 command.id,
             )
         return None

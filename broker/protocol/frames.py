@@ -95,7 +95,18 @@ class PresenceQuery:
     cursor: str | None = None
 
 
-Command = Sub | Unsub | Pub | PresenceQuery
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """``history``: up to ``limit`` kept messages of a concrete topic after ``since`` (by
+    default from the oldest kept)."""
+
+    id: int
+    topic: str
+    since: Position | None = None
+    limit: int = 100
+
+
+Command = Sub | Unsub | Pub | PresenceQuery | HistoryQuery
 #: The most bytes a ``sub`` frame's ``info`` may take, msgpack-encoded.
 MAX_INFO_SIZE = 1024
 
@@ -214,7 +225,7 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
     op = value.get("op")
     if not isinstance(op, str):
         return FrameError(ErrorCode.BAD_REQUEST, "missing 'op' (a string)", frame_id)
-    if op not in ("sub", "unsub", "pub", "presence"):
+    if op not in ("sub", "unsub", "pub", "presence", "history"):
         return FrameError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", frame_id)
     if op != "pub" and frame_id is None:
         return FrameError(ErrorCode.BAD_REQUEST, f"'{op}' needs an 'id'")
@@ -222,7 +233,7 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
     if not isinstance(topic, str):
         return FrameError(ErrorCode.BAD_REQUEST, "missing 'topic' (a string)", frame_id)
     try:
-        if op == "pub" or op == "presence":
+        if op == "pub" or op == "presence" or op == "history":
             validate_topic(topic)
         else:
             validate_pattern(topic)
@@ -247,6 +258,8 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
         return _validate_sub(frame_id, topic, since, value)
     if op == "presence":
         return _validate_presence(frame_id, topic, value)
+    if op == "history":
+        return _validate_history(frame_id, topic, value)
     return Unsub(frame_id, topic)
 
 
@@ -301,6 +314,19 @@ def _within_depth(value: Any) -> bool:
         children = [*item.keys(), *item.values()] if type(item) is dict else item
         stack.extend((child, depth + 1) for child in children if type(child) in _CONTAINERS)
     return True
+
+
+def _validate_history(frame_id: int, topic: str, value: dict[Any, Any]) -> Command | FrameError:
+    limit = value.get("limit", 100)
+    if type(limit) is not int or not 1 <= limit <= 1000:
+        return FrameError(ErrorCode.BAD_REQUEST, "'limit' must be an integer 1..1000", frame_id)
+    since = value.get("since")
+    if since is None:
+        return HistoryQuery(frame_id, topic, None, limit)
+    position = _validate_since(frame_id, topic, since)
+    if isinstance(position, FrameError):
+        return position
+    return HistoryQuery(frame_id, topic, position, limit)
 
 
 def _validate_since(frame_id: int, topic: str, since: Any) -> Position | FrameError:
