@@ -51,7 +51,7 @@ lint: $(VENV)/.installed-test $(JS)/node_modules/.installed
 	$(BIN)/mypy
 	@if command -v npm >/dev/null; then echo "tsc (JS client, chat page)"; npm --prefix $(JS) run --silent check; fi
 
-## chat: the broker (config/chat.toml: rooms keep history) plus a static server for the chat page
+## chat: the broker (config/chat.toml: rooms keep history and presence) plus a static server for the chat page
 chat: $(VENV)/.installed-run
 	@echo "chat: open http://127.0.0.1:8000/examples/chat/ in two tabs (Ctrl-C stops both)"
 	$(BIN)/python -m http.server --bind 127.0.0.1 8000 & trap 'kill $$! 2>/dev/null' EXIT INT TERM; \

@@ -1,7 +1,8 @@
 """The JavaScript client's own tests (``clients/js/test``), run by Node against real brokers.
 
 Node gets three brokers and a dead address: ``BROKER_URL``, whose ``history.>`` topics keep
-history (``history.small.>`` only the last 3 messages); ``TOKENS_BROKER_URL``, in tokens mode with
+history (``history.small.>`` only the last 3 messages) and whose ``presence.>`` topics have
+presence; ``TOKENS_BROKER_URL``, in tokens mode with
 one token (``js-token``, allowed ``js.>``); ``CAPPED_BROKER_URL``, which takes one connection per
 IP address (the next handshake gets 503 with ``Retry-After``); and ``UNREACHABLE_URL``, a port
 bound but not listening, so connecting is refused at once. ``clients/js/test/helpers.js`` names
@@ -29,11 +30,13 @@ JS_CLIENT = Path(__file__).resolve().parent.parent / "clients" / "js"
 
 @pytest.fixture
 def broker_config() -> Config:
-    """The ``broker`` fixture's config: history for ``history.>``, the defaults elsewhere."""
+    """The ``broker`` fixture's config: history for ``history.>``, presence for
+    ``presence.>``, the defaults elsewhere."""
     return make_config().replace(
         topics=(
             TopicRule("history.small.>", Policy.BLOCK, HistoryLimits(3)),
             TopicRule("history.>", Policy.BLOCK, HistoryLimits(1000)),
+            TopicRule("presence.>", Policy.DROP_OLDEST, presence=True),
         )
     )
 

@@ -193,3 +193,15 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
     config = config_from_args(args)
     assert (config.server.host, config.server.port, config.log.level) == ("0.0.0.0", 9100, "debug")
     assert os.fspath(config.path or "") == str(path)
+
+
+async def test_the_disconnect_log_counts_the_subscriptions_the_client_held(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = await start_broker(nursery, make_config())
+    caplog.set_level("INFO", logger="broker.server")
+    async with connect(broker.url) as client:
+        await client.subscribe("a.*", id=1)
+        await client.subscribe("b", id=2)
+    await wait_until(lambda: not broker.connections)
+    assert any("subs=2 " in record.getMessage() for record in caplog.records)

@@ -306,11 +306,13 @@ async def test_a_sub_whose_replay_cannot_be_encoded_is_err_internal_and_not_made
     assert setup.session.subscriptions == {}
 
 
-async def test_end_drops_every_subscription() -> None:
+async def test_end_drops_every_subscription_once_and_still_lists_them_for_the_log() -> None:
     setup = make_session()
     await run(setup, sub("a", id=1), sub("b.*", id=2))
     setup.session.end()
-    assert setup.delivery.hub.subscription_count() == 0 and setup.session.subscriptions == {}
+    setup.session.end()
+    assert setup.delivery.hub.subscription_count() == 0
+    assert list(setup.session.subscriptions) == ["a", "b.*"]
 
 
 # --- bad frames -----------------------------------------------------------------------------

@@ -91,6 +91,7 @@ class Session:
         "_bad_in_a_row",
         "_client",
         "_delivery",
+        "_ended",
         "_limiter",
         "_members",
         "_peer",
@@ -136,6 +137,7 @@ class Session:
         self._subscribed_bytes = self._subscribed_segments = 0  # over all subscriptions
         self.subscriptions: dict[str, Subscription] = {}
         self._members: dict[str, Member] = {}  # presence topics this client is a member of
+        self._ended = False
 
     # --- commands ---
 
@@ -242,10 +244,14 @@ class Session:
             self._internal_error(command)
 
     def end(self) -> None:
-        """The client is gone: drop every subscription, and leave every presence topic."""
+        """The client is gone: drop every subscription, and leave every presence topic.
+        :attr:`subscriptions` still lists what it held (for the disconnect log); a second
+        call does nothing."""
+        if self._ended:
+            return
+        self._ended = True
         for subscription in self.subscriptions.values():
             self._delivery.unsubscribe(subscription)
-        self.subscriptions.clear()
         members, self._members = self._members, {}
         now = metrics_clock()
         for topic, member in members.items():

@@ -2,17 +2,20 @@
 /**
  * The chat room: one page per person, all talking through the broker.
  *
- * Messages go to `chat.<room>.messages`, presence to `chat.<room>.presence`:
- * - `join` when a person enters (and again after a reconnect); everyone else answers `here`,
- *   so the newcomer learns who is in the room;
- * - `leave` when the page goes away (`pagehide`, best effort: a crashed tab sends nothing).
+ * Messages go to `chat.<room>.messages`. Who is here comes from the broker's presence on
+ * `chat.<room>.presence` (config/chat.toml says `presence = true`): each tab subscribes to it
+ * exactly, which makes it a member showing `info: {name, id}`, with `joinLeave` to hear who
+ * comes and goes, and reads the members once (again after a reconnect, or when the broker
+ * dropped some join or leave events for it). The broker keeps the list: a tab that is closed,
+ * crashes or loses its network leaves everyone's list when its connection ends, without
+ * sending anything.
  * When the room's messages topic keeps history (config/chat.toml), joining fills the view with
  * what it kept, and a reconnect gets what was missed, or says that some is missing.
  *
  * The page takes `?broker=ws://host:port/` (default: port 8765 on the page's host) and
  * `?token=...` when the broker wants one.
  */
-import { Client } from "../../clients/js/src/client.js";
+import { Client, PubSubError } from "../../clients/js/src/client.js";
 
 /** @typedef {import("../../clients/js/src/client.js").Message} Message */
 
@@ -71,26 +74,25 @@ $("join").addEventListener("submit", async (event) => {
 /** @param {string} room */
 async function joinRoom(room) {
   const topics = { messages: `chat.${room}.messages`, presence: `chat.${room}.presence` };
-  const announce = (/** @type {string} */ type) =>
-    client.publish(topics.presence, { type, id: me.id, name: me.name }, { ack: false });
 
-  await client.subscribe(topics.messages, showMessage, {
+  const messages = await client.subscribe(topics.messages, showMessage, {
     since: "start", // every message the room keeps, if it keeps any, then the live ones
     onResubscribe({ recovered }) {
       if (recovered === false) showEvent("⚠ Some messages sent while you were away are missing.");
     },
   });
-  await client.subscribe(topics.presence, (message) => onPresence(message, announce), {
-    // Back after a drop: who left meanwhile is unknown, so ask everyone again.
-    onResubscribe() {
-      for (const id of [...people.keys()]) if (id !== me.id) removePerson(id);
-      void announce("join");
-    },
-  });
-  addPerson(me.id, me.name);
-  await announce("join");
+  try {
+    await followPresence(topics.presence);
+  } catch (error) {
+    if (!(error instanceof PubSubError && error.code === "not_enabled")) {
+      void messages.unsubscribe().catch(() => {}); // so that joining again starts afresh
+      throw error;
+    }
+    // A broker run with another config (`make chat ARGS=...`) may keep no presence here.
+    addPerson({ client: "", user: null, info: { name: me.name, id: me.id } });
+    showEvent(`⚠ This broker keeps no presence for #${room}: "Here now" shows only you.`);
+  }
   showEvent(`You joined #${room} as ${me.name}`);
-  addEventListener("pagehide", () => void announce("leave").catch(() => {}));
 
   $("room-title").textContent = `#${room}`;
   $("join").hidden = true;
@@ -107,43 +109,110 @@ async function joinRoom(room) {
   field("text").focus();
 }
 
+/** @typedef {import("../../clients/js/src/client.js").Member} Member */
+
 /**
- * @param {Message} message
- * @param {(type: string) => Promise<void>} announce
+ * Be a member of the room's presence `topic`, hear who joins and leaves, and read who is here.
+ * @param {string} topic
  */
-function onPresence(message, announce) {
-  const { type, id, name } = fields(message);
-  if (id === me.id || typeof id !== "string" || typeof name !== "string") return;
-  const known = people.has(id);
-  if (type === "leave") {
-    if (known) showEvent(`${name} left`);
-    removePerson(id);
-    return;
-  }
-  addPerson(id, name);
-  if (type === "join") {
-    if (!known) showEvent(`${name} joined`);
-    void announce("here");
-  }
+async function followPresence(topic) {
+  const read = () => void readPresence(topic).catch((error) => showEvent(`⚠ ${error.message}`));
+  await client.subscribe(topic, () => {}, {
+    info: { name: me.name, id: me.id },
+    joinLeave: true,
+    onJoin: (member) => {
+      reading?.joined.add(member.client);
+      reading?.left.delete(member.client);
+      if (!people.has(member.client) && !isMe(member)) showEvent(`${nameOf(member)} joined`);
+      addPerson(member);
+    },
+    onLeave: (member) => {
+      reading?.left.add(member.client);
+      if (people.has(member.client) && !isMe(member)) showEvent(`${nameOf(member)} left`);
+      removePerson(member.client);
+    },
+    // Join and leave events were lost (while away, or dropped for a slow tab): read again.
+    onResubscribe: read,
+    onLag: read,
+  });
+  await readPresence(topic);
 }
 
+/** Who is here: each member (one tab's connection) by its `client`, and its list item. */
 /** @type {Map<string, HTMLLIElement>} */
 const people = new Map();
 
-function addPerson(/** @type {string} */ id, /** @type {string} */ name) {
-  let item = people.get(id);
-  if (item === undefined) {
-    item = document.createElement("li");
-    item.className = id === me.id ? "me" : "";
-    people.set(id, item);
-    $("people").append(item);
+/**
+ * The read of the members in progress: who joined and who left while it went on. A member the
+ * read lists but whose leave came meanwhile is gone (the answer may have been sent before it);
+ * one that joined meanwhile is here, listed or not.
+ * @type {{ joined: Set<string>, left: Set<string> } | null}
+ */
+let reading = null;
+
+/**
+ * Make the list what the broker says: every member of `topic` (it takes pages of 1000), with
+ * the joins and leaves that came meanwhile; those no longer there leave the list silently.
+ * @param {string} topic
+ */
+async function readPresence(topic) {
+  const mine = (reading = { joined: new Set(), left: new Set() });
+  /** @type {Set<string>} */
+  const listed = new Set();
+  try {
+    for await (const member of client.members(topic)) {
+      if (reading !== mine) return; // a newer read took over
+      listed.add(member.client);
+      if (!mine.left.has(member.client)) addPerson(member);
+    }
+    if (reading !== mine) return;
+    for (const id of [...people.keys()]) {
+      if (!listed.has(id) && !mine.joined.has(id)) removePerson(id);
+    }
+  } finally {
+    if (reading === mine) reading = null;
   }
-  item.textContent = name;
 }
 
-function removePerson(/** @type {string} */ id) {
-  people.get(id)?.remove();
-  people.delete(id);
+/** @param {Member} member */
+function isMe(member) {
+  return infoOf(member).id === me.id;
+}
+
+/** @param {Member} member */
+function nameOf(member) {
+  const { name } = infoOf(member);
+  return typeof name === "string" && name !== "" ? name : (member.user ?? "someone");
+}
+
+/**
+ * A member's info, which anyone could have sent (unless a token gave it): check before use.
+ * @param {Member} member
+ * @returns {Record<string, unknown>}
+ */
+function infoOf(member) {
+  return typeof member.info === "object" && member.info !== null ? /** @type {any} */ (member.info) : {};
+}
+
+/** @param {Member} member */
+function addPerson(member) {
+  let item = people.get(member.client);
+  if (item === undefined) {
+    item = document.createElement("li");
+    people.set(member.client, item);
+    if (isMe(member)) {
+      item.className = "me";
+      $("people").prepend(item); // you first, then the others as they came
+    } else {
+      $("people").append(item);
+    }
+  }
+  item.textContent = nameOf(member);
+}
+
+function removePerson(/** @type {string} */ client) {
+  people.get(client)?.remove();
+  people.delete(client);
 }
 
 /** @param {Message} message */

@@ -6,7 +6,9 @@
  * with NATS-style patterns, publishes with acknowledgements, and when the connection drops it
  * reconnects with exponential backoff and subscribes again, asking for what it missed (`since`)
  * on topics that keep history, and saying what may be missing elsewhere. A refusal that waiting
- * will not change ends it, with the broker's words.
+ * will not change ends it, with the broker's words. On topics with presence it reads who is
+ * there ({@link Client#presence}, {@link Client#members}) and tells a subscription that asks
+ * (`joinLeave`) who comes and goes.
  *
  * This file has no imports, so a page can load it as it is. JSON is built in
  * ({@link jsonCodec}); msgpack lives in `./msgpack.js`, which needs `@msgpack/msgpack`.
@@ -35,6 +37,24 @@
 /**
  * A place in a topic's history: `offset` is the last message seen in the numbering `epoch` names.
  * @typedef {{ epoch: string, offset: number }} Position
+ */
+
+/**
+ * A connection present on a topic whose config rule says `presence = true`: one that holds a
+ * subscription to exactly that topic (a wildcard watches, it is not a member).
+ * @typedef {object} Member
+ * @property {string} client unique per connection, on every node and across restarts (one
+ *   person with two tabs is two members; a reconnect is a new member)
+ * @property {string | null} user the subject of its token; null when anonymous
+ * @property {unknown} info from its token when the token has one (trusted), else the `info` it
+ *   subscribed with (anyone could have sent it: check before use), else null
+ */
+
+/**
+ * One answer of {@link Client#presence}: `count` members now, up to the `limit` asked for of
+ * them in `client` order, and the `cursor` to ask for the next page with (absent when no more
+ * remain).
+ * @typedef {{ count: number, members: Member[], cursor?: string }} Presence
  */
 
 /**
@@ -107,7 +127,19 @@
  * @property {(subscription: Subscription, missed?: Missed) => void} [onResubscribe] called when
  *   the broker has accepted the subscription again after a reconnect, before the messages it
  *   replays; `missed` says what may be missing and why, and is absent when the topic's history
- *   replayed everything (`subscription.recovered` is then true)
+ *   replayed everything (`subscription.recovered` is then true). Join and leave events of the
+ *   time away are always lost: with `joinLeave`, read {@link Client#members} again here
+ * @property {unknown} [info] on a topic with presence, what this client shows as a member
+ *   (its `info`), unless its token gives one; at most 1 KiB encoded (else `too_large`)
+ * @property {boolean} [joinLeave] also tell `onJoin` and `onLeave` of every member that joins
+ *   or leaves a matching topic with presence, this client included (`not_enabled` if no topic
+ *   matching the pattern has presence). They are queued like messages: ones the broker dropped
+ *   for a slow subscriber count in `onLag`, after which a member list kept from them may be
+ *   wrong: read {@link Client#members} again
+ * @property {(member: Member, topic: string) => void} [onJoin] with `joinLeave`: `member`
+ *   subscribed to `topic`
+ * @property {(member: Member, topic: string) => void} [onLeave] with `joinLeave`: `member`
+ *   left `topic` (unsubscribed, or its connection ended, however it ended)
  */
 
 /** The broker answered a command with `err`; `code` is the protocol's error code. */
@@ -293,6 +325,25 @@ function watchRefusals(socket, onRefusal) {
 const isConcrete = (/** @type {string} */ pattern) =>
   !pattern.split(".").some((segment) => segment === "*" || segment === ">");
 
+/** The most members one `presence` answer carries (and its default `limit`). */
+export const MAX_PAGE = 1000;
+
+/**
+ * The {@link Member} of a wire map `{client, user, info}` (sent by the broker, but checked).
+ * @param {unknown} value
+ * @returns {Member}
+ */
+function toMember(value) {
+  const { client, user, info } = /** @type {Record<string, unknown>} */ (
+    typeof value === "object" && value !== null ? value : {}
+  );
+  return {
+    client: String(client ?? ""),
+    user: user === null || user === undefined ? null : String(user),
+    info: info === undefined ? null : info,
+  };
+}
+
 /**
  * One subscription of a {@link Client}; it lasts across reconnects until `unsubscribe()`.
  *
@@ -356,7 +407,21 @@ export class Subscription {
     const frame = { op: "sub", id, topic: this.pattern };
     const position = this.position;
     if (position !== undefined) frame.since = position;
+    if (this.options.joinLeave) frame.join_leave = true;
+    if (this.options.info !== undefined) frame.info = this.options.info;
     return frame;
+  }
+
+  /**
+   * A `join` or `leave` frame for this subscription: to `onJoin` or `onLeave`. Not dropped
+   * while `_skipping` (a `since: "start"` swap, an `unsub` and a `sub`): the others' events of
+   * that moment are real, and this client's own join, leave and join again keep a list right.
+   * @param {Frame} frame
+   */
+  _announce(frame) {
+    if (!this.active) return;
+    const listener = frame.op === "join" ? this.options.onJoin : this.options.onLeave;
+    listener?.(toMember(frame.member), String(frame.topic));
   }
 
   /** @param {Message} message */
@@ -486,8 +551,12 @@ export class Client {
   /**
    * Subscribe to a pattern (`*` is one segment, `>` the rest). Resolves once the broker
    * accepted it (waiting for a connection if need be), after the messages it replays for
-   * `since`; rejects with {@link PubSubError} if it refused (`invalid_topic`, `forbidden`, ...),
-   * and with a `TypeError` for `since` on a wildcard.
+   * `since`; rejects with {@link PubSubError} if it refused (`invalid_topic`, `forbidden`,
+   * `not_enabled` for `joinLeave` where no matching topic has presence, `too_large` for an
+   * `info` over 1 KiB, ...), and with a `TypeError` for `since` on a wildcard or `onJoin` and
+   * `onLeave` without `joinLeave`. A subscription to exactly a topic with presence makes this
+   * client one of its members (showing `options.info`) until `unsubscribe()` or the end of the
+   * connection; after a reconnect it is a member again, as a new `client`.
    * @param {string} pattern
    * @param {(message: Message) => void} onMessage
    * @param {SubscribeOptions} [options]
@@ -503,6 +572,11 @@ export class Client {
     if (options.since !== undefined && !isConcrete(pattern)) {
       return Promise.reject(
         new TypeError(`'since' needs a concrete topic, not ${JSON.stringify(pattern)}: a position belongs to one topic`),
+      );
+    }
+    if ((options.onJoin || options.onLeave) && !options.joinLeave) {
+      return Promise.reject(
+        new TypeError("'onJoin' and 'onLeave' need 'joinLeave: true': the broker sends join and leave only to a subscription that asks"),
       );
     }
     const subscription = new Subscription(this, pattern, onMessage, options);
@@ -532,6 +606,67 @@ export class Client {
     const reply = this._request(id);
     this._send([{ op: "pub", id, topic, data }]);
     await reply;
+  }
+
+  /**
+   * One page of the members of `topic`, a concrete topic whose config rule says
+   * `presence = true`: the `count` of members now, up to `limit` (0..1000, default 1000; 0
+   * for the count alone) of them in `client` order, and the `cursor` to pass for the next page
+   * (absent when no more remain; {@link Client#members} follows them for you). Rejects with
+   * {@link PubSubError}: `not_enabled` for a topic without presence, `forbidden` without the
+   * permission to subscribe to it, `invalid_topic` for a wildcard; with a `RangeError` for a
+   * `limit` out of range.
+   * @param {string} topic
+   * @param {{ limit?: number, cursor?: string }} [options]
+   * @returns {Promise<Presence>}
+   */
+  async presence(topic, { limit, cursor } = {}) {
+    if (limit !== undefined && !(Number.isInteger(limit) && limit >= 0 && limit <= MAX_PAGE)) {
+      throw new RangeError(`limit must be an integer 0..${MAX_PAGE}, not ${limit}`);
+    }
+    if (this.state !== "connected") await this._whenConnected();
+    const id = this._nextId++;
+    const reply = this._request(id);
+    /** @type {Frame} */
+    const frame = { op: "presence", id, topic };
+    if (limit !== undefined) frame.limit = limit;
+    if (cursor !== undefined) frame.cursor = cursor;
+    this._send([frame]);
+    const { count, members, cursor: next } = await reply;
+    /** @type {Presence} */
+    const page = {
+      count: typeof count === "number" ? count : 0,
+      members: Array.isArray(members) ? members.map(toMember) : [],
+    };
+    if (typeof next === "string") page.cursor = next;
+    return page;
+  }
+
+  /**
+   * Every member of `topic`, reading one page of `pageSize` (1..1000) at a time:
+   * `for await (const member of client.members(topic))`. A member present through the whole
+   * walk comes exactly once; one that joins or leaves meanwhile may or may not come. Rejects as
+   * {@link Client#presence}.
+   *
+   * To keep a list, subscribe with `joinLeave` first, then read this, applying both to a map by
+   * `client`; but a member this lists whose leave came meanwhile is gone: the answer and that
+   * leave may come in one WebSocket message, and `onLeave` then runs before the code after
+   * your `await` (docs/browser.md, "Keeping a list").
+   * @param {string} topic
+   * @param {{ pageSize?: number }} [options]
+   * @returns {AsyncGenerator<Member, void, undefined>}
+   */
+  async *members(topic, { pageSize = MAX_PAGE } = {}) {
+    if (!(Number.isInteger(pageSize) && pageSize >= 1 && pageSize <= MAX_PAGE)) {
+      throw new RangeError(`pageSize must be an integer 1..${MAX_PAGE}, not ${pageSize}`);
+    }
+    /** @type {string | undefined} */
+    let cursor;
+    do {
+      const page = await this.presence(topic, { limit: pageSize, cursor });
+      yield* page.members;
+      cursor = page.cursor;
+    } while (cursor !== undefined);
   }
 
   /**
@@ -817,6 +952,10 @@ export class Client {
         else this._report(error);
         break;
       }
+      case "join":
+      case "leave":
+        this._subscriptions.get(frame.sub)?._announce(frame);
+        break;
       case "lag":
         this._subscriptions.get(frame.sub)?.options.onLag?.(frame.dropped);
         break;

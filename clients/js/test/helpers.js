@@ -10,7 +10,8 @@ import { Client } from "../src/client.js";
 
 /**
  * The broker the tests run against (tests/test_js_client.py starts it): topics under `history.`
- * keep history, those under `history.small.` only their last 3 messages.
+ * keep history, those under `history.small.` only their last 3 messages; topics under
+ * `presence.` have presence.
  */
 export const BROKER_URL = process.env.BROKER_URL;
 /** Pass as a test's options: skips it, saying why, when there is no broker. */
