@@ -207,11 +207,14 @@ class Session:
             self._unsubscribe(command)
         elif (refusal := self._refuse_subscribe(command)) is not None:
             self._reply_error(refusal)
-        elif command.topic in self.subscriptions:
+        elif command.topic in self.subscriptions and not self._keeps_history(command.topic):
             self._client.queue.put_reply(encode_ok(command.id, self._client.encoding))
         else:
-            return False
+            return False  # a new subscription, or a held one whose ok needs the position
         return True
+
+    def _keeps_history(self, topic: str) -> bool:
+        return self._delivery.hub.policies.history_for(topic) is not None and not is_wildcard(topic)
 
     async def complete(self, waiting: Waiting) -> None:
         """Finish the command :meth:`receive` stopped at, and answer it."""
@@ -372,6 +375,11 @@ class Session:
         """Subscribe (``command`` passed :meth:`_refuse_subscribe`) and queue the ``ok`` and
         the replay."""
         client = self._client
+        if command.topic in self.subscriptions:  # held already: ok with the topic's position
+            latest = (await self._delivery.read_history(command.topic, None, 1)).latest
+            fields = {"epoch": latest.epoch, "offset": latest.offset}
+            client.queue.put_reply(encode_ok(command.id, client.encoding, **fields))
+            return
         subscription = Subscription(client, command.topic, command.join_leave)
         subscribed = await self._delivery.subscribe(subscription, command.since)
         # No checkpoint from the subscription until the replay is queued: the replay must
