@@ -34,7 +34,7 @@ from broker.cluster.backplane import RedisBackplane
 from broker.cluster.resp import encode_command
 from broker.core.delivery import Unavailable
 from broker.core.hub import Hub
-from broker.core.presence import Member, Page, Roster
+from broker.core.presence import LocalPresence, Member, Page
 from broker.core.stats import metrics_clock
 
 log = logging.getLogger("broker.cluster")
@@ -129,19 +129,19 @@ return {count, members, more and clients[#clients] or false}
 BATCH = 1000
 
 
-class RedisPresence:
-    """Presence shared through Redis (see the module doc)."""
+class RedisPresence(LocalPresence):
+    """Presence shared through Redis: this node's members as one node keeps them, and
+    every node's in Redis (see the module doc)."""
 
     def __init__(
         self, backplane: RedisBackplane, hub: Hub, prefix: str, ttl: float, *, enabled: bool
     ) -> None:
         """``enabled``: some topic rule has presence; if none has, this does nothing in
         Redis (no channel followed, no alive key)."""
+        super().__init__(hub)  # this node's own members
         self._backplane = backplane
-        self._hub = hub
         self._prefix = prefix
         self.ttl = ttl
-        self.roster = Roster()  # this node's own members
         # Changes not yet in Redis, oldest first: (topic, client) -> (op, member).
         self._waiting: dict[tuple[str, str], tuple[str, Member]] = {}
         self._changed = trio.Event()
@@ -155,14 +155,12 @@ class RedisPresence:
 
     def join(self, topic: str, member: Member, now: float) -> None:
         """Add ``member`` here, announce it here, and hand it to Redis."""
-        if self.roster.join(topic, member):
-            self._hub.announce(topic, "join", member.as_map(), now)
+        if self._joined(topic, member, now):
             self._wait(topic, "join", member)
 
     def leave(self, topic: str, member: Member, now: float) -> None:
         """Remove ``member`` here, announce it here, and hand it to Redis."""
-        if self.roster.leave(topic, member.client) is not None:
-            self._hub.announce(topic, "leave", member.as_map(), now)
+        if self._left(topic, member, now):
             key = (topic, member.client)
             if self._waiting.get(key, ("",))[0] == "join":
                 del self._waiting[key]  # Redis never had it: nobody else saw the join
@@ -185,16 +183,6 @@ class RedisPresence:
         members = [_member(item) for item in items if isinstance(item, bytes)]
         cursor = next_cursor.decode() if isinstance(next_cursor, bytes) else None
         return Page(count, members, cursor)
-
-    @property
-    def members(self) -> int:
-        """This node's members, over all topics."""
-        return self.roster.members
-
-    @property
-    def topics(self) -> int:
-        """Topics with members on this node."""
-        return len(self.roster)
 
     def came_back(self) -> None:
         """Redis is reachable again after an outage: check at once whether this node's

@@ -174,13 +174,25 @@ class LocalPresence:
 
     def join(self, topic: str, member: Member, now: float) -> None:
         """Add ``member`` and announce its join to the subscriptions that asked."""
-        if self.roster.join(topic, member):
-            self._hub.announce(topic, "join", member.as_map(), now)
+        self._joined(topic, member, now)
 
     def leave(self, topic: str, member: Member, now: float) -> None:
         """Remove ``member`` and announce its leave to the subscriptions that asked."""
-        if self.roster.leave(topic, member.client) is not None:
-            self._hub.announce(topic, "leave", member.as_map(), now)
+        self._left(topic, member, now)
+
+    def _joined(self, topic: str, member: Member, now: float) -> bool:
+        """Add and announce ``member``; False if it was there already."""
+        if not self.roster.join(topic, member):
+            return False
+        self._hub.announce(topic, "join", member.as_map(), now)
+        return True
+
+    def _left(self, topic: str, member: Member, now: float) -> bool:
+        """Remove and announce ``member``; False if it was not there."""
+        if self.roster.leave(topic, member.client) is None:
+            return False
+        self._hub.announce(topic, "leave", member.as_map(), now)
+        return True
 
     async def page(self, topic: str, limit: int, cursor: str | None) -> Page:
         """A page of the roster."""
