@@ -86,6 +86,10 @@ class Hub:
         # Per topic published lately: its rule and matching subscriptions, in trie order. A
         # change to a concrete subscription forgets its topic; a wildcard one forgets all.
         self._routes: dict[str, tuple[TopicRule, tuple[Subscription, ...]]] = {}
+        # The join_leave subscriptions alone, and per topic announced lately those matching
+        # it: a join looks at the room's watchers, not at every member (as _routes would).
+        self._watchers: PatternTrie[Subscription] = PatternTrie()
+        self._watcher_routes: dict[str, tuple[Subscription, ...]] = {}
         # Queues given join or leave frames since their writers were last woken for them.
         self._announced: set[OutboundQueue] = set()
         self._announcing = trio.Event()
@@ -97,18 +101,25 @@ class Hub:
     def add(self, subscription: Subscription) -> None:
         """Start routing matching messages to ``subscription``."""
         self._trie.add(subscription.pattern, subscription)
-        self._forget_routes(subscription.pattern)
+        self._forget_routes(self._routes, subscription.pattern)
+        if subscription.join_leave:
+            self._watchers.add(subscription.pattern, subscription)
+            self._forget_routes(self._watcher_routes, subscription.pattern)
 
     def remove(self, subscription: Subscription) -> None:
         """Stop routing to ``subscription``; messages already queued are still delivered."""
         self._trie.remove(subscription.pattern, subscription)
-        self._forget_routes(subscription.pattern)
+        self._forget_routes(self._routes, subscription.pattern)
+        if subscription.join_leave:
+            self._watchers.remove(subscription.pattern, subscription)
+            self._forget_routes(self._watcher_routes, subscription.pattern)
 
-    def _forget_routes(self, pattern: str) -> None:
+    @staticmethod
+    def _forget_routes(routes: dict[str, Any], pattern: str) -> None:
         if is_wildcard(pattern):
-            self._routes.clear()
+            routes.clear()
         else:
-            self._routes.pop(pattern, None)
+            routes.pop(pattern, None)
 
     def route(self, topic: str) -> tuple[TopicRule, tuple[Subscription, ...]]:
         """The rule of ``topic`` and the subscriptions matching it."""
@@ -174,14 +185,19 @@ class Hub:
         subscription that asked for them, under the topic's policy; nobody waits for it
         (:meth:`~broker.core.outbound.OutboundQueue.offer_event`). Their writers are woken
         by :meth:`write_announcements`, within :data:`ANNOUNCE_WINDOW`."""
-        rule, subscriptions = self.route(topic)
+        rule = self.policies.rule_for(topic)
+        subscriptions = self._watcher_routes.get(topic)
+        if subscriptions is None:
+            if len(self._watcher_routes) >= 65536:
+                self._watcher_routes.clear()
+            subscriptions = self._watcher_routes[topic] = tuple(self._watchers.match(topic))
+        if not subscriptions:
+            return
         announced = self._announced
         if not announced:
             self._announcing.set()
         bodies: dict[Encoding, bytes] = {}
         for subscription in subscriptions:
-            if not subscription.join_leave:
-                continue
             encoding = subscription.encoding
             body = bodies.get(encoding)
             if body is None:
