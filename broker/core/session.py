@@ -2,10 +2,10 @@
 
 A :class:`Session` holds what the protocol says about one client: its subscriptions (and the
 presence topics it is a member of), its limits, its permissions, its publish rate and its run
-of bad frames. :meth:`Session.receive`
-decodes the WebSocket messages of one read and runs their commands in order, answering each
-into the client's outbound queue (``ok``, ``err``; the replay of a recovering ``sub``),
-publishing and subscribing through the :class:`~broker.core.delivery.Delivery`. It never
+of bad frames. :meth:`Session.receive` decodes the WebSocket messages of one read and runs
+their commands in order, answering each into the client's outbound queue (``ok``, ``err``;
+the replay of a recovering ``sub``), publishing and subscribing through the
+:class:`~broker.core.delivery.Delivery`. It never
 waits: a command that must (a publish a ``block`` subscriber holds back, a publish or a
 subscription that needs other nodes) stops the run and comes back as a :class:`Waiting`,
 which the caller finishes with :meth:`Session.complete` before it goes on with the rest.
