@@ -90,6 +90,7 @@ class Session:
     __slots__ = (
         "_bad_in_a_row",
         "_client",
+        "_client_id",
         "_delivery",
         "_ended",
         "_limiter",
@@ -98,7 +99,6 @@ class Session:
         "_rate_limited",
         "_subscribed_bytes",
         "_subscribed_segments",
-        "client_id",
         "identity",
         "limits",
         "stats",
@@ -117,9 +117,10 @@ class Session:
         client_id: str | None = None,
     ) -> None:
         """``now``: :func:`trio.current_time` (the publish rate's clock); ``client_id``
-        names the client as a presence member (a new one by default)."""
+        names the client as a presence member (a new one, made when first needed, by
+        default)."""
         self._client = client
-        self.client_id = client_id if client_id is not None else new_client_id()
+        self._client_id = client_id
         self._delivery = delivery
         self.identity = identity
         self.limits = limits
@@ -136,8 +137,17 @@ class Session:
         self._bad_in_a_row = 0
         self._subscribed_bytes = self._subscribed_segments = 0  # over all subscriptions
         self.subscriptions: dict[str, Subscription] = {}
-        self._members: dict[str, Member] = {}  # presence topics this client is a member of
+        # The presence topics this client is a member of (made at its first: a client that
+        # never joins one pays nothing for presence).
+        self._members: dict[str, Member] | None = None
         self._ended = False
+
+    @property
+    def client_id(self) -> str:
+        """The client's id as a presence member: unique per connection, on every node."""
+        if self._client_id is None:
+            self._client_id = new_client_id()
+        return self._client_id
 
     # --- commands ---
 
@@ -255,9 +265,9 @@ class Session:
         self._ended = True
         for subscription in self.subscriptions.values():
             self._delivery.unsubscribe(subscription)
-        members, self._members = self._members, {}
+        members, self._members = self._members, None
         now = metrics_clock()
-        for topic, member in members.items():
+        for topic, member in (members or {}).items():
             self._delivery.presence.leave(topic, member, now)
 
     # --- publishing ---
@@ -397,7 +407,10 @@ class Session:
         ):
             identity = self.identity
             info = identity.info if identity.info is not None else command.info
-            member = self._members[command.topic] = Member(self.client_id, identity.user, info)
+            member = Member(self.client_id, identity.user, info)
+            if self._members is None:
+                self._members = {}
+            self._members[command.topic] = member
             self._delivery.presence.join(command.topic, member, now)
 
     def _refuse_query(self, command: PresenceQuery | HistoryQuery) -> FrameError | None:
@@ -429,7 +442,7 @@ class Session:
             self._delivery.unsubscribe(dropped)
             self._subscribed_bytes -= len(dropped.pattern)
             self._subscribed_segments -= dropped.pattern.count(".") + 1
-            member = self._members.pop(command.topic, None)
+            member = self._members.pop(command.topic, None) if self._members else None
             if member is not None:
                 self._delivery.presence.leave(command.topic, member, metrics_clock())
         self._client.queue.put_reply(encode_ok(command.id, self._client.encoding))
