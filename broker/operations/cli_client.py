@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import functools
 import json
 import os
@@ -30,7 +31,6 @@ from broker_client import (
     Forbidden,
     Join,
     Leave,
-    Member,
     Overloaded,
     PresenceGap,
     connect,
@@ -197,7 +197,7 @@ async def subscribe_command(args: argparse.Namespace) -> None:
                 continue
             if isinstance(item, Join | Leave):
                 op = "join" if isinstance(item, Join) else "leave"
-                member = _member_map(item.member)
+                member = dataclasses.asdict(item.member)
                 if args.json:
                     line = _dumps({"op": op, "topic": item.topic, "sub": item.pattern,
                                    "member": member})  # fmt: skip
@@ -221,7 +221,7 @@ async def presence_command(args: argparse.Namespace) -> None:
             return
         async for member in client.members(args.topic):
             if args.json:
-                line = _dumps(_member_map(member))
+                line = _dumps(dataclasses.asdict(member))
             else:
                 line = f"{member.client} {_dumps(member.user)} {_dumps(member.info)}"
             print(line, flush=True)
@@ -253,10 +253,6 @@ def _parse_json(text: str, flag: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{flag}: {text!r} is not JSON: {exc}") from None
-
-
-def _member_map(member: Member) -> dict[str, Any]:
-    return {"client": member.client, "user": member.user, "info": member.info}
 
 
 def _dumps(value: Any) -> str:

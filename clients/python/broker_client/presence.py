@@ -67,8 +67,8 @@ class Presence:
 
 
 @dataclass(frozen=True, slots=True)
-class Join:
-    """``member`` subscribed to ``topic``; ``pattern`` is the subscription that was told."""
+class _Change:
+    """A member came or went on ``topic``; ``pattern`` is the subscription that was told."""
 
     topic: str
     member: Member
@@ -76,12 +76,13 @@ class Join:
 
 
 @dataclass(frozen=True, slots=True)
-class Leave:
-    """``member`` left ``topic`` (unsubscribed, or its connection ended for any reason)."""
+class Join(_Change):
+    """``member`` subscribed to ``topic``; ``pattern`` is the subscription that was told."""
 
-    topic: str
-    member: Member
-    pattern: str
+
+@dataclass(frozen=True, slots=True)
+class Leave(_Change):
+    """``member`` left ``topic`` (unsubscribed, or its connection ended for any reason)."""
 
 
 @dataclass(frozen=True, slots=True)
