@@ -134,8 +134,18 @@ async def test_members_join_and_leave_on_unsub_and_on_close(nursery: trio.Nurser
         assert (await presence(watcher, "room.1", 4))["count"] == 1
 
 
-async def test_a_killed_connection_leaves_at_once(nursery: trio.Nursery) -> None:
-    broker = await start_broker(nursery, presence_config())
+@pytest.mark.parametrize("ending", ["reset", "half-close", "silence"])
+async def test_a_member_whose_connection_dies_leaves_and_the_others_carry_on(
+    nursery: trio.Nursery, ending: str
+) -> None:
+    """Each way a connection can end without a close frame: a TCP reset, a half-close (FIN,
+    nothing more), silence (no pong: the keep-alive gives up)."""
+    config = presence_config()
+    if ending == "silence":
+        config = make_config(server={"ping_interval": 0.2, "ping_timeout": 0.2}).replace(
+            topics=(ROOM,)
+        )
+    broker = await start_broker(nursery, config)
     async with connect(broker.url) as watcher:
         await sub(watcher, "room.k", 1, join_leave=True)
         await watcher.expect("join")
@@ -143,9 +153,19 @@ async def test_a_killed_connection_leaves_at_once(nursery: trio.Nursery) -> None
         assert isinstance(raw, RawClient)
         await raw.send_frames({"op": "sub", "id": 1, "topic": "room.k"})
         await watcher.expect("join")
-        raw.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        raw.stream.socket.close()  # a reset: no close frame, no FIN
-        assert (await watcher.expect("leave"))["topic"] == "room.k"
+        if ending == "reset":
+            raw.stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            raw.stream.socket.close()  # no close frame, no FIN
+        elif ending == "half-close":
+            await raw.stream.send_eof()  # FIN, and the socket stays open for reading
+        left = await watcher.expect("leave")  # silence: after ping_interval + ping_timeout
+        assert left["topic"] == "room.k"
+        assert (await presence(watcher, "room.k", 2))["count"] == 1
+        await watcher.publish("room.k", "still here", id=3)
+        assert (await watcher.expect("msg"))["data"] == "still here"
+        await raw.stream.aclose()
 
 
 async def test_wildcards_are_not_members_but_may_watch_join_and_leave(
