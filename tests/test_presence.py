@@ -292,3 +292,20 @@ async def test_a_join_storm_reaches_a_watcher_in_one_write_per_window(
         await trio.sleep(ANNOUNCE_WINDOW)
         assert woken == 1  # one wake-up, one batch, for 500 joins
         nursery.cancel_scope.cancel()
+
+
+async def test_a_wildcard_presence_or_history_query_is_told_why_in_its_own_words(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="broker.server")
+    broker = await start_broker(nursery, presence_config())
+    assert any("room.>=drop_oldest (presence)" in r.getMessage() for r in caplog.records)
+    async with connect(broker.url) as client:
+        for id, op in enumerate(("presence", "history"), start=1):
+            await client.send({"op": op, "id": id, "topic": "room.*"})
+            reply = await client.reply(id)
+            assert reply["code"] == "invalid_topic"
+            assert (
+                reply["msg"]
+                == f"'{op}' answers for one concrete topic, not for the pattern 'room.*'"
+            )

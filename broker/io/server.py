@@ -535,7 +535,10 @@ def _release(counts: Counter[str], key: str) -> None:
 
 
 def _describe(rule: TopicRule) -> str:
-    if rule.history is None:
-        return f"{rule.pattern}={rule.on_full}"
-    ttl = f" ttl {rule.history.ttl:g} s" if rule.history.ttl is not None else ""
-    return f"{rule.pattern}={rule.on_full} (history {rule.history.size}{ttl})"
+    kept = []
+    if rule.history is not None:
+        ttl = f" ttl {rule.history.ttl:g} s" if rule.history.ttl is not None else ""
+        kept.append(f"history {rule.history.size}{ttl}")
+    if rule.presence:
+        kept.append("presence")
+    return f"{rule.pattern}={rule.on_full}" + (f" ({', '.join(kept)})" if kept else "")

@@ -232,6 +232,12 @@ def validate_frame(value: Any, size: int) -> Command | FrameError:
     topic = value.get("topic")
     if not isinstance(topic, str):
         return FrameError(ErrorCode.BAD_REQUEST, "missing 'topic' (a string)", frame_id)
+    if (op == "presence" or op == "history") and is_wildcard(topic):
+        return FrameError(
+            ErrorCode.INVALID_TOPIC,
+            f"'{op}' answers for one concrete topic, not for the pattern {topic!r}",
+            frame_id,
+        )
     try:
         if op == "pub" or op == "presence" or op == "history":
             validate_topic(topic)
