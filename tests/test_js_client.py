@@ -1,12 +1,14 @@
 """The JavaScript client's own tests (``clients/js/test``), run by Node against real brokers.
 
-Node gets three brokers and a dead address: ``BROKER_URL``, whose ``history.>`` topics keep
+Node gets four brokers and a dead address: ``BROKER_URL``, whose ``history.>`` topics keep
 history (``history.small.>`` only the last 3 messages) and whose ``presence.>`` topics have
 presence; ``TOKENS_BROKER_URL``, in tokens mode with
 one token (``js-token``, allowed ``js.>``); ``CAPPED_BROKER_URL``, which takes one connection per
-IP address (the next handshake gets 503 with ``Retry-After``); and ``UNREACHABLE_URL``, a port
-bound but not listening, so connecting is refused at once. ``clients/js/test/helpers.js`` names
-the same settings.
+IP address (the next handshake gets 503 with ``Retry-After``); ``REFILL_BROKER_URL``, whose
+``refill.>`` topics are ``drop_oldest`` with 10 000 messages of history (``refill.short.>`` 100)
+behind outbound queues of 16 messages, so a subscriber that stops reading loses messages at
+once; and ``UNREACHABLE_URL``, a port bound but not listening, so connecting is refused at once.
+``clients/js/test/helpers.js`` names the same settings.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ async def test_js_client_suite_passes_against_the_broker(
     grant = TokenGrant("js-token", "js", publish=("js.>",), subscribe=("js.>",))
     tokens = await start_broker(nursery, make_config().replace(auth=AuthConfig("tokens", (grant,))))
     capped = await start_broker(nursery, make_config(max_connections_per_ip=1))
+    refill = await start_broker(
+        nursery,
+        make_config(queue_messages=16).replace(
+            topics=(
+                TopicRule("refill.short.>", Policy.DROP_OLDEST, HistoryLimits(100)),
+                TopicRule("refill.>", Policy.DROP_OLDEST, HistoryLimits(10_000)),
+            )
+        ),
+    )
     test_files = sorted(str(path) for path in (JS_CLIENT / "test").glob("*.test.js"))
     # Bound without listen(): the port stays ours, and a connection to it is refused.
     with socket.socket() as unreachable, trio.fail_after(120):
@@ -61,6 +72,7 @@ async def test_js_client_suite_passes_against_the_broker(
             "BROKER_URL": broker_url,
             "TOKENS_BROKER_URL": tokens.url,
             "CAPPED_BROKER_URL": capped.url,
+            "REFILL_BROKER_URL": refill.url,
             "UNREACHABLE_URL": f"ws://127.0.0.1:{unreachable.getsockname()[1]}/",
         }
         result = await trio.run_process(

@@ -94,6 +94,18 @@
  */
 
 /**
+ * Messages of a subscription that will never reach `onMessage`: offsets `from` to `to` (both
+ * included) of its topic, in its epoch. Given to `onGap` by a refill (see `refill` in
+ * {@link SubscribeOptions}), in offset order with the messages around it.
+ * - `"evicted"`: the topic no longer keeps them (more were published than `history_size`, or
+ *   they outlived `history_ttl`).
+ * - `"history_lost"`: the topic's history was lost meanwhile (a new epoch).
+ * - `"read_failed"`: the broker did not answer the `history` read (`unavailable` in a cluster
+ *   whose Redis is down, or no answer within `timeout`); the error goes to `onError`.
+ * @typedef {{ from: number, to: number, why: "evicted" | "history_lost" | "read_failed" }} Gap
+ */
+
+/**
  * @typedef {object} Backoff
  * @property {number} [initial] first delay in ms (default 250)
  * @property {number} [max] longest delay in ms (default 10000)
@@ -123,7 +135,15 @@
  * @property {Position | "start"} [since] on a concrete topic that keeps history: replay the
  *   kept messages after this position (`"start"`: every kept message), then go live
  * @property {(dropped: number) => void} [onLag] the broker dropped this many messages for
- *   this subscription (a drop policy: the subscriber was too slow)
+ *   this subscription (a drop policy: the subscriber was too slow); a refill reads them back
+ * @property {boolean} [refill] on a concrete topic that keeps history (default true): when the
+ *   offsets jump (the broker dropped messages), read the missing ones with `history` and hand
+ *   every message to `onMessage` in offset order, as if none had been dropped; what the topic
+ *   no longer keeps goes to `onGap`. One read in flight at a time, of at most 1000 messages
+ * @property {number} [bufferSize] the most live messages held while a refill reads (default
+ *   1000); the ones beyond it are not held, and the refill reads them from history too
+ * @property {(gap: Gap) => void} [onGap] a refill found offsets that will never come (without
+ *   `onGap`, each such gap goes to the client's `onError`)
  * @property {(subscription: Subscription, missed?: Missed) => void} [onResubscribe] called when
  *   the broker has accepted the subscription again after a reconnect, before the messages it
  *   replays; `missed` says what may be missing and why, and is absent when the topic's history
@@ -325,7 +345,8 @@ function watchRefusals(socket, onRefusal) {
 const isConcrete = (/** @type {string} */ pattern) =>
   !pattern.split(".").some((segment) => segment === "*" || segment === ">");
 
-/** The most members one `presence` answer carries (and its default `limit`). */
+/** The most members one `presence` answer carries (and its default `limit`), and the most
+ * messages one `history` answer carries. */
 export const MAX_PAGE = 1000;
 
 /**
@@ -349,6 +370,13 @@ function toMember(value) {
  *
  * For a concrete topic that keeps history it tracks the topic's `epoch` (from the broker's
  * `ok`) and the `offset` of the last message received, and resubscribes with them as `since`.
+ * There, unless `refill: false`, it also fills what the broker dropped for it: when a message's
+ * offset jumps, it holds that message and the live ones after it (up to `bufferSize`), reads
+ * the missing offsets with `history` (one read in flight, up to {@link MAX_PAGE} messages
+ * each), and hands them over in offset order, then the held ones; live messages it could not
+ * hold are read from history in turn. Offsets the topic no longer keeps go to `onGap`. A
+ * refill ends with the subscription or the connection: the resubscribe's `since` (the last
+ * offset handed over) then replays the rest.
  */
 export class Subscription {
   /**
@@ -374,6 +402,15 @@ export class Subscription {
     this._fromStart = options.since === "start";
     /** Drop messages until the next `ok`: they belong to a subscription being replaced. */
     this._skipping = false;
+    /** The number of `history` reads its refills made. */
+    this.refills = 0;
+    /** @type {Message[] | null} live messages held while refilling (in offset order); null
+     * when not refilling */
+    this._held = null;
+    /** The highest offset seen live while refilling, held or not. */
+    this._highest = 0;
+    /** The id of the refill's `history` read in flight; 0 when none. */
+    this._reading = 0;
     /** True until `unsubscribe()`, a refusal by the broker, or `close()`. */
     this.active = true;
     /** True once the broker has accepted it (on some connection). */
@@ -394,6 +431,11 @@ export class Subscription {
   get position() {
     if (this.epoch === undefined || this.offset === undefined) return undefined;
     return { epoch: this.epoch, offset: this.offset };
+  }
+
+  /** True while a refill is reading what the broker dropped (live messages wait meanwhile). */
+  get refilling() {
+    return this._held !== null;
   }
 
   /** Stop receiving; resolves once the broker confirmed (at once when disconnected). */
@@ -424,11 +466,160 @@ export class Subscription {
     listener?.(toMember(frame.member), String(frame.topic));
   }
 
-  /** @param {Message} message */
+  /**
+   * A live message for this subscription: to `onMessage`, unless a refill holds it.
+   * @param {Message} message
+   */
   _deliver(message) {
     if (this._skipping) return;
-    if (typeof message.offset === "number" && isConcrete(this.pattern)) this.offset = message.offset;
-    this.onMessage(message);
+    const offset = message.offset;
+    if (typeof offset !== "number" || !isConcrete(this.pattern)) {
+      this.onMessage(message);
+    } else if (this._held !== null) {
+      this._hold(message, offset);
+    } else if (this.offset !== undefined && offset > this.offset + 1 && this._refills()) {
+      this._held = [message];
+      this._highest = offset;
+      this._read();
+    } else {
+      this.offset = offset;
+      this.onMessage(message);
+    }
+  }
+
+  /** Whether this subscription refills: on by default where the topic keeps history. */
+  _refills() {
+    return this.options.refill !== false && this.epoch !== undefined;
+  }
+
+  /**
+   * While refilling: hold `message`, or leave it to the refill's reads when the buffer is full.
+   * An offset that goes back means the topic's numbering started again (a new epoch, which
+   * the client is not told live): the refill ends, and it goes on from there.
+   * @param {Message} message
+   * @param {number} offset
+   */
+  _hold(message, offset) {
+    const held = /** @type {Message[]} */ (this._held);
+    if (offset <= this._highest) {
+      this._giveUp("history_lost");
+      if (this.active) this._deliver(message);
+      return;
+    }
+    this._highest = offset;
+    if (held.length < (this.options.bufferSize ?? 1000)) held.push(message);
+  }
+
+  /** Read the next missing offsets: up to the first held message, or the highest seen. */
+  _read() {
+    const held = /** @type {Message[]} */ (this._held);
+    const after = /** @type {number} */ (this.offset);
+    const end = held.length > 0 ? /** @type {number} */ (held[0].offset) - 1 : this._highest;
+    const id = (this._reading = this.client._nextId++);
+    this.refills += 1;
+    this.client._expect(
+      id,
+      (reply) => this._reading === id && this._filled(reply, end),
+      (error) => this._reading === id && this._readFailed(error),
+    );
+    const since = { epoch: this.epoch, offset: after };
+    this.client._send([{ op: "history", id, topic: this.pattern, since, limit: Math.min(MAX_PAGE, end - after) }]);
+  }
+
+  /**
+   * A refill's `history` answer for the offsets up to `end`: hand over what it has (what it
+   * skipped is gone), then the held messages that follow on; read again if anything is missing.
+   * @param {Frame} reply
+   * @param {number} end
+   */
+  _filled(reply, end) {
+    this._reading = 0;
+    if (reply.epoch !== this.epoch) {
+      this._giveUp("history_lost");
+      return;
+    }
+    const before = /** @type {number} */ (this.offset);
+    for (const { offset, data } of Array.isArray(reply.messages) ? reply.messages : []) {
+      if (offset > end || !this.refilling) break;
+      if (offset > /** @type {number} */ (this.offset)) {
+        this._pass({ topic: this.pattern, sub: this.pattern, data, offset });
+      }
+    }
+    if (!this.refilling) return;
+    // An answer without one of the missing messages: none of them is kept any more.
+    if (this.offset === before) this._lost(end, "evicted");
+    const held = /** @type {Message[]} */ (this._held);
+    let taken = 0;
+    while (taken < held.length && /** @type {number} */ (held[taken].offset) === /** @type {number} */ (this.offset) + 1) {
+      this._pass(held[taken++]);
+      if (!this.refilling) return;
+    }
+    held.splice(0, taken);
+    if (held.length > 0 || this._highest > /** @type {number} */ (this.offset)) this._read();
+    else this._stopRefill();
+  }
+
+  /**
+   * The refill's read failed. A dropped connection or a closed client ends the refill quietly
+   * (a resubscribe's `since` replays the rest); any other failure gives up on what is missing.
+   * @param {Error} error
+   */
+  _readFailed(error) {
+    if (error instanceof NotAnswered && error.reason !== "timeout") {
+      this._stopRefill();
+      return;
+    }
+    this.client._report(new Error(`reading the history of ${this.pattern} failed: ${error.message}`));
+    this._giveUp("read_failed");
+  }
+
+  /**
+   * End the refill, handing over the held messages; what it did not read is lost for `why`.
+   * @param {Gap["why"]} why
+   */
+  _giveUp(why) {
+    const held = /** @type {Message[]} */ (this._held);
+    const highest = this._highest;
+    this._stopRefill();
+    for (const message of held) {
+      this._pass(message, why);
+      if (!this.active) return;
+    }
+    if (highest > /** @type {number} */ (this.offset)) this._lost(highest, why);
+  }
+
+  _stopRefill() {
+    this._held = null;
+    this._highest = 0;
+    this._reading = 0;
+  }
+
+  /**
+   * Hand `message` to `onMessage`, after telling of the offsets it skips (lost for `why`).
+   * @param {Message} message
+   * @param {Gap["why"]} [why]
+   */
+  _pass(message, why = "evicted") {
+    const offset = /** @type {number} */ (message.offset);
+    if (offset > /** @type {number} */ (this.offset) + 1) this._lost(offset - 1, why);
+    if (!this.active) return;
+    this.offset = offset;
+    this.client._safely(() => this.onMessage(message));
+  }
+
+  /**
+   * The offsets after the last one handed over, up to `to`, will never come: tell `onGap`
+   * (else `onError`), and go on after them.
+   * @param {number} to
+   * @param {Gap["why"]} why
+   */
+  _lost(to, why) {
+    /** @type {Gap} */
+    const gap = { from: /** @type {number} */ (this.offset) + 1, to, why };
+    this.offset = to;
+    const { onGap } = this.options;
+    if (onGap) this.client._safely(() => onGap(gap));
+    else this.client._report(new Error(`messages ${gap.from}..${to} of ${this.pattern} are lost (${why})`));
   }
 
   /**
@@ -439,6 +630,7 @@ export class Subscription {
   _accept(reply) {
     const askedEpoch = this.epoch;
     this._skipping = false;
+    this._stopRefill(); // what it held comes again, replayed after `since`
     if (typeof reply.recovered === "boolean") this.recovered = reply.recovered;
     if (typeof reply.epoch === "string" && typeof reply.offset === "number") {
       // A new epoch voids the old offsets: go on from its latest, as does an offset beyond the
@@ -481,6 +673,7 @@ export class Subscription {
   /** @param {Error} error why it ended without being unsubscribed */
   _end(error) {
     this.active = false;
+    this._stopRefill();
     this._reject(error);
   }
 }
@@ -573,6 +766,10 @@ export class Client {
       return Promise.reject(
         new TypeError(`'since' needs a concrete topic, not ${JSON.stringify(pattern)}: a position belongs to one topic`),
       );
+    }
+    const { bufferSize = 1 } = options;
+    if (!(Number.isInteger(bufferSize) && bufferSize >= 1)) {
+      return Promise.reject(new RangeError(`bufferSize must be an integer >= 1, not ${bufferSize}`));
     }
     if ((options.onJoin || options.onLeave) && !options.joinLeave) {
       return Promise.reject(

@@ -23,6 +23,15 @@ export const needsTokensBroker = {
 };
 /** A broker that takes one connection per IP address: the next handshake gets 503. */
 export const CAPPED_BROKER_URL = process.env.CAPPED_BROKER_URL;
+/**
+ * A broker whose `refill.` topics are `drop_oldest` and keep their last 10 000 messages
+ * (`refill.short.` their last 100), behind outbound queues of 16 messages: a subscriber that
+ * stops reading loses messages at once, and the topic still has them.
+ */
+export const REFILL_BROKER_URL = process.env.REFILL_BROKER_URL;
+export const needsRefillBroker = {
+  skip: REFILL_BROKER_URL ? false : "REFILL_BROKER_URL is not set (run through pytest)",
+};
 /** A port where nothing listens: connecting is refused at once. */
 export const UNREACHABLE_URL = process.env.UNREACHABLE_URL;
 export const needsFailover = {
@@ -79,6 +88,19 @@ export const BrowserWebSocket = /** @type {any} */ (
 );
 
 /**
+ * Wait until `condition()` holds, polling it; fail after 10 s, saying `what()`.
+ * @param {() => boolean} condition
+ * @param {() => string} what
+ */
+export async function eventually(condition, what) {
+  const deadline = Date.now() + 10000;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`not within 10 s: ${what()}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+/**
  * Collects values pushed to it; `next()` waits for the next one (failing after 5 s).
  * @template T
  */
@@ -127,7 +149,9 @@ export class Inbox {
 
 /**
  * A TCP proxy in front of the broker, so a test can cut the network under a client.
- * `cut()` destroys every connection; `refuse` makes it drop new ones at once.
+ * `cut()` destroys every connection; `refuse` makes it drop new ones at once; `hold()` stops
+ * reading what the broker sends (as a client that stops reading its socket: TCP pushes back,
+ * and the broker's queue for it fills) until `release()`.
  */
 export class Proxy {
   /** @param {string} target a ws:// URL */
@@ -137,6 +161,9 @@ export class Proxy {
     this.accepted = 0;
     /** @type {Set<net.Socket>} */
     this.sockets = new Set();
+    /** @type {Map<net.Socket, net.Socket>} each connection's socket to the broker, and to the client */
+    this.upstreams = new Map();
+    this.held = false;
     this.server = net.createServer((downstream) => {
       this.accepted += 1;
       if (this.refuse) {
@@ -144,16 +171,31 @@ export class Proxy {
         return;
       }
       const upstream = net.connect(Number(port), hostname);
+      this.upstreams.set(upstream, downstream);
       for (const [from, to] of [[downstream, upstream], [upstream, downstream]]) {
         this.sockets.add(from);
-        from.pipe(to);
+        if (from === downstream || !this.held) from.pipe(to);
         from.on("error", () => to.destroy());
         from.on("close", () => {
           this.sockets.delete(from);
+          this.upstreams.delete(upstream);
           to.destroy();
         });
       }
     });
+  }
+
+  hold() {
+    this.held = true;
+    for (const [upstream, downstream] of this.upstreams) {
+      upstream.unpipe(downstream);
+      upstream.pause();
+    }
+  }
+
+  release() {
+    this.held = false;
+    for (const [upstream, downstream] of this.upstreams) upstream.pipe(downstream);
   }
 
   /** Listen on 127.0.0.1 and a free port; resolves to the proxy's ws:// URL. */

@@ -165,6 +165,7 @@ describe("recovery", { skip: await whyNotRecovery() }, () => {
     const seen = new Inbox();
     const subscription = await subject.subscribe(topic, (message) => seen.push(message.offset), {
       onResubscribe: (resubscribed, missed) => seen.push(`recovered: ${resubscribed.recovered}, ${missed?.why}`),
+      onGap: ({ from, to, why }) => seen.push(`${from}..${to} ${why}`), // the refill names them
     });
     await publisher.publish(topic, "one");
     assert.equal(await seen.next(), 1);
@@ -174,8 +175,8 @@ describe("recovery", { skip: await whyNotRecovery() }, () => {
     await publishAll(publisher, topic, range(2, 11));
     proxy.refuse = false;
     const got = [];
-    for (let count = 0; count < 4; count++) got.push(await seen.next());
-    assert.deepEqual(got, ["recovered: false, evicted", 8, 9, 10]);
+    for (let count = 0; count < 5; count++) got.push(await seen.next());
+    assert.deepEqual(got, ["recovered: false, evicted", "2..7 evicted", 8, 9, 10]);
     assert.equal(subscription.recovered, false);
     await publisher.publish(topic, 11);
     assert.equal(await seen.next(), 11);

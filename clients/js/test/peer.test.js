@@ -11,7 +11,10 @@ import { test } from "node:test";
 import { WebSocketServer } from "ws";
 
 import { NotAnswered, Refused, jsonCodec } from "../src/client.js";
-import { Inbox, makeClient } from "./helpers.js";
+import { Inbox, eventually, makeClient } from "./helpers.js";
+
+const range = (/** @type {number} */ from, /** @type {number} */ to) =>
+  Array.from({ length: to - from }, (_, index) => from + index);
 
 /**
  * A WebSocket server on a free port speaking JSON frames; each connection is pushed to
@@ -84,6 +87,60 @@ test("a resubscribe asks for what was missed: since = epoch of the ok, offset of
     const third = await peer.connections.next();
     const [resub] = [await third.frames.next(), await third.frames.next()].filter((f) => f.topic === "room.1");
     assert.deepEqual(resub.since, { epoch: "e2", offset: 2 });
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("a refill reads pages of at most 1000, holds bufferSize, and tells what it could not read", async () => {
+  const peer = await scriptedPeer();
+  /** @type {Inbox<Error>} */
+  const errors = new Inbox();
+  const client = makeClient(peer.url, { onError: errors.push });
+  /** @param {number} offset */
+  const msg = (offset) => ({ op: "msg", topic: "room.r", sub: "room.r", data: offset, offset });
+  /** @param {number} from @param {number} to */
+  const kept = (from, to) => Array.from({ length: to - from + 1 }, (_, index) => ({ offset: from + index, data: from + index }));
+  try {
+    const connection = await peer.connections.next();
+    /** @type {Array<number | string>} what the application got: data, and gaps */
+    const seen = [];
+    const subscribing = client.subscribe("room.r", (message) => seen.push(/** @type {number} */ (message.data)), {
+      bufferSize: 2,
+      onGap: ({ from, to, why }) => seen.push(`${from}..${to} ${why}`),
+    });
+    const sub = await connection.frames.next();
+    connection.send({ op: "ok", id: sub.id, epoch: "e", offset: 0 }, msg(1));
+    const subscription = await subscribing;
+    // 2..2502 dropped; 2503 and 2504 are held, 2505 is not.
+    connection.send({ op: "lag", sub: "room.r", dropped: 2501 }, msg(2503), msg(2504), msg(2505));
+    /** Expect a `history` read after `offset` for `limit`, and answer it with `fields`. */
+    const read = async (/** @type {number} */ offset, /** @type {number} */ limit, /** @type {object} */ fields) => {
+      const frame = await connection.frames.next();
+      assert.deepEqual(frame, { op: "history", id: frame.id, topic: "room.r", since: { epoch: "e", offset }, limit });
+      assert.equal(subscription.refilling, true);
+      connection.send({ op: "ok", id: frame.id, epoch: "e", offset: 2505, ...fields });
+      return frame;
+    };
+    await read(1, 1000, { messages: kept(2, 1001), recovered: true });
+    await read(1001, 1000, { messages: kept(1002, 2001), recovered: true });
+    // 2002..2099 are no longer kept, and the answer goes past what was asked for.
+    await read(2001, 501, { messages: kept(2100, 2600), recovered: false });
+    const failed = await connection.frames.next(); // for 2505, which was not held
+    assert.deepEqual([failed.since.offset, failed.limit], [2504, 1]);
+    connection.send({ op: "err", id: failed.id, code: "unavailable", msg: "the cluster backplane is unreachable" });
+    assert.match((await errors.next()).message, /^reading the history of room\.r failed: unavailable/);
+    connection.send(msg(2506), msg(2508)); // no refill for 2506; one for 2507, in another epoch
+    const lost = await connection.frames.next();
+    assert.deepEqual([lost.since.offset, lost.limit], [2506, 1]);
+    connection.send({ op: "ok", id: lost.id, epoch: "e2", offset: 3, messages: [] }, msg(2509));
+    await eventually(() => seen.at(-1) === 2509, () => `the last seen is ${seen.at(-1)}`);
+    assert.deepEqual(seen, [
+      ...range(1, 2002), "2002..2099 evicted", ...range(2100, 2505), "2505..2505 read_failed",
+      2506, "2507..2507 history_lost", 2508, 2509,
+    ]);
+    assert.deepEqual([subscription.refills, subscription.refilling, subscription.offset], [5, false, 2509]);
   } finally {
     await client.close();
     peer.close();
