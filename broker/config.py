@@ -171,6 +171,28 @@ class MetricsConfig:
         return self.port is not None
 
 
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """``[api]``: the server API for backends (docs/api.md), HTTP on its own listener; off
+    while ``port`` is ``None`` (no ``[api]`` table). Every request carries one of ``keys``;
+    a body over ``max_payload`` bytes is refused unread (413); ``tls`` serves HTTPS with
+    ``[tls]``'s certificate (the default when ``[tls]`` is set)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    keys: tuple[str, ...] = ()
+    max_payload: int = 1024 * 1024
+    tls: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """True if the listener is configured."""
+        return self.port is not None
+
+
+#: The fewest characters an API key may have: a short one could be guessed.
+MIN_API_KEY = 16
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 AUTH_MODES = ("none", "tokens", "jwt")
@@ -190,6 +212,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     path: Path | None = None
 
     def replace(self, **sections: Any) -> Config:
@@ -227,7 +250,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         "tls": TlsConfig,
         "cluster": ClusterConfig,
     }
-    _reject_unknown(raw, [*sections, "topics", "auth", "metrics"], "")
+    _reject_unknown(raw, [*sections, "topics", "auth", "metrics", "api"], "")
     built: dict[str, Any] = {}
     for name, cls in sections.items():
         table = raw.get(name, {})
@@ -247,6 +270,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
     topics = _build_topics(raw.get("topics", []))
     auth = _build_auth(raw.get("auth", {}))
     metrics = _build_metrics(raw.get("metrics", {}))
+    api = _build_api(raw["api"], tls) if "api" in raw else ApiConfig()
     return Config(
         server=server,
         limits=limits,
@@ -257,6 +281,7 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
         tls=tls,
         cluster=built["cluster"],
         metrics=metrics,
+        api=api,
         path=path,
     )
 
@@ -330,6 +355,39 @@ def _build_metrics(raw: Any) -> MetricsConfig:
     ):
         raise ConfigError(f"metrics.port: {port!r} is not a TCP port (0..65535)")
     return MetricsConfig(host, port)
+
+
+def _build_api(raw: Any, tls: TlsConfig) -> ApiConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("api: expected a table ([api])")
+    _reject_unknown(raw, ["host", "port", "keys", "max_payload", "tls"], "api.")
+    host = _check_value("api.host", raw.get("host", "127.0.0.1"), str)
+    if "port" not in raw:
+        raise ConfigError("api.port: required with [api] (a TCP port; 0 picks a free one)")
+    port = raw["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"api.port: {port!r} is not a TCP port (0..65535)")
+    keys = _check_value("api.keys", raw.get("keys", []), tuple)
+    if not keys:
+        raise ConfigError(
+            "api.keys: the server API needs at least one key (every request must carry one); "
+            "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    for index, key in enumerate(keys):
+        if len(key) < MIN_API_KEY or not all("!" <= char <= "~" for char in key):
+            raise ConfigError(
+                f"api.keys[{index}]: a key is at least {MIN_API_KEY} printable ASCII "
+                "characters, without spaces (secrets.token_urlsafe(32) makes one)"
+            )
+    if len(set(keys)) != len(keys):
+        raise ConfigError("api.keys: the same key is given twice")
+    max_payload = _check_value("api.max_payload", raw.get("max_payload", 1024 * 1024), int)
+    use_tls = raw.get("tls", tls.enabled)
+    if not isinstance(use_tls, bool):
+        raise ConfigError(f"api.tls: expected true or false, got {use_tls!r}")
+    if use_tls and not tls.enabled:
+        raise ConfigError("api.tls: true needs [tls] cert and key (the API serves them too)")
+    return ApiConfig(host, port, keys, max_payload, use_tls)
 
 
 def _build_auth(raw: Any) -> AuthConfig:

@@ -26,6 +26,12 @@ stops reading, TCP pushes back on Redis, and Redis buffers for us up to its
 ``client-output-buffer-limit pubsub``; past it Redis closes the connection, which is handled
 as an outage (see docs/cluster.md).
 
+Nodes can also ask each other (:meth:`RedisBackplane.ask`, answered by the handlers given to
+:meth:`RedisBackplane.answer`): the server API's ``disconnect`` and ``info`` reach every node
+this way. A question is published on ``{prefix}:ask``; each node answers on the asker's own
+``{prefix}:answer:{node}`` channel, and the asker waits for as many answers as Redis counted
+receivers of its question (its own copy included), for at most ``timeout``.
+
 Outages: while Redis is unreachable the node keeps serving its local clients, publishes raise
 :class:`~broker.core.delivery.Unavailable` (the ``pub`` is answered ``err unavailable``
 after local delivery), the outage is logged once, and the node reconnects with exponential
@@ -34,11 +40,13 @@ backoff and resubscribes to everything its clients hold.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import trio
@@ -162,6 +170,33 @@ class _Commands:
         self._waiting.clear()
 
 
+@dataclass(eq=False, slots=True)
+class _Question:
+    """A question this node asked every node: the answers so far, and how many to wait for
+    (``None`` until Redis said how many nodes received it)."""
+
+    answers: list[Any] = field(default_factory=list)
+    counted: int = 0  # answers, and this node's own copy of the question
+    receivers: int | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def count(self, answer: Any = None, *, own: bool = False) -> None:
+        if not own:
+            self.answers.append(answer)
+        self.counted += 1
+        self.changed.set()
+        self.changed = trio.Event()
+
+    @property
+    def complete(self) -> bool:
+        return self.receivers is not None and self.counted >= self.receivers
+
+
+#: Answers to other nodes' questions waiting to be sent (more are dropped: their askers stop
+#: waiting after ``timeout``).
+ANSWERS_QUEUED = 1024
+
+
 class RedisBackplane:
     """A :class:`~broker.core.backplane.Backplane` over Redis pub/sub (see the module doc)."""
 
@@ -184,6 +219,8 @@ class RedisBackplane:
         self.max_backoff = max_backoff
         self.max_patterns = max_patterns
         self._prefix = f"{prefix}:m:"
+        self._ask_channel = f"{prefix}:ask"
+        self._answer_prefix = f"{prefix}:answer:"
         # By Redis name (a channel, or a glob: see _globs).
         self._wanted: Counter[bytes] = Counter()  # -> local subscriptions that need it
         self._globs: set[bytes] = set()  # the names in _wanted that are globs
@@ -205,6 +242,14 @@ class RedisBackplane:
         self._hub_behind = False  # the subscriber reader waits for room in the buffer
         self._ever_connected = False
         self._listeners: dict[bytes, Callable[[bytes], None]] = {}  # by channel
+        # Asking every node: this node's handlers by kind, its questions in flight by id,
+        # and the answers it owes other nodes (origin, encoded answer), sent by _answer_loop.
+        self._answerers: dict[str, Callable[[Any], Any]] = {}
+        self._questions: dict[int, _Question] = {}
+        self._question_ids = 0
+        self._answers_in, self._answers_out = trio.open_memory_channel[tuple[str, bytes]](
+            ANSWERS_QUEUED
+        )
 
     @property
     def connected(self) -> bool:
@@ -313,6 +358,83 @@ class RedisBackplane:
         self._seq += 1
         return self._seq
 
+    # --- asking every node ---
+
+    def answer(self, kind: str, handler: Callable[[Any], Any]) -> None:
+        """Answer the questions of ``kind`` other nodes :meth:`ask` with ``handler(request)``,
+        from now on: a plain function (it must not block) whose answer msgpack can encode."""
+        if not self._answerers:
+            self.listen(self._ask_channel, self._asked)
+            self.listen(self._answer_prefix + self.node_id, self._answered)
+        self._answerers[kind] = handler
+
+    async def ask(self, kind: str, request: Any) -> list[Any]:
+        """Ask every other node's ``kind`` handler (see :meth:`answer`); their answers, in
+        the order they came, once every node Redis delivered the question to has answered
+        or ``timeout`` has passed (a node that has not is left out). Raises
+        :class:`Unavailable` if Redis cannot be reached."""
+        self._question_ids += 1
+        question_id = self._question_ids
+        question = self._questions[question_id] = _Question()
+        packed = msgpack.packb([self.node_id, question_id, kind, request], use_bin_type=True)
+        try:
+            receivers = await self.call(encode_command("PUBLISH", self._ask_channel, packed))
+            if not isinstance(receivers, int):
+                raise Unavailable(f"unexpected answer from Redis to PUBLISH: {receivers!r:.80}")
+            question.receivers = receivers
+            with trio.move_on_after(self.timeout):
+                while not question.complete:
+                    await question.changed.wait()
+        finally:
+            del self._questions[question_id]
+        return question.answers
+
+    def _asked(self, payload: bytes) -> None:
+        """A question on the ask channel: answer it (this node's own: count it)."""
+        try:
+            origin, question_id, kind, request = msgpack.unpackb(payload, raw=False)
+        except Exception:
+            log.warning("cluster: a malformed question on %s ignored", self._ask_channel)
+            return
+        if origin == self.node_id:
+            question = self._questions.get(question_id)
+            if question is not None:
+                question.count(own=True)
+            return
+        handler = self._answerers.get(kind)
+        try:  # a kind this node does not know is answered None, so the asker need not wait
+            answer = None if handler is None else handler(request)
+        except Exception:
+            log.exception("cluster: answering a %r question from node %s failed", kind, origin)
+            answer = None
+        try:
+            packed = msgpack.packb([question_id, answer], use_bin_type=True)
+            self._answers_in.send_nowait((origin, packed))
+        except trio.WouldBlock:
+            log.warning("cluster: %d answers to other nodes queued; one to %s is dropped",
+                        ANSWERS_QUEUED, origin)  # fmt: skip
+        except Exception:
+            log.exception("cluster: cannot encode the answer to a %r question", kind)
+
+    def _answered(self, payload: bytes) -> None:
+        """An answer to one of this node's questions."""
+        try:
+            question_id, answer = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except Exception:
+            log.warning("cluster: a malformed answer to node %s ignored", self.node_id)
+            return
+        question = self._questions.get(question_id)
+        if question is not None:
+            question.count(answer)
+
+    async def _answer_loop(self) -> None:
+        """Send the answers :meth:`_asked` queued, in order; one Redis cannot take is lost
+        (its asker stops waiting after ``timeout``)."""
+        async for origin, packed in self._answers_out:
+            command = encode_command("PUBLISH", self._answer_prefix + origin, packed)
+            with contextlib.suppress(Unavailable):
+                await self.call(command, wait=False)
+
     # --- the connection's life ---
 
     async def run(
@@ -327,6 +449,7 @@ class RedisBackplane:
         self._missed = missed
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deliver_loop, deliver)
+            nursery.start_soon(self._answer_loop)
             task_status.started()
             backoff = self.min_backoff
             while True:

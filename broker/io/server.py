@@ -9,7 +9,8 @@ to ``drain_timeout``, closes each with 1001, and lets :meth:`serve` return.
 
 With ``[metrics] port`` set, :meth:`serve` also runs the internal HTTP listener
 (:mod:`broker.operations.monitor`: ``/metrics``, ``/healthz``, ``/readyz``, ``/connz``) in the same
-nursery; :attr:`Broker.stats` holds the counters it reports.
+nursery; :attr:`Broker.stats` holds the counters it reports. With ``[api]``, it runs the server
+API for backends (:mod:`broker.io.api`) there too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import logging
 import math
 import resource
 import secrets
+import socket
 import ssl
+import time
 from collections import Counter
 from collections.abc import Hashable, Sequence
 
@@ -38,6 +41,7 @@ from broker.core.permissions import Identity
 from broker.core.rules import PolicyTable, TopicRule
 from broker.core.stats import BrokerStats, BurstLog
 from broker.exceptiongroups import first_leaf
+from broker.io.api import answer_other_nodes, serve_api
 from broker.io.auth import AuthError, build_authenticator, token_from_request
 from broker.io.connection import Connection
 from broker.io.websocket import (
@@ -189,6 +193,17 @@ class Broker:
         self.port: int | None = None
         self.stats = BrokerStats()
         self.metrics_url: str | None = None  # the internal HTTP listener's, once it listens
+        self.api_url: str | None = None  # the server API's, once it listens
+        self.api_requests: Counter[tuple[str, int]] = Counter()  # by (endpoint, status)
+        self.started = time.monotonic()
+        # Another node's ask (disconnect, info) reaches this one through the backplane.
+        backplane = getattr(self.delivery, "backplane", None)
+        self.other_nodes = backplane if isinstance(backplane, RedisBackplane) else None
+        if self.other_nodes is not None:
+            self.node_id = self.other_nodes.node_id
+            answer_other_nodes(self, self.other_nodes)
+        else:
+            self.node_id = self.config.cluster.node_id or socket.gethostname()
         self._shutdown = trio.Event()
         self._connection_ended = trio.Event()
         self._stopped = trio.Event()
@@ -255,6 +270,14 @@ class Broker:
                 self.metrics_url = await nursery.start(
                     serve_monitor, self, metrics.host, metrics.port
                 )
+            if self.config.api.enabled:
+                self.api_url = await nursery.start(
+                    serve_api,
+                    self,
+                    self.config.api,
+                    self.ssl_context if self.config.api.tls else None,
+                    self.other_nodes,
+                )
             self.port = listeners[0].socket.getsockname()[1]
             self._log_startup()
             task_status.started(self)
@@ -310,6 +333,16 @@ class Broker:
                     "/connz shows token subjects, client addresses and subscriptions to anyone "
                     "who can reach it. Keep it on a private network or firewall it.",
                     config.metrics.host,
+                )
+        if self.api_url is not None:
+            log.info("server API on %s (/api/publish /api/broadcast /api/presence /api/history "
+                     "/api/disconnect /api/info; docs/api.md)", self.api_url)  # fmt: skip
+            if not config.api.tls and not is_loopback(config.api.host):
+                log.warning(
+                    "THE SERVER API on %s, a non-loopback address, has no TLS: its keys, which "
+                    "may publish anywhere and disconnect anyone, cross the network in clear "
+                    "text. Set [tls] (the API serves it too), or keep the API on 127.0.0.1.",
+                    config.api.host,
                 )
         if config.auth.mode == "none" and not is_loopback(config.server.host):
             log.warning(

@@ -1,7 +1,8 @@
 """``broker pub``, ``sub`` and ``presence``: poke a running broker from a shell, through the client.
 
 ``pub`` publishes DATA (a string, or JSON with ``--json``) once, ``--count`` times, or each
-line of stdin, each acked, so a refusal is reported. ``sub`` prints one line per message,
+line of stdin, each acked, so a refusal is reported; with ``--api URL`` it publishes through
+the server API (HTTP, an API key) instead of a WebSocket. ``sub`` prints one line per message,
 ``TOPIC DATA`` with DATA as JSON (or a JSON object per line with ``--json``), until ^C or
 ``--count`` lines; with ``--join-leave`` also ``TOPIC join MEMBER`` and ``TOPIC leave
 MEMBER`` (DATA is JSON, so never the bare word ``join``). ``presence`` prints the members of a
@@ -19,6 +20,7 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -35,6 +37,7 @@ from broker_client import (
     PresenceGap,
     connect,
 )
+from broker_client.api import KEY_VARIABLE, AsyncApi
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
@@ -63,12 +66,19 @@ def add_client_commands(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Publish DATA to TOPIC and wait for the broker to accept it. DATA is sent "
         "as a string; with --json it is parsed as JSON first ('{\"id\": 7}', '42', 'null'). "
-        "Without DATA, each line of stdin is published as one message.",
+        "Without DATA, each line of stdin is published as one message. With --api, publish "
+        "through the broker's server API (HTTP) instead of a WebSocket, with an API key "
+        f"(--api-key, or better ${KEY_VARIABLE}: a flag shows in the process list).",
     )
     pub.add_argument("topic", metavar="TOPIC", help="a concrete topic, e.g. orders.created")
     pub.add_argument("data", metavar="DATA", nargs="?", help="the message (default: stdin lines)")
     pub.add_argument("--json", action="store_true", help="parse DATA (or each line) as JSON")
     pub.add_argument("--count", type=int, default=1, metavar="N", help="publish DATA N times")
+    pub.add_argument("--api", metavar="URL",
+                     help="the server API's URL (http://127.0.0.1:8766, [api] in the broker's "
+                     "config), instead of --url")  # fmt: skip
+    pub.add_argument("--api-key", metavar="KEY",
+                     help=f"one of the server API's keys (default: ${KEY_VARIABLE})")  # fmt: skip
     _add_connection_flags(pub)
 
     sub = commands.add_parser(
@@ -170,6 +180,9 @@ async def publish_command(args: argparse.Namespace) -> None:
         raise ValueError("--count must be at least 1")
     parse = functools.partial(_parse_json, flag="--json") if args.json else str
     payloads = [parse(args.data)] * args.count if args.data is not None else None
+    if args.api is not None or args.api_key is not None:
+        await _publish_through_api(args, parse, payloads)
+        return
     async with _connect(args) as client:
         if payloads is not None:
             for data in payloads:
@@ -178,6 +191,31 @@ async def publish_command(args: argparse.Namespace) -> None:
         stdin = trio.wrap_file(sys.stdin)
         async for line in stdin:
             await client.publish(args.topic, parse(line.rstrip("\n")))
+
+
+async def _publish_through_api(
+    args: argparse.Namespace, parse: Callable[[str], Any], payloads: list[Any] | None
+) -> None:
+    """``broker pub --api``: the same, through the server API."""
+    if args.api is None:
+        raise ValueError("--api-key needs --api URL")
+    if args.url:
+        raise ValueError("give --url (a WebSocket) or --api (the server API), not both")
+    if not (args.api_key or os.environ.get(KEY_VARIABLE)):
+        raise ValueError(f"--api needs a key: --api-key KEY, or ${KEY_VARIABLE}")
+    async with AsyncApi(
+        args.api,
+        args.api_key,
+        encoding=args.encoding,
+        timeout=args.connect_timeout,
+        ca_file=args.ca_file,
+    ) as api:
+        if payloads is not None:
+            for data in payloads:
+                await api.publish(args.topic, data)
+            return
+        async for line in trio.wrap_file(sys.stdin):
+            await api.publish(args.topic, parse(line.rstrip("\n")))
 
 
 async def subscribe_command(args: argparse.Namespace) -> None:

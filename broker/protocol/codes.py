@@ -37,3 +37,4 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4002
     FORBIDDEN = 4003  # the token expired
     POLICY = 4008  # too many bad frames in a row
+    DISCONNECTED = 4010  # by the server API (its disconnect endpoint's default code)
