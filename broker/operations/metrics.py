@@ -124,6 +124,8 @@ class BrokerCollector:
             stats.fanout_latency,
         )
         yield from _history(broker)
+        if broker.config.api.enabled:
+            yield _api_requests(broker)
 
 
 def broker_registry(broker: Broker) -> CollectorRegistry:
@@ -158,6 +160,17 @@ def _histogram(name: str, documentation: str, histogram: Histogram) -> Histogram
     buckets = [("+Inf" if bound == float("inf") else repr(float(bound)), count)
                for bound, count in histogram.cumulative()]  # fmt: skip
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.sum)
+
+
+def _api_requests(broker: Broker) -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        "broker_api_requests",
+        "Server API requests answered, by endpoint (or 'other') and HTTP status.",
+        labels=["endpoint", "status"],
+    )
+    for (endpoint, status), count in sorted(broker.api_requests.items()):
+        family.add_metric([endpoint, str(status)], count)
+    return family
 
 
 def _history(broker: Broker) -> Iterator[Metric]:
