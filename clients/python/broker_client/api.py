@@ -43,7 +43,7 @@ from broker_client.errors import (
     Unauthorized,
     error_from_frame,
 )
-from broker_client.presence import Member, Presence, presence_from_reply
+from broker_client.presence import MAX_PAGE, Member, Presence, presence_from_reply
 from broker_client.recovery import Position
 
 __all__ = ["Api", "AsyncApi", "History", "Info", "KeptMessage", "Node"]
@@ -273,11 +273,12 @@ class Api:
         """A page of ``topic``'s members (up to ``limit``, after ``cursor``)."""
         return presence_from_reply(self._call("presence", _presence(topic, limit, cursor)))
 
-    def members(self, topic: str) -> Iterator[Member]:
-        """Every member of ``topic``, page after page."""
+    def members(self, topic: str, *, page_size: int = MAX_PAGE) -> Iterator[Member]:
+        """Every member of ``topic``, reading one page of ``page_size`` at a time (one
+        present through the whole walk comes exactly once)."""
         cursor = None
         while True:
-            page = self.presence(topic, cursor=cursor)
+            page = self.presence(topic, limit=page_size, cursor=cursor)
             yield from page.members
             if page.cursor is None:
                 return
@@ -355,11 +356,11 @@ class AsyncApi:
         """See :meth:`Api.presence`."""
         return presence_from_reply(await self._call("presence", _presence(topic, limit, cursor)))
 
-    async def members(self, topic: str) -> AsyncIterator[Member]:
+    async def members(self, topic: str, *, page_size: int = MAX_PAGE) -> AsyncIterator[Member]:
         """See :meth:`Api.members`."""
         cursor = None
         while True:
-            page = await self.presence(topic, cursor=cursor)
+            page = await self.presence(topic, limit=page_size, cursor=cursor)
             for member in page.members:
                 yield member
             if page.cursor is None:
