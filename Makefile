@@ -6,7 +6,7 @@ ARGS   ?=
 
 JS      = clients/js
 
-.PHONY: run test lint bench clean chat chromium redis
+.PHONY: run test lint bench clean chat chromium redis curl
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,14 @@ redis:
 	@command -v redis-server >/dev/null || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server)
 
+# curl for the server API's one-liner (docs/api.md, run by tests/test_api_examples.py),
+# installed only when missing.
+curl:
+	@command -v curl >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl)
+
 ## test: install what the tests need and run them
-test: $(VENV)/.installed-test $(JS)/node_modules/.installed bench/loadgen/node_modules chromium redis
+test: $(VENV)/.installed-test $(JS)/node_modules/.installed bench/loadgen/node_modules chromium redis curl
 	$(BIN)/python -m pytest $(ARGS)
 
 ## lint: ruff and mypy, as CI runs them
