@@ -1,6 +1,6 @@
 """The client: one WebSocket to the broker, reconnected with backoff, behind a small API.
 
-:func:`connect` opens the connection and runs the client's tasks in its own nursery: per
+:func:`connect` opens the connection and runs the client's tasks in its own task group: per
 connection a **reader** (replies resolve waiting commands; messages go to subscription
 buffers, waiting when one is full, so TCP pushes back on the broker) and a **writer** (sends
 what is queued in the :class:`~broker_client.outbox.Outbox`, as one batch per WebSocket
@@ -10,6 +10,9 @@ topic keeps history, see :mod:`broker_client.recovery`; with ``join_leave`` and 
 first asked) and then tells the user (``on_reconnect``, :meth:`Client.wait_reconnected`;
 ``on_gap`` if messages were missed; a :class:`PresenceGap` in each ``join_leave``
 subscription, whose events of the outage are lost).
+
+It runs under Trio and under asyncio alike (on anyio); the WebSocket itself is a
+:mod:`~broker_client.transport`: trio-websocket under Trio, websockets under asyncio.
 
 Delivery is at most once across a drop: a ``publish`` whose frame was already sent on the lost
 connection raises :class:`ConnectionLost` (it may or may not have been applied; retry if a
@@ -27,21 +30,15 @@ import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal, NoReturn, cast, overload
+from typing import Any, Literal, NoReturn, overload
 
-import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
-)
+import anyio
+import anyio.abc
 
 from broker.protocol.codes import CloseCode
 from broker_client import codec
 from broker_client.codec import Encoding
-from broker_client.endpoints import Endpoint, Endpoints
+from broker_client.endpoints import Endpoints
 from broker_client.errors import (
     CannotConnect,
     ClientError,
@@ -65,6 +62,14 @@ from broker_client.presence import (
 from broker_client.reconnect import Backoff
 from broker_client.recovery import Recovery
 from broker_client.subscription import Event, Message, Subscription
+from broker_client.transport import (
+    Handshake,
+    Refused,
+    Transport,
+    TransportClosed,
+    Unreachable,
+    open_transport,
+)
 
 log = logging.getLogger("broker_client")
 
@@ -72,9 +77,6 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 #: Closes that reconnecting as it is would not change: the token expired (4003), the server
 #: API disconnected this user (4010).
 FINAL_CLOSES = frozenset({CloseCode.FORBIDDEN, 4010})
-HANDSHAKE_ERRORS = (
-    OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError, CannotConnect
-)  # fmt: skip
 
 Token = str | Callable[[], str | Awaitable[str]] | None
 """A bearer token, or a function returning a fresh one (called before every connection)."""
@@ -169,16 +171,16 @@ class Client:
         self._routes: dict[str, _Route] = {}
         self._presence_gaps: list[tuple[_Route, str]] = []  # for the reader to deliver
         self._next_id = 0
-        self._websocket: WebSocketConnection | None = None
-        self._reconnected = trio.Event()
+        self._transport: Transport | None = None
+        self._reconnected = anyio.Event()
         self._closing = False
         self._error: BaseException | None = None
         self._started = False
-        self._serve_scope: trio.CancelScope | None = None
+        self._serve_scope: anyio.CancelScope | None = None
         self._stalls = 0  # times the reader waited on a full subscription buffer
         self._stalled = False
         self._dead_peer = False  # the keep-alive gave up on this connection
-        self._stopped = trio.Event()
+        self._stopped = anyio.Event()
 
     # --- the public API ---
 
@@ -204,8 +206,9 @@ class Client:
     def publish_nowait(self, topic: str, data: Any) -> None:
         """Queue a fire-and-forget publish (no reply, no retry).
 
-        Raises ``trio.WouldBlock`` when ``outbox_size`` frames are already waiting (the
-        broker is slow or unreachable). A refusal by the broker is only logged.
+        Raises ``anyio.WouldBlock`` (under Trio also a ``trio.WouldBlock``) when
+        ``outbox_size`` frames are already waiting (the broker is slow or unreachable). A
+        refusal by the broker is only logged.
         """
         self._check_open()
         frame = {"op": "pub", "topic": topic, "data": data}
@@ -303,7 +306,7 @@ class Client:
     @property
     def connected(self) -> bool:
         """True while a connection to the broker is open."""
-        return self._websocket is not None and self._websocket.closed is None
+        return self._transport is not None and self._transport.closed is None
 
     async def aclose(self) -> None:
         """Send what is queued (for up to ``reply_timeout``), then close with 1000."""
@@ -311,10 +314,10 @@ class Client:
             return
         self._closing = True
         if self._serve_scope is not None:
-            with trio.move_on_after(self.reply_timeout):
+            with anyio.move_on_after(self.reply_timeout):
                 await self._outbox.wait_flushed()
             self._serve_scope.cancel()  # run() then closes the WebSocket and returns
-            with trio.move_on_after(self.connect_timeout):
+            with anyio.move_on_after(self.connect_timeout):
                 await self._stopped.wait()
         self._finish(Closed("the client is closed"))
 
@@ -335,7 +338,7 @@ class Client:
         pending = Pending(on_ok)
         self._pending[frame_id] = pending
         try:
-            with trio.move_on_after(self.reply_timeout):
+            with anyio.move_on_after(self.reply_timeout):
                 await self._outbox.put(encoded, pending)
                 await pending.done.wait()
         finally:
@@ -368,12 +371,14 @@ class Client:
         frame = {"op": "unsub", "id": self._next_id, "topic": pattern}
         try:
             self._outbox.put_nowait(codec.encode(frame, self.encoding))
-        except trio.WouldBlock:
+        except anyio.WouldBlock:
             log.debug("outbox full: not unsubscribing %r; its messages will be ignored", pattern)
 
     # --- the connection's life ---
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Connect, then serve and reconnect until closed; reports started once connected.
 
         Raises :class:`CannotConnect` or :class:`Forbidden` if the first connection fails.
@@ -384,33 +389,27 @@ class Client:
         finally:
             self._stopped.set()
 
-    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         attempt = 0  # rounds in which every URL failed, since the last connection
-        give_up_at = trio.current_time() + self.connect_timeout  # the first connection's 503s
+        give_up_at = anyio.current_time() + self.connect_timeout  # the first connection's 503s
         endpoints = self._endpoints
         token_refused = False  # the last handshake's token was refused
         while not self._closing:
-            websocket: WebSocketConnection | None = None
             try:
-                async with trio.open_nursery() as nursery:
-                    websocket = await self._open(nursery)
+                async with await self._open() as transport:
+                    self._transport = transport
                     attempt, token_refused = 0, False
                     endpoints.connected()
                     reconnected = self._started
                     if not reconnected:
                         self._started = True
                         task_status.started()
-                    await self._serve(websocket, reconnected)
-                    # closing: the closing handshake; a dead peer: drop the socket at once
-                    with trio.move_on_after(self.connect_timeout if self._closing else 0):
-                        await websocket.aclose()
-                    nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # trio-websocket raises a rejection from its reader task, hence the group
-                failed, rest = group.split(HANDSHAKE_ERRORS)
-                if rest is not None or failed is None or self._websocket is not None:
-                    raise
-                error = self._handshake_error(_first_leaf(failed))
+                    await self._serve(transport, reconnected)
+                    if self._closing:  # the closing handshake; a dead peer is dropped at once
+                        with anyio.move_on_after(self.connect_timeout):
+                            await transport.aclose()
+            except (Refused, Unreachable, CannotConnect) as exc:
+                error = self._handshake_error(exc)
                 if self._final(error, token_refused):  # waiting would not change it
                     if not self._started:
                         raise error from None
@@ -421,27 +420,26 @@ class Client:
                     continue
                 retry_after = getattr(error, "retry_after", None)
                 failed_url = self.url
-                if endpoints.failed(trio.current_time(), retry_after):
+                if endpoints.failed(anyio.current_time(), retry_after):
                     log.warning("connecting to %s failed: %s; trying %s", failed_url, error,
                                 self.url)  # fmt: skip
                     continue  # another URL, at once
-                delay = max(self.backoff.delay(attempt), endpoints.wait(trio.current_time()))
+                delay = max(self.backoff.delay(attempt), endpoints.wait(anyio.current_time()))
                 if not self._started and not (
-                    isinstance(error, Overloaded) and trio.current_time() + delay < give_up_at
+                    isinstance(error, Overloaded) and anyio.current_time() + delay < give_up_at
                 ):
                     raise error from None
                 log.warning("connecting to %s failed: %s", failed_url, error)
             else:
-                assert websocket is not None
-                ended = self._connection_ended(websocket)
+                ended = self._connection_ended(transport)
                 if ended is not None:
                     self._finish(ended)
                     return
                 delay = self.backoff.delay(attempt)
             attempt += 1
-            delay = max(delay, endpoints.wait(trio.current_time()))
+            delay = max(delay, endpoints.wait(anyio.current_time()))
             log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
-            await trio.sleep(delay)
+            await anyio.sleep(delay)
 
     def _final(self, error: ClientError, token_refused: bool) -> bool:
         """Whether a refused handshake will be refused again however long the client waits:
@@ -453,30 +451,19 @@ class Client:
         fresh_token_may_help = callable(self._token) and self.reconnect and not token_refused
         return not (status in (401, 403) and fresh_token_may_help)
 
-    async def _open(self, nursery: trio.Nursery) -> WebSocketConnection:
-        endpoint = self._endpoints.current
+    async def _open(self) -> AbstractAsyncContextManager[Transport]:
+        """The connection to the current URL, with a fresh token, to enter."""
         token = await self._current_token()
-        headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []
-        with trio.fail_after(self.connect_timeout):
-            stream = await self._open_stream(endpoint)
-            with trio.CancelScope() as handshake:
-                # trio-websocket's reader returns when the peer closes during the handshake,
-                # but never wakes the handshake (trio-websocket issue #199): wake it ourselves.
-                reader_nursery = _OnReturn(nursery, handshake.cancel)
-                websocket = await wrap_client_stream(
-                    cast(trio.Nursery, reader_nursery),
-                    stream,
-                    endpoint.host_header,
-                    endpoint.resource,
-                    subprotocols=[self.encoding.value],
-                    extra_headers=headers,
-                    max_message_size=MAX_MESSAGE_SIZE,
-                )
-        if handshake.cancelled_caught:
-            await trio.aclose_forcefully(stream)
-            raise CannotConnect(f"cannot connect to {self.url}: closed during the handshake")
-        self._websocket = websocket
-        return websocket
+        return open_transport(
+            Handshake(
+                self._endpoints.current,
+                subprotocols=[self.encoding.value],
+                headers=[("Authorization", f"Bearer {token}")] if token else [],
+                ssl_context=self._ssl_context,
+                connect_timeout=self.connect_timeout,
+                max_message_size=MAX_MESSAGE_SIZE,
+            )
+        )
 
     async def _current_token(self) -> str | None:
         """The token to connect with: the one given, or a fresh one from the token function."""
@@ -488,41 +475,15 @@ class Client:
         except Exception as exc:
             raise CannotConnect(f"the token function failed: {exc!r}") from exc
 
-    async def _open_stream(
-        self, endpoint: Endpoint
-    ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-        if not endpoint.tls:
-            return await trio.open_tcp_stream(endpoint.host, endpoint.port)
-        assert self._ssl_context is not None
-        stream = await trio.open_ssl_over_tcp_stream(
-            endpoint.host, endpoint.port, ssl_context=self._ssl_context, https_compatible=True
-        )
-        try:  # here: a failure in trio-websocket's reader hangs (trio-websocket issue #199)
-            await stream.do_handshake()
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        return stream
-
-    def _handshake_error(self, exc: BaseException) -> ClientError:
+    def _handshake_error(self, exc: Refused | Unreachable | CannotConnect) -> ClientError:
+        """The exception for a connection attempt that failed, in the broker's words if it
+        refused."""
         if isinstance(exc, ClientError):
             return exc
-        if isinstance(exc, ConnectionRejected):
-            return self._refused(exc)
-        if isinstance(exc, trio.TooSlowError):
-            reason = f"no handshake within {self.connect_timeout} s"
-        elif isinstance(exc, OSError):
-            reason = _os_reason(exc)
-        elif isinstance(exc, trio.BrokenResourceError):
-            reason = _tls_reason(exc)
-        else:
-            reason = str(exc) or type(exc).__name__
-        return CannotConnect(f"cannot connect to {self.url}: {reason}")
-
-    def _refused(self, rejected: ConnectionRejected) -> ClientError:
-        """The exception for a handshake the broker refused, in the broker's words."""
-        status = rejected.status_code
-        body = (rejected.body or b"").decode("utf-8", "replace").strip()
+        if isinstance(exc, Unreachable):
+            return CannotConnect(f"cannot connect to {self.url}: {exc}")
+        status = exc.status
+        body = exc.body.decode("utf-8", "replace").strip()
         said = f"HTTP {status}: {body}" if body else f"HTTP {status}"
         message = f"cannot connect to {self.url}: the broker refused with {said}"
         if status in (401, 403):
@@ -530,18 +491,18 @@ class Client:
             error.status = status
             return error
         refused = Overloaded if status == 503 else CannotConnect
-        return refused(message, status=status, reason=body, retry_after=_retry_after(rejected))
+        return refused(message, status=status, reason=body, retry_after=_retry_after(exc))
 
-    async def _serve(self, websocket: WebSocketConnection, reconnected: bool) -> None:
+    async def _serve(self, transport: Transport, reconnected: bool) -> None:
         """Run the reader and writer until the connection ends; resubscribe if reconnected."""
-        async with trio.open_nursery() as nursery:
-            self._serve_scope = nursery.cancel_scope
+        async with anyio.create_task_group() as tasks:
+            self._serve_scope = tasks.cancel_scope
             if reconnected:  # the subscriptions go first, ahead of anything queued
-                nursery.start_soon(self._confirm_resubscribed, self._queue_resubscriptions())
-            nursery.start_soon(self._write_loop, websocket, nursery.cancel_scope)
-            nursery.start_soon(self._keepalive_loop, websocket, nursery.cancel_scope)
-            await self._read_loop(websocket)
-            nursery.cancel_scope.cancel()
+                tasks.start_soon(self._confirm_resubscribed, self._queue_resubscriptions())
+            tasks.start_soon(self._write_loop, transport, tasks.cancel_scope)
+            tasks.start_soon(self._keepalive_loop, transport, tasks.cancel_scope)
+            await self._read_loop(transport)
+            tasks.cancel_scope.cancel()
         self._serve_scope = None
 
     def _queue_resubscriptions(self) -> dict[int, tuple[_Route, Pending]]:
@@ -581,7 +542,7 @@ class Client:
     async def _confirm_resubscribed(self, queued: dict[int, tuple[_Route, Pending]]) -> None:
         """Await the resubscriptions' replies, then tell the user we are back."""
         try:
-            with trio.move_on_after(self.reply_timeout):
+            with anyio.move_on_after(self.reply_timeout):
                 for route, pending in queued.values():
                     await pending.done.wait()
                     if pending.reply is not None and pending.reply.get("op") == "err":
@@ -605,27 +566,25 @@ class Client:
         self.reconnects += 1
         log.info("reconnected to %s; %d subscription(s) restored", self.url, len(queued))
         self._reconnected.set()
-        self._reconnected = trio.Event()
+        self._reconnected = anyio.Event()
         if self.on_reconnect is not None:
             _call_hook("on_reconnect", self.on_reconnect, self)
 
-    async def _write_loop(self, websocket: WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _write_loop(self, transport: Transport, scope: anyio.CancelScope) -> None:
         while True:
             batch = await self._outbox.take_batch(MAX_MESSAGE_SIZE)
             for _, pending in batch:
                 if pending is not None:
                     pending.written = True
             try:
-                await websocket.send_message(codec.join([f for f, _ in batch], self.encoding))
-            except ConnectionClosed:
+                await transport.send(codec.join([f for f, _ in batch], self.encoding))
+            except TransportClosed:
                 scope.cancel()
                 return
             finally:
                 self._outbox.sent()
 
-    async def _keepalive_loop(
-        self, websocket: WebSocketConnection, scope: trio.CancelScope
-    ) -> None:
+    async def _keepalive_loop(self, transport: Transport, scope: anyio.CancelScope) -> None:
         """Ping every ``ping_interval``; no pong within as long again means a dead peer.
 
         While the reader waits on a full subscription buffer, pongs are not read either, so a
@@ -635,23 +594,23 @@ class Client:
             return
         try:
             while True:
-                await trio.sleep(self.ping_interval)
+                await anyio.sleep(self.ping_interval)
                 stalls = self._stalls
-                with trio.move_on_after(self.ping_interval) as ping:
-                    await websocket.ping()
+                with anyio.move_on_after(self.ping_interval) as ping:
+                    await transport.ping()
                 if ping.cancelled_caught and not self._stalled and stalls == self._stalls:
                     self._dead_peer = True
                     scope.cancel()
                     return
-        except ConnectionClosed:
+        except TransportClosed:
             return
 
-    async def _read_loop(self, websocket: WebSocketConnection) -> None:
+    async def _read_loop(self, transport: Transport) -> None:
         try:
             while True:
-                for frame in codec.decode(await websocket.get_message()):
+                for frame in codec.decode(await transport.receive()):
                     await self._dispatch(frame)
-        except ConnectionClosed:
+        except TransportClosed:
             return
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
@@ -697,7 +656,7 @@ class Client:
         for subscription in subscriptions:
             try:
                 subscription._deliver_nowait(item)
-            except trio.WouldBlock:
+            except anyio.WouldBlock:
                 log.debug("subscription %r is full: pausing the reader", subscription.pattern)
                 self._stalls += 1
                 self._stalled = True
@@ -706,10 +665,10 @@ class Client:
                 finally:
                     self._stalled = False
 
-    def _connection_ended(self, websocket: WebSocketConnection) -> ClientError | None:
+    def _connection_ended(self, transport: Transport) -> ClientError | None:
         """Fail what was in flight; return the error that ends the client, if this one does."""
-        self._websocket = None
-        closed = None if self._dead_peer else websocket.closed
+        self._transport = None
+        closed = None if self._dead_peer else transport.closed
         code = closed.code if closed is not None else None
         said = (closed.reason or None) if closed is not None else None
         if self._dead_peer:
@@ -749,20 +708,6 @@ class Client:
                 subscription._end(end_with)
 
 
-class _OnReturn:
-    """Starts tasks in ``nursery`` and calls ``then()`` when one returns (not if it raises)."""
-
-    def __init__(self, nursery: trio.Nursery, then: Callable[[], None]) -> None:
-        self._nursery, self._then = nursery, then
-
-    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        async def run() -> None:
-            await fn(*args)
-            self._then()
-
-        self._nursery.start_soon(run)
-
-
 def _call_hook(name: str, hook: Callable[..., object], *args: object) -> None:
     """Call a user's hook from the client's tasks: its failure is logged, never spread."""
     try:
@@ -771,35 +716,13 @@ def _call_hook(name: str, hook: Callable[..., object], *args: object) -> None:
         log.exception("the %s hook failed", name)
 
 
-def _tls_reason(exc: BaseException) -> str:
-    """What broke a TLS handshake: a certificate the client does not trust, most often."""
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {cause.verify_message} (see ca_file)"
-    if isinstance(cause, ssl.SSLError):
-        return f"TLS handshake failed: {cause.reason or cause}"
-    return "the connection closed during the handshake"
-
-
-def _retry_after(rejected: ConnectionRejected) -> float | None:
+def _retry_after(refused: Refused) -> float | None:
     """The seconds of a refusal's ``Retry-After`` header, if it has one in seconds."""
-    for name, value in rejected.headers or ():
-        if name.lower() == b"retry-after":
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None
-    return None
-
-
-def _os_reason(exc: OSError) -> str:
-    """The useful part of a connect error: trio wraps each address's error in a group."""
-    cause = exc.__cause__
-    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        cause = cause.exceptions[0]
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return exc.strerror or str(exc)
+    value = refused.header("Retry-After")
+    try:
+        return None if value is None else max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 @asynccontextmanager
@@ -847,20 +770,16 @@ async def connect(
         ping_interval=ping_interval, ssl_context=ssl_context, ca_file=ca_file,
     )  # fmt: skip
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client.run)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(client.run)
             try:
                 yield client
             finally:
-                with trio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True):
                     await client.aclose()
-                nursery.cancel_scope.cancel()
+                tasks.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         _raise_single(group)
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    return next(_leaves(group))
 
 
 def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:

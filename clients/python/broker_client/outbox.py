@@ -10,7 +10,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+import anyio
 import trio
+
+
+class OutboxFull(anyio.WouldBlock, trio.WouldBlock):
+    """The outbox holds ``outbox_size`` frames: an ``anyio.WouldBlock``, and a
+    ``trio.WouldBlock`` as the client raised before it ran under asyncio too."""
 
 
 class Pending:
@@ -21,7 +27,7 @@ class Pending:
 
     def __init__(self, on_ok: Callable[[dict[str, object]], None] | None = None) -> None:
         self.on_ok = on_ok
-        self.done = trio.Event()
+        self.done = anyio.Event()
         self.reply: dict[str, object] | None = None
         self.error: BaseException | None = None
         self.written = False  # handed to a connection: a drop before the reply loses it
@@ -46,28 +52,28 @@ class Outbox:
         self.max_frames = max_frames
         self._items: deque[Item] = deque()
         self._in_flight = 0
-        self._changed = trio.lowlevel.ParkingLot()
+        self._changed: anyio.Event | None = None  # made when someone waits: set on a change
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put_nowait(self, frame: bytes, pending: Pending | None = None) -> None:
-        """Queue ``frame``; raises ``trio.WouldBlock`` when the outbox is full."""
+        """Queue ``frame``; raises :class:`OutboxFull` when the outbox is full."""
         if len(self._items) >= self.max_frames:
-            raise trio.WouldBlock
+            raise OutboxFull
         self._items.append((frame, pending))
-        self._changed.unpark_all()
+        self._notify()
 
     async def put(self, frame: bytes, pending: Pending | None = None) -> None:
         """Queue ``frame``, waiting for room."""
         while len(self._items) >= self.max_frames:
-            await self._changed.park()
+            await self._wait()
         self.put_nowait(frame, pending)
 
     def put_first(self, items: list[Item]) -> None:
         """Queue ``items`` ahead of everything (resubscriptions after a reconnect)."""
         self._items.extendleft(reversed(items))
-        self._changed.unpark_all()
+        self._notify()
 
     async def take_batch(self, max_bytes: int) -> list[Item]:
         """Wait for frames, then take what is queued, up to ``max_bytes`` (at least one frame).
@@ -76,7 +82,7 @@ class Outbox:
         """
         while True:
             while not self._items:
-                await self._changed.park()
+                await self._wait()
             batch: list[Item] = []
             size = 0
             while self._items and (not batch or size + len(self._items[0][0]) <= max_bytes):
@@ -87,15 +93,26 @@ class Outbox:
                 size += len(frame)
             if batch:
                 self._in_flight = len(batch)
-                self._changed.unpark_all()
+                self._notify()
                 return batch
 
     def sent(self) -> None:
         """The batch from :meth:`take_batch` is written (or lost)."""
         self._in_flight = 0
-        self._changed.unpark_all()
+        self._notify()
 
     async def wait_flushed(self) -> None:
         """Wait until nothing is queued or being written."""
         while self._items or self._in_flight:
-            await self._changed.park()
+            await self._wait()
+
+    async def _wait(self) -> None:
+        """Wait for the next change (a frame queued or taken, a batch written)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None

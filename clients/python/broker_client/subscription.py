@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic
 
-import trio
+import anyio
 
 from broker_client.presence import Join, Leave, PresenceGap
 from broker_client.recovery import Position, Recovery
@@ -78,7 +78,7 @@ class Subscription(Generic[Item]):
         self.dropped = 0
         self.gaps = 0
         self._recovery = recovery
-        self._send, self._receive = trio.open_memory_channel[Item](buffer_size)
+        self._send, self._receive = anyio.create_memory_object_stream[Item](buffer_size)
         self._error: BaseException | None = None
 
     @property
@@ -105,7 +105,7 @@ class Subscription(Generic[Item]):
         error) at the end."""
         try:
             return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
             if self._error is not None:
                 raise self._error from None
             raise StopAsyncIteration from None
@@ -119,13 +119,13 @@ class Subscription(Generic[Item]):
     # --- called by the client ---
 
     def _deliver_nowait(self, item: Item) -> None:
-        """Buffer ``item``; raises ``trio.WouldBlock`` when full."""
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        """Buffer ``item``; raises ``anyio.WouldBlock`` when full."""
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._send.send_nowait(item)  # raises nothing if the consumer is gone
 
     async def _deliver(self, item: Item) -> None:
         """Buffer ``item``, waiting for room (this is the backpressure)."""
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self._send.send(item)
 
     def _lag(self, dropped: int) -> None:
@@ -150,3 +150,4 @@ class Subscription(Generic[Item]):
     def _discard(self) -> None:
         """The consumer left: close the buffer so the reader never waits on it."""
         self._receive.close()
+        self._send.close()
