@@ -1,16 +1,22 @@
-"""The Python client against a real broker over loopback: round trips, errors, backpressure."""
+"""The Python client against a real broker over loopback: round trips, errors, backpressure.
+
+Every async test runs under asyncio and under Trio (anyio's plugin). The broker runs in its
+own process, one per config, shared by the module's tests; what it does not do on cue (refuse
+with a status, stay silent, hang up) a scripted server does (``tests/fake_server.py``).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
 
-from broker.io.server import Broker
+from broker.pytest_plugin import BrokerProcess
 from broker_client import (
     BadRequest,
     BrokerError,
@@ -29,21 +35,48 @@ from broker_client import (
     UnknownOp,
     connect,
 )
+from broker_client.codec import Encoding, decode, encode
 from broker_client.errors import error_from_frame
-from tests.helpers import make_config, start_broker, wait_until
+from tests.anyio_helpers import METRICS, wait_for_subscriptions, wait_until
+from tests.fake_server import Request, start_fake
+
+pytestmark = pytest.mark.anyio
+
+LIMITED = "[limits]\nmax_payload = 100\nmax_subscriptions = 1\n"
+LAGGING = """
+[limits]
+queue_messages = 4
+
+[[topics]]
+pattern = "ticks"
+on_full = "drop_newest"
+"""
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[BrokerProcess]:
+    """The module's broker: the defaults, and ``/connz``."""
+    with BrokerProcess(METRICS) as process:
+        yield process
+
+
+@pytest.fixture
+async def client(broker: BrokerProcess) -> AsyncIterator[Client]:
+    async with connect(broker.url) as client:
+        yield client
 
 
 async def next_message(subscription: Any) -> Any:
-    with trio.fail_after(5):
+    with anyio.fail_after(5):
         return await subscription.receive()
 
 
 @pytest.mark.parametrize("encoding", ["msgpack", "json"])
 async def test_publish_reaches_a_subscriber_in_either_encoding(
-    broker_url: str, encoding: str
+    broker: BrokerProcess, encoding: str
 ) -> None:
     async with (
-        connect(broker_url, encoding=encoding) as client,
+        connect(broker.url, encoding=encoding) as client,
         client.subscribe("orders.*") as sub,
     ):
         await client.publish("orders.created", {"id": 7, "items": ["a", None, 1.5]})
@@ -53,22 +86,22 @@ async def test_publish_reaches_a_subscriber_in_either_encoding(
     assert msg.offset is None
 
 
-async def test_msgpack_carries_bytes(broker_client: Client) -> None:
-    async with broker_client.subscribe("blobs.>") as sub:
-        await broker_client.publish("blobs.png.small", b"\x89PNG\x00")
+async def test_msgpack_carries_bytes(client: Client) -> None:
+    async with client.subscribe("blobs.>") as sub:
+        await client.publish("blobs.png.small", b"\x89PNG\x00")
         assert (await next_message(sub)).data == b"\x89PNG\x00"
 
 
-async def test_json_refuses_bytes_at_once(broker_url: str) -> None:
-    async with connect(broker_url, encoding="json") as client:
+async def test_json_refuses_bytes_at_once(broker: BrokerProcess) -> None:
+    async with connect(broker.url, encoding="json") as client:
         with pytest.raises(TypeError):
             await client.publish("blobs", b"raw")
 
 
-async def test_publish_nowait_messages_arrive_in_order(broker_url: str) -> None:
+async def test_publish_nowait_messages_arrive_in_order(broker: BrokerProcess) -> None:
     async with (
-        connect(broker_url) as publisher,
-        connect(broker_url) as subscriber,
+        connect(broker.url) as publisher,
+        connect(broker.url) as subscriber,
         subscriber.subscribe("metrics.cpu") as sub,
     ):
         for n in range(100):
@@ -76,48 +109,48 @@ async def test_publish_nowait_messages_arrive_in_order(broker_url: str) -> None:
         assert [(await next_message(sub)).data for _ in range(100)] == list(range(100))
 
 
-async def test_publish_nowait_is_flushed_when_the_client_closes(broker_client: Client) -> None:
-    async with broker_client.subscribe("last.words") as sub:
-        async with connect(broker_client.url) as short_lived:
+async def test_publish_nowait_is_flushed_when_the_client_closes(client: Client) -> None:
+    async with client.subscribe("last.words") as sub:
+        async with connect(client.url) as short_lived:
             short_lived.publish_nowait("last.words", "bye")
         assert (await next_message(sub)).data == "bye"
 
 
 async def test_publish_nowait_raises_would_block_when_the_outbox_is_full(
-    broker_url: str,
+    broker: BrokerProcess,
 ) -> None:
-    async with connect(broker_url, outbox_size=3) as client:
+    async with connect(broker.url, outbox_size=3) as client:
         for n in range(3):
             client.publish_nowait("metrics", n)  # no checkpoint: the writer has not run yet
-        with pytest.raises(trio.WouldBlock):
+        with pytest.raises(anyio.WouldBlock) as full:
             client.publish_nowait("metrics", 3)
+        assert isinstance(full.value, trio.WouldBlock)  # as it was when the client was Trio's
 
 
 async def test_two_subscriptions_to_one_pattern_each_get_every_message(
-    broker: Broker, broker_client: Client
+    broker: BrokerProcess, client: Client
 ) -> None:
-    async with broker_client.subscribe("chat.>") as first:
-        async with broker_client.subscribe("chat.>") as second:
-            await broker_client.publish("chat.room", 1)
+    async with client.subscribe("chat.>") as first:
+        async with client.subscribe("chat.>") as second:
+            await client.publish("chat.room", 1)
             assert (await next_message(first)).data == 1
             assert (await next_message(second)).data == 1
-        await broker_client.publish("chat.room", 2)
+        await client.publish("chat.room", 2)
         assert (await next_message(first)).data == 2
-    await wait_until(lambda: all(not c.subscriptions for c in broker.connections))
+    await wait_for_subscriptions(broker, lambda subscribed: not any(subscribed))
 
 
 async def test_leaving_the_subscribe_block_unsubscribes(
-    broker: Broker, broker_client: Client
+    broker: BrokerProcess, client: Client
 ) -> None:
-    async with broker_client.subscribe("a.*"):
-        (connection,) = broker.connections
-        assert set(connection.subscriptions) == {"a.*"}
-    await wait_until(lambda: not connection.subscriptions)
+    async with client.subscribe("a.*"):
+        await wait_for_subscriptions(broker, lambda subscribed: {"a.*"} in subscribed)
+    await wait_for_subscriptions(broker, lambda subscribed: {"a.*"} not in subscribed)
 
 
-async def test_async_for_ends_when_the_client_closes(broker_url: str) -> None:
+async def test_async_for_ends_when_the_client_closes(broker: BrokerProcess) -> None:
     received = []
-    async with connect(broker_url) as client, client.subscribe("news") as sub:
+    async with connect(broker.url) as client, client.subscribe("news") as sub:
         await client.publish("news", "one")
         await client.aclose()
         async for msg in sub:
@@ -128,26 +161,31 @@ async def test_async_for_ends_when_the_client_closes(broker_url: str) -> None:
 # --- errors ---
 
 
-async def test_an_error_in_the_block_propagates_as_it_is(broker_url: str) -> None:
+async def test_an_error_in_the_block_propagates_as_it_is(broker: BrokerProcess) -> None:
     with pytest.raises(KeyError, match="mine"):
-        async with connect(broker_url):
+        async with connect(broker.url):
             raise KeyError("mine")
 
 
-async def test_broker_errors_carry_code_and_message(broker_client: Client) -> None:
+async def test_broker_errors_carry_code_and_message(client: Client) -> None:
     with pytest.raises(InvalidTopic) as caught:
-        await broker_client.publish("orders.*", 1)
+        await client.publish("orders.*", 1)
     assert caught.value.code == "invalid_topic"
     assert "wildcard" in caught.value.message
     with pytest.raises(InvalidTopic):
-        async with broker_client.subscribe("a.>.b"):
+        async with client.subscribe("a.>.b"):
             pass
-    await broker_client.publish("still.usable", 1)
+    await client.publish("still.usable", 1)
 
 
-async def test_too_large_and_too_many_subscriptions(nursery: trio.Nursery) -> None:
-    broker = await start_broker(nursery, make_config(max_payload=100, max_subscriptions=1))
-    async with connect(broker.url) as client:
+@pytest.fixture(scope="module")
+def limited_broker() -> Iterator[BrokerProcess]:
+    with BrokerProcess(LIMITED) as process:
+        yield process
+
+
+async def test_too_large_and_too_many_subscriptions(limited_broker: BrokerProcess) -> None:
+    async with connect(limited_broker.url) as client:
         with pytest.raises(TooLarge) as caught:
             await client.publish("big", "x" * 200)
         assert caught.value.code == "too_large"
@@ -175,89 +213,81 @@ def test_an_unknown_error_code_is_still_a_broker_error() -> None:
     assert error.code == "new_code"
 
 
-async def test_unreachable_broker_raises_cannot_connect(nursery: trio.Nursery) -> None:
-    broker = await start_broker(nursery, make_config())
-    port = broker.port
-    broker.shutdown()
-    await broker.wait_stopped()
-    with pytest.raises(CannotConnect, match=f"cannot connect to ws://127.0.0.1:{port}"):
-        async with connect(f"ws://127.0.0.1:{port}"):
+async def test_unreachable_broker_raises_cannot_connect(unreachable_url: str) -> None:
+    with pytest.raises(CannotConnect, match=f"cannot connect to {unreachable_url}: "):
+        async with connect(unreachable_url):
             pass  # pragma: no cover
-
-
-Handler = Callable[[WebSocketRequest], Awaitable[None]]
-
-
-async def fake_broker(nursery: trio.Nursery, handler: Handler) -> str:
-    """A WebSocket server running ``handler``: for what the real broker does not do (yet)."""
-    server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-    return f"ws://127.0.0.1:{server.port}/"
 
 
 @pytest.mark.parametrize("status", [401, 403])
 async def test_handshake_rejected_with_401_or_403_is_forbidden(
-    nursery: trio.Nursery, status: int
+    task_group: anyio.abc.TaskGroup, status: int
 ) -> None:
-    async def reject(request: WebSocketRequest) -> None:
+    async def reject(request: Request) -> None:
         await request.reject(status, body=b"bad token")
 
-    url = await fake_broker(nursery, reject)
+    url = await start_fake(task_group, reject)
     with pytest.raises(Forbidden, match=f"refused with HTTP {status}: bad token") as refused:
         async with connect(url, token="expired"):
             pass  # pragma: no cover
     assert refused.value.status == status
 
 
-async def test_token_is_sent_as_a_bearer_header(nursery: trio.Nursery) -> None:
+async def test_token_is_sent_as_a_bearer_header(task_group: anyio.abc.TaskGroup) -> None:
     headers: list[tuple[bytes, bytes]] = []
 
-    async def accept(request: WebSocketRequest) -> None:
+    async def accept(request: Request) -> None:
         headers.extend(request.headers)
         await request.accept(subprotocol="pubsub.v1.msgpack")
 
-    async with connect(await fake_broker(nursery, accept), token="s3cret"):
+    async with connect(await start_fake(task_group, accept), token="s3cret"):
         pass
     assert (b"authorization", b"Bearer s3cret") in headers
 
 
-async def test_close_4003_ends_the_client_with_forbidden(
-    broker: Broker, broker_client: Client
-) -> None:
-    async with broker_client.subscribe("private.>") as sub:
-        (connection,) = broker.connections
-        connection.close(4003, "token expired")
-        with pytest.raises(Forbidden, match="token expired"), trio.fail_after(5):
-            async for _ in sub:
-                pass  # pragma: no cover
-    with pytest.raises(Forbidden):
-        await broker_client.publish("private.x", 1)
+async def test_close_4003_ends_the_client_with_forbidden(task_group: anyio.abc.TaskGroup) -> None:
+    async def expire_after_the_sub(request: Request) -> None:
+        peer = await request.accept(subprotocol="pubsub.v1.msgpack")
+        (sub,) = decode(await peer.get_message())
+        await peer.send_message(encode({"op": "ok", "id": sub["id"]}, Encoding.MSGPACK))
+        await peer.aclose(4003, "token expired")
+
+    async with connect(await start_fake(task_group, expire_after_the_sub)) as client:
+        async with client.subscribe("private.>") as sub:
+            with pytest.raises(Forbidden, match="token expired") as ended, anyio.fail_after(5):
+                async for _ in sub:
+                    pass  # pragma: no cover
+        assert (ended.value.close_code, ended.value.close_reason) == (4003, "token expired")
+        with pytest.raises(Forbidden):
+            await client.publish("private.x", 1)
 
 
-async def test_silent_broker_gives_reply_timeout(nursery: trio.Nursery) -> None:
-    async def never_reply(request: WebSocketRequest) -> None:
-        websocket = await request.accept(subprotocol="pubsub.v1.msgpack")
-        await trio.sleep_forever()
-        del websocket
+async def test_silent_broker_gives_reply_timeout(task_group: anyio.abc.TaskGroup) -> None:
+    async def never_reply(request: Request) -> None:
+        peer = await request.accept(subprotocol="pubsub.v1.msgpack")
+        while True:  # until the client closes
+            await peer.get_message()
 
-    async with connect(await fake_broker(nursery, never_reply), reply_timeout=0.05) as client:
+    url = await start_fake(task_group, never_reply)
+    async with connect(url, reply_timeout=0.05) as client:
         with pytest.raises(ReplyTimeout, match=r"no reply to pub 'x' within 0\.05 s"):
             await client.publish("x", 1)
 
 
-async def test_drop_after_sending_raises_connection_lost(nursery: trio.Nursery) -> None:
-    async def hang_up(request: WebSocketRequest) -> None:
-        websocket = await request.accept(subprotocol="pubsub.v1.msgpack")
-        await websocket.get_message()
-        await websocket.aclose(1011, "gone")
+async def test_drop_after_sending_raises_connection_lost(task_group: anyio.abc.TaskGroup) -> None:
+    async def hang_up(request: Request) -> None:
+        peer = await request.accept(subprotocol="pubsub.v1.msgpack")
+        await peer.get_message()
+        await peer.aclose(1011, "gone")
 
-    async with connect(await fake_broker(nursery, hang_up), reconnect=False) as client:
+    async with connect(await start_fake(task_group, hang_up), reconnect=False) as client:
         with pytest.raises(ConnectionLost) as caught:
             await client.publish("x", 1)
-        assert caught.value.close_code == 1011
+        assert (caught.value.close_code, caught.value.close_reason) == (1011, "gone")
 
 
-async def test_using_a_closed_client_raises_closed(broker_url: str) -> None:
-    async with connect(broker_url) as client:
+async def test_using_a_closed_client_raises_closed(broker: BrokerProcess) -> None:
+    async with connect(broker.url) as client:
         pass
     with pytest.raises(Closed):
         await client.publish("x", 1)
@@ -269,10 +299,10 @@ async def test_using_a_closed_client_raises_closed(broker_url: str) -> None:
 
 
 async def test_slow_consumer_buffer_is_bounded_and_loses_nothing_under_block(
-    broker_url: str,
+    broker: BrokerProcess,
 ) -> None:
-    async with connect(broker_url, buffer_size=4) as client, client.subscribe("ticks") as sub:
-        async with connect(broker_url) as publisher:
+    async with connect(broker.url, buffer_size=4) as client, client.subscribe("ticks") as sub:
+        async with connect(broker.url) as publisher:
             for n in range(50):
                 await publisher.publish("ticks", n)
         await wait_until(lambda: sub.buffered == 4)
@@ -281,18 +311,23 @@ async def test_slow_consumer_buffer_is_bounded_and_loses_nothing_under_block(
         assert sub.dropped == 0
 
 
+@pytest.fixture(scope="module")
+def lagging_broker() -> Iterator[BrokerProcess]:
+    with BrokerProcess(LAGGING) as process:
+        yield process
+
+
 async def test_lag_notices_add_to_dropped_and_log_a_warning(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+    lagging_broker: BrokerProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
     count, payload = 200, b"x" * 65536  # 13 MB: more than loopback buffers hold
-    config = make_config({"ticks": "drop_newest"}, queue_messages=4)
-    broker = await start_broker(nursery, config)
+    url = lagging_broker.url
     received: list[int] = []
-    async with connect(broker.url, buffer_size=1) as client, client.subscribe("ticks") as sub:
-        async with connect(broker.url) as publisher:
+    async with connect(url, buffer_size=1) as client, client.subscribe("ticks") as sub:
+        async with connect(url) as publisher:
             for n in range(count):
                 await publisher.publish("ticks", [n, payload])
-        async with trio.open_nursery() as consumer:  # only now does the subscriber read
+        async with anyio.create_task_group() as consumer:  # only now does the subscriber read
 
             async def consume() -> None:
                 async for msg in sub:
