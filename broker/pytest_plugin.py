@@ -136,8 +136,9 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         """Start ``broker serve`` and return once it listens (raises ``RuntimeError`` with its
         log if it exits or takes over :data:`PROCESS_TIMEOUT` seconds)."""
-        if self.process is not None:
+        if self.running:
             raise RuntimeError("the broker process is running already")
+        self._reaped()
         command = [sys.executable, "-m", "broker", "serve", "--config", str(self.config_path),
                    "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
         with self.log_path.open("ab") as log:
@@ -166,16 +167,22 @@ class BrokerProcess:
         self.metrics_url, self.api_url = found.get("metrics_url"), found.get("api_url")
         return self
 
+    @property
+    def running(self) -> bool:
+        """True from :meth:`start` until the process exits."""
+        return self.process is not None and self.process.poll() is None
+
     def terminate(self) -> None:
         """Send SIGTERM: the broker closes its clients with 1001, drains and exits."""
-        if self.process is not None and self.process.poll() is None:
+        if self.running:
+            assert self.process is not None
             self.process.send_signal(signal.SIGTERM)
 
     async def wait_stopped(self) -> int:
         """Wait for the process to exit (after :meth:`terminate`); its exit status. Under
         anyio, so from asyncio or Trio."""
         with anyio.fail_after(PROCESS_TIMEOUT):
-            while self.process is not None and self.process.poll() is None:  # noqa: ASYNC110
+            while self.running:  # noqa: ASYNC110
                 await anyio.sleep(0.005)  # a child's exit has no event to wait on here
         return self._reaped()
 

@@ -1,24 +1,31 @@
-"""Reconnecting: the backoff policy, and a client that outlives its broker's restart."""
+"""Reconnecting: the backoff policy, and a client that outlives its broker's restart.
+
+Every async test runs under asyncio and under Trio; the broker is a process of its own, which
+the tests stop (SIGTERM: it closes its clients with 1001) and start again on the same port.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterator
 
+import anyio
+import anyio.abc
 import pytest
-import trio
-from trio_websocket import WebSocketRequest, serve_websocket
 
-from broker.io.server import Broker
+from broker.pytest_plugin import BrokerProcess
 from broker_client import (
     Backoff,
     Client,
     ConnectionLost,
     Forbidden,
     Message,
-    ReplyTimeout,
     connect,
 )
-from tests.helpers import make_config, start_broker, wait_until
+from broker_client.codec import Encoding, decode, encode
+from tests.anyio_helpers import METRICS, subscriptions, wait_until
+from tests.fake_server import Request, start_fake
+
+pytestmark = pytest.mark.anyio
 
 TINY = Backoff(base=0.001, max=0.01)
 
@@ -46,28 +53,33 @@ def test_backoff_rejects_nonsense(kwargs: dict[str, float]) -> None:
         Backoff(**kwargs)
 
 
-async def restart(nursery: trio.Nursery, broker: Broker) -> Broker:
-    """Stop ``broker`` and start a new one on the same port."""
-    broker.shutdown()
-    await broker.wait_stopped()
-    assert broker.port is not None
-    server = dataclasses.replace(broker.config.server, port=broker.port)
-    return await start_broker(nursery, broker.config.replace(server=server))
+@pytest.fixture(scope="module")
+def module_broker() -> Iterator[BrokerProcess]:
+    with BrokerProcess(METRICS) as process:
+        yield process
+
+
+@pytest.fixture
+def broker(module_broker: BrokerProcess) -> BrokerProcess:
+    """The module's broker (``/connz`` on), for the test to stop and start again: started
+    again first if the last test left it stopped."""
+    if not module_broker.running:
+        module_broker.start()
+    return module_broker
 
 
 async def test_subscriber_async_for_carries_on_across_a_broker_restart(
-    nursery: trio.Nursery,
+    broker: BrokerProcess, task_group: anyio.abc.TaskGroup
 ) -> None:
-    broker = await start_broker(nursery, make_config())
     url = broker.url
-    reconnected = trio.Event()
+    reconnected = anyio.Event()
     hooked: list[Client] = []
 
     def on_reconnect(client: Client) -> None:
         hooked.append(client)
         reconnected.set()
 
-    received_send, received = trio.open_memory_channel[Message](10)
+    received_send, received = anyio.create_memory_object_stream[Message](10)
     async with (
         connect(url, backoff=TINY, on_reconnect=on_reconnect) as client,
         client.subscribe("news.*") as sub,
@@ -78,89 +90,98 @@ async def test_subscriber_async_for_carries_on_across_a_broker_restart(
             async for msg in sub:
                 await received_send.send(msg)
 
-        nursery.start_soon(consume)
+        task_group.start_soon(consume)
         async with connect(url) as publisher:
             await publisher.publish("news.a", "before")
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             assert (await received.receive()).data == "before"
 
-        broker = await restart(nursery, broker)
-        with trio.fail_after(5):
+        await broker.restart()
+        with anyio.fail_after(5):
             await reconnected.wait()
         assert hooked == [client]
         assert client.reconnects == 1
-        (connection,) = broker.connections
-        assert set(connection.subscriptions) == {"news.*", "alerts"}  # none lost
+        assert await subscriptions(broker) == [{"news.*", "alerts"}]  # none lost
 
         async with connect(url) as publisher:
             await publisher.publish("news.b", "after")
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             assert (await received.receive()).data == "after"
         await client.publish("news.c", "own")  # and it publishes again
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             assert (await received.receive()).data == "own"
 
 
 async def test_publish_during_the_outage_is_sent_after_reconnecting(
-    nursery: trio.Nursery,
+    broker: BrokerProcess,
 ) -> None:
-    broker = await start_broker(nursery, make_config())
     backoff = Backoff(base=0.05, max=0.05)
     async with connect(broker.url, backoff=backoff) as client, client.subscribe("jobs") as sub:
-        broker.shutdown()
+        broker.terminate()
         await broker.wait_stopped()
         await wait_until(lambda: not client.connected)
         client.publish_nowait("jobs", 1)
-        async with trio.open_nursery() as inner:
+        async with anyio.create_task_group() as inner:
             inner.start_soon(client.publish, "jobs", 2)  # waits in the outbox
-            broker = await restart(nursery, broker)
-        with trio.fail_after(5):
+            broker.start()  # on the same port
+        with anyio.fail_after(5):
             assert [(await sub.receive()).data for _ in range(2)] == [1, 2]
 
 
 async def test_reconnect_off_ends_the_async_for_with_connection_lost(
-    nursery: trio.Nursery,
+    broker: BrokerProcess,
 ) -> None:
-    broker = await start_broker(nursery, make_config())
     async with connect(broker.url, reconnect=False) as client, client.subscribe("x") as sub:
-        broker.shutdown()
-        with pytest.raises(ConnectionLost) as caught, trio.fail_after(5):
+        broker.terminate()
+        with pytest.raises(ConnectionLost) as caught, anyio.fail_after(5):
             async for _ in sub:
                 pass  # pragma: no cover
-        assert caught.value.close_code == 1001
+        assert (caught.value.close_code, caught.value.close_reason) == (
+            1001,
+            "server shutting down",
+        )
         with pytest.raises(ConnectionLost):
             await client.publish("x", 1)
+    await broker.wait_stopped()
 
 
-async def test_forbidden_close_stops_reconnecting(broker: Broker) -> None:
-    async with connect(broker.url, backoff=TINY) as client, client.subscribe("x") as sub:
-        (connection,) = broker.connections
-        connection.close(4003, "token expired")
-        with pytest.raises(Forbidden), trio.fail_after(5):
+async def test_forbidden_close_stops_reconnecting(task_group: anyio.abc.TaskGroup) -> None:
+    accepted = 0
+
+    async def expire_after_the_sub(request: Request) -> None:
+        nonlocal accepted
+        accepted += 1
+        peer = await request.accept(subprotocol="pubsub.v1.msgpack")
+        (sub,) = decode(await peer.get_message())
+        await peer.send_message(encode({"op": "ok", "id": sub["id"]}, Encoding.MSGPACK))
+        await peer.aclose(4003, "token expired")
+
+    url = await start_fake(task_group, expire_after_the_sub)
+    async with connect(url, backoff=TINY) as client, client.subscribe("x") as sub:
+        with pytest.raises(Forbidden), anyio.fail_after(5):
             await sub.receive()
-        assert client.reconnects == 0
-        await wait_until(lambda: not broker.connections)  # and it does not come back
+        assert (client.reconnects, client.connected, accepted) == (0, False, 1)
 
 
 async def test_peer_that_stops_answering_pings_is_dropped_and_reconnected(
-    nursery: trio.Nursery,
+    task_group: anyio.abc.TaskGroup, caplog: pytest.LogCaptureFixture
 ) -> None:
-    accepted: list[object] = []
-    second = trio.Event()
+    accepted = 0
+    second = anyio.Event()
 
-    async def never_read(request: WebSocketRequest) -> None:
-        # Its reader stalls once its one-message queue is full, so pings go unanswered.
-        accepted.append(await request.accept(subprotocol="pubsub.v1.msgpack"))
-        if len(accepted) == 2:
-            second.set()
-        await trio.sleep_forever()
+    async def stop_reading_the_first(request: Request) -> None:
+        nonlocal accepted
+        accepted += 1
+        peer = await request.accept(subprotocol="pubsub.v1.msgpack")
+        if accepted == 1:
+            await anyio.sleep_forever()  # reads nothing: its pings go unanswered
+        second.set()
+        while True:  # reads, and answers pings, until the client closes
+            await peer.get_message()
 
-    server = await nursery.start(serve_websocket, never_read, "127.0.0.1", 0, None)
-    url = f"ws://127.0.0.1:{server.port}/"
-    async with connect(url, backoff=TINY, ping_interval=0.05, reply_timeout=0.05) as client:
-        for n in range(3):  # one WebSocket message each
-            with pytest.raises(ReplyTimeout):
-                await client.publish("x", n)
-        with trio.fail_after(5):
+    url = await start_fake(task_group, stop_reading_the_first)
+    async with connect(url, backoff=TINY, ping_interval=0.05) as client:
+        with anyio.fail_after(5):
             await second.wait()
-        assert client.reconnects <= 1
+        await wait_until(lambda: client.reconnects == 1)
+    assert "lost (no pong within 0.05 s); reconnecting" in caplog.text

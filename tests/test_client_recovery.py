@@ -1,25 +1,60 @@
 """The Python client resumes subscriptions after a reconnect: every message once, in order,
 and a loud signal (``recovered``, ``gaps``, ``on_gap``, a warning) when it cannot.
 
-The client reaches the broker through a :class:`~tests.proxy.Proxy` that the tests cut.
+The client reaches the broker through a :class:`~tests.anyio_proxy.Proxy` that the tests cut.
+Every async test runs under asyncio and under Trio, against broker processes whose ``chat.>``
+topics keep history, each test on a topic of its own (so its offsets start at 1).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 
+import anyio
+import anyio.abc
 import pytest
-import trio
-import trio.testing
 
-from broker.io.server import Broker
+from broker.pytest_plugin import BrokerProcess
 from broker_client import Backoff, Client, Message, Position, Subscription, connect
 from broker_client.recovery import Recovery
-from tests.helpers import start_broker, wait_until
-from tests.proxy import Proxy
-from tests.test_recovery import TOPIC, history_config
+from tests.anyio_helpers import wait_until
+from tests.anyio_proxy import Proxy, start_proxy
+
+pytestmark = pytest.mark.anyio
 
 TINY = Backoff(base=0.001, max=0.01)
+TOPIC = "chat.room"  # the pure tests' topic
+
+
+def history(size: int = 1000) -> str:
+    """The config of brokers whose ``chat.>`` topics keep ``size`` messages."""
+    return f'[[topics]]\npattern = "chat.>"\non_full = "block"\nhistory_size = {size}\n'
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[BrokerProcess]:
+    with BrokerProcess(history()) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def topics() -> Iterator[str]:
+    return (f"chat.t{n}" for n in itertools.count())
+
+
+@pytest.fixture
+def topic(topics: Iterator[str]) -> str:
+    """A topic with history that no test used before."""
+    return next(topics)
+
+
+@pytest.fixture
+async def proxy(broker: BrokerProcess, task_group: anyio.abc.TaskGroup) -> Proxy:
+    """A proxy in front of the module's broker."""
+    return await start_proxy(task_group, broker.port)
+
 
 # --- the pure part ---
 
@@ -99,36 +134,28 @@ def test_a_topic_without_history_is_told_at_each_reconnect_what_it_missed() -> N
 # --- against the broker ---
 
 
-async def start_proxy(nursery: trio.Nursery, broker: Broker) -> Proxy:
-    assert broker.port is not None
-    proxy: Proxy = await nursery.start(Proxy(broker.port).serve)
-    return proxy
-
-
 async def test_async_for_sees_every_offset_once_in_order_across_cuts_during_publishing(
-    nursery: trio.Nursery,
+    broker: BrokerProcess, proxy: Proxy, topic: str, task_group: anyio.abc.TaskGroup
 ) -> None:
-    broker = await start_broker(nursery, history_config())
-    proxy = await start_proxy(nursery, broker)
     received: list[Message] = []
     published = 0
-    stop = trio.Event()
+    stop = anyio.Event()
 
     async def publish_until_stopped() -> None:
         nonlocal published
         async with connect(broker.url) as publisher:
             while not stop.is_set():
-                await publisher.publish(TOPIC, published)
+                await publisher.publish(topic, published)
                 published += 1
 
-    async with connect(proxy.url, backoff=TINY) as client, client.subscribe(TOPIC) as sub:
+    async with connect(proxy.url, backoff=TINY) as client, client.subscribe(topic) as sub:
 
         async def consume() -> None:
             async for msg in sub:
                 received.append(msg)
 
-        nursery.start_soon(consume)
-        async with trio.open_nursery() as publishing:
+        task_group.start_soon(consume)
+        async with anyio.create_task_group() as publishing:
             publishing.start_soon(publish_until_stopped)
             for cut in range(1, 4):
                 await wait_until(lambda: len(received) >= 50 * cut)  # noqa: B023
@@ -146,10 +173,8 @@ async def test_async_for_sees_every_offset_once_in_order_across_cuts_during_publ
 
 
 async def test_a_broker_restart_is_a_new_epoch_reported_as_a_gap_and_delivery_goes_on(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+    broker: BrokerProcess, proxy: Proxy, topic: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    broker = await start_broker(nursery, history_config())
-    proxy = await start_proxy(nursery, broker)
     gaps: list[tuple[Subscription, str]] = []
 
     def on_gap(subscription: Subscription, why: str) -> None:
@@ -157,20 +182,17 @@ async def test_a_broker_restart_is_a_new_epoch_reported_as_a_gap_and_delivery_go
 
     async with (
         connect(proxy.url, backoff=TINY, on_gap=on_gap) as client,
-        client.subscribe(TOPIC) as sub,
+        client.subscribe(topic) as sub,
     ):
         async with connect(broker.url) as publisher:
             for n in range(3):
-                await publisher.publish(TOPIC, n)
-        with trio.fail_after(5):
+                await publisher.publish(topic, n)
+        with anyio.fail_after(5):
             assert [(await sub.receive()).offset for _ in range(3)] == [1, 2, 3]
         old_epoch = sub.position.epoch if sub.position else None
 
         proxy.down()
-        broker.shutdown()
-        restarted = await start_broker(nursery, history_config())
-        assert restarted.port is not None
-        proxy.target_port = restarted.port
+        await broker.restart()  # its history was in memory: gone
         proxy.up()
         await wait_until(lambda: client.reconnects == 1)
 
@@ -179,60 +201,63 @@ async def test_a_broker_restart_is_a_new_epoch_reported_as_a_gap_and_delivery_go
         assert gapped is sub and "new epoch" in why
         assert any("messages may be missing" in r.getMessage() for r in caplog.records
                    if r.levelno == logging.WARNING)  # fmt: skip
-        async with connect(restarted.url) as publisher:
-            await publisher.publish(TOPIC, "fresh")
-        with trio.fail_after(5):
+        async with connect(broker.url) as publisher:
+            await publisher.publish(topic, "fresh")
+        with anyio.fail_after(5):
             msg = await sub.receive()
         assert (msg.data, msg.offset) == ("fresh", 1)  # offset 1 again, not taken for a repeat
         assert sub.position is not None and sub.position.epoch != old_epoch
 
 
+@pytest.fixture(scope="module")
+def small_broker() -> Iterator[BrokerProcess]:
+    with BrokerProcess(history(size=5)) as process:
+        yield process
+
+
 async def test_evicted_messages_are_a_gap_and_the_kept_tail_is_still_delivered(
-    nursery: trio.Nursery,
+    small_broker: BrokerProcess, topic: str, task_group: anyio.abc.TaskGroup
 ) -> None:
-    broker = await start_broker(nursery, history_config(size=5))
-    proxy = await start_proxy(nursery, broker)
+    proxy = await start_proxy(task_group, small_broker.port)
     async with (
         connect(proxy.url, backoff=TINY) as client,
-        client.subscribe(TOPIC) as sub,
-        connect(broker.url) as publisher,
+        client.subscribe(topic) as sub,
+        connect(small_broker.url) as publisher,
     ):
-        await publisher.publish(TOPIC, 0)
-        with trio.fail_after(5):
+        await publisher.publish(topic, 0)
+        with anyio.fail_after(5):
             assert (await sub.receive()).offset == 1
         proxy.down()
         for n in range(1, 21):
-            await publisher.publish(TOPIC, n)  # offsets 2..21; 17..21 kept
+            await publisher.publish(topic, n)  # offsets 2..21; 17..21 kept
         proxy.up()
         await wait_until(lambda: client.reconnects == 1)
         assert sub.recovered is False and sub.gaps == 1
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             assert [(await sub.receive()).offset for _ in range(5)] == [17, 18, 19, 20, 21]
 
 
 async def test_a_reconnect_is_never_silent_for_what_cannot_recover(
-    nursery: trio.Nursery,
+    broker: BrokerProcess, proxy: Proxy, topic: str
 ) -> None:
-    broker = await start_broker(nursery, history_config())
-    proxy = await start_proxy(nursery, broker)
     async with (
         connect(proxy.url, backoff=TINY) as client,
         client.subscribe("chat.>") as wildcard,
         client.subscribe("news.>") as no_history,
-        client.subscribe(TOPIC) as concrete,
+        client.subscribe(topic) as concrete,
         connect(broker.url) as publisher,
     ):
-        await publisher.publish(TOPIC, "a")
+        await publisher.publish(topic, "a")
         await publisher.publish("news.x", "b")
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             for sub in (wildcard, no_history, concrete):
                 await sub.receive()
         await reconnect_through(proxy, client)
         assert (wildcard.recovered, wildcard.gaps) == (False, 1)
         assert (no_history.recovered, no_history.gaps) == (False, 1)  # told, not silent
         assert (concrete.recovered, concrete.gaps) == (True, 0)
-        await publisher.publish(TOPIC, "after")  # the wildcard is live again
-        with trio.fail_after(5):
+        await publisher.publish(topic, "after")  # the wildcard is live again
+        with anyio.fail_after(5):
             assert (await wildcard.receive()).data == "after"
 
 
@@ -246,24 +271,22 @@ async def reconnect_through(proxy: Proxy, client: Client) -> None:
 
 
 async def test_a_message_whose_delivery_a_drop_cancelled_is_asked_for_again(
-    nursery: trio.Nursery,
+    broker: BrokerProcess, proxy: Proxy, topic: str
 ) -> None:
-    broker = await start_broker(nursery, history_config())
-    proxy = await start_proxy(nursery, broker)
     async with (
         connect(proxy.url, backoff=TINY, buffer_size=1) as client,
-        client.subscribe(TOPIC) as sub,
+        client.subscribe(topic) as sub,
         connect(broker.url) as publisher,
     ):
         for n in range(3):
-            await publisher.publish(TOPIC, n)
+            await publisher.publish(topic, n)
         await wait_until(lambda: sub.buffered == 1)
-        await trio.testing.wait_all_tasks_blocked()  # the reader waits to deliver offset 2
+        await anyio.wait_all_tasks_blocked()  # the reader waits to deliver offset 2
         proxy.down()
         await wait_until(lambda: not client.connected)
         client.publish_nowait("elsewhere", "x")  # the failed write ends the connection
         proxy.up()
         await wait_until(lambda: client.reconnects == 1)
-        with trio.fail_after(5):
+        with anyio.fail_after(5):
             assert [(await sub.receive()).offset for _ in range(3)] == [1, 2, 3]
         assert sub.recovered is True
