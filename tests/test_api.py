@@ -6,18 +6,21 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgpack
 import pytest
 import trio
+import trustme
 
 from broker.config import (
     ApiConfig,
     AuthConfig,
     Config,
     ConfigError,
+    TlsConfig,
     TokenGrant,
     config_from_dict,
 )
@@ -27,6 +30,7 @@ from broker.io import http as broker_http
 from broker.io.server import Broker
 from broker_client import ConnectionLost, Forbidden
 from broker_client import connect as client_connect
+from broker_client.api import AsyncApi
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import open_tcp, stuck_subscriber
 from tests.wire import bearer, connect
@@ -601,3 +605,36 @@ def test_an_api_section_needs_a_port_and_a_good_key() -> None:
     ):
         with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
             config_from_dict({"api": table})
+
+
+def test_the_api_serves_tls_by_default_when_the_broker_does() -> None:
+    tls = {"cert": "/etc/cert.pem", "key": "/etc/key.pem"}
+    api = {"port": 0, "keys": [KEY]}
+    assert config_from_dict({"tls": tls, "api": api}).api.tls is True
+    assert config_from_dict({"tls": tls, "api": {**api, "tls": False}}).api.tls is False
+    assert config_from_dict({"api": api}).api.tls is False
+
+
+async def test_the_api_over_https_with_the_brokers_certificate(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    for pem in issued.cert_chain_pems:
+        pem.write_to_path(str(cert), append=True)
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    config = api_config().replace(
+        tls=TlsConfig(str(cert), str(key)),
+        api=ApiConfig(port=0, keys=(KEY,), tls=True),
+    )
+    broker = await start_broker(nursery, config)
+    assert broker.api_url is not None and broker.api_url.startswith("https://127.0.0.1:")
+    async with AsyncApi(broker.api_url, KEY, ca_file=str(tmp_path / "ca.pem")) as api:
+        assert (await api.info()).connections == 0
+    plain = broker.api_url.replace("https://", "http://")
+    async with httpx.AsyncClient() as http:  # plain HTTP to the TLS port: refused, harmlessly
+        with pytest.raises(httpx.TransportError):
+            await http.get(f"{plain}/api/info")
+    assert broker.stats.internal_errors == 0

@@ -53,8 +53,8 @@ def use_sync_api(url: str) -> list[object]:
         assert history.latest == Position(first.epoch, 2)
         members = [m.user for m in api.members("chat.lobby", page_size=1)]
         count = api.presence("chat.lobby", limit=0).count
+        info = api.info()  # before the disconnect: bob's connection ends soon after it
         disconnected = api.disconnect("bob", reason="bye")
-        info = api.info()
         return [members, count, disconnected, info.connections, [n.node for n in info.nodes]]
 
 

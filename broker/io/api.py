@@ -489,7 +489,5 @@ async def serve_api(
         served = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
     host, port = listeners[0].socket.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
-    app = ApiApp(broker, config, nodes)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve_http, app, served, broker.stats)
-        task_status.started(f"{'https' if ssl_context else 'http'}://{host}:{port}")
+    task_status.started(f"{'https' if ssl_context else 'http'}://{host}:{port}")
+    await serve_http(ApiApp(broker, config, nodes), served, broker.stats)

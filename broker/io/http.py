@@ -23,7 +23,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from http import HTTPStatus
 
 import h11
@@ -164,11 +163,7 @@ class _Connection:
 
 
 async def serve_http(
-    handler: Handler,
-    listeners: list[trio.abc.Listener[trio.abc.Stream]],
-    stats: BrokerStats,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    handler: Handler, listeners: list[trio.abc.Listener[trio.abc.Stream]], stats: BrokerStats
 ) -> None:
     """Serve ``listeners`` with ``handler`` until cancelled (see the module doc); count the
     handler's bugs in ``stats.internal_errors``."""
@@ -191,10 +186,7 @@ async def serve_http(
             connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        for listener in listeners:
-            nursery.start_soon(partial(trio.serve_listeners, serve_stream, [listener]))
+    await trio.serve_listeners(serve_stream, listeners)
 
 
 async def _serve_connection(
