@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import trio
 from playwright.sync_api import ConsoleMessage, expect, sync_playwright
 
-from tests.broker_process import BrokerProcess, broker_process
+from broker.pytest_plugin import BrokerProcess
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.wire import connect
 
@@ -39,17 +38,22 @@ ONE_LINER_MARK = "<!-- the curl one-liner: tests/test_api_examples.py runs it --
 
 
 @pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[BrokerProcess]:
-    async with broker_process(CONFIG, tmp_path) as running:
-        yield running
+def broker_process_config() -> str:
+    return CONFIG
 
 
 @pytest.fixture
-async def flask_url(broker: BrokerProcess, nursery: trio.Nursery) -> str:
+async def flask_url(broker_process: BrokerProcess, nursery: trio.Nursery) -> str:
     """examples/flask_publish.py in a process of its own, on a free port; ends with the test."""
+    broker = broker_process
     assert broker.api_url is not None
-    env = {**os.environ, "BROKER_API_KEY": KEY, "BROKER_API": broker.api_url,
-           "BROKER_URL": broker.url, "PORT": "0"}  # fmt: skip
+    env = {
+        **os.environ,
+        "BROKER_API_KEY": KEY,
+        "BROKER_API": broker.api_url,
+        "BROKER_URL": broker.url,
+        "PORT": "0",
+    }
     command = [sys.executable, "-u", str(ROOT / "examples" / "flask_publish.py")]
     run = partial(trio.run_process, command, env=env, stdout=subprocess.PIPE)
     process: trio.Process = await nursery.start(run)
@@ -64,9 +68,9 @@ async def flask_url(broker: BrokerProcess, nursery: trio.Nursery) -> str:
 
 
 async def test_the_flask_view_publishes_through_the_server_api(
-    broker: BrokerProcess, flask_url: str
+    broker_process: BrokerProcess, flask_url: str
 ) -> None:
-    async with connect(broker.url) as subscriber, httpx.AsyncClient() as http:
+    async with connect(broker_process.url) as subscriber, httpx.AsyncClient() as http:
         await subscriber.subscribe("orders.created")
         response = await http.post(f"{flask_url}orders", json={"item": "tea"})
         assert (response.status_code, response.json()) == (201, {"published": True, "offset": 1})
@@ -115,16 +119,18 @@ def one_liner() -> str:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl: `make test` installs it")
-async def test_the_curl_one_liner_of_the_docs_publishes(broker: BrokerProcess) -> None:
-    assert broker.api_url is not None
-    command = one_liner().replace("http://127.0.0.1:8766", broker.api_url)
-    async with connect(broker.url, "json") as subscriber:
+async def test_the_curl_one_liner_of_the_docs_publishes(broker_process: BrokerProcess) -> None:
+    assert broker_process.api_url is not None
+    command = one_liner().replace("http://127.0.0.1:8766", broker_process.api_url)
+    async with connect(broker_process.url, "json") as subscriber:
         await subscriber.subscribe("orders.created")
         with trio.fail_after(20):
             result = await trio.run_process(
-                ["sh", "-c", command], env={**os.environ, "BROKER_API_KEY": KEY},
-                capture_stdout=True, capture_stderr=True,
-            )  # fmt: skip
+                ["sh", "-c", command],
+                env={**os.environ, "BROKER_API_KEY": KEY},
+                capture_stdout=True,
+                capture_stderr=True,
+            )
         assert result.stderr == b""
         assert json.loads(result.stdout)["offset"] == 1
         await subscriber.expect("msg", topic="orders.created", data={"id": 7}, offset=1)
