@@ -196,10 +196,12 @@ class Broker:
         self.api_url: str | None = None  # the server API's, once it listens
         self.api_requests: Counter[tuple[str, int]] = Counter()  # by (endpoint, status)
         self.started = time.monotonic()
-        # Another node's ask (disconnect, info) reaches this one through the backplane.
-        backplane = getattr(self.delivery, "backplane", None)
-        self.other_nodes = backplane if isinstance(backplane, RedisBackplane) else None
-        if self.other_nodes is not None:
+        # The server API's disconnect and info reach the other nodes through the backplane,
+        # and theirs this one, whether or not it serves the API itself.
+        self.other_nodes: RedisBackplane | None = None
+        if isinstance(self.delivery, ClusterDelivery):
+            assert isinstance(self.delivery.backplane, RedisBackplane)
+            self.other_nodes = self.delivery.backplane
             self.node_id = self.other_nodes.node_id
             answer_other_nodes(self, self.other_nodes)
         else:
