@@ -510,10 +510,15 @@ export class Subscription {
     if (held.length < (this.options.bufferSize ?? 1000)) held.push(message);
   }
 
+  /** The offset of the last message handed over (or lost): a refill runs only after one. */
+  get _last() {
+    return /** @type {number} */ (this.offset);
+  }
+
   /** Read the next missing offsets: up to the first held message, or the highest seen. */
   _read() {
     const held = /** @type {Message[]} */ (this._held);
-    const after = /** @type {number} */ (this.offset);
+    const after = this._last;
     const end = held.length > 0 ? /** @type {number} */ (held[0].offset) - 1 : this._highest;
     const id = (this._reading = this.client._nextId++);
     this.refills += 1;
@@ -538,24 +543,21 @@ export class Subscription {
       this._giveUp("history_lost");
       return;
     }
-    const before = /** @type {number} */ (this.offset);
+    const before = this._last;
     for (const { offset, data } of Array.isArray(reply.messages) ? reply.messages : []) {
       if (offset > end || !this.refilling) break;
-      if (offset > /** @type {number} */ (this.offset)) {
-        this._pass({ topic: this.pattern, sub: this.pattern, data, offset });
-      }
+      if (offset > this._last) this._pass({ topic: this.pattern, sub: this.pattern, data, offset });
     }
-    if (!this.refilling) return;
     // An answer without one of the missing messages: none of them is kept any more.
-    if (this.offset === before) this._lost(end, "evicted");
-    const held = /** @type {Message[]} */ (this._held);
+    if (this.refilling && this._last === before) this._lost(end, "evicted");
+    const held = this._held ?? [];
     let taken = 0;
-    while (taken < held.length && /** @type {number} */ (held[taken].offset) === /** @type {number} */ (this.offset) + 1) {
+    while (this.refilling && taken < held.length && held[taken].offset === this._last + 1) {
       this._pass(held[taken++]);
-      if (!this.refilling) return;
     }
+    if (!this.refilling) return; // ended by a callback: unsubscribed, or the client closed
     held.splice(0, taken);
-    if (held.length > 0 || this._highest > /** @type {number} */ (this.offset)) this._read();
+    if (held.length > 0 || this._highest > this._last) this._read();
     else this._stopRefill();
   }
 
@@ -585,7 +587,7 @@ export class Subscription {
       this._pass(message, why);
       if (!this.active) return;
     }
-    if (highest > /** @type {number} */ (this.offset)) this._lost(highest, why);
+    if (highest > this._last) this._lost(highest, why);
   }
 
   _stopRefill() {
@@ -601,7 +603,7 @@ export class Subscription {
    */
   _pass(message, why = "evicted") {
     const offset = /** @type {number} */ (message.offset);
-    if (offset > /** @type {number} */ (this.offset) + 1) this._lost(offset - 1, why);
+    if (offset > this._last + 1) this._lost(offset - 1, why);
     if (!this.active) return;
     this.offset = offset;
     this.client._safely(() => this.onMessage(message));
@@ -615,7 +617,7 @@ export class Subscription {
    */
   _lost(to, why) {
     /** @type {Gap} */
-    const gap = { from: /** @type {number} */ (this.offset) + 1, to, why };
+    const gap = { from: this._last + 1, to, why };
     this.offset = to;
     const { onGap } = this.options;
     if (onGap) this.client._safely(() => onGap(gap));
@@ -630,7 +632,6 @@ export class Subscription {
   _accept(reply) {
     const askedEpoch = this.epoch;
     this._skipping = false;
-    this._stopRefill(); // what it held comes again, replayed after `since`
     if (typeof reply.recovered === "boolean") this.recovered = reply.recovered;
     if (typeof reply.epoch === "string" && typeof reply.offset === "number") {
       // A new epoch voids the old offsets: go on from its latest, as does an offset beyond the
@@ -746,8 +747,9 @@ export class Client {
    * accepted it (waiting for a connection if need be), after the messages it replays for
    * `since`; rejects with {@link PubSubError} if it refused (`invalid_topic`, `forbidden`,
    * `not_enabled` for `joinLeave` where no matching topic has presence, `too_large` for an
-   * `info` over 1 KiB, ...), and with a `TypeError` for `since` on a wildcard or `onJoin` and
-   * `onLeave` without `joinLeave`. A subscription to exactly a topic with presence makes this
+   * `info` over 1 KiB, ...), with a `TypeError` for `since` on a wildcard or `onJoin` and
+   * `onLeave` without `joinLeave`, and with a `RangeError` for a `bufferSize` that is not an
+   * integer >= 1. A subscription to exactly a topic with presence makes this
    * client one of its members (showing `options.info`) until `unsubscribe()` or the end of the
    * connection; after a reconnect it is a member again, as a new `client`.
    * @param {string} pattern
@@ -767,8 +769,8 @@ export class Client {
         new TypeError(`'since' needs a concrete topic, not ${JSON.stringify(pattern)}: a position belongs to one topic`),
       );
     }
-    const { bufferSize = 1 } = options;
-    if (!(Number.isInteger(bufferSize) && bufferSize >= 1)) {
+    const { bufferSize } = options;
+    if (bufferSize !== undefined && !(Number.isInteger(bufferSize) && bufferSize >= 1)) {
       return Promise.reject(new RangeError(`bufferSize must be an integer >= 1, not ${bufferSize}`));
     }
     if ((options.onJoin || options.onLeave) && !options.joinLeave) {

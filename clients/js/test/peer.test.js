@@ -147,6 +147,42 @@ test("a refill reads pages of at most 1000, holds bufferSize, and tells what it 
   }
 });
 
+test("a refill ended by its own callback stops at once; a bad bufferSize is refused", async () => {
+  const peer = await scriptedPeer();
+  /** @type {Error[]} */
+  const errors = [];
+  const client = makeClient(peer.url, { onError: (error) => errors.push(error) });
+  try {
+    const connection = await peer.connections.next();
+    await assert.rejects(client.subscribe("room.s", () => {}, { bufferSize: 0 }), RangeError);
+    /** @type {Array<number | string>} */
+    const seen = [];
+    /** @type {Promise<void> | undefined} */
+    let unsubscribed;
+    const subscribing = client.subscribe("room.s", (message) => seen.push(/** @type {number} */ (message.offset)), {
+      onGap: ({ from, to }) => {
+        seen.push(`${from}..${to}`);
+        unsubscribed = subscription.unsubscribe();
+      },
+    });
+    const sub = await connection.frames.next();
+    connection.send({ op: "ok", id: sub.id, epoch: "e", offset: 0 });
+    const subscription = await subscribing;
+    connection.send(...[1, 5, 6].map((offset) => ({ op: "msg", topic: "room.s", sub: "room.s", data: offset, offset })));
+    const read = await connection.frames.next();
+    connection.send({ op: "ok", id: read.id, epoch: "e", offset: 6, messages: [{ offset: 4, data: 4 }], recovered: false });
+    const unsub = await connection.frames.next();
+    assert.deepEqual([unsub.op, unsub.topic], ["unsub", "room.s"]);
+    connection.send({ op: "ok", id: unsub.id });
+    await unsubscribed;
+    assert.deepEqual(seen, [1, "2..3"]);
+    assert.deepEqual([subscription.refilling, errors], [false, []]);
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
 test("subscribe with since sends it on the first sub too", async () => {
   const peer = await scriptedPeer();
   const client = makeClient(peer.url);
