@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -363,7 +364,10 @@ async def test_info_counts_connections_and_subscriptions(
 # --- what every request is checked for ---
 
 
-async def test_a_request_without_a_valid_key_is_401(broker: Broker) -> None:
+async def test_a_request_without_a_valid_key_is_401(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     assert broker.api_url is not None
     async with httpx.AsyncClient(base_url=broker.api_url) as http:
         for headers in (
@@ -380,6 +384,7 @@ async def test_a_request_without_a_valid_key_is_401(broker: Broker) -> None:
             response = await http.get("/api/info", headers={"Authorization": f"bearer {key}"})
             assert response.status_code == 200
         assert (await http.get("/api/openapi.json")).status_code == 200  # needs no key
+    assert "wrong-key" not in caplog.text and KEY not in caplog.text  # keys are never logged
 
 
 async def test_unknown_paths_wrong_methods_and_content_types_are_refused(
@@ -638,3 +643,18 @@ async def test_the_api_over_https_with_the_brokers_certificate(
         with pytest.raises(httpx.TransportError):
             await http.get(f"{plain}/api/info")
     assert broker.stats.internal_errors == 0
+
+
+@pytest.mark.parametrize(("host", "tls", "warned"), [("0.0.0.0", False, True),
+                                                     ("10.1.2.3", True, False),
+                                                     ("127.0.0.1", False, False),
+                                                     ("::1", False, False)])  # fmt: skip
+def test_an_api_beyond_loopback_without_tls_is_warned_about_at_start(
+    caplog: pytest.LogCaptureFixture, host: str, tls: bool, warned: bool
+) -> None:
+    broker = Broker(api_config().replace(api=ApiConfig(host=host, port=0, keys=(KEY,), tls=tls)))
+    broker.port, broker.api_url = 8765, f"http://{host}:8766"  # as if listening: nothing binds
+    broker._log_startup()
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert any("THE SERVER API" in w and "has no TLS" in w for w in warnings) is warned
+    assert KEY not in caplog.text
