@@ -127,7 +127,7 @@
  *   state change; `disconnected`, and `closed` unless by {@link Client#close}, say why
  * @property {(error: Error) => void} [onError] errors no promise reports: the {@link Refused}
  *   that ended the client, an `err` without `id`, a subscription the broker refused again after
- *   a reconnect, an undecodable message
+ *   a reconnect, an undecodable message, a refill's failed read and (without `onGap`) its gaps
  */
 
 /**
