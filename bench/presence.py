@@ -268,6 +268,10 @@ def report_log(mode: str, log: Path) -> None:
         print(f"# {mode} {log.stem}: {len(notable)} warning/error lines, {tracebacks} tracebacks")
         for text in notable[:5]:
             print(f"#   {text[:300]}")
+    if tracebacks:  # the last one whole: a broker must never have one for a peer's fault
+        start = max(i for i, text in enumerate(lines) if "Traceback" in text)
+        for text in lines[max(0, start - 2) : start + 40]:
+            print(f"#   {text[:300]}")
 
 
 def line(mode: str, result: dict[str, Any]) -> str:

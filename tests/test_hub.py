@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any
 
 import msgpack
@@ -38,10 +39,10 @@ class FakeSubscriber:
 
     def received(self) -> list[dict[str, Any]]:
         """Take everything queued and decode it as the client would."""
-        frames = self.queue.take_batch(1 << 30).frames
+        frames = self.queue.take_batch(1 << 30).frames  # an entry may hold several frames
         if self.encoding is Encoding.JSON:
-            return [json.loads(frame) for frame in frames]
-        return [msgpack.unpackb(frame) for frame in frames]
+            return [json.loads(line) for frame in frames for line in frame.split(b"\n")]
+        return [value for frame in frames for value in msgpack.Unpacker(BytesIO(frame))]
 
 
 def make_hub(rules: dict[str, Policy] | None = None) -> Hub:

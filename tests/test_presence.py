@@ -20,10 +20,11 @@ from broker.core.outbound import OutboundQueue, Policy
 from broker.core.presence import Member, Roster, new_client_id
 from broker.core.rules import PolicyTable, TopicRule
 from broker.io.server import Broker
+from broker.protocol.frames import Encoding
 from broker.protocol.topics import patterns_overlap
 from tests.helpers import make_config, start_broker, wait_until
 from tests.rawsocket import RawClient, open_raw
-from tests.test_hub import FakeSubscriber
+from tests.test_hub import FakeSubscriber, publish
 from tests.wire import WireClient, bearer, connect
 
 ROOM = TopicRule("room.>", Policy.DROP_OLDEST, presence=True)
@@ -292,6 +293,59 @@ async def test_a_join_storm_reaches_a_watcher_in_one_write_per_window(
         await trio.sleep(ANNOUNCE_WINDOW)
         assert woken == 1  # one wake-up, one batch, for 500 joins
         nursery.cancel_scope.cancel()
+
+
+def watch(hub: Hub, pattern: str, encoding: Encoding = Encoding.MSGPACK) -> FakeSubscriber:
+    watcher = FakeSubscriber(encoding=encoding, queue=OutboundQueue(1024, 1 << 20))
+    hub.add(Subscription(watcher, pattern, join_leave=True))
+    return watcher
+
+
+def announce(hub: Hub, op: str, client: str) -> None:
+    hub.announce("room.1", op, member(client).as_map(), 0.0)
+
+
+def seen(watcher: FakeSubscriber) -> list[tuple[str, str]]:
+    return [(f["op"], f.get("member", {}).get("client", f["sub"])) for f in watcher.received()]
+
+
+def test_a_watcher_made_mid_window_gets_nothing_announced_before_it() -> None:
+    hub = Hub(PolicyTable([ROOM]), 5.0)
+    early = watch(hub, "room.1")
+    announce(hub, "join", "a")
+    late = watch(hub, "room.1", Encoding.JSON)  # then its own join, as a session does
+    announce(hub, "join", "late")
+    announce(hub, "leave", "a")
+    hub.flush_announcements()
+    assert seen(early) == [("join", "a"), ("join", "late"), ("leave", "a")]
+    assert seen(late) == [("join", "late"), ("leave", "a")]  # its own join comes first
+
+
+async def test_a_message_never_overtakes_a_join_announced_before_it() -> None:
+    hub = Hub(PolicyTable([ROOM]), 5.0)
+    watcher = watch(hub, "room.1")
+    announce(hub, "join", "a")
+    await publish(hub, "room.1", "hello")  # within the window: the join is flushed first
+    assert seen(watcher) == [("join", "a"), ("msg", "room.1")]
+    hub.flush_announcements()  # nothing left to offer
+    assert seen(watcher) == []
+
+
+def test_watchers_of_one_pattern_and_encoding_share_one_entry_per_window() -> None:
+    hub = Hub(PolicyTable([ROOM]), 5.0)
+    a, b, wide = watch(hub, "room.1"), watch(hub, "room.1"), watch(hub, "room.*")
+    text = watch(hub, "room.1", Encoding.JSON)
+    for n in range(3):
+        announce(hub, "join", f"c{n}")
+    hub.flush_announcements()
+    (shared,) = a.queue.take_batch(1 << 20).parts[::2]
+    (same,) = b.queue.take_batch(1 << 20).parts[::2]
+    assert same is shared  # one copy in memory for every watcher
+    joins = [("join", f"c{n}") for n in range(3)]
+    assert seen(text) == joins
+    frames = wide.received()
+    assert [f["member"]["client"] for f in frames] == ["c0", "c1", "c2"]
+    assert {f["sub"] for f in frames} == {"room.*"}
 
 
 async def test_a_wildcard_presence_or_history_query_is_told_why_in_its_own_words(

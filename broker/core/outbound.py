@@ -24,7 +24,10 @@ cost a quiet one its messages. Every dropped or replaced message is counted per 
 and reported by the writer as one ``lag`` frame ahead of the next batch. Replies (``ok``,
 ``err``) are never dropped; their own bound stops the reader of a client that does not read
 its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued past the bounds
-and never dropped. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
+and never dropped. Join and leave frames arrive a window at a time
+(:meth:`OutboundQueue.offer_events`): one entry holding many frames, encoded once and shared
+by every queue it is offered to, counted as its number of frames against the bound and in
+``lag``. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
 
 The writer waits in :meth:`~OutboundQueue.wait_batch`. When something arrives for a waiting
 writer, the queue first asks its :attr:`~OutboundQueue.owner` (whoever owns the socket):
@@ -44,7 +47,7 @@ from __future__ import annotations
 import enum
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -123,13 +126,15 @@ class OutboundQueue:
     A queued frame costs two list slots (body, tail) and a time (``None`` for a reply): no
     object per delivery. Only ``drop_oldest`` and ``conflate`` messages are also indexed by
     subscription (and by subscription and topic), by their entry number, so that they can be
-    evicted or replaced; an evicted entry is emptied in place and skipped when taken.
+    evicted or replaced; an evicted entry is emptied in place and skipped when taken. An entry
+    of several frames (join and leave) has its count in ``_counts``, by entry number.
     """
 
     __slots__ = (
         "_base",
         "_bytes",
         "_closed",
+        "_counts",
         "_dead",
         "_evictable",
         "_handed_off",
@@ -172,6 +177,7 @@ class OutboundQueue:
         # first; conflate: (sub, topic) -> the entry number of its queued message.
         self._evictable: dict[str, deque[tuple[int, str]]] = {}
         self._latest: dict[tuple[str, str], int] = {}
+        self._counts: dict[int, int] = {}  # entry number -> frames, for entries of several
         self._lags: dict[str, int] = {}
         self._closed = False
         # Created by a waiter, set and dropped by the next wake-up: an idle queue holds none.
@@ -209,16 +215,20 @@ class OutboundQueue:
         """When the oldest queued message was published, or ``None`` if none is queued."""
         return _first_time(self._times)
 
-    def _fits(self, size: int, messages: int | None = None, queued: int | None = None) -> bool:
-        """Whether ``size`` more bytes fit with ``messages`` messages of ``queued`` bytes
-        already queued (by default, what is queued now)."""
+    def _fits(
+        self, size: int, messages: int | None = None, queued: int | None = None, count: int = 1
+    ) -> bool:
+        """Whether ``count`` more messages of ``size`` bytes fit with ``messages`` messages of
+        ``queued`` bytes already queued (by default, what is queued now)."""
         if messages is None:
             messages = self._messages
         if not messages:
-            return True  # an oversized message still passes through an empty queue
+            # An oversized message still passes through an empty queue; a window of join and
+            # leave frames never holds more than the bound.
+            return count <= self.max_messages
         if queued is None:
             queued = self._bytes
-        return messages < self.max_messages and queued + size <= self.max_bytes
+        return messages + count <= self.max_messages and queued + size <= self.max_bytes
 
     # --- producers ---
 
@@ -264,80 +274,117 @@ class OutboundQueue:
         if policy is _BLOCK:
             self._append(sub, topic, frame, tail, now, policy)
             return _OVER
+        return self._offer_when_full(sub, topic, frame, tail, policy, now)
+
+    def _offer_when_full(
+        self,
+        sub: str,
+        topic: str,
+        frame: bytes,
+        tail: bytes,
+        policy: Policy,
+        now: float,
+        count: int = 1,
+    ) -> Offer:
+        """:meth:`offer` of ``count`` messages (``frame + tail``) that do not fit as they are,
+        under any policy but ``block``."""
         if policy is _DISCONNECT:
             return Offer.DISCONNECT
+        size = len(frame) + len(tail)
         latest = self._latest.get((sub, topic)) if policy is _CONFLATE else None
         if latest is not None:
             i = 2 * (latest - self._base)
             parts = self._parts
             grown = size - len(parts[i]) - len(parts[i + 1])
-            if grown <= 0 or messages == 1 or self._bytes + grown <= self.max_bytes:
+            if grown <= 0 or self._messages == 1 or self._bytes + grown <= self.max_bytes:
                 self._bytes += grown
                 parts[i], parts[i + 1] = frame, tail  # keeps its place and publish time
                 self._count_lag(sub, policy)
                 return _QUEUED
         own = self._evictable.get(sub) if policy is not _DROP_NEWEST else None
         # Evict only if evicting is enough: otherwise the new message alone is dropped.
-        if own and self._fits_without(own, size):
+        if own and self._fits_without(own, size, count):
             if latest is not None:  # too big to replace in place: the one it replaces goes first
                 own.remove((latest, topic))
                 self._evict(sub, latest, topic, policy)
-            while not self._fits(size):
+            while not self._fits(size, count=count):
                 self._evict(sub, *own.popleft(), policy)
             if not own:
                 del self._evictable[sub]
-            self._append(sub, topic, frame, tail, now, policy)
+            self._append(sub, topic, frame, tail, now, policy, count)
             return _QUEUED
-        self._count_lag(sub, policy)
+        self._count_lag(sub, policy, count)
         return _DROPPED
 
-    def offer_event(
-        self, sub: str, topic: str, frame: bytes, tail: bytes, policy: Policy, now: float = 0.0
+    def offer_events(
+        self,
+        sub: str,
+        topic: str,
+        frames: bytes | memoryview,
+        count: int,
+        policy: Policy,
+        now: float = 0.0,
     ) -> Offer:
-        """Offer a ``join`` or ``leave`` frame: as :meth:`offer`, but nobody waits for it,
-        and its writer is not woken (the caller does that later, once for many events, with
-        :meth:`wake_writer_if_asleep`). Under ``block`` it is queued past the bound, up to
-        twice the bound, and dropped (as lag) beyond; under ``conflate`` one member's event
-        never replaces another's, so it is as ``drop_oldest``."""
-        readable, self._readable = self._readable, None  # so that nothing wakes the writer
-        try:
-            if policy is not _BLOCK:
-                if policy is _CONFLATE:
-                    policy = _DROP_OLDEST
-                return self.offer(sub, topic, frame, tail, policy, now)
-            if self._closed:
-                return Offer.CLOSED
-            size = len(frame) + len(tail)
-            if self._messages < 2 * self.max_messages and self._bytes + size <= 2 * self.max_bytes:
-                self._append(sub, topic, frame, tail, now, policy)
-                return _QUEUED
-            self._count_lag(sub, policy)
-            return _DROPPED
-        finally:
-            if self._readable is None:
-                self._readable = readable
+        """Offer ``count`` ``join`` and ``leave`` frames of ``topic`` for ``sub``, encoded
+        together as ``frames`` (whole frames: one entry, which other queues may share, or a
+        view of the end of one).
 
-    def _fits_without(self, own: deque[tuple[int, str]], size: int) -> bool:
-        """Whether ``size`` more bytes would fit once every entry of ``own`` is evicted:
-        found by evicting in thought from the oldest, stopping as soon as it fits (so a full
-        queue costs each new message the entries it evicts, not a walk over all of them)."""
-        parts, base = self._parts, self._base
+        They fit or go together, counted as ``count`` messages. Nobody waits for them: under
+        ``block`` they are queued past the bound, up to twice the bound, and dropped (as lag)
+        beyond; under ``conflate`` one member's event never replaces another's, so it is as
+        ``drop_oldest``. The writer is woken as for :meth:`offer`."""
+        if self._closed:
+            return Offer.CLOSED
+        # Queued as the entry's tail: a view is as good as bytes to every reader of _parts
+        # (len, b"".join, and b"" + view in join_pairs).
+        size, body, tail = len(frames), b"", cast("bytes", frames)
+        if policy is _BLOCK:
+            messages = self._messages
+            if messages + count <= 2 * self.max_messages and (
+                not messages or self._bytes + size <= 2 * self.max_bytes
+            ):
+                self._append(sub, topic, body, tail, now, policy, count)
+                return _QUEUED
+            self._count_lag(sub, policy, count)
+            return _DROPPED
+        if policy is _CONFLATE:
+            policy = _DROP_OLDEST
+        if self._fits(size, count=count):
+            self._append(sub, topic, body, tail, now, policy, count)
+            return _QUEUED
+        return self._offer_when_full(sub, topic, body, tail, policy, now, count)
+
+    def _fits_without(self, own: deque[tuple[int, str]], size: int, count: int) -> bool:
+        """Whether ``count`` more messages of ``size`` bytes would fit once every entry of
+        ``own`` is evicted: found by evicting in thought from the oldest, stopping as soon as
+        it fits (so a full queue costs each new message the entries it evicts, not a walk
+        over all of them)."""
+        parts, base, counts = self._parts, self._base, self._counts
         messages, queued = self._messages, self._bytes
         for number, _ in own:
             index = 2 * (number - base)
-            messages -= 1
+            messages -= counts.get(number, 1) if counts else 1
             queued -= len(parts[index]) + len(parts[index + 1])
-            if self._fits(size, messages, queued):
+            if self._fits(size, messages, queued, count):
                 return True
         return False
 
     def _append(
-        self, sub: str, topic: str, frame: bytes, tail: bytes, now: float, policy: Policy
+        self,
+        sub: str,
+        topic: str,
+        frame: bytes,
+        tail: bytes,
+        now: float,
+        policy: Policy,
+        count: int = 1,
     ) -> None:
         number = self._base + len(self._times)
         self._parts += (frame, tail)
         self._times.append(now)
-        self._messages += 1
+        self._messages += count
+        if count != 1:
+            self._counts[number] = count
         self._bytes += len(frame) + len(tail)
         if policy is _DROP_OLDEST or policy is _CONFLATE:
             own = self._evictable.get(sub)
@@ -355,10 +402,11 @@ class OutboundQueue:
         parts[2 * index] = parts[2 * index + 1] = b""
         self._times[index] = _GONE
         self._dead += 1
-        self._messages -= 1
+        count = self._counts.pop(number, 1) if self._counts else 1
+        self._messages -= count
         if self._latest.get((sub, topic)) == number:
             del self._latest[(sub, topic)]
-        self._count_lag(sub, policy)
+        self._count_lag(sub, policy, count)
         if self._dead > 64 and self._dead > len(self._times) // 2:
             self._compact()
 
@@ -380,11 +428,12 @@ class OutboundQueue:
             own.extend(own_items)
         for key, number in self._latest.items():
             self._latest[key] = renumbered[number]
+        self._counts = {renumbered[number]: count for number, count in self._counts.items()}
 
-    def _count_lag(self, sub: str, policy: Policy) -> None:
-        self._lags[sub] = self._lags.get(sub, 0) + 1
-        self.dropped_total += 1
-        self.drops[policy] += 1
+    def _count_lag(self, sub: str, policy: Policy, count: int = 1) -> None:
+        self._lags[sub] = self._lags.get(sub, 0) + count
+        self.dropped_total += count
+        self.drops[policy] += count
         self._wake_writer()  # a lag notice is worth a write even with nothing else queued
 
     # --- waiting ---
@@ -398,11 +447,6 @@ class OutboundQueue:
                 return
             self._readable = None
             readable.set()
-
-    def wake_writer_if_asleep(self) -> None:
-        """Wake the writer if it waits and something is queued (as an offer would have)."""
-        if self._messages or self._lags:
-            self._wake_writer()
 
     @property
     def writer_waiting(self) -> bool:
@@ -497,6 +541,8 @@ class OutboundQueue:
         self._parts, self._times = [], []
         self._base += len(times)
         self._bytes = self._messages = self._replies = 0
+        if self._counts:
+            self._counts = {}
         self.full_since = None
         if self._room is not None:
             self._wake_publishers()
@@ -529,7 +575,7 @@ class OutboundQueue:
         self._bytes -= taken
         self._messages -= messages
         self._replies -= replies
-        if self._evictable:
+        if self._evictable or self._counts:
             self._forget_taken()
         lags, self._lags = self._lags, {}
         self.full_since = None
@@ -542,7 +588,7 @@ class OutboundQueue:
         """How many entries fit in ``max_bytes`` (at least one frame): the taken parts, the
         count of entries, their bytes, the count of messages, of replies and of evicted
         entries among them."""
-        parts, times = self._parts, self._times
+        parts, times, counts = self._parts, self._times, self._counts
         taken = messages = replies = dead = count = 0
         for count, time in enumerate(times):
             if time is _GONE:
@@ -554,6 +600,8 @@ class OutboundQueue:
             taken += size
             if time is None:
                 replies += 1
+            elif counts:
+                messages += counts.get(self._base + count, 1)
             else:
                 messages += 1
         else:
@@ -571,6 +619,8 @@ class OutboundQueue:
         for key, number in list(self._latest.items()):
             if number < base:
                 del self._latest[key]
+        for number in [number for number in self._counts if number < base]:
+            del self._counts[number]
 
     def close(self) -> None:
         """Refuse new frames and wake every waiter; what is queued can still be taken."""
@@ -584,6 +634,7 @@ class OutboundQueue:
         self._parts, self._times = [], []
         self._evictable.clear()
         self._latest.clear()
+        self._counts.clear()
         self._lags.clear()
         self._messages = self._replies = self._bytes = self._dead = 0
 
