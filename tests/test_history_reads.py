@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from broker.config import AuthConfig, TokenGrant
+from broker.core.delivery import HISTORY_PAGE_BYTES
 from tests.helpers import start_broker
 from tests.redis_server import RedisServer
 from tests.test_cluster import nodes, redis  # noqa: F401 (the fixture)
@@ -36,6 +37,27 @@ async def test_history_pages_through_what_a_topic_keeps(nursery: trio.Nursery) -
         assert rest["recovered"] is True
         default = await history(client, "chat.h", 3)
         assert len(default["messages"]) == 50  # all kept (the default limit is 100)
+
+
+async def test_a_history_answer_ends_early_past_its_byte_bound_and_reads_on(
+    nursery: trio.Nursery,
+) -> None:
+    broker = await start_broker(nursery, history_config(size=50))
+    big = "x" * (HISTORY_PAGE_BYTES // 3)
+    async with connect(broker.url) as client:
+        for n in range(1, 8):
+            await client.publish("chat.b", big, id=n)
+        offsets, since, id = [], None, 1
+        while not offsets or offsets[-1] < 7:
+            page = await history(client, "chat.b", id, limit=1000, **since_field(since))
+            assert 1 <= len(page["messages"]) <= 3  # never over the bound but by one message
+            offsets += [m["offset"] for m in page["messages"]]
+            since, id = {"epoch": page["epoch"], "offset": offsets[-1]}, id + 1
+        assert offsets == list(range(1, 8))
+
+
+def since_field(since: dict[str, Any] | None) -> dict[str, Any]:
+    return {} if since is None else {"since": since}
 
 
 async def test_history_says_when_the_asked_position_is_no_longer_kept(

@@ -72,17 +72,27 @@ class HistoryPage:
         return fields
 
 
+#: The most message data (msgpack bytes) one ``history`` answer carries: past it the page
+#: ends early (always with one message at least), and the client reads on from its last
+#: offset. Keeps an answer well inside a client's 1 MiB message, in JSON too.
+HISTORY_PAGE_BYTES = 256 * 1024
+
+
 def read_history(
     history: HistoryStore, topic: str, since: Position | None, limit: int
 ) -> HistoryPage:
     """Up to ``limit`` kept messages of ``topic`` after ``since`` (from the oldest kept if
-    ``None``), read now."""
+    ``None``), read now, and at most :data:`HISTORY_PAGE_BYTES` of their data."""
     now = trio.current_time()
     asked = since if since is not None else Position(history.position(topic, now).epoch, 0)
     replay = history.since(topic, asked, now)
-    return HistoryPage(
-        replay.latest, replay.messages[:limit], replay.recovered if since is not None else None
-    )
+    messages, size = replay.messages[:limit], 0
+    for count, stored in enumerate(messages):
+        size += len(stored.data)
+        if size > HISTORY_PAGE_BYTES and count:
+            messages = messages[:count]
+            break
+    return HistoryPage(replay.latest, messages, replay.recovered if since is not None else None)
 
 
 class Pending(Protocol):

@@ -80,6 +80,8 @@ class BrokerStats:
     bytes_out: int = 0  # WebSocket message bytes written
     drops: Counter[str] = field(default_factory=Counter)  # messages dropped, by on_full policy
     slow_consumer_disconnects: int = 0
+    history_reads: int = 0  # history ops answered (a refill is a series of them)
+    history_messages: int = 0  # messages those answers carried
     queue_depth: Histogram = field(default_factory=lambda: Histogram(QUEUE_DEPTH_BUCKETS))
     fanout_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
 
