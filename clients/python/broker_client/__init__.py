@@ -1,4 +1,5 @@
-"""A Trio client for the pub/sub broker: publish, subscribe, reconnect, backpressure.
+"""A client for the pub/sub broker, under asyncio or Trio: publish, subscribe, reconnect,
+backpressure.
 
 ::
 
@@ -7,6 +8,10 @@
         async with client.subscribe("orders.*") as sub:
             async for msg in sub:
                 print(msg.topic, msg.data)
+
+The same code runs in ``trio.run`` and in ``asyncio.run`` (or any framework on either, such as
+FastAPI): the client is written on anyio, and its WebSocket is trio-websocket under Trio and
+websockets under asyncio (:mod:`broker_client.transport`), chosen by the running loop.
 
 On topics with presence, ``await client.presence(topic)`` (or ``client.members(topic)``)
 says who is subscribed, and ``client.subscribe(topic, join_leave=True)`` also yields

@@ -783,7 +783,7 @@ async def connect(
 
 
 def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Re-raise the one exception a nursery wrapped, as it was (the user's own, or ours)."""
+    """Re-raise the one exception a task group wrapped, as it was (the user's own, or ours)."""
     leaves = list(_leaves(group))
     if len(leaves) != 1:
         raise group

@@ -25,7 +25,7 @@ class Endpoint:
     host_header: str  # the URL's host[:port], for the Host header
     resource: str  # the path and query
     tls: bool  # wss://
-    not_before: float = 0.0  # do not try before this (trio) time: its broker's Retry-After
+    not_before: float = 0.0  # do not try before this (event loop) time: its Retry-After
 
     @classmethod
     def parse(cls, url: str) -> Endpoint:
@@ -67,7 +67,7 @@ class Endpoints:
         self._failed_in_a_row = 0
 
     def failed(self, now: float, retry_after: float | None = None) -> bool:
-        """A connection attempt to :attr:`current` failed at ``now`` (trio time); move on.
+        """A connection attempt to :attr:`current` failed at ``now`` (event loop time); move on.
         True while some URL has not failed in a row yet (try it at once); False once all
         have (wait the backoff delay, then start a new round)."""
         if retry_after is not None:
