@@ -111,6 +111,22 @@ async def test_a_publish_reaches_every_nodes_subscribers_numbered_in_redis(
         assert [m["user"] for m in presence["members"]] == ["bob"]  # a member on node b
 
 
+async def test_racing_publishes_each_answer_their_own_offset(redis: RedisServer) -> None:
+    async with api_nodes(redis.url, 2) as (a, b), api_client(a) as http:
+        await wait_until(lambda: backplane(a).connected and backplane(b).connected)
+        answers: dict[int, int] = {}
+
+        async def publish(data: int) -> None:
+            response = await http.post("/api/publish", json={"topic": "chat.race", "data": data})
+            answers[data] = response.json()["offset"]
+
+        async with trio.open_nursery() as racing:  # 20 requests in flight at once
+            for data in range(20):
+                racing.start_soon(publish, data)
+        history = (await http.post("/api/history", json={"topic": "chat.race"})).json()
+        assert {m["data"]: m["offset"] for m in history["messages"]} == answers
+
+
 async def test_with_redis_unreachable_the_api_answers_503() -> None:
     async with (
         api_nodes(f"redis://127.0.0.1:{free_port()}/0", 1) as (node,),

@@ -164,7 +164,7 @@ def test_unknown_key_is_named(raw: dict[str, Any], key: str) -> None:
 
 
 def test_unknown_key_error_lists_the_known_keys() -> None:
-    known = "known here: auth, cluster, history, limits, log, metrics, server, tls, topics"
+    known = "known here: api, auth, cluster, history, limits, log, metrics, server, tls, topics"
     assert known in error_of({"x": 1})
 
 

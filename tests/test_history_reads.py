@@ -47,7 +47,9 @@ async def test_a_history_answer_ends_early_past_its_byte_bound_and_reads_on(
     async with connect(broker.url) as client:
         for n in range(1, 8):
             await client.publish("chat.b", big, id=n)
-        offsets, since, id = [], None, 1
+        offsets: list[int] = []
+        since: dict[str, Any] | None = None
+        id = 1
         while not offsets or offsets[-1] < 7:
             page = await history(client, "chat.b", id, limit=1000, **since_field(since))
             assert 1 <= len(page["messages"]) <= 3  # never over the bound but by one message

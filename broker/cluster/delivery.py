@@ -111,13 +111,13 @@ class Later:
 
     __slots__ = ("args", "function")
 
-    def __init__(self, function: Callable[..., Awaitable[None]], *args: Any) -> None:
+    def __init__(self, function: Callable[..., Awaitable[Position | None]], *args: Any) -> None:
         self.function = function
         self.args = args
 
-    async def complete(self) -> None:
-        """Run it."""
-        await self.function(*self.args)
+    async def complete(self) -> Position | None:
+        """Run it; what it answers (the position Redis gave the message, if it numbered it)."""
+        return await self.function(*self.args)
 
 
 class ClusterDelivery:
@@ -179,7 +179,7 @@ class ClusterDelivery:
 
     async def _publish_numbered(
         self, topic: str, packed: bytes, limits: HistoryLimits, acknowledged: bool
-    ) -> None:
+    ) -> Position | None:
         self._expecting[topic] += 1  # before the publish: its echo may beat its answer
         try:
             try:
@@ -190,6 +190,7 @@ class ClusterDelivery:
                 ) from None
             if position is not None:
                 await self._wait_delivered(topic, position)
+            return position
         finally:
             self._expecting[topic] -= 1
             if not self._expecting[topic]:

@@ -98,9 +98,11 @@ def read_history(
 class Pending(Protocol):
     """The rest of a publish that could not finish at once."""
 
-    async def complete(self) -> None:
-        """Finish the publish; raises :class:`Unavailable` if other nodes could not be
-        reached (the message reached this node's subscribers)."""
+    async def complete(self) -> Position | None:
+        """Finish the publish, and answer the message's place in its topic's history if it
+        was numbered here (``None`` if not, or if it was numbered when published); raises
+        :class:`Unavailable` if other nodes could not be reached (the message reached this
+        node's subscribers)."""
 
 
 class Delivery(Protocol):
@@ -153,7 +155,7 @@ class WaitForRoom:
         self.blocked = blocked
 
     async def complete(self) -> None:
-        """Wait for room (see :meth:`Hub.wait_for_room`)."""
+        """Wait for room (see :meth:`Hub.wait_for_room`); numbered when published."""
         await self.hub.wait_for_room(self.blocked)
 
 

@@ -336,13 +336,9 @@ class ApiApp:
             position = delivery.history.position(topic, trio.current_time())
         if rest is not None:
             try:
-                await rest.complete()
+                position = await rest.complete() or position  # numbered in Redis: its own
             except Unavailable as exc:
                 raise ApiError(503, ErrorCode.UNAVAILABLE, str(exc)) from None
-        if history is not None and position is None:
-            # Numbered in Redis and delivered here: the latest offset this node has seen,
-            # its own unless another publish to the topic came back meanwhile.
-            position = delivery.history.position(topic, trio.current_time())
         return {} if position is None else {"epoch": position.epoch, "offset": position.offset}
 
     async def broadcast(self, body: dict[str, Any]) -> dict[str, Any]:
