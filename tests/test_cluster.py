@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import trio
 
-from broker.cluster.backplane import RedisBackplane, redis_glob
+from broker.cluster.backplane import RedisBackplane, _Commands, redis_glob
 from broker.cluster.delivery import ClusterDelivery
 from broker.cluster.resp import RedisAddress, RedisConnection, encode_command
 from broker.config import AuthConfig, ClusterConfig, Config, TokenGrant
+from broker.core.delivery import Unavailable
 from broker.core.outbound import Policy
 from broker.core.rules import HistoryLimits, TopicRule
 from broker.io.server import Broker
@@ -644,3 +645,31 @@ async def test_three_node_processes_deliver_recover_and_survive_a_sigkill(
                 await publisher.publish("chat.room", "c", id=3)
                 live = await moved.expect("msg", topic="chat.room", data="c")
                 assert live["offset"] == first["offset"] + 2
+
+
+class SlowRedis:
+    """A command connection whose replies the test hands over when it likes."""
+
+    def __init__(self) -> None:
+        self.replies_in, self.replies = trio.open_memory_channel[Any](10)
+
+    async def send(self, data: bytes) -> None:
+        pass
+
+    async def receive(self) -> Any:
+        return await self.replies.receive()
+
+
+async def test_a_reply_later_than_the_timeout_is_not_taken_for_a_protocol_error(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    redis = SlowRedis()
+    commands = _Commands(redis, timeout=5.0, depth=8)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commands.write_loop)
+        with pytest.raises(Unavailable, match=r"no reply from Redis within 5 s"):
+            await commands.call(encode_command("PING"))
+        redis.replies_in.send_nowait(b"PONG")  # the late reply, read after the failure
+        await commands.read_loop()  # returns: the connection is being replaced, no error
+        nursery.cancel_scope.cancel()
+    assert commands.why == "no reply from Redis within 5 s"

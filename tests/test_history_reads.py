@@ -13,6 +13,7 @@ from broker.core.delivery import HISTORY_PAGE_BYTES
 from tests.helpers import start_broker
 from tests.redis_server import RedisServer
 from tests.test_cluster import nodes, redis  # noqa: F401 (the fixture)
+from tests.test_metrics import scrape, with_metrics
 from tests.test_recovery import history_config
 from tests.wire import WireClient, bearer, connect
 
@@ -60,6 +61,18 @@ async def test_a_history_answer_ends_early_past_its_byte_bound_and_reads_on(
 
 def since_field(since: dict[str, Any] | None) -> dict[str, Any]:
     return {} if since is None else {"since": since}
+
+
+async def test_history_reads_are_counted_in_metrics(nursery: trio.Nursery) -> None:
+    broker = await start_broker(nursery, with_metrics(history_config(size=50)))
+    async with connect(broker.url) as client:
+        for n in range(1, 6):
+            await client.publish("chat.m", n, id=n)
+        await history(client, "chat.m", 1, limit=3)
+        await history(client, "chat.m", 2)
+    metrics = await scrape(broker)
+    assert metrics["broker_history_reads_total"] == 2
+    assert metrics["broker_history_read_messages_total"] == 3 + 5
 
 
 async def test_history_says_when_the_asked_position_is_no_longer_kept(

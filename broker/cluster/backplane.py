@@ -147,6 +147,8 @@ class _Commands:
         while True:
             reply = await self._connection.receive()
             if not self._waiting:
+                if self.broken.is_set():
+                    return  # a late reply to a command failed by fail(): that is the outage
                 raise ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
             pending = self._waiting.popleft()
             pending.reply = reply

@@ -210,9 +210,10 @@ class RedisHistory:
         mirror = self._warm(topic, now)
         return Position(mirror.epoch, mirror.latest)
 
-    def since(self, topic: str, position: Position, now: float) -> Replay:
-        """The kept messages after ``position``, if its epoch is current (warm topic)."""
-        return replay_after(self._warm(topic, now), position)
+    def since(self, topic: str, position: Position, now: float, limit: int | None = None) -> Replay:
+        """The kept messages after ``position``, if its epoch is current (warm topic), at
+        most ``limit`` of them."""
+        return replay_after(self._warm(topic, now), position, limit)
 
     def append(self, topic: str, data: bytes, now: float) -> int:
         """Not used in a cluster: Redis numbers messages (see :meth:`publish`)."""

@@ -85,8 +85,8 @@ def read_history(
     ``None``), read now, and at most :data:`HISTORY_PAGE_BYTES` of their data."""
     now = trio.current_time()
     asked = since if since is not None else Position(history.position(topic, now).epoch, 0)
-    replay = history.since(topic, asked, now)
-    messages, size = replay.messages[:limit], 0
+    replay = history.since(topic, asked, now, limit)
+    messages, size = replay.messages, 0
     for count, stored in enumerate(messages):
         size += len(stored.data)
         if size > HISTORY_PAGE_BYTES and count:

@@ -81,8 +81,9 @@ class HistoryStore(Protocol):
     def position(self, topic: str, now: float) -> Position:
         """The topic's epoch and latest offset (0 before its first message)."""
 
-    def since(self, topic: str, position: Position, now: float) -> Replay:
-        """The kept messages after ``position`` (none if its epoch is not the topic's)."""
+    def since(self, topic: str, position: Position, now: float, limit: int | None = None) -> Replay:
+        """The kept messages after ``position`` (none if its epoch is not the topic's), at
+        most ``limit`` of them."""
 
     def clear(self) -> None:
         """Forget every topic (messages were lost): each starts a new epoch when next used."""
@@ -239,13 +240,14 @@ class MemoryHistory:
         state = self._touch(topic, self.limits_for(topic), now)
         return Position(self._fresh, 0) if state is None else Position(state.epoch, state.latest)
 
-    def since(self, topic: str, position: Position, now: float) -> Replay:
-        """The kept messages after ``position.offset``, if ``position.epoch`` is current."""
+    def since(self, topic: str, position: Position, now: float, limit: int | None = None) -> Replay:
+        """The kept messages after ``position.offset``, if ``position.epoch`` is current,
+        at most ``limit`` of them."""
         state = self._touch(topic, self.limits_for(topic), now)
         if state is None:
             latest = Position(self._fresh, 0)
             return Replay(latest, [], position == latest)
-        return replay_after(state, position)
+        return replay_after(state, position, limit)
 
     def clear(self) -> None:
         """Forget every topic: each starts a new epoch when next used."""
@@ -286,12 +288,13 @@ class MemoryHistory:
             topics.drop_oldest(state)
 
 
-def replay_after(state: KeptTopic, position: Position) -> Replay:
-    """The kept messages of ``state`` after ``position``, if its epoch is ``state``'s."""
+def replay_after(state: KeptTopic, position: Position, limit: int | None = None) -> Replay:
+    """The kept messages of ``state`` after ``position``, if its epoch is ``state``'s, at
+    most ``limit`` of them (a ``history`` page copies its page, not the whole tail)."""
     latest = Position(state.epoch, state.latest)
     if position.epoch != state.epoch or not 0 <= position.offset <= state.latest:
         return Replay(latest, [], False)
     first = state.kept[0].offset if state.kept else state.latest + 1
     start = max(position.offset + 1 - first, 0)
-    messages = list(itertools.islice(state.kept, start, None))
+    messages = list(itertools.islice(state.kept, start, None if limit is None else start + limit))
     return Replay(latest, messages, position.offset + 1 >= first)

@@ -244,8 +244,7 @@ class Session:
                 kept = await self._delivery.read_history(
                     command.topic, command.since, command.limit
                 )
-                self.stats.history_reads += 1
-                self.stats.history_messages += len(kept.messages)
+                self.stats.count_history_read(len(kept.messages))
                 client = self._client
                 client.queue.put_reply(encode_ok(command.id, client.encoding, **kept.fields()))
             else:

@@ -101,6 +101,11 @@ class BrokerStats:
             histogram.counts[bisect_left(histogram.bounds, age)] += 1
             histogram.sum += age
 
+    def count_history_read(self, messages: int) -> None:
+        """Count one ``history`` answer (a client's op or the server API's) of ``messages``."""
+        self.history_reads += 1
+        self.history_messages += messages
+
 
 class SortKey(enum.StrEnum):
     """What ``/connz`` and ``broker stats`` rank connections by."""

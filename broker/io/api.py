@@ -396,6 +396,7 @@ class ApiApp:
             )
         except Unavailable as exc:
             raise ApiError(503, ErrorCode.UNAVAILABLE, str(exc)) from None
+        self.broker.stats.count_history_read(len(kept.messages))
         return kept.fields()
 
     async def disconnect(self, body: dict[str, Any]) -> dict[str, Any]:

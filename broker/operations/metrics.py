@@ -123,6 +123,10 @@ class BrokerCollector:
             "Per batch written, seconds from the publish of its oldest message to the write.",
             stats.fanout_latency,
         )
+        yield _counter("broker_history_reads", "history ops answered (a refill is a series).",
+                       stats.history_reads)  # fmt: skip
+        yield _counter("broker_history_read_messages", "Messages carried by history answers.",
+                       stats.history_messages)  # fmt: skip
         yield from _history(broker)
         if broker.config.api.enabled:
             yield _api_requests(broker)
