@@ -14,8 +14,6 @@ Leaving the ``async with`` releases the socket at once, closed or not.
 
 from __future__ import annotations
 
-import errno
-import os
 import ssl
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -112,18 +110,6 @@ def open_transport(handshake: Handshake) -> AbstractAsyncContextManager[Transpor
     from broker_client.transport_asyncio import open_asyncio_transport
 
     return open_asyncio_transport(handshake)
-
-
-def os_reason(exc: OSError) -> str:
-    """The useful part of a connect error ("Connection refused"), whichever loop raised it:
-    Trio wraps each address's error in a group, asyncio names the address in its own words."""
-    cause: BaseException | None = exc.__cause__
-    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        cause = cause.exceptions[0]
-    error = cause if isinstance(cause, OSError) else exc
-    if error.errno is not None and error.errno in errno.errorcode:
-        return os.strerror(error.errno)
-    return error.strerror or str(error)
 
 
 def tls_reason(exc: BaseException | None) -> str:

@@ -9,6 +9,8 @@ compression, no HTTP proxy from the environment.
 
 from __future__ import annotations
 
+import errno
+import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +25,6 @@ from broker_client.transport import (
     Refused,
     TransportClosed,
     Unreachable,
-    os_reason,
     tls_reason,
 )
 
@@ -99,7 +100,7 @@ async def open_asyncio_transport(handshake: Handshake) -> AsyncIterator[AsyncioT
     except ssl.SSLError as exc:
         raise Unreachable(tls_reason(exc)) from None
     except OSError as exc:
-        raise Unreachable(os_reason(exc)) from None
+        raise Unreachable(_os_reason(exc)) from None
     except InvalidHandshake as exc:  # a response that is not HTTP, or none at all
         closed = isinstance(exc.__cause__, EOFError)
         raise Unreachable("closed during the handshake" if closed else str(exc)) from None
@@ -107,3 +108,10 @@ async def open_asyncio_transport(handshake: Handshake) -> AsyncIterator[AsyncioT
         yield AsyncioTransport(websocket)
     finally:
         websocket.transport.abort()  # what is not closed yet is dropped at once
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why, as "Connection refused", rather than asyncio's "Connect call failed (address)"."""
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)  # a name that does not resolve, several addresses failed

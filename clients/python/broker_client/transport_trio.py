@@ -30,7 +30,6 @@ from broker_client.transport import (
     Refused,
     TransportClosed,
     Unreachable,
-    os_reason,
     tls_reason,
 )
 
@@ -138,10 +137,20 @@ def _handshake_failure(exc: BaseException, timeout: float) -> Exception:
     if isinstance(exc, trio.TooSlowError):
         return Unreachable(f"no handshake within {timeout} s")
     if isinstance(exc, OSError):
-        return Unreachable(os_reason(exc))
+        return Unreachable(_os_reason(exc))
     if isinstance(exc, trio.BrokenResourceError):
         return Unreachable(tls_reason(exc.__cause__ or exc.__context__))
     return Unreachable(str(exc) or type(exc).__name__)
+
+
+def _os_reason(exc: OSError) -> str:
+    """The useful part of a connect error: trio wraps each address's error in a group."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return exc.strerror or str(exc)
 
 
 class _OnReturn:
