@@ -36,3 +36,37 @@ def test_every_bench_scenario_runs_and_loses_nothing() -> None:
     assert [line.split()[0] for line in lines] == SCENARIOS, done.stdout
     for line in lines:
         assert "lost=" not in line or "lost=0 " in line, line
+
+
+# bench/refill.py at a thousandth of its size: the queue small enough and the payload large
+# enough that the slow subscriber overflows it; history longer than everything published.
+REFILL_BRIEFLY = ["--rate", "1000", "--seconds", "2", "--warm", "0.3", "--slow", "1",
+                  "--size", "2048", "--queue-messages", "16", "--history-size", "4000"]  # fmt: skip
+
+
+def test_refill_bench_runs_and_the_slow_subscriber_gets_everything_or_is_told() -> None:
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the load generator needs Node 20+")
+    for modules in (BENCH / "loadgen", BENCH.parent / "clients" / "js"):
+        if not (modules / "node_modules").is_dir():
+            pytest.fail(f"{modules}/node_modules is missing: run `make test` (it runs npm ci)")
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "refill.py"), *REFILL_BRIEFLY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    # It exits 1 unless every message reached the slow application in order or was reported.
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = [
+        [cell.strip() for cell in line.strip("| ").split(" | ")]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ")
+    ]
+    rows = {cells[0]: dict(zip(table[0], cells, strict=True)) for cells in table[1:]}
+    assert list(rows) == ["refill", "block", "drop"], done.stdout
+    got = next(name for name in table[0] if name.startswith("slow app got"))
+    for name in ("refill", "block"):  # with history nothing is lost: by refill, or by waiting
+        received, published = rows[name][got].split(" / ")
+        assert received == published, done.stdout
