@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-from broker.cluster.backplane import RedisBackplane, _Commands, redis_glob
+from broker.cluster.backplane import RedisBackplane, _Commands, _Pending, redis_glob
 from broker.cluster.delivery import ClusterDelivery
 from broker.cluster.resp import RedisAddress, RedisConnection, encode_command
 from broker.config import AuthConfig, ClusterConfig, Config, TokenGrant
@@ -673,3 +674,35 @@ async def test_a_reply_later_than_the_timeout_is_not_taken_for_a_protocol_error(
         await commands.read_loop()  # returns: the connection is being replaced, no error
         nursery.cancel_scope.cancel()
     assert commands.why == "no reply from Redis within 5 s"
+
+
+async def test_a_command_handed_to_the_writer_as_the_connection_fails_fails_too() -> None:
+    commands = _Commands(SlowRedis(), timeout=5.0, depth=8)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commands.write_loop)
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits for a command
+        pending = _Pending()
+        commands._in.send_nowait((encode_command("PING"), pending))  # handed straight over
+        commands.fail("lost")  # before the writer runs: it must neither crash nor send
+        await trio.testing.wait_all_tasks_blocked()
+    assert pending.done.is_set() and pending.error == "lost"
+
+
+async def test_a_bug_on_the_redis_connection_is_an_outage_not_the_end_of_the_node(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_loop, bugs = _Commands.write_loop, list[int]()
+
+    async def buggy_once(self: _Commands) -> None:
+        if not bugs:
+            bugs.append(1)
+            raise RuntimeError("a bug")
+        await write_loop(self)
+
+    monkeypatch.setattr(_Commands, "write_loop", buggy_once)
+    async with nodes(redis, 1) as (node,), connect(node.url) as client:
+        await wait_until(
+            lambda: backplane(node).stats["outages"] == 1 and backplane(node).connected
+        )
+        await client.publish("chat.after", "x", id=1)  # served: it reconnected
+    assert "internal error on the Redis connection" in caplog.text and "RuntimeError" in caplog.text

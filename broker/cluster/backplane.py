@@ -122,6 +122,7 @@ class _Commands:
             await pending.done.wait()
         if not pending.done.is_set():
             self.fail(f"no reply from Redis within {self._timeout:g} s")
+            raise Unavailable(self.why)
         if pending.error is not None:
             raise Unavailable(pending.error)
         if isinstance(pending.reply, RedisError):
@@ -136,10 +137,13 @@ class _Commands:
             while len(batch) < 1024:
                 try:
                     payload, pending = self._out.receive_nowait()
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 batch.append(payload)
                 self._waiting.append(pending)
+            if self.broken.is_set():  # handed over just before fail() emptied the queue
+                self._fail_waiting()
+                return
             await self._connection.send(b"".join(batch))
 
     async def read_loop(self) -> None:
@@ -166,8 +170,11 @@ class _Commands:
                 self._waiting.append(self._out.receive_nowait()[1])
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
         for pending in self._waiting:
-            pending.error = why
+            pending.error = self.why
             pending.done.set()
         self._waiting.clear()
 
@@ -461,6 +468,9 @@ class RedisBackplane:
                 except* _FAILURES as group:
                     exc = first_leaf(group)
                     why = f"Redis at {self.address}: {exc or type(exc).__name__}"
+                except* Exception as group:  # a bug of ours: this connection's, not the node's
+                    log.error("cluster: internal error on the Redis connection", exc_info=group)
+                    why = f"Redis at {self.address}: internal error ({first_leaf(group)!r})"
                 if self._ever_connected and self.down_since is None:
                     backoff = self.min_backoff  # it was up: start the backoff again
                 self._went_down(why)
