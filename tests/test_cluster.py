@@ -676,6 +676,25 @@ async def test_a_reply_later_than_the_timeout_is_not_taken_for_a_protocol_error(
     assert commands.why == "no reply from Redis within 5 s"
 
 
+async def test_a_reply_just_past_the_deadline_is_still_taken(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    redis = SlowRedis()
+    commands = _Commands(redis, timeout=5.0, depth=8)  # type: ignore[arg-type]
+
+    async def reply_late() -> None:
+        await trio.sleep(5.2)  # as after a stall of this node's own event loop
+        redis.replies_in.send_nowait(b"PONG")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commands.write_loop)
+        nursery.start_soon(commands.read_loop)
+        nursery.start_soon(reply_late)
+        assert await commands.call(encode_command("PING")) == b"PONG"
+        assert not commands.broken.is_set()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_command_handed_to_the_writer_as_the_connection_fails_fails_too() -> None:
     commands = _Commands(SlowRedis(), timeout=5.0, depth=8)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:

@@ -121,6 +121,11 @@ class _Commands:
                 return None
             await pending.done.wait()
         if not pending.done.is_set():
+            # A grace for the reader: when this node's own event loop stalled past the
+            # deadline (a storm of work), the reply may be waiting in the socket, unread.
+            with trio.move_on_after(self._timeout / 10):
+                await pending.done.wait()
+        if not pending.done.is_set():
             self.fail(f"no reply from Redis within {self._timeout:g} s")
             raise Unavailable(self.why)
         if pending.error is not None:
