@@ -2,18 +2,22 @@
 """Refill: a slow subscriber that loses nothing and slows no one (issue 20).
 
     .venv/bin/python bench/refill.py                        # the three runs, 20 000 msg/s
-    .venv/bin/python bench/refill.py --only refill --rate 50000 --slow 10
-    .venv/bin/python bench/refill.py --history-size 20000   # history too short: gaps, told
+    .venv/bin/python bench/refill.py --only refill --rate 10000 --slow 10
+    .venv/bin/python bench/refill.py --only refill --history-size 30000   # too short: gaps told
 
 One publisher publishes ``--rate`` messages a second (a ``pub`` with ``id`` each, at most
 ``--window`` unanswered) for ``--seconds`` to one topic; one fast subscriber and one slow one,
 all three through our JS client (``clients/js/src``, msgpack) in the Node load generator
 ``bench/loadgen/refill.mjs`` pinned to core 1. From ``--warm`` s for ``--slow`` s the slow
 subscriber's application takes messages at a tenth of the rate (``--factor``): its socket is
-paused whenever it is ahead of that pace. Then it reads at full speed and catches up.
+paused whenever it is ahead of that pace. Then it reads at full speed and catches up. Needs
+Node 20+ and the node_modules of ``bench/loadgen`` and ``clients/js`` (``make test`` installs
+both).
 
 Three runs, each on a fresh ``broker serve`` process pinned to core 0 (a temp config:
-``queue_messages = --queue-messages``, ``[metrics]`` on a free port, one ``[[topics]]`` rule):
+``queue_messages = --queue-messages``, ``[metrics]`` on a free port, one ``[[topics]]`` rule).
+A topic with history is filled to its ``history_size`` before anyone subscribes, so that the
+broker's memory "before" holds a full history and what grows is what the slow subscriber costs.
 
 - ``refill``: ``on_full = "drop_oldest"`` with ``history_size`` (default: twice what the slow
   subscriber falls behind): the broker drops for it, the client reads the drops back;
@@ -25,8 +29,9 @@ phase, in its worst second) and the longest a message waited from its scheduled 
 ``ok`` (``held``); the slow subscriber's application: messages received of those published,
 whether in order, messages it never got, the broker's drops (``lag``), gaps reported
 (``onGap``), history reads (the client's ``subscription.refills`` / the broker's
-``broker_history_reads_total``), seconds to catch up after the slow phase; the broker's RSS
-(before the first publish, and its peak, with the history's own bytes) and CPU. ``check`` is
+``broker_history_reads_total``, every subscriber's), seconds after the slow phase until it is
+within 50 ms of the schedule; the broker's RSS (before the first publish, and its peak; in
+brackets the bytes its history counts against ``max_bytes``) and CPU. ``check`` is
 ``ok`` when every message reached the slow application in order or was reported as lost
 (``onGap`` where the topic keeps history, ``lag`` where it does not); the script exits 1 if not.
 """
@@ -72,7 +77,7 @@ on_full = "{policy}"
 HEADER = (
     "| run | on_full | history | pub msg/s: all / slow phase / worst 1 s | held max ms "
     "| slow app got / published | order | never got | lag (broker dropped) | onGap msgs "
-    "| history reads client / broker | catch-up s | broker RSS MiB before -> peak (history) "
+    "| history reads: slow client / broker | catch-up s | broker RSS MiB before -> peak (history) "
     "| broker CPU | check |"
 )
 

@@ -93,13 +93,13 @@ function grew(before, after, ...names) {
 
 /** A client of ours over msgpack; `sockets` gets each WebSocket it opens. */
 function connect(sockets = []) {
-  class Kept extends WebSocket {
+  class Recorded extends WebSocket {
     constructor(url, protocols) {
       super(url, protocols);
       sockets.push(this);
     }
   }
-  const client = new Client(URL_, { codec: msgpackCodec, WebSocket: Kept, reconnect: false });
+  const client = new Client(URL_, { codec: msgpackCodec, WebSocket: Recorded, reconnect: false });
   return { client, sockets };
 }
 
@@ -159,30 +159,33 @@ class Reader {
  */
 class Throttle {
   constructor(reader, sockets, rate) {
-    Object.assign(this, { reader, sockets, rate, on: false, timer: undefined });
+    this.reader = reader;
+    this.sockets = sockets; // its client's WebSockets: the last is the one in use
+    this.rate = rate;
+    this.on = false;
+    this.timer = undefined; // set while paused
   }
   start() {
-    Object.assign(this, { on: true, since: now(), base: this.reader.received });
+    this.on = true;
+    this.since = now();
+    this.base = this.reader.received;
   }
   check() {
     if (!this.on || this.timer !== undefined) return;
     const due = this.since + ((this.reader.received - this.base) / this.rate) * 1000;
-    if (due <= now()) return;
-    this.socket.pause();
-    this.timer = setTimeout(() => this.resume(), due - now());
+    if (due > now()) {
+      this.sockets.at(-1).pause();
+      this.timer = setTimeout(() => this.resume(), due - now());
+    }
   }
   resume() {
     clearTimeout(this.timer);
     this.timer = undefined;
-    this.socket.resume();
-    this.check(); // a callback of the pause's own messages may be over budget still
+    this.sockets.at(-1).resume();
   }
   stop() {
     this.on = false;
     this.resume();
-  }
-  get socket() {
-    return this.sockets[this.sockets.length - 1];
   }
 }
 
@@ -308,7 +311,7 @@ async function main() {
   while (!settled() && now() < deadline) {
     const t = now();
     publisher.tick(t);
-    if (!throttled && t >= slowFrom && t < slowTo) {
+    if (!throttled && t >= slowFrom) {
       throttle.start();
       throttled = true;
     }
@@ -342,7 +345,7 @@ async function main() {
     held_max_ms: r1(ackedHeld.reduce((a, b) => Math.max(a, b), 0)),
     backlog_max: publisher.backlogMax,
     fast: fast.figures(),
-    slow: { ...slow.figures(), lag_max: slowLagMax, catch_up_s: caughtUp === null ? null : r1(caughtUp) },
+    slow: { ...slow.figures(), lag_max: slowLagMax, catch_up_s: caughtUp === null ? null : Math.round(caughtUp * 100) / 100 },
     history_reads: grew(before, after, "broker_history_reads_total"),
     history_read_messages: grew(before, after, "broker_history_read_messages_total", "broker_history_messages_total"),
     broker_dropped: grew(before, after, 'broker_messages_dropped_total{policy="drop_oldest"}'),
