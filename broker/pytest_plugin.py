@@ -28,6 +28,7 @@ Outside this project, the plugin loads when the package is installed; or add
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -157,9 +158,7 @@ class BrokerProcess:
             if wanted <= found.keys():
                 break
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                self.process.wait()
-                self.process = None
+                self._reaped()
                 raise RuntimeError(f"broker serve did not start:\n{printed}")
             time.sleep(0.005)
         self.url = found["url"]
@@ -179,9 +178,9 @@ class BrokerProcess:
             self.process.send_signal(signal.SIGTERM)
 
     async def wait_stopped(self) -> int:
-        """Wait for the process to exit (after :meth:`terminate`); its exit status. Under
-        anyio, so from asyncio or Trio."""
-        with anyio.fail_after(PROCESS_TIMEOUT):
+        """Wait for the process to exit (after :meth:`terminate`), under anyio (so from asyncio
+        or Trio); kill it if it takes over :data:`PROCESS_TIMEOUT` seconds. Its exit status."""
+        with anyio.move_on_after(PROCESS_TIMEOUT):
             while self.running:  # noqa: ASYNC110
                 await anyio.sleep(0.005)  # a child's exit has no event to wait on here
         return self._reaped()
@@ -190,11 +189,8 @@ class BrokerProcess:
         """:meth:`terminate` and wait for the exit, blocking; kill it if it takes too long."""
         self.terminate()
         if self.process is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(PROCESS_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
         return self._reaped()
 
     async def restart(self) -> BrokerProcess:
@@ -204,7 +200,12 @@ class BrokerProcess:
         return self.start()
 
     def _reaped(self) -> int:
-        status = 0 if self.process is None else self.process.wait()
+        """Forget the process, killed first if it still runs; its exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.kill()
+        status = self.process.wait()
         self.process = None
         return status
 

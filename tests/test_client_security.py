@@ -31,7 +31,7 @@ from broker_client import (
     connect,
 )
 from tests.anyio_helpers import METRICS, wait_for_subscriptions, wait_until
-from tests.anyio_proxy import Proxy, start_proxy
+from tests.anyio_proxy import start_proxy
 from tests.fake_server import Request, start_fake
 from tests.test_auth import SECRET, make_jwt
 
@@ -177,7 +177,7 @@ async def test_a_token_granting_nothing_is_forbidden_not_unauthorized(
 async def test_a_token_refused_on_reconnect_gets_one_fresh_try_then_ends_the_client(
     tokens_broker: BrokerProcess, task_group: anyio.abc.TaskGroup, tokens: list[str], ends: bool
 ) -> None:
-    proxy: Proxy = await start_proxy(task_group, tokens_broker.port)
+    proxy = await start_proxy(task_group, tokens_broker.port)
     given = iter(tokens)
     asked: list[str] = []
 
