@@ -1,10 +1,10 @@
 """The client's transport under asyncio: the asyncio API of websockets (``websockets.asyncio``).
 
 The client keeps its own keep-alive and its own backpressure, so websockets' are set to
-match the Trio transport: no pings of its own (it still answers the broker's), at most one
-message read ahead of the client (beyond that it stops reading the socket, and TCP pushes
-back on the broker), ``send`` waiting while the socket's write buffer is over its limit, no
-compression, no HTTP proxy from the environment.
+match the Trio transport: no pings of its own (it still answers the broker's), no reading
+ahead of the client (once more than one message waits unread it stops reading the socket,
+and TCP pushes back on the broker), ``send`` waiting while the socket's write buffer is over
+its limit (websockets' default, 32 KiB), no compression, no HTTP proxy from the environment.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from broker_client.transport import (
     tls_reason,
 )
 
-#: Messages websockets reads ahead before it stops reading the socket (as trio-websocket's
-#: queue of one): the high-water mark, and the low one at which it reads again.
+#: Unread messages past which websockets stops reading the socket (trio-websocket's queue is
+#: one message too), and at which it reads again: its high- and low-water marks.
 READ_AHEAD = (1, 0)
 
 
