@@ -77,9 +77,12 @@ async function joinRoom(room) {
 
   const messages = await client.subscribe(topics.messages, showMessage, {
     since: "start", // every message the room keeps, if it keeps any, then the live ones
+    // A reconnect that could not recover everything says so; the refill then names the lost
+    // offsets (onGap), which the room tells once, in the same words.
     onResubscribe({ recovered }) {
-      if (recovered === false) showEvent("⚠ Some messages sent while you were away are missing.");
+      if (recovered === false) showMissing();
     },
+    onGap: showMissing,
   });
   try {
     await followPresence(topics.presence);
@@ -249,6 +252,13 @@ function showEvent(text) {
   item.className = "event";
   item.textContent = text;
   append(item);
+}
+
+/** Say that messages are missing, unless that was the last thing said. */
+function showMissing() {
+  const text = "⚠ Some messages sent while you were away are missing.";
+  const events = $("log").querySelectorAll(".event");
+  if (events[events.length - 1]?.textContent !== text) showEvent(text);
 }
 
 /** @param {HTMLElement} item */
