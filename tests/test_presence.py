@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from broker.config import AuthConfig, TokenGrant
-from broker.core.hub import ANNOUNCE_WINDOW, Hub, Subscription
+from broker.core.hub import ANNOUNCE_COST, ANNOUNCE_WINDOW, Hub, Subscription
 from broker.core.outbound import OutboundQueue, Policy
 from broker.core.presence import Member, Roster, new_client_id
 from broker.core.rules import PolicyTable, TopicRule
@@ -307,6 +307,26 @@ def announce(hub: Hub, op: str, client: str) -> None:
 
 def seen(watcher: FakeSubscriber) -> list[tuple[str, str]]:
     return [(f["op"], f.get("member", {}).get("client", f["sub"])) for f in watcher.received()]
+
+
+async def test_the_window_grows_with_the_watchers_it_reached(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = Hub(PolicyTable([ROOM]), 5.0)
+    watchers = [watch(hub, "room.1") for _ in range(2000)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.write_announcements)
+        announce(hub, "join", "a")
+        await trio.sleep(ANNOUNCE_WINDOW + 0.001)
+        assert seen(watchers[0]) == [("join", "a")]  # 20 ms for the first
+        assert hub.announce_window == pytest.approx(2000 * ANNOUNCE_COST)  # 0.2 s next
+        announce(hub, "join", "b")
+        await trio.sleep(0.19)
+        assert seen(watchers[0]) == []
+        await trio.sleep(0.02)
+        assert seen(watchers[0]) == [("join", "b")]
+        assert seen(watchers[-1]) == [("join", "a"), ("join", "b")]
+        nursery.cancel_scope.cancel()
 
 
 def test_a_watcher_made_mid_window_gets_nothing_announced_before_it() -> None:
