@@ -9,16 +9,21 @@ publisher and one subscriber:
 - throughput: the publisher sends ``--messages`` pubs without waiting (then one with an id),
   and the clock stops when the subscriber has them all;
 - latency: one message at a time, the time from sending the pub to the subscriber reading it
-  (both ends in this process, so one clock), as p50 / p99 over ``--rounds``.
+  (both ends in this process, so one clock), as p50 / p99 over ``--rounds``;
+- CPU per message during the throughput run, in microseconds, of the publisher's node, the
+  subscriber's node (one figure when they are the same) and Redis: on a shared machine the
+  throughput varies from one minute to the next, the CPU a message costs much less.
 
 Cases: ``single`` (pub and sub on the single node), ``same node`` (both on cluster node a:
-delivered locally, plus a PUBLISH to Redis before the ok), ``cross node`` (pub on b, sub on
-a: through Redis).
+delivered locally, plus a PUBLISH to Redis), ``cross node`` (pub on b, sub on a: through
+Redis); and each again on a topic that keeps history (``hist.>``, 1000 messages: on a cluster
+node numbered in Redis by a Lua script, and delivered from Redis on every node).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -39,7 +44,8 @@ async def start_node(
     path = directory / f"{name}.toml"
     cluster = f'[cluster]\nbackend = "{backend}"\nnode_id = "{name}"\n' if backend else ""
     path.write_text(f'{cluster}[limits]\npublish_rate = 1e9\npublish_burst = 1000000000\n'
-                    f'queue_messages = 100000\nqueue_bytes = 1000000000\n')  # fmt: skip
+                    f'queue_messages = 100000\nqueue_bytes = 1000000000\n'
+                    f'[[topics]]\npattern = "hist.>"\nhistory_size = 1000\n')  # fmt: skip
     command = [sys.executable, "-m", "broker", "serve", "--config", str(path), "--port", "0"]
     process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
     assert process.stderr is not None
@@ -66,10 +72,16 @@ async def start_node(
     return process, url
 
 
-async def throughput(pub_url: str, sub_url: str, messages: int, size: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def throughput(pub_url: str, sub_url: str, topic: str, messages: int, size: int) -> float:
     async with connect(sub_url) as subscriber, connect(pub_url) as publisher:
         subscriber.timeout = 60
-        await subscriber.subscribe("bench.t")
+        await subscriber.subscribe(topic)
         payload = b"x" * size
         received = 0
         start = trio.current_time()
@@ -78,9 +90,9 @@ async def throughput(pub_url: str, sub_url: str, messages: int, size: int) -> fl
             async def publish() -> None:
                 for first in range(0, messages, 500):
                     count = min(500, messages - first)
-                    frames = [{"op": "pub", "topic": "bench.t", "data": payload}] * count
+                    frames = [{"op": "pub", "topic": topic, "data": payload}] * count
                     await publisher.send(*frames)
-                await publisher.publish("bench.t", b"", id=1)
+                await publisher.publish(topic, b"", id=1)
 
             nursery.start_soon(publish)
             while received < messages + 1:
@@ -89,25 +101,41 @@ async def throughput(pub_url: str, sub_url: str, messages: int, size: int) -> fl
         return messages / (trio.current_time() - start)
 
 
-async def latency(pub_url: str, sub_url: str, rounds: int, size: int) -> list[float]:
+async def latency(pub_url: str, sub_url: str, topic: str, rounds: int, size: int) -> list[float]:
     async with connect(sub_url) as subscriber, connect(pub_url) as publisher:
-        await subscriber.subscribe("bench.l")
+        await subscriber.subscribe(topic)
         payload = b"x" * size
         samples = []
         for _ in range(rounds):
             start = trio.current_time()
-            await publisher.send({"op": "pub", "topic": "bench.l", "data": payload})
+            await publisher.send({"op": "pub", "topic": topic, "data": payload})
             await subscriber.expect("msg")
             samples.append(trio.current_time() - start)
         return samples
 
 
-async def measure(name: str, pub_url: str, sub_url: str, args: argparse.Namespace) -> None:
-    rate = await throughput(pub_url, sub_url, args.messages, args.size)
-    samples = sorted(await latency(pub_url, sub_url, args.rounds, args.size))
+Node = tuple[trio.Process, str]
+
+
+async def measure(
+    name: str, publisher: Node, subscriber: Node, redis: int | None, args: argparse.Namespace
+) -> None:
+    history = name.endswith("history")
+    pids = [publisher[0].pid] + ([subscriber[0].pid] if subscriber is not publisher else [])
+    pids += [redis] if redis is not None else []
+    before = [cpu_seconds(pid) for pid in pids]
+    topic = "hist.t" if history else "bench.t"
+    rate = await throughput(publisher[1], subscriber[1], topic, args.messages, args.size)
+    cpu = [
+        (cpu_seconds(pid) - old) / args.messages * 1e6
+        for pid, old in zip(pids, before, strict=True)
+    ]
+    topic = "hist.l" if history else "bench.l"
+    samples = sorted(await latency(publisher[1], subscriber[1], topic, args.rounds, args.size))
     p50 = statistics.median(samples) * 1000
     p99 = samples[int(len(samples) * 0.99) - 1] * 1000
-    print(f"{name:<12} {rate:>12,.0f} msg/s   latency p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
+    print(f"{name:<20} {rate:>9,.0f} msg/s  p50 {p50:5.2f} ms  p99 {p99:5.2f} ms  "
+          f"CPU us/msg {' / '.join(f'{us:.0f}' for us in cpu)}")  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -119,10 +147,13 @@ async def main(args: argparse.Namespace) -> None:
             b = await start_node(nursery, directory, "b", redis.url)
             processes = [single[0], a[0], b[0]]
             try:
-                print(f"{args.messages} messages of {args.size} bytes; {args.rounds} rounds")
-                await measure("single", single[1], single[1], args)
-                await measure("same node", a[1], a[1], args)
-                await measure("cross node", b[1], a[1], args)
+                print(f"{args.messages} messages of {args.size} bytes; {args.rounds} rounds; "
+                      "CPU: publisher's node / subscriber's node / Redis")  # fmt: skip
+                assert redis.process is not None
+                for kind in ("", ", history"):
+                    await measure("single" + kind, single, single, None, args)
+                    await measure("same node" + kind, a, a, redis.process.pid, args)
+                    await measure("cross node" + kind, b, a, redis.process.pid, args)
             finally:
                 for process in processes:
                     process.terminate()

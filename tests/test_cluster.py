@@ -657,8 +657,8 @@ class SlowRedis:
     async def send(self, data: bytes) -> None:
         pass
 
-    async def receive(self) -> Any:
-        return await self.replies.receive()
+    async def receive_all(self) -> list[Any]:
+        return [await self.replies.receive()]
 
 
 async def test_a_reply_later_than_the_timeout_is_not_taken_for_a_protocol_error(

@@ -153,15 +153,16 @@ class _Commands:
 
     async def read_loop(self) -> None:
         """Hand each reply to the oldest waiting command."""
+        waiting = self._waiting
         while True:
-            reply = await self._connection.receive()
-            if not self._waiting:
-                if self.broken.is_set():
-                    return  # a late reply to a command failed by fail(): that is the outage
-                raise ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
-            pending = self._waiting.popleft()
-            pending.reply = reply
-            pending.done.set()
+            for reply in await self._connection.receive_all():
+                if not waiting:
+                    if self.broken.is_set():
+                        return  # a late reply to a command failed by fail(): the outage
+                    raise ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
+                pending = waiting.popleft()
+                pending.reply = reply
+                pending.done.set()
 
     def fail(self, why: str) -> None:
         """The connection is gone: fail every waiting and queued command with ``why``."""
@@ -587,53 +588,63 @@ class RedisBackplane:
         prefix = self._prefix.encode()
         last: tuple[str, int] | None = None
         while True:
-            reply = await connection.receive()
+            replies = await connection.receive_all()
             self._ping_unanswered = False
-            if reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
-                self.stats["pongs"] += 1  # a plain PONG when subscribed to nothing
-                continue
-            if not isinstance(reply, list) or len(reply) < 3:
-                raise ProtocolError(f"unexpected on the subscriber connection: {reply!r:.80}")
-            kind: Reply = reply[0]
-            if kind in _SUBSCRIBE_ACKS:
-                self._acknowledged(reply[1])
-                continue
-            if kind == b"message":
-                channel, payload = reply[1], reply[2]
-            elif kind == b"pmessage" and len(reply) == 4:
-                channel, payload = reply[2], reply[3]
-            else:
-                continue
-            if not (isinstance(channel, bytes) and isinstance(payload, bytes)):
-                continue
-            listener = self._listeners.get(channel)
-            if listener is not None:
-                listener(payload)
-                continue
-            try:
-                fields = msgpack.unpackb(payload, raw=False)
-                origin, seq, packed = fields[:3]
-                position = Position(fields[3], fields[4]) if len(fields) == 5 else None
-                topic = channel.removeprefix(prefix).decode()
-            except Exception:  # not a broker's message: someone else publishes on our prefix
-                self.stats["malformed"] += 1
-                continue
-            if origin == self.node_id and position is None:
-                self.stats["own"] += 1  # delivered here already; numbered ones come this way
-                continue
-            if (origin, seq) == last:
-                self.stats["duplicates"] += 1
-                continue
-            last = (origin, seq)
-            self.stats["received"] += 1
-            try:
-                self._to_hub.send_nowait((topic, packed, position))
-            except trio.WouldBlock:
-                self._hub_behind = True  # not reading: Redis' answers wait in the socket
+            for reply in replies:
+                message = self._pushed(reply)
+                if message is None:
+                    continue
+                channel, payload = message
+                listener = self._listeners.get(channel)
+                if listener is not None:
+                    listener(payload)
+                    continue
                 try:
-                    await self._to_hub.send((topic, packed, position))
-                finally:
-                    self._hub_behind = False
+                    fields = msgpack.unpackb(payload, raw=False)
+                    origin, seq, packed = fields[:3]
+                    position = Position(fields[3], fields[4]) if len(fields) == 5 else None
+                    topic = channel.removeprefix(prefix).decode()
+                except Exception:  # not a broker's message: someone else publishes on our prefix
+                    self.stats["malformed"] += 1
+                    continue
+                if origin == self.node_id and position is None:
+                    self.stats["own"] += 1  # delivered here already; numbered ones come this way
+                    continue
+                if (origin, seq) == last:
+                    self.stats["duplicates"] += 1
+                    continue
+                last = (origin, seq)
+                self.stats["received"] += 1
+                try:
+                    self._to_hub.send_nowait((topic, packed, position))
+                except trio.WouldBlock:
+                    self._hub_behind = True  # not reading: Redis' answers wait in the socket
+                    try:
+                        await self._to_hub.send((topic, packed, position))
+                    finally:
+                        self._hub_behind = False
+
+    def _pushed(self, reply: Reply) -> tuple[bytes, bytes] | None:
+        """The channel and payload of a message Redis pushed; ``None`` for anything else on
+        the subscriber connection (a PONG, a (un)subscribe acknowledgement: counted here)."""
+        if reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
+            self.stats["pongs"] += 1  # a plain PONG when subscribed to nothing
+            return None
+        if not isinstance(reply, list) or len(reply) < 3:
+            raise ProtocolError(f"unexpected on the subscriber connection: {reply!r:.80}")
+        kind = reply[0]
+        if kind in _SUBSCRIBE_ACKS:
+            self._acknowledged(reply[1])
+            return None
+        if kind == b"message":
+            channel, payload = reply[1], reply[2]
+        elif kind == b"pmessage" and len(reply) == 4:
+            channel, payload = reply[2], reply[3]
+        else:
+            return None
+        if not (isinstance(channel, bytes) and isinstance(payload, bytes)):
+            return None
+        return channel, payload
 
     def _acknowledged(self, name: Reply) -> None:
         if not isinstance(name, bytes) or name not in self._pending:

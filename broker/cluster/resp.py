@@ -1,11 +1,12 @@
 """A minimal Redis client on Trio: RESP2 encoding and parsing, and a connection over TCP.
 
-:class:`ReplyParser` is sans-IO: feed it bytes, take whole replies out. :class:`RedisConnection`
-is the thin I/O layer: it reads from the socket only when asked for the next reply, so a
-reader that stops asking stops reading, TCP pushes back on Redis, and nothing piles up in
-this process. That is why the broker does not use coredis (which runs on Trio through anyio):
-its connections read eagerly into unbounded buffers, and a slow hub would grow memory without
-limit instead of pushing back (docs/cluster.md, "Why a small Redis client").
+Parsing and encoding are hiredis's (C, sans-IO: :func:`reply_reader`, :func:`encode_command`).
+:class:`RedisConnection` is the thin I/O layer around them: it reads from the socket only when
+no whole reply is buffered, so a reader that stops asking stops reading, TCP pushes back on
+Redis, and nothing piles up in this process. That is why the broker does not use coredis
+(which runs on Trio through anyio): its connections read eagerly into unbounded buffers, and
+a slow hub would grow memory without limit instead of pushing back (docs/cluster.md, "Why a
+small Redis client").
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 import trio
 
-NEED_DATA: Final = object()  # ReplyParser.next_reply: no whole reply buffered yet
+NEED_DATA: Final = object()  # what a reply_reader() answers when no whole reply is buffered
 
-MAX_BULK = 512 * 1024 * 1024  # Redis' own proto-max-bulk-len default
+#: Bytes buffered without a whole reply past which the connection is given up: Redis' own
+#: proto-max-bulk-len default, and a read's worth more (hiredis itself sets no limit).
+MAX_BUFFERED = 512 * 1024 * 1024 + 64 * 1024
 READ_SIZE = 64 * 1024
 
 
@@ -35,88 +39,17 @@ class ProtocolError(Exception):
 
 def encode_command(*args: bytes | str | int) -> bytes:
     """One command as a RESP array of bulk strings (strings are UTF-8 encoded)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
+    return hiredis.pack_command(args)  # type: ignore[arg-type,no-any-return]
 
 
-class ReplyParser:
-    """Turns RESP2 bytes into replies: ``bytes`` (simple and bulk strings), ``int``, ``None``,
-    ``list`` (arrays) and :class:`RedisError` (error replies, returned rather than raised)."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._start = 0  # where the next reply begins
-
-    def feed(self, data: bytes | bytearray) -> None:
-        """Add bytes read from the connection."""
-        if self._start and self._start > len(self._buffer) // 2:
-            del self._buffer[: self._start]
-            self._start = 0
-        self._buffer += data
-
-    def buffered(self) -> int:
-        """Bytes fed and not yet parsed into a reply."""
-        return len(self._buffer) - self._start
-
-    def next_reply(self) -> Reply | object:
-        """The next whole reply, or :data:`NEED_DATA`; raises :class:`ProtocolError`."""
-        parsed = self._parse(self._start)
-        if parsed is None:
-            return NEED_DATA
-        reply, self._start = parsed
-        return reply
-
-    def _line(self, start: int) -> tuple[bytes, int] | None:
-        end = self._buffer.find(b"\r\n", start)
-        if end < 0:
-            if len(self._buffer) - start > 64 * 1024:
-                raise ProtocolError("a RESP header line longer than 64 KiB")
-            return None
-        return bytes(self._buffer[start:end]), end + 2
-
-    def _parse(self, start: int) -> tuple[Reply, int] | None:
-        line = self._line(start)
-        if line is None:
-            return None
-        header, position = line
-        kind, rest = header[:1], header[1:]
-        if kind == b"+":
-            return rest, position
-        if kind == b"-":
-            return RedisError(rest.decode("utf-8", "replace")), position
-        try:
-            number = int(rest) if kind in (b":", b"$", b"*") else None
-        except ValueError:
-            number = None
-        if number is None:
-            raise ProtocolError(f"not a RESP2 reply: {bytes(header[:40])!r}")
-        if kind == b":":
-            return number, position
-        if number < 0:
-            return None, position  # null bulk string or null array
-        if kind == b"$":
-            if number > MAX_BULK:
-                raise ProtocolError(f"a bulk string of {number} bytes")
-            end = position + number
-            if len(self._buffer) < end + 2:
-                return None
-            if self._buffer[end : end + 2] != b"\r\n":
-                raise ProtocolError("a bulk string not ended by CRLF")
-            return bytes(self._buffer[position:end]), end + 2
-        items: list[Reply] = []
-        for _ in range(number):
-            parsed = self._parse(position)
-            if parsed is None:
-                return None
-            item, position = parsed
-            items.append(item)
-        return items, position
+def reply_reader() -> hiredis.Reader:
+    """A sans-IO RESP2 parser: ``feed(data)`` the bytes read, then ``gets()`` each whole reply
+    in turn until it answers :data:`NEED_DATA`. Replies are ``bytes`` (simple and bulk
+    strings), ``int``, ``None``, ``list`` (arrays) and :class:`RedisError` (error replies,
+    returned rather than raised); bytes that are not RESP raise :class:`ProtocolError`."""
+    return hiredis.Reader(
+        protocolError=ProtocolError, replyError=RedisError, notEnoughData=NEED_DATA
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +98,7 @@ class RedisConnection:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        self._parser = ReplyParser()
+        self._reader = reply_reader()
 
     @classmethod
     async def open(
@@ -197,18 +130,34 @@ class RedisConnection:
             raise ConnectionLost(f"sending to Redis: {exc}") from None
 
     async def receive(self) -> Reply:
-        """The next reply, reading from the socket only as much as it needs."""
-        while True:
-            reply = self._parser.next_reply()
-            if reply is not NEED_DATA:
-                return reply  # type: ignore[return-value]
-            try:
-                data = await self._stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ConnectionLost(f"reading from Redis: {exc}") from None
-            if not data:
-                raise ConnectionLost("Redis closed the connection")
-            self._parser.feed(data)
+        """The next reply, reading from the socket only when no whole reply is buffered."""
+        gets = self._reader.gets
+        reply = gets()
+        while reply is NEED_DATA:
+            await self._read()
+            reply = gets()
+        return reply  # type: ignore[no-any-return]
+
+    async def receive_all(self) -> list[Reply]:
+        """Every whole reply buffered, one at least, reading from the socket only when none
+        is: so at most what one read brought in, parsed in one go."""
+        replies = [await self.receive()]
+        gets = self._reader.gets
+        while (reply := gets()) is not NEED_DATA:
+            replies.append(reply)
+        return replies
+
+    async def _read(self) -> None:
+        try:
+            data = await self._stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost(f"reading from Redis: {exc}") from None
+        if not data:
+            raise ConnectionLost("Redis closed the connection")
+        reader = self._reader
+        reader.feed(data)  # type: ignore[arg-type]  # a bytearray is fine: it reads a buffer
+        if reader.len() > MAX_BUFFERED:
+            raise ProtocolError(f"more than {MAX_BUFFERED} bytes without a whole reply")
 
     async def call(self, *args: bytes | str | int) -> Reply:
         """Send one command and return its reply; an error reply is raised as RedisError."""
