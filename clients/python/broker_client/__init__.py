@@ -13,6 +13,10 @@ The same code runs in ``trio.run`` and in ``asyncio.run`` (or any framework on e
 FastAPI): the client is written on anyio, and its WebSocket is trio-websocket under Trio and
 websockets under asyncio (:mod:`broker_client.transport`), chosen by the running loop.
 
+On a concrete topic that keeps history, a subscription refills: what the broker dropped for
+it (it fell behind) is read back and yielded in order, and a :class:`Gap` stands for offsets
+that will never come (see :mod:`broker_client.refill`).
+
 On topics with presence, ``await client.presence(topic)`` (or ``client.members(topic)``)
 says who is subscribed, and ``client.subscribe(topic, join_leave=True)`` also yields
 :class:`Join` and :class:`Leave` events (see :mod:`broker_client.presence`).
@@ -42,7 +46,7 @@ from broker_client.errors import (
 from broker_client.presence import Join, Leave, Member, Presence, PresenceGap
 from broker_client.reconnect import Backoff
 from broker_client.recovery import Position
-from broker_client.subscription import Event, Message, Subscription
+from broker_client.subscription import Event, Gap, Message, Subscription
 
 __all__ = [
     "Backoff",
@@ -55,6 +59,7 @@ __all__ = [
     "ConnectionLost",
     "Event",
     "Forbidden",
+    "Gap",
     "Internal",
     "InvalidTopic",
     "Join",

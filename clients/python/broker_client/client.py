@@ -9,7 +9,10 @@ subscribes again to every live pattern (ahead of anything queued; with ``since``
 topic keeps history, see :mod:`broker_client.recovery`; with ``join_leave`` and ``info`` as
 first asked) and then tells the user (``on_reconnect``, :meth:`Client.wait_reconnected`;
 ``on_gap`` if messages were missed; a :class:`PresenceGap` in each ``join_leave``
-subscription, whose events of the outage are lost).
+subscription, whose events of the outage are lost). On a concrete topic with history, what
+the broker drops for a slow subscription is read back with ``history`` by a **refill** task
+(:mod:`broker_client.refill`), one per subscription while it runs, in the connection's task
+group.
 
 It runs under Trio and under asyncio alike (on anyio); the WebSocket itself is a
 :mod:`~broker_client.transport`: trio-websocket under Trio, websockets under asyncio.
@@ -61,7 +64,8 @@ from broker_client.presence import (
 )
 from broker_client.reconnect import Backoff
 from broker_client.recovery import Recovery
-from broker_client.subscription import Event, Message, Subscription
+from broker_client.refill import Refill
+from broker_client.subscription import Event, Gap, Message, Subscription
 from broker_client.transport import (
     Handshake,
     Refused,
@@ -85,15 +89,25 @@ Token = str | Callable[[], str | Awaitable[str]] | None
 class _Route:
     """One subscription at the broker, shared by the client's subscriptions to its pattern.
 
-    ``join_leave`` and ``info`` are those of the first: the broker keeps one subscription
-    per pattern and connection, and answers a repeated ``sub`` without changing it.
+    ``join_leave``, ``info`` and ``refill`` are those of the first: the broker keeps one
+    subscription per pattern and connection, and answers a repeated ``sub`` without changing
+    it; the messages, and what a refill reads back, go to each of them.
     """
 
-    def __init__(self, pattern: str, join_leave: bool = False, info: Any = None) -> None:
+    def __init__(
+        self,
+        pattern: str,
+        join_leave: bool = False,
+        info: Any = None,
+        refill: bool = True,
+        buffer_size: float = 100,
+    ) -> None:
         self.pattern = pattern
         self.join_leave = join_leave
         self.info = info
         self.recovery = Recovery(pattern)
+        self.refill = Refill(pattern, self.recovery, buffer_size, refill)
+        self.refill_scope: anyio.CancelScope | None = None  # the running refill task's
         self.subscriptions: list[Subscription[Any]] = []
 
     def sub_frame(self) -> dict[str, Any]:
@@ -105,7 +119,13 @@ class _Route:
             frame["info"] = self.info
         return frame
 
-    def refuse(self, join_leave: bool, info: Any) -> str | None:
+    def stop_refill(self) -> None:
+        """End the refill, if one runs: its task is cancelled, what it held let go."""
+        self.refill.stop()
+        if self.refill_scope is not None:
+            self.refill_scope.cancel()
+
+    def refuse(self, join_leave: bool, info: Any, refill: bool) -> str | None:
         """Why one more subscription with these options cannot share this one, if it cannot."""
         if join_leave and not self.join_leave:
             return (
@@ -117,6 +137,11 @@ class _Route:
             return (
                 f"already subscribed to {self.pattern!r} with info {self.info!r} on this "
                 "client: a member has one info per topic"
+            )
+        if (refill and self.recovery.concrete) != self.refill.wanted:
+            return (
+                f"already subscribed to {self.pattern!r} with refill={not refill} on this "
+                "client: its subscriptions share one stream of messages"
             )
         return None
 
@@ -176,7 +201,7 @@ class Client:
         self._closing = False
         self._error: BaseException | None = None
         self._started = False
-        self._serve_scope: anyio.CancelScope | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None  # the connection's, while it serves
         self._stalls = 0  # times the reader waited on a full subscription buffer
         self._stalled = False
         self._dead_peer = False  # the keep-alive gave up on this connection
@@ -216,23 +241,47 @@ class Client:
 
     @overload
     def subscribe(
-        self, pattern: str, *, join_leave: Literal[False] = False, info: Any = None
+        self,
+        pattern: str,
+        *,
+        join_leave: Literal[False] = False,
+        info: Any = None,
+        refill: Literal[False],
     ) -> AbstractAsyncContextManager[Subscription[Message]]: ...
 
     @overload
     def subscribe(
-        self, pattern: str, *, join_leave: bool, info: Any = None
+        self,
+        pattern: str,
+        *,
+        join_leave: Literal[False] = False,
+        info: Any = None,
+        refill: bool = True,
+    ) -> AbstractAsyncContextManager[Subscription[Message | Gap]]: ...
+
+    @overload
+    def subscribe(
+        self, pattern: str, *, join_leave: bool, info: Any = None, refill: bool = True
     ) -> AbstractAsyncContextManager[Subscription[Event]]: ...
 
     @asynccontextmanager
     async def subscribe(
-        self, pattern: str, *, join_leave: bool = False, info: Any = None
+        self, pattern: str, *, join_leave: bool = False, info: Any = None, refill: bool = True
     ) -> AsyncIterator[Subscription[Any]]:
         """Subscribe to ``pattern`` for the ``async with`` block; iterate the result.
 
         Returns once the broker confirmed the subscription; raises ``InvalidTopic``,
         ``TooManySubscriptions`` and so on if it refused. Two subscriptions to the same
         pattern on one client share the broker's subscription and each get every message.
+
+        On a concrete topic that keeps history, with ``refill`` (the default), messages the
+        broker dropped for this subscription (a drop policy: it fell behind) are read back
+        with ``history`` and yielded in offset order, as if none had been dropped; offsets
+        that will never come (no longer kept, the history lost, a failed read) are yielded as
+        a :class:`Gap`, between the messages around them, and also counted in ``gaps``,
+        logged and given to ``on_gap``. One read at a time, of up to 1000 messages; live
+        messages meanwhile are held up to ``buffer_size``, and read back too past it. A
+        wildcard never refills; ``refill=False`` turns it off (the offsets then jump).
 
         On a presence topic (docs/presence.md) the subscription makes this client a member
         (a concrete topic only), showing ``info`` (any value, at most 1 KiB encoded, else
@@ -241,16 +290,17 @@ class Client:
         member that comes or goes on a matching presence topic (its own join included), and a
         :class:`PresenceGap` where some may be missing; ``NotEnabled`` if no topic matching
         ``pattern`` has presence. A second subscription to a pattern may not ask for
-        ``join_leave`` or another ``info`` than the first (``ValueError``).
+        ``join_leave``, another ``info`` or another ``refill`` than the first (``ValueError``).
         """
         self._check_open()
         route = self._routes.get(pattern)
         if route is None:
-            route = self._routes[pattern] = _Route(pattern, join_leave, info)
-        elif (refusal := route.refuse(join_leave, info)) is not None:
+            route = _Route(pattern, join_leave, info, refill, self.buffer_size)
+            self._routes[pattern] = route
+        elif (refusal := route.refuse(join_leave, info, refill)) is not None:
             raise ValueError(refusal)
         subscription: Subscription[Any] = Subscription(
-            pattern, self.buffer_size, route.recovery, join_leave
+            pattern, self.buffer_size, route.recovery, route.refill, join_leave
         )
         route.subscriptions.append(subscription)
         try:
@@ -262,6 +312,7 @@ class Client:
             route.subscriptions.remove(subscription)
             if not route.subscriptions and self._routes.get(pattern) is route:
                 del self._routes[pattern]
+                route.stop_refill()
                 self._unsubscribe_nowait(pattern)
 
     async def presence(
@@ -313,10 +364,10 @@ class Client:
         if self._closing:
             return
         self._closing = True
-        if self._serve_scope is not None:
+        if self._tasks is not None:
             with anyio.move_on_after(self.reply_timeout):
                 await self._outbox.wait_flushed()
-            self._serve_scope.cancel()  # run() then closes the WebSocket and returns
+            self._tasks.cancel_scope.cancel()  # run() then closes the WebSocket and returns
             with anyio.move_on_after(self.connect_timeout):
                 await self._stopped.wait()
         self._finish(Closed("the client is closed"))
@@ -494,16 +545,21 @@ class Client:
         return refused(message, status=status, reason=body, retry_after=_retry_after(exc))
 
     async def _serve(self, transport: Transport, reconnected: bool) -> None:
-        """Run the reader and writer until the connection ends; resubscribe if reconnected."""
-        async with anyio.create_task_group() as tasks:
-            self._serve_scope = tasks.cancel_scope
-            if reconnected:  # the subscriptions go first, ahead of anything queued
-                tasks.start_soon(self._confirm_resubscribed, self._queue_resubscriptions())
-            tasks.start_soon(self._write_loop, transport, tasks.cancel_scope)
-            tasks.start_soon(self._keepalive_loop, transport, tasks.cancel_scope)
-            await self._read_loop(transport)
-            tasks.cancel_scope.cancel()
-        self._serve_scope = None
+        """Run the reader and writer (and refills) until the connection ends; resubscribe if
+        reconnected."""
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                if reconnected:  # the subscriptions go first, ahead of anything queued
+                    tasks.start_soon(self._confirm_resubscribed, self._queue_resubscriptions())
+                tasks.start_soon(self._write_loop, transport, tasks.cancel_scope)
+                tasks.start_soon(self._keepalive_loop, transport, tasks.cancel_scope)
+                await self._read_loop(transport)
+                tasks.cancel_scope.cancel()
+        finally:
+            self._tasks = None
+            for route in self._routes.values():  # a resubscription's since brings the rest
+                route.stop_refill()
 
     def _queue_resubscriptions(self) -> dict[int, tuple[_Route, Pending]]:
         """Queue a ``sub`` for every live pattern ahead of everything, with ``since`` where the
@@ -622,6 +678,13 @@ class Client:
                 return  # no longer subscribed, or a replayed message already delivered
             message = Message(frame.get("topic", ""), frame.get("data"), pattern,
                               offset if isinstance(offset, int) else None)  # fmt: skip
+            refilling = route.refill.active
+            if route.refill.take(message):  # a jump: the refill task hands over from here
+                if not refilling:
+                    assert self._tasks is not None  # the reader runs in them
+                    route.refill_scope = anyio.CancelScope()
+                    self._tasks.start_soon(self._refill, route, route.refill_scope)
+                return
             await self._hand_over(message, list(route.subscriptions))
             route.recovery.delivered(offset)
         elif op == "join" or op == "leave":
@@ -649,6 +712,41 @@ class Client:
             if self._routes.get(route.pattern) is route:
                 gap = PresenceGap(route.pattern, why)
                 await self._hand_over(gap, [s for s in route.subscriptions if s.join_leave])
+
+    async def _refill(self, route: _Route, scope: anyio.CancelScope) -> None:
+        """Hand over what the broker dropped for ``route``, read back with ``history``, and
+        the live messages held meanwhile, in offset order, until nothing is missing. The only
+        one to hand over to ``route`` while it runs; cancelled with the subscription (``scope``)
+        or the connection, which then leaves the rest to the resubscription's ``since``."""
+        refill = route.refill
+        with scope:
+            while True:
+                while (item := refill.next_item()) is not None:
+                    for subscription in list(route.subscriptions):
+                        await subscription._deliver(item)  # waits for room: not the reader
+                    refill.handed_over()
+                    if isinstance(item, Gap):
+                        self._tell_lost(route, item)
+                read = refill.next_read()
+                if read is None:
+                    return
+                try:
+                    reply = await self._request(read.frame(route.pattern))
+                except ClientError as error:
+                    if isinstance(error, ConnectionLost) or self._error is not None:
+                        refill.stop()  # gone with the connection or the client
+                        return
+                    log.warning("reading the history of %r failed: %s", route.pattern, error)
+                    refill.failed()
+                else:
+                    refill.answered(read, reply)
+
+    def _tell_lost(self, route: _Route, gap: Gap) -> None:
+        """A refill's gap went into the subscriptions: count it, log it, tell ``on_gap``."""
+        for subscription in route.subscriptions:
+            subscription._lost(gap)
+            if self.on_gap is not None:
+                _call_hook("on_gap", self.on_gap, subscription, str(gap))
 
     async def _hand_over(self, item: Event, subscriptions: list[Subscription[Any]]) -> None:
         """Buffer ``item`` in each of ``subscriptions``; wait for room in a full one, so that
@@ -752,8 +850,9 @@ async def connect(
     subscription's buffer, ``outbox_size`` the frames waiting to be sent. With ``reconnect``
     (default) a dropped connection is retried for ever with ``backoff`` delays (never sooner
     than a 503's ``Retry-After``), and subscriptions resume where they were on topics with
-    history; ``on_gap(subscription, why)`` is called when they cannot, and after every
-    reconnect for those that keep no history. A refusal that waiting would not change (HTTP
+    history; ``on_gap(subscription, why)`` is called when they cannot, after every
+    reconnect for those that keep no history, and for each :class:`Gap` a refill finds (see
+    :meth:`Client.subscribe`). A refusal that waiting would not change (HTTP
     400, 401, 403 at the handshake; close 4003 or 4010) ends the client with
     :class:`Unauthorized`, :class:`Forbidden` or :class:`CannotConnect`, in the broker's
     words, unless ``token`` is a function (it is then asked for a fresh token). A ping every

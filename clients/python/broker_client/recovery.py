@@ -36,11 +36,15 @@ class Recovery:
     ``position`` is the last message delivered (``None`` until the broker named an epoch);
     ``recovered`` is the answer of the last resubscription: ``True`` nothing was missed,
     ``False`` messages may be missing, ``None`` nothing to recover (no history, no reconnect).
+    ``loss_reported`` is true from a resubscription that reported a loss until the next
+    message: its offset may jump over what was reported (the kept tail replayed after an
+    eviction), which is no news.
     """
 
     def __init__(self, pattern: str) -> None:
         self.concrete = is_concrete(pattern)
         self.recovered: bool | None = None
+        self.loss_reported = False
         self._epoch: str | None = None
         self._offset = 0
 
@@ -70,6 +74,7 @@ class Recovery:
         """
         if isinstance(offset, int) and self.concrete:
             self._offset = offset
+        self.loss_reported = False
 
     def subscribed(self, reply: Mapping[str, object]) -> None:
         """Take the ``ok`` of the first ``sub``."""
@@ -83,6 +88,7 @@ class Recovery:
         elif "recovered" in reply:
             self.recovered = True
         self._take_position(reply)
+        self.loss_reported = why is not None
         return why
 
     def forget(self, why: str) -> str:

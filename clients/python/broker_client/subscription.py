@@ -2,7 +2,9 @@
 
 The client's reader puts each ``msg`` for this pattern into the buffer (and, for a
 subscription made with ``join_leave=True``, each :class:`~broker_client.presence.Join` and
-:class:`~broker_client.presence.Leave`, in the order they arrived). When the buffer is full
+:class:`~broker_client.presence.Leave`, in the order they arrived). On a concrete topic with
+history, a refill (:mod:`broker_client.refill`) puts there what the broker dropped, read back,
+and a :class:`Gap` for what it could not. When the buffer is full
 the reader waits, so it stops reading the socket, TCP pushes back on the broker, and the
 topic's ``on_full`` policy decides (block, drop with ``lag``, or disconnect). Memory never grows
 without bound. Because one reader serves the whole connection, one full subscription pauses
@@ -15,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic
+from typing import TYPE_CHECKING, Any, Generic, Literal
 
 import anyio
 
@@ -38,14 +40,50 @@ class Message:
     offset: int | None = None
 
 
-Event = Message | Join | Leave | PresenceGap
+Why = Literal["evicted", "history_lost", "read_failed"]
+"""Why a :class:`Gap`'s offsets will never come."""
+
+_WHY: dict[str, str] = {
+    "evicted": "the topic no longer keeps them",
+    "history_lost": "the topic's history was lost (a new epoch)",
+    "read_failed": "the broker did not answer the history read",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Offsets ``first`` to ``last`` (both included) of ``topic`` will never come, in the order
+    of the messages around it; a refill found them (see ``refill`` in
+    :meth:`Client.subscribe <broker_client.client.Client.subscribe>`).
+
+    ``why`` is ``"evicted"`` when the topic no longer keeps them (more than its
+    ``history_size`` were published since, or they outlived ``history_ttl``),
+    ``"history_lost"`` when its history was lost (a new epoch), ``"read_failed"`` when the
+    broker did not answer the ``history`` read (``unavailable`` in a cluster whose Redis is
+    down, or no answer within ``reply_timeout``).
+    """
+
+    topic: str
+    first: int
+    last: int
+    why: Why
+
+    def __str__(self) -> str:
+        span = f"{self.first}..{self.last}"
+        return f"messages {span} of {self.topic} will never come: {_WHY[self.why]}"
+
+
+Event = Message | Join | Leave | PresenceGap | Gap
 """What a subscription made with ``join_leave=True`` yields."""
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVar
 
-    # What a subscription yields: a plain one, Message (PEP 696's default, so that a bare
-    # ``Subscription`` annotation means ``Subscription[Message]``); one with join_leave, Event.
+    from broker_client.refill import Refill
+
+    # What a subscription yields: a plain one, Message or Gap (Message alone with refill=False;
+    # Message is PEP 696's default, so that a bare ``Subscription`` annotation means
+    # ``Subscription[Message]``); one with join_leave, Event.
     Item = TypeVar("Item", default=Message)
 else:
     from typing import TypeVar
@@ -56,11 +94,15 @@ else:
 class Subscription(Generic[Item]):
     """Messages matching ``pattern``, in order; iterate with ``async for``.
 
+    On a concrete topic with history it refills (unless subscribed with ``refill=False``):
+    messages the broker dropped for it are read back and yielded in offset order, and a
+    :class:`Gap` stands for offsets that will never come; ``refills`` counts the reads.
+
     ``dropped`` counts messages the broker dropped for this subscription (its ``lag`` notices);
     ``gaps`` counts reconnects after which messages may be missing (recovery failed or was
-    impossible); each of both also logs a warning. The iteration ends when the subscription or
-    the client is closed, or raises the error that ended the client (``Forbidden``,
-    ``ConnectionLost``).
+    impossible) and the gaps a refill found; each of both also logs a warning. The iteration
+    ends when the subscription or the client is closed, or raises the error that ended the
+    client (``Forbidden``, ``ConnectionLost``).
 
     With ``join_leave`` (a ``Subscription[Event]``), the iteration also yields a
     :class:`~broker_client.presence.Join` or :class:`~broker_client.presence.Leave` for each
@@ -71,13 +113,19 @@ class Subscription(Generic[Item]):
     """
 
     def __init__(
-        self, pattern: str, buffer_size: int, recovery: Recovery, join_leave: bool = False
+        self,
+        pattern: str,
+        buffer_size: int,
+        recovery: Recovery,
+        refill: Refill,
+        join_leave: bool = False,
     ) -> None:
         self.pattern = pattern
         self.join_leave = join_leave
         self.dropped = 0
         self.gaps = 0
         self._recovery = recovery
+        self._refill = refill
         self._send, self._receive = anyio.create_memory_object_stream[Item](buffer_size)
         self._error: BaseException | None = None
 
@@ -99,6 +147,17 @@ class Subscription(Generic[Item]):
         be missing, ``None`` no reconnect yet or nothing to recover (no history).
         """
         return self._recovery.recovered
+
+    @property
+    def refilling(self) -> bool:
+        """True while a refill is reading back what the broker dropped (the live messages
+        meanwhile wait, up to the buffer's size, or are read back too)."""
+        return self._refill.active
+
+    @property
+    def refills(self) -> int:
+        """The ``history`` reads its refills made (each of up to 1000 messages)."""
+        return self._refill.reads
 
     async def receive(self) -> Item:
         """The next message (or event); raises ``StopAsyncIteration`` (or the client's
@@ -130,17 +189,23 @@ class Subscription(Generic[Item]):
 
     def _lag(self, dropped: int) -> None:
         self.dropped += dropped
+        refilled = " (read back from the topic's history)" if self._refill.enabled else ""
         log.warning(
-            "subscription %r: the broker dropped %d message(s) (%d in all): consumer too slow",
+            "subscription %r: the broker dropped %d message(s) (%d in all): consumer too slow%s",
             self.pattern,
             dropped,
             self.dropped,
+            refilled,
         )
 
     def _gap(self, why: str) -> None:
         self.gaps += 1
         log.warning("subscription %r: messages may be missing after the reconnect: %s",
                     self.pattern, why)  # fmt: skip
+
+    def _lost(self, gap: Gap) -> None:
+        self.gaps += 1
+        log.warning("subscription %r: %s (%s)", self.pattern, gap, gap.why)
 
     def _end(self, error: BaseException | None = None) -> None:
         """No more messages: the iteration ends after the buffer, raising ``error`` if given."""
