@@ -11,8 +11,9 @@ publisher and one subscriber:
 - latency: one message at a time, the time from sending the pub to the subscriber reading it
   (both ends in this process, so one clock), as p50 / p99 over ``--rounds``;
 - CPU per message during the throughput run, in microseconds, of the publisher's node, the
-  subscriber's node (one figure when they are the same) and Redis: on a shared machine the
-  throughput varies from one minute to the next, the CPU a message costs much less.
+  subscriber's node (one figure when they are the same), Redis, and this process (both
+  clients): on a shared machine the throughput varies from one minute to the next, the CPU a
+  message costs much less. On two cores the throughput is about 2 / (their sum).
 
 Cases: ``single`` (pub and sub on the single node), ``same node`` (both on cluster node a:
 delivered locally, plus a PUBLISH to Redis), ``cross node`` (pub on b, sub on a: through
@@ -123,6 +124,7 @@ async def measure(
     history = name.endswith("history")
     pids = [publisher[0].pid] + ([subscriber[0].pid] if subscriber is not publisher else [])
     pids += [redis] if redis is not None else []
+    pids.append(os.getpid())
     before = [cpu_seconds(pid) for pid in pids]
     topic = "hist.t" if history else "bench.t"
     rate = await throughput(publisher[1], subscriber[1], topic, args.messages, args.size)
@@ -148,7 +150,7 @@ async def main(args: argparse.Namespace) -> None:
             processes = [single[0], a[0], b[0]]
             try:
                 print(f"{args.messages} messages of {args.size} bytes; {args.rounds} rounds; "
-                      "CPU: publisher's node / subscriber's node / Redis")  # fmt: skip
+                      "CPU: publisher's node / subscriber's node / Redis / clients")  # fmt: skip
                 assert redis.process is not None
                 for kind in ("", ", history"):
                     await measure("single" + kind, single, single, None, args)

@@ -180,6 +180,60 @@ async def test_one_publishers_messages_arrive_in_order_on_other_nodes(redis: Red
             assert got == [*values, "done"]
 
 
+async def test_a_burst_of_mixed_publishes_keeps_each_topics_order_and_offsets(
+    redis: RedisServer,
+) -> None:
+    """Publishes queued for Redis together (history ones numbered in batches) keep one
+    publisher's order per topic, and a pub with id is ok only once Redis has it and all
+    before it."""
+    async with (
+        nodes(redis, 2) as (a, b),
+        connect(a.url) as subscriber,
+        connect(b.url) as publisher,
+    ):
+        for n, topic in enumerate(("chat.a", "chat.b", "plain"), start=1):
+            await subscriber.subscribe(topic, id=n)
+        frames: list[Frame] = []
+        sent: dict[str, list[int]] = {"chat.a": [], "chat.b": [], "plain": []}
+        for n in range(900):
+            topic = "chat.b" if n % 7 == 3 else "plain" if n % 11 == 5 else "chat.a"
+            frames.append({"op": "pub", "topic": topic, "data": n})
+            if n % 150 == 149:
+                frames[-1]["id"] = n
+            sent[topic].append(n)
+        await publisher.send(*frames)
+        for n in range(149, 900, 150):
+            assert (await publisher.reply(n))["op"] == "ok"
+        kept = await redis.command("XLEN", "broker:h:chat.a")
+        assert kept == len(sent["chat.a"])  # the last ok: it is in Redis, and all before it
+        got: dict[str, list[int]] = {topic: [] for topic in sent}
+        offsets: dict[str, list[int]] = {"chat.a": [], "chat.b": []}
+        for _ in range(900):
+            frame = await subscriber.expect("msg")
+            got[frame["topic"]].append(frame["data"])
+            if frame["topic"] in offsets:
+                offsets[frame["topic"]].append(frame["offset"])
+        assert got == sent
+        for topic, numbered in offsets.items():
+            assert numbered == list(range(1, len(sent[topic]) + 1))
+
+
+async def test_a_burst_on_a_history_topic_is_numbered_in_few_script_calls(
+    redis: RedisServer,
+) -> None:
+    async with nodes(redis, 1) as (a,), connect(a.url) as publisher:
+        await redis.command("CONFIG", "RESETSTAT")
+        await publisher.send(
+            *({"op": "pub", "topic": "chat.burst", "data": n} for n in range(1000))
+        )
+        await publisher.publish("chat.burst", "end", id=1)
+        assert await redis.command("GET", "broker:o:chat.burst") == b"1001"
+        stats = await redis.command("INFO", "commandstats")
+        assert isinstance(stats, bytes)
+        calls = int(stats.split(b"cmdstat_eval:calls=")[1].split(b",")[0])
+        assert calls <= 1000 // 128 + 3, stats  # batches of at most 128, and the last pub
+
+
 async def test_subscriptions_follow_local_clients_in_redis(redis: RedisServer) -> None:
     async with nodes(redis, 1) as (a,):
         async with connect(a.url) as one, connect(a.url) as two:

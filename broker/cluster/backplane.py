@@ -46,7 +46,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import trio
@@ -80,6 +80,18 @@ _FAILURES = (OSError, ConnectionLost, ProtocolError, RedisError, trio.TooSlowErr
 _SUBSCRIBE_ACKS = (b"subscribe", b"psubscribe", b"unsubscribe", b"punsubscribe")
 
 
+class Deferred(Protocol):
+    """A command encoded only when the writer takes it, so that more can join it until then
+    (:class:`~broker.cluster.history.RedisHistory` batches a topic's publishes this way)."""
+
+    def encode(self) -> bytes:
+        """The command; called once, after which nothing joins it."""
+
+
+#: What the command connection's queue takes: an encoded command, or one encoded late.
+Command = bytes | Deferred
+
+
 @dataclass(eq=False, slots=True)
 class _Pending:
     """One command's reply, filled in by the reader (or failed when the connection goes)."""
@@ -90,17 +102,33 @@ class _Pending:
 
 
 class _Commands:
-    """The command connection: callers queue commands, one task writes, one reads replies."""
+    """The command connection: callers queue commands, one task writes, one reads replies.
+
+    A command whose reply nobody waits for is queued with ``None`` for its pending reply,
+    so a fire-and-forget publish costs no event and no await (:meth:`queue`)."""
 
     def __init__(self, connection: RedisConnection, timeout: float, depth: int) -> None:
         self._connection = connection
         self._timeout = timeout
-        self._in, self._out = trio.open_memory_channel[tuple[bytes, _Pending]](depth)
-        self._waiting: deque[_Pending] = deque()
+        self._in, self._out = trio.open_memory_channel[tuple[Command, _Pending | None]](depth)
+        self._waiting: deque[_Pending | None] = deque()
         self.broken = trio.Event()
         self.why = ""
+        self.last: Command | None = None  # the command queued last
 
-    async def call(self, payload: bytes, *, wait: bool = True) -> Reply:
+    def queue(self, payload: Command) -> bool:
+        """Queue one command, in order, whose reply is ignored, if there is room now; False
+        if there is not (or the connection is gone): then :meth:`call`."""
+        if self.broken.is_set():
+            return False
+        try:
+            self._in.send_nowait((payload, None))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        self.last = payload
+        return True
+
+    async def call(self, payload: Command, *, wait: bool = True) -> Reply:
         """Send one encoded command and return its reply; raises Unavailable.
 
         Without ``wait`` it returns once the command is queued (in order), and its reply is
@@ -108,18 +136,23 @@ class _Commands:
         """
         if self.broken.is_set():
             raise Unavailable(self.why)
-        pending = _Pending()
+        pending = _Pending() if wait else None
         with trio.move_on_after(self._timeout):
             try:
                 try:
                     self._in.send_nowait((payload, pending))  # no checkpoint per message
                 except trio.WouldBlock:
+                    self.last = None  # others may queue while this one waits
                     await self._in.send((payload, pending))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 raise Unavailable(self.why) from None
-            if not wait:
+            self.last = payload
+            if pending is None:
                 return None
             await pending.done.wait()
+        if pending is None:
+            self.fail(f"Redis took no command within {self._timeout:g} s")
+            raise Unavailable(self.why)
         if not pending.done.is_set():
             # A grace for the reader: when this node's own event loop stalled past the
             # deadline (a storm of work), the reply may be waiting in the socket, unread.
@@ -136,23 +169,24 @@ class _Commands:
 
     async def write_loop(self) -> None:
         """Send queued commands, everything queued at once in one write (pipelining)."""
+        waiting = self._waiting
         async for payload, pending in self._out:
-            batch = [payload]
-            self._waiting.append(pending)
+            batch = [payload if isinstance(payload, bytes) else payload.encode()]
+            waiting.append(pending)
             while len(batch) < 1024:
                 try:
                     payload, pending = self._out.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                batch.append(payload)
-                self._waiting.append(pending)
+                batch.append(payload if isinstance(payload, bytes) else payload.encode())
+                waiting.append(pending)
             if self.broken.is_set():  # handed over just before fail() emptied the queue
                 self._fail_waiting()
                 return
             await self._connection.send(b"".join(batch))
 
     async def read_loop(self) -> None:
-        """Hand each reply to the oldest waiting command."""
+        """Hand each reply to the oldest command (dropped if nobody waits for it)."""
         waiting = self._waiting
         while True:
             for reply in await self._connection.receive_all():
@@ -161,8 +195,9 @@ class _Commands:
                         return  # a late reply to a command failed by fail(): the outage
                     raise ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
                 pending = waiting.popleft()
-                pending.reply = reply
-                pending.done.set()
+                if pending is not None:
+                    pending.reply = reply
+                    pending.done.set()
 
     def fail(self, why: str) -> None:
         """The connection is gone: fail every waiting and queued command with ``why``."""
@@ -180,8 +215,9 @@ class _Commands:
 
     def _fail_waiting(self) -> None:
         for pending in self._waiting:
-            pending.error = self.why
-            pending.done.set()
+            if pending is not None:
+                pending.error = self.why
+                pending.done.set()
         self._waiting.clear()
 
 
@@ -344,15 +380,37 @@ class RedisBackplane:
             return redis_glob(self._prefix, pattern).encode()
         return (self._prefix + pattern).encode()
 
+    def publish_nowait(self, topic: str, packed: bytes) -> bool:
+        """Queue the message for Redis (``PUBLISH``), behind those queued before, if that
+        needs no wait; False if it would, or if Redis is down: then :meth:`publish`."""
+        if not self.queue(self._publish_command(topic, packed)):
+            return False
+        self.stats["published"] += 1
+        return True
+
     async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
         """``PUBLISH`` the message; raises Unavailable if Redis does not take it.
 
         Without ``wait``, returns once the message is queued for Redis, in order."""
-        envelope = msgpack.packb([self.node_id, self._next_seq(), packed], use_bin_type=True)
-        await self.call(encode_command("PUBLISH", self.channel(topic), envelope), wait=wait)
+        await self.call(self._publish_command(topic, packed), wait=wait)
         self.stats["published"] += 1
 
-    async def call(self, command: bytes, *, wait: bool = True) -> Reply:
+    def _publish_command(self, topic: str, packed: bytes) -> bytes:
+        envelope = msgpack.packb([self.node_id, self._next_seq(), packed], use_bin_type=True)
+        return encode_command("PUBLISH", self._prefix + topic, envelope)
+
+    def queue(self, command: Command) -> bool:
+        """Queue a command whose reply is ignored on the command connection, in order, if
+        that needs no wait; False if it would, or if Redis is down."""
+        commands = self._commands
+        return commands is not None and commands.queue(command)
+
+    def queued_last(self, command: Command) -> bool:
+        """Whether ``command`` is the last queued on the command connection."""
+        commands = self._commands
+        return commands is not None and commands.last is command
+
+    async def call(self, command: Command, *, wait: bool = True) -> Reply:
         """Run an encoded command on the command connection (see :meth:`_Commands.call`)."""
         commands = self._commands
         if commands is None:
@@ -586,6 +644,7 @@ class RedisBackplane:
         """Read the subscriber connection: acks update the follow state, messages go to the
         hub through the bounded buffer (waiting when it is full)."""
         prefix = self._prefix.encode()
+        own = b"\x93" + msgpack.packb(self.node_id)  # how this node's plain messages start
         last: tuple[str, int] | None = None
         while True:
             replies = await connection.receive_all()
@@ -599,6 +658,9 @@ class RedisBackplane:
                 if listener is not None:
                     listener(payload)
                     continue
+                if payload.startswith(own):
+                    self.stats["own"] += 1  # delivered here already; numbered ones come back
+                    continue
                 try:
                     fields = msgpack.unpackb(payload, raw=False)
                     origin, seq, packed = fields[:3]
@@ -606,9 +668,6 @@ class RedisBackplane:
                     topic = channel.removeprefix(prefix).decode()
                 except Exception:  # not a broker's message: someone else publishes on our prefix
                     self.stats["malformed"] += 1
-                    continue
-                if origin == self.node_id and position is None:
-                    self.stats["own"] += 1  # delivered here already; numbered ones come this way
                     continue
                 if (origin, seq) == last:
                     self.stats["duplicates"] += 1

@@ -65,6 +65,10 @@ class Backplane(Protocol):
         """Return once messages published anywhere on topics matching ``pattern`` reach this
         node (at once if the backplane is down: they cannot reach it anyway)."""
 
+    def publish_nowait(self, topic: str, packed: bytes) -> bool:
+        """Queue a message for the other nodes, behind those queued before, if that needs
+        no wait; False if it would, or cannot be done now: then :meth:`publish`."""
+
     async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
         """Hand a message (``packed``: its msgpack ``data``) to the other nodes; raises
         :class:`Unavailable`. Without ``wait`` it may return once it is queued, in order."""
@@ -79,6 +83,10 @@ class Backplane(Protocol):
 class SharedHistory(HistoryStore, Protocol):
     """A history store shared by the nodes: it numbers messages itself, asynchronously, and
     answers the synchronous calls for a topic once :meth:`load` made it warm."""
+
+    def publish_nowait(self, topic: str, packed: bytes, limits: HistoryLimits) -> bool:
+        """Queue a message for numbering, keeping and sending to every node, behind those
+        queued before, if that needs no wait; False if it would, or cannot be done now."""
 
     async def publish(
         self, topic: str, packed: bytes, limits: HistoryLimits, *, wait: bool
@@ -156,15 +164,21 @@ class ClusterDelivery:
 
     # --- publishing ---
 
-    def publish(self, topic: str, data: Any, now: float, *, acknowledged: bool) -> Later:
+    def publish(self, topic: str, data: Any, now: float, *, acknowledged: bool) -> Later | None:
         """Offer a plain topic's message here now, then share it; number a history topic's
-        in Redis first (it is delivered here when it comes back)."""
+        in Redis first (it is delivered here when it comes back). A publish nobody waits
+        for (not ``acknowledged``) that can be queued for Redis at once is done: so a
+        burst of them costs no await each, and goes to Redis in one write."""
         hub = self._hub
         rule, subscriptions = hub.route(topic)
         packed = pack_data(data)
         if rule.history is not None:
+            if not acknowledged and self.history.publish_nowait(topic, packed, rule.history):
+                return None
             return Later(self._publish_numbered, topic, packed, rule.history, acknowledged)
         blocked = hub.offer(subscriptions, topic, data, rule.on_full, None, packed, now)
+        if blocked is None and not acknowledged and self.backplane.publish_nowait(topic, packed):
+            return None
         return Later(self._share, topic, packed, acknowledged, blocked)
 
     async def _share(

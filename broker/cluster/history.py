@@ -52,9 +52,11 @@ local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 """
 
-#: KEYS as above; ARGV as above, then data, size, ttl ms (0: none), channel, envelope head (a
-#: msgpack array of 5 without its last two items: epoch and offset), the keys' life in ms.
-#: Only a publish stores anything for the topic, and every key it stores expires.
+#: KEYS as above; ARGV as above, then size, ttl ms (0: none), channel, the keys' life in ms,
+#: and per message its data and envelope head (a msgpack array of 5 without its last two
+#: items: epoch and offset). Numbers, keeps and publishes the messages in order; returns
+#: {epoch, offset of the last}. Only a publish stores anything for the topic, and every key
+#: it stores expires.
 PUBLISH_SCRIPT = (
     _EPOCH_AND_NOW
     + """
@@ -62,13 +64,19 @@ if not stored then
   redis.call('SET', KEYS[1], epoch)
   redis.call('DEL', KEYS[2], KEYS[3])
 end
-local offset = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], '0-' .. offset, 'd', ARGV[3], 't', ms)
-local ttl, life = tonumber(ARGV[5]), tonumber(ARGV[8])
+local channel, packed_epoch = ARGV[5], cmsgpack.pack(epoch)
+local count = (#ARGV - 6) / 2
+local offset = redis.call('INCRBY', KEYS[2], count) - count
+for i = 7, #ARGV, 2 do
+  offset = offset + 1
+  redis.call('XADD', KEYS[3], '0-' .. offset, 'd', ARGV[i], 't', ms)
+  redis.call('PUBLISH', channel, ARGV[i + 1] .. packed_epoch .. cmsgpack.pack(offset))
+end
+redis.call('XTRIM', KEYS[3], 'MAXLEN', ARGV[3])
+local ttl, life = tonumber(ARGV[4]), tonumber(ARGV[6])
 redis.call('PEXPIRE', KEYS[1], math.max(ttl, life))
 redis.call('PEXPIRE', KEYS[2], math.max(ttl, life))
 redis.call('PEXPIRE', KEYS[3], ttl > 0 and ttl or life)
-redis.call('PUBLISH', ARGV[6], ARGV[7] .. cmsgpack.pack(epoch) .. cmsgpack.pack(offset))
 return {epoch, offset}
 """
 )
@@ -83,6 +91,36 @@ local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
 return {epoch, latest, ms, redis.call('XRANGE', KEYS[3], '0-' .. ARGV[3], '+')}
 """
 )
+
+
+#: At most this many messages are numbered by one script call: Redis runs nothing else
+#: meanwhile (about 3 us each).
+BATCH = 128
+
+
+class _Publishes:
+    """Messages of one topic that one :data:`PUBLISH_SCRIPT` call numbers, keeps and
+    publishes, in order: more join it until the command writer encodes it."""
+
+    __slots__ = ("encoded", "history", "limits", "messages", "topic")
+
+    def __init__(self, history: RedisHistory, topic: str, limits: HistoryLimits) -> None:
+        self.history = history
+        self.topic = topic
+        self.limits = limits
+        self.messages: list[bytes] = []  # data, envelope head; per message
+        self.encoded = False
+
+    def encode(self) -> bytes:
+        """The script call (see :class:`~broker.cluster.backplane.Deferred`)."""
+        self.encoded = True
+        limits, history = self.limits, self.history
+        ttl = 0 if limits.ttl is None else max(1, int(limits.ttl * 1000))
+        channel = history.backplane.channel(self.topic)
+        return history.script(
+            PUBLISH_SCRIPT, self.topic, limits.size, ttl, channel, history.meta_ttl_ms,
+            *self.messages,
+        )  # fmt: skip
 
 
 class RedisHistory:
@@ -101,6 +139,7 @@ class RedisHistory:
         self.meta_ttl_ms = max(2, int(meta_ttl * 1000))
         self._prefix = prefix
         self._topics = KeptTopics(max_bytes)  # the mirror, least recently used first
+        self._batch: _Publishes | None = None  # the publishes queued last
 
     def keys(self, topic: str) -> tuple[str, str, str, str]:
         """The Redis keys of ``topic``: epoch, latest offset, stream; and the fresh epoch."""
@@ -111,25 +150,42 @@ class RedisHistory:
             f"{self._prefix}:fresh",
         )
 
-    def _script(self, script: str, topic: str, *args: bytes | str | int) -> bytes:
+    def script(self, script: str, topic: str, *args: bytes | str | int) -> bytes:
+        """``EVAL`` of ``script`` on ``topic``'s keys (see :data:`_EPOCH_AND_NOW`)."""
         return encode_command(
             "EVAL", script, 4, *self.keys(topic), new_epoch(), self.meta_ttl_ms // 2, *args
         )
 
     # --- publishing (async: Redis numbers the message) ---
 
+    def publish_nowait(self, topic: str, packed: bytes, limits: HistoryLimits) -> bool:
+        """Queue the message for numbering, keeping and publishing in Redis (its reply
+        ignored), behind those queued before, if that needs no wait; False if it would, or
+        if Redis is down: then :meth:`publish`. Consecutive messages of a topic queued
+        before the connection's writer takes them go as one script call."""
+        backplane, batch = self.backplane, self._batch
+        if (
+            batch is None
+            or batch.topic != topic
+            or batch.encoded
+            or len(batch.messages) >= 2 * BATCH
+            or not backplane.queued_last(batch)
+        ):
+            batch = _Publishes(self, topic, limits)
+            if not backplane.queue(batch):
+                return False
+            self._batch = batch
+        batch.messages += (packed, backplane.envelope_head(packed))
+        return True
+
     async def publish(
         self, topic: str, packed: bytes, limits: HistoryLimits, *, wait: bool
     ) -> Position | None:
         """Number, keep and publish a message in one step in Redis; its position (``None``
         without ``wait``). Raises Unavailable."""
-        ttl = 0 if limits.ttl is None else max(1, int(limits.ttl * 1000))
-        head = self.backplane.envelope_head(packed)
-        command = self._script(
-            PUBLISH_SCRIPT, topic, packed, limits.size, ttl, self.backplane.channel(topic), head,
-            self.meta_ttl_ms,
-        )  # fmt: skip
-        reply = await self.backplane.call(command, wait=wait)
+        batch = _Publishes(self, topic, limits)
+        batch.messages += (packed, self.backplane.envelope_head(packed))
+        reply = await self.backplane.call(batch, wait=wait)
         if not wait:
             return None
         if not (isinstance(reply, list) and len(reply) == 2):
@@ -174,7 +230,7 @@ class RedisHistory:
         limits = self.limits_for(topic)
         if limits is None or self.is_warm(topic):
             return
-        command = self._script(LOAD_SCRIPT, topic, 0)
+        command = self.script(LOAD_SCRIPT, topic, 0)
         reply = await self.backplane.call(command)
         # no checkpoint from here to the caller's subscribe (Hub.subscribe's proof)
         if not (isinstance(reply, list) and len(reply) == 4):
