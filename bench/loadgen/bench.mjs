@@ -4,10 +4,13 @@
 //                  [--subscribers lean|ws]
 //
 // Scenarios: fanout, fanout-idle (fanout with 10 000 idle subscriptions on other topics),
-// latency, topics, memory. Prints one JSON object (the figures) on stdout.
+// latency, topics, small-topics (issue 22: 1 000 topics, 4 publishers, one pub per WebSocket
+// message, corked in batches of 64), memory. Prints one JSON object (the figures) on stdout.
 //
 // Both targets get the same traffic: 64-byte binary payloads, publishes batched into one
-// WebSocket message when the publisher is ahead (both protocols allow that), and at most
+// WebSocket message when the publisher is ahead (both protocols allow that; small-topics
+// instead sends each pub as its own message, as a client library does, and corks the socket
+// around a batch so that the batch is one TCP write), and at most
 // `window` undelivered messages per subscriber in flight, so neither server is flooded
 // past what it can route. Subscribers count deliveries (and read latency stamps at the known
 // data offset) without decoding every frame when every frame of a WebSocket message has the
@@ -202,9 +205,15 @@ async function connectMany(n, parallel = 100) {
 
 /** CPU seconds (user + system) the server process has used so far. */
 function cpuSeconds(pid) {
-  if (!pid) return NaN;
+  const [user, system] = cpuSplit(pid);
+  return user + system;
+}
+
+/** CPU seconds the server process has used so far: [user, system]. */
+function cpuSplit(pid) {
+  if (!pid) return [NaN, NaN];
   const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in USER_HZ (100)
+  return [Number(fields[11]) / 100, Number(fields[12]) / 100]; // utime, stime in USER_HZ (100)
 }
 
 function rssKiB(pid) {
@@ -311,6 +320,117 @@ async function topics() {
   return { subs, "routed/s": result["deliveries/s"], ...result };
 }
 
+/** A seeded pseudo-random generator (mulberry32): the same topic sequence every run. */
+function seeded(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * Issue 22's workload: `subs` subscribers, each on its own topic; `publishers` connections,
+ * each writing corked batches of `batch` pub frames (no `id` unless --id 1) to seeded-random
+ * topics, `per-message` frames per WebSocket message (1: each pub its own message, as a
+ * client library sends them). `warmup` messages first (untimed), then `messages` timed:
+ * routed msg/s from the first timed send to the last delivery, and the server's CPU per
+ * routed message. At most `window` undelivered messages per subscriber in flight in all.
+ */
+async function smallTopics() {
+  const subs = num("subs", 1000);
+  const nPublishers = num("publishers", 4);
+  const batch = num("batch", 64);
+  const perMessage = num("per-message", 1);
+  const messages = num("messages", 200000);
+  const warmup = num("warmup", 10000);
+  const window = num("window", 64);
+  const withId = num("id", 0) === 1 && target !== "nats";
+  const subscribers = await connectMany(subs);
+  const topicNames = subscribers.map((_, i) => `bench.t.${i}`);
+  await Promise.all(subscribers.map((c, i) => c.subscribe([topicNames[i]])));
+  let received = 0;
+  let lastReceive = 0;
+  for (const c of subscribers) c.onCount = (n) => { received += n; lastReceive = now(); };
+  const publishers = [];
+  for (let p = 0; p < nPublishers; p++) publishers.push(await connect());
+  const payload = Buffer.alloc(PAYLOAD, 0x61);
+  const frames = topicNames.map((t) => Client.pubFrame(t, payload));
+  let nextId = 1;
+  const frame = (topic) => withId
+    ? Buffer.from(encode({ op: "pub", id: nextId++, topic: topicNames[topic], data: payload }))
+    : frames[topic];
+  let sent = 0;
+  const random = publishers.map((_, p) => seeded(num("seed", 22) * 1000 + p));
+
+  /** Publisher `p` sends `count` messages; resolves when they are all written. */
+  async function publish(p, count) {
+    const ws = publishers[p].ws;
+    const next = random[p];
+    let left = count;
+    while (left > 0) {
+      if (ws.bufferedAmount > 256 * 1024 || sent - received > window * subs) {
+        await sleep(0);
+        continue;
+      }
+      const n = Math.min(batch, left);
+      ws._socket.cork();
+      for (let k = 0; k < n; k += perMessage) {
+        const m = Math.min(perMessage, n - k);
+        if (m === 1) ws.send(frame(Math.floor(next() * subs)));
+        else {
+          const parts = [];
+          for (let j = 0; j < m; j++) parts.push(frame(Math.floor(next() * subs)));
+          ws.send(Buffer.concat(parts));
+        }
+      }
+      ws._socket.uncork();
+      sent += n;
+      left -= n;
+      await new Promise(setImmediate);
+    }
+  }
+  /** All publishers send `total` messages between them; waits for every delivery. */
+  async function phase(total) {
+    const shares = publishers.map((_, p) => Math.floor(total / nPublishers) + (p < total % nPublishers ? 1 : 0));
+    const target = sent + total;
+    await Promise.all(shares.map((share, p) => publish(p, share)));
+    await waitQuiet(() => received >= target, () => received, 2000);
+  }
+
+  // Warm-up: every subscriber first learns its frame length from a decoded frame.
+  await phase(warmup);
+  const lostBefore = sent - received;
+  // bench/run starts its profiler or syscall counter at this line, and stops it at the next.
+  console.error("bench: timed start");
+  await sleep(num("hold-ms", 0));
+  received = 0;
+  sent = 0;
+  wsMessages = 0;
+  const [userStart, systemStart] = cpuSplit(num("pid"));
+  const genStart = process.cpuUsage();
+  const start = now();
+  await phase(messages);
+  const [userEnd, systemEnd] = cpuSplit(num("pid"));
+  console.error("bench: timed end");
+  const cpu = userEnd + systemEnd - userStart - systemStart;
+  const gen = process.cpuUsage(genStart);
+  const elapsed = (lastReceive - start) / 1000;
+  return {
+    subs, publishers: nPublishers, batch, "per-message": perMessage, id: withId ? 1 : 0,
+    msgs: sent, "routed/s": Math.round(received / elapsed), lost: sent - received + lostBefore,
+    "server_cpu_us/routed": Number(((cpu * 1e6) / Math.max(1, received)).toFixed(2)),
+    "server_cpu_%": Math.round((cpu / elapsed) * 100),
+    "server_sys_%": Math.round(((systemEnd - systemStart) / Math.max(1e-9, cpu)) * 100),
+    "gen_cpu_%": Math.round((gen.user + gen.system) / 1e4 / elapsed),
+    "frames/ws-msg": Number((received / Math.max(1, wsMessages)).toFixed(1)),
+    seconds: Number(elapsed.toFixed(2)),
+  };
+}
+
 // ---------------------------------------------------------------- latency
 
 async function latency() {
@@ -394,6 +514,7 @@ const scenarios = {
   "fanout-idle": () => fanout(num("idle", 10000)),
   latency,
   topics,
+  "small-topics": smallTopics,
   memory,
 };
 const result = await scenarios[scenario]();
