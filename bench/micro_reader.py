@@ -25,6 +25,7 @@ shape under valgrind and prints instructions per delivery, which do not vary.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -108,6 +109,7 @@ async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int)
         for connection in connections:
             nursery.start_soon(connection._write_loop)
         await trio.testing.wait_all_tasks_blocked()
+        gc.freeze()  # as `broker serve` does once it has loaded (broker/operations/cli.py)
         start = time.process_time()
         nursery.start_soon(publisher._read_loop)
         while publisher_ws.served < reads:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import resource
 import signal
@@ -119,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(config.log.level, config.log.format)
     raise_open_file_limit()
+    # What is loaded by now (modules, the config, keys) lives as long as the process: out of
+    # the cyclic GC's sight, each full collection costs only the running broker's objects
+    # (bench/instructions latency: 4 % fewer instructions per delivery).
+    gc.freeze()
     status = 0
     try:
         trio.run(run_until_signalled, broker)
