@@ -353,12 +353,21 @@ class RedisBackplane:
     async def wait_followed(self, pattern: str) -> None:
         """Return once Redis confirmed the subscription covering ``pattern`` (or it is down,
         or ``timeout`` passed)."""
-        name = self.redis_name(pattern)
         with trio.move_on_after(self.timeout):
-            while self.connected and not (
-                name in self._sent and not self._pending[name] and name not in self._dirty
-            ):
+            while self.connected and not self.followed(pattern):
                 await self._progress.wait()
+
+    def followed(self, pattern: str) -> bool:
+        """Whether Redis confirmed the subscription covering ``pattern`` on the current
+        connection (so every message published from then on comes), and it is still
+        wanted."""
+        name = self.redis_name(pattern)
+        return (
+            self.connected
+            and name in self._sent
+            and not self._pending[name]
+            and name not in self._dirty
+        )
 
     def listen(self, channel: str, handler: Callable[[bytes], None]) -> None:
         """Hand every message of Redis ``channel`` (one of the broker's own, not a topic's)

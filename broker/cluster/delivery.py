@@ -11,7 +11,12 @@ history in a :class:`SharedHistory` (Redis Streams, :class:`~broker.cluster.hist
   included, in offset order; a ``pub`` with ``id`` is answered once it is back here;
 - a subscription first makes sure Redis brings this node what it matches (and loads the
   topic's history), then registers as on one node. A message it already got in its replay
-  but still on its way from Redis is not delivered to it twice (:meth:`_not_covered`).
+  but still on its way from Redis is not delivered to it twice (:meth:`_not_covered`);
+- a node follows in Redis only what its own clients subscribe to, history topics included,
+  and mirrors a history topic only while a local subscription to it (concrete) holds it
+  (:meth:`ClusterDelivery.subscribe`): so the messages it receives are those its clients
+  want, and :attr:`ClusterDelivery.unwanted` counts the others (a Redis glob matching more
+  than its pattern; a message still on its way when its last subscriber left).
 
 A new backplane (NATS, say) implements :class:`Backplane`; a new shared history store,
 :class:`SharedHistory`.
@@ -65,6 +70,10 @@ class Backplane(Protocol):
         """Return once messages published anywhere on topics matching ``pattern`` reach this
         node (at once if the backplane is down: they cannot reach it anyway)."""
 
+    def followed(self, pattern: str) -> bool:
+        """Whether messages published anywhere on topics matching ``pattern`` reach this node
+        now (and will while it is followed, until an outage: see ``missed``)."""
+
     def publish_nowait(self, topic: str, packed: bytes) -> bool:
         """Queue a message for the other nodes, behind those queued before, if that needs
         no wait; False if it would, or cannot be done now: then :meth:`publish`."""
@@ -102,6 +111,13 @@ class SharedHistory(HistoryStore, Protocol):
 
     async def load(self, topic: str, now: float) -> None:
         """Make ``topic`` warm. Raises :class:`Unavailable`."""
+
+    def forget(self, topic: str) -> None:
+        """Drop what is kept of ``topic``: it is cold until loaded again."""
+
+    async def copy(self, topic: str, now: float) -> HistoryStore:
+        """A store answering for ``topic`` alone, as the shared store has it now, leaving
+        this one alone. Raises :class:`Unavailable`."""
 
 
 class SharedPresence(Presence, Protocol):
@@ -146,6 +162,12 @@ class ClusterDelivery:
         self._expecting: Counter[str] = Counter()
         self._delivered: dict[str, Position] = {}
         self._delivery = trio.Event()  # set (and replaced) on each delivery of those topics
+        # Concrete history topics this node mirrors -> the local subscriptions (and subscribes
+        # under way) holding the mirror; each took its hold once Redis confirmed following.
+        self._held: Counter[str] = Counter()
+        #: Messages received from Redis that no local subscription matched (and no mirror
+        #: kept): what following costs this node beyond what its clients want.
+        self.unwanted = 0
 
     @property
     def hub(self) -> Hub:
@@ -202,8 +224,8 @@ class ClusterDelivery:
                 raise Unavailable(
                     f"{exc}; not delivered: the messages of {topic!r} are numbered in Redis"
                 ) from None
-            if position is not None:
-                await self._wait_delivered(topic, position)
+            if position is not None and self._hub.route(topic)[1]:
+                await self._wait_delivered(topic, position)  # local subscribers follow it
             return position
         finally:
             self._expecting[topic] -= 1
@@ -213,7 +235,8 @@ class ClusterDelivery:
 
     async def _wait_delivered(self, topic: str, position: Position) -> None:
         """Wait until the message at ``position`` was delivered here (so a ``pub`` is
-        acknowledged after its local subscribers have it, as on a single node)."""
+        acknowledged after its local subscribers have it, as on a single node), or no local
+        subscription wants it any more."""
         limit = self._hub.slow_timeout + 10
         with trio.move_on_after(limit):
             while True:
@@ -222,6 +245,8 @@ class ClusterDelivery:
                     seen.epoch != position.epoch or seen.offset >= position.offset
                 ):
                     return
+                if not self._hub.route(topic)[1]:
+                    return  # they left: it may never come back here
                 await self._delivery.wait()
         raise Unavailable(
             f"message {position.offset} of {topic!r} is kept in Redis but did not come back "
@@ -234,10 +259,13 @@ class ClusterDelivery:
         hub = self._hub
         rule, subscriptions = hub.route(topic)
         now = metrics_clock()  # when it reached this node, for latency metrics
+        if not subscriptions and topic not in self._held:
+            self.unwanted += 1
         if position is None or rule.history is None:
             blocked = hub.offer(subscriptions, topic, UNPACK, rule.on_full, None, packed, now)
         else:
-            self.history.record(topic, position, packed, trio.current_time())
+            if topic in self._held:
+                self.history.record(topic, position, packed, trio.current_time())
             if self._after:
                 subscriptions = self._not_covered(subscriptions, position)
             blocked = hub.offer(
@@ -274,40 +302,72 @@ class ClusterDelivery:
     # --- subscribing ---
 
     async def subscribe(self, subscription: Subscription, since: Position | None) -> Subscribed:
-        """Follow what ``subscription`` matches in Redis and load its history, then recover
-        and register it with no checkpoint in between."""
+        """Follow what ``subscription`` matches in Redis and, for a concrete history topic,
+        hold its mirror and load it if cold; then recover and register it with no checkpoint
+        in between.
+
+        The mirror is exact because it is held only once Redis confirmed following the
+        topic, it is kept (:meth:`deliver` records) only while held, and it is forgotten when
+        the last hold goes: so a warm mirror has missed nothing since it was loaded, and a
+        cold one is loaded after following started, which brings every later message. Raises
+        :class:`Unavailable` if a history topic cannot be followed now."""
         pattern, backplane = subscription.pattern, self.backplane
+        mirrored = self._mirrored(pattern)
         backplane.follow(pattern)  # held while waiting; the subscription holds its own
+        held = False
         try:
             await backplane.wait_followed(pattern)
-            history = self.history
-            if (
-                not is_wildcard(pattern)
-                and self._hub.policies.history_for(pattern) is not None
-                and not history.is_warm(pattern)
-            ):
-                await history.load(pattern, trio.current_time())
+            if mirrored:
+                if not backplane.connected:
+                    raise Unavailable(backplane.why_down)
+                if not backplane.followed(pattern):
+                    raise Unavailable(f"Redis did not confirm following {pattern!r} in time")
+                self._held[pattern] += 1
+                held = True
+                if not self.history.is_warm(pattern):
+                    await self.history.load(pattern, trio.current_time())
             subscribed, position = recover(self.history, self._hub, subscription, since)
             self._hub.add(subscription)
             backplane.follow(pattern)
+            held = False  # the subscription holds it now, until unsubscribe
             if position is not None:
                 self._after[subscription] = position
             return subscribed
         finally:
             backplane.unfollow(pattern)
+            if held:
+                self._release(pattern)
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        """Stop routing to ``subscription`` and following it in Redis."""
+        """Stop routing to ``subscription`` and following it in Redis (and mirroring its
+        topic, if it held the last hold)."""
+        pattern = subscription.pattern
         self._hub.remove(subscription)
-        self.backplane.unfollow(subscription.pattern)
+        self.backplane.unfollow(pattern)
         self._after.pop(subscription, None)
+        if self._mirrored(pattern):
+            self._release(pattern)
+        if self._expecting:  # a publish waiting for its echo may now wait for nobody
+            self._delivery.set()
+            self._delivery = trio.Event()
+
+    def _mirrored(self, pattern: str) -> bool:
+        return not is_wildcard(pattern) and self._hub.policies.history_for(pattern) is not None
+
+    def _release(self, topic: str) -> None:
+        self._held[topic] -= 1
+        if self._held[topic] <= 0:
+            del self._held[topic]
+            self.history.forget(topic)  # no longer followed for it: it would go stale
 
     async def read_history(self, topic: str, since: Position | None, limit: int) -> HistoryPage:
-        """Read this node's mirror of the topic's history, loading it from Redis first if
-        it is cold."""
-        if not self.history.is_warm(topic):
-            await self.history.load(topic, trio.current_time())
-        return read_history(self.history, topic, since, limit)
+        """Read this node's mirror of the topic's history if it is warm, else a copy read
+        from Redis now (which warms nothing: only a subscription keeps a mirror)."""
+        history = self.history
+        if not history.is_warm(topic):
+            copy = await history.copy(topic, trio.current_time())
+            return read_history(copy, topic, since, limit)
+        return read_history(history, topic, since, limit)
 
     def refuse_subscribe(self, pattern: str) -> str | None:
         """What the backplane says about following one more ``pattern``."""
@@ -321,11 +381,7 @@ class ClusterDelivery:
         return (True, "connected") if backplane.connected else (False, backplane.why_down)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Follow every history rule's topics (every node mirrors every history: see
-        docs/cluster.md), then run the backplane."""
-        for rule in self._hub.policies.rules:
-            if rule.history is not None:
-                self.backplane.follow(rule.pattern)
+        """Run the backplane (and presence) until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._hub.write_announcements)
             nursery.start_soon(self._presence.run)

@@ -10,10 +10,12 @@ they expire after ``history_meta_ttl`` without one: subscribing stores nothing i
 
 The hub's :class:`~broker.core.history.HistoryStore` calls are synchronous (docs/history.md), so
 :class:`RedisHistory` answers them from a **mirror**: per topic, an unbroken run of the
-latest messages, fed by the messages this node receives (every node follows every topic that
-keeps history). A topic is *warm* when its mirror is known whole up to the latest message
-received; otherwise (never seen, evicted from the mirror, or after an outage: see
-:meth:`clear`) :meth:`load` reads epoch, offset and the kept tail from Redis first. Messages
+latest messages, fed by the messages this node receives for it (:meth:`record`; the node
+keeps a topic's mirror only while a local subscription follows the topic:
+:class:`~broker.cluster.delivery.ClusterDelivery`). A topic is *warm* when its mirror is
+known whole up to the latest message received, which only :meth:`load` makes it: it reads
+epoch, offset and the kept tail from Redis. A mirror is cold when never loaded, evicted,
+forgotten (:meth:`forget`, :meth:`clear`), or after a hole in what was received. Messages
 already received but still in the backplane's buffer may be older than what a load read; they
 are not kept twice, and the hub skips them for a subscription whose ``ok`` already covers them
 (see :class:`~broker.core.hub.Subscription`).
@@ -209,10 +211,10 @@ class RedisHistory:
         topics = self._topics
         mirror = topics.get(topic)
         if mirror is None or mirror.epoch != position.epoch:
-            # never seen, or a new epoch: the run starts here, warm only for a new epoch
-            # whose first message this is
+            # never seen, or a new epoch: the run starts here, cold (it may have started
+            # before this node followed the topic: only a load makes it warm)
             mirror = topics.add(topic, position.epoch, position.offset - 1)
-            mirror.warm = position.offset == 1
+            mirror.warm = False
         if position.offset <= mirror.latest:
             return  # already loaded from Redis
         if position.offset != mirror.latest + 1:
@@ -274,6 +276,19 @@ class RedisHistory:
     def append(self, topic: str, data: bytes, now: float) -> int:
         """Not used in a cluster: Redis numbers messages (see :meth:`publish`)."""
         raise NotImplementedError("in a cluster, history is appended by RedisHistory.publish")
+
+    async def copy(self, topic: str, now: float) -> RedisHistory:
+        """A store holding only ``topic``'s history as Redis has it now, loaded apart from
+        this mirror (which it leaves alone). Raises Unavailable."""
+        copy = RedisHistory(
+            self.backplane, self.limits_for, self._prefix, meta_ttl=self.meta_ttl_ms / 1000
+        )
+        await copy.load(topic, now)
+        return copy
+
+    def forget(self, topic: str) -> None:
+        """Drop the mirror of ``topic``: it is cold until loaded again."""
+        self._topics.forget(topic)
 
     def clear(self) -> None:
         """Messages may have been missed (an outage): every topic must be loaded again."""
