@@ -64,7 +64,7 @@ chat: $(VENV)/.installed-run
 	  $(BIN)/broker serve $(or $(ARGS),--config config/chat.toml)
 
 ## bench: install the Node load generator and run the benchmarks (ARGS="--compare --repeat 3")
-bench: $(VENV)/.installed-run bench/loadgen/node_modules $(BIN)/py-spy
+bench: $(VENV)/.installed-run bench/loadgen/node_modules $(JS)/node_modules/.installed $(BIN)/py-spy
 	bench/run $(ARGS)
 
 # py-spy, for bench/run --profile
