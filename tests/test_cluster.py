@@ -21,7 +21,7 @@ import trio.testing
 
 from broker.cluster.backplane import RedisBackplane, _Commands, _Pending, redis_glob
 from broker.cluster.delivery import ClusterDelivery
-from broker.cluster.resp import RedisAddress, RedisConnection, encode_command
+from broker.cluster.resp import RedisAddress, RedisConnection, RedisError, encode_command
 from broker.config import AuthConfig, ClusterConfig, Config, TokenGrant
 from broker.core.delivery import Unavailable
 from broker.core.outbound import Policy
@@ -759,6 +759,23 @@ async def test_a_command_handed_to_the_writer_as_the_connection_fails_fails_too(
         commands.fail("lost")  # before the writer runs: it must neither crash nor send
         await trio.testing.wait_all_tasks_blocked()
     assert pending.done.is_set() and pending.error == "lost"
+
+
+async def test_an_error_answer_to_a_publish_nobody_waits_for_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    redis = SlowRedis()
+    commands = _Commands(redis, timeout=5.0, depth=8)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commands.write_loop)
+        nursery.start_soon(commands.read_loop)
+        for _ in range(3):
+            assert commands.queue(encode_command("EVAL", "...", 0))
+            redis.replies_in.send_nowait(RedisError("OOM command not allowed"))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    refused = [r for r in caplog.records if "Redis refused publishes without id" in r.message]
+    assert len(refused) == 1 and "OOM" in refused[0].message  # once per burst
 
 
 async def test_a_bug_on_the_redis_connection_is_an_outage_not_the_end_of_the_node(

@@ -62,6 +62,7 @@ from broker.cluster.resp import (
     encode_command,
 )
 from broker.core.delivery import Unavailable
+from broker.core.stats import BurstLog
 from broker.exceptiongroups import first_leaf
 from broker.protocol.frames import Position
 from broker.protocol.topics import is_wildcard
@@ -115,6 +116,7 @@ class _Commands:
         self.broken = trio.Event()
         self.why = ""
         self.last: Command | None = None  # the command queued last
+        self._refusals = BurstLog(quiet=60.0)  # error replies to commands nobody waits for
 
     def queue(self, payload: Command) -> bool:
         """Queue one command, in order, whose reply is ignored, if there is room now; False
@@ -198,6 +200,12 @@ class _Commands:
                 if pending is not None:
                     pending.reply = reply
                     pending.done.set()
+                elif isinstance(reply, RedisError):  # its messages are lost: say so
+                    unlogged = self._refusals.first(None, trio.current_time())
+                    if unlogged is not None:
+                        log.warning("cluster: Redis refused publishes without id (%s); "
+                                    "%d more refusals since the last such line", reply,
+                                    unlogged)  # fmt: skip
 
     def fail(self, why: str) -> None:
         """The connection is gone: fail every waiting and queued command with ``why``."""
