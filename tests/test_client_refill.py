@@ -119,7 +119,7 @@ async def test_a_stalled_subscriber_gets_every_message_in_order_and_never_holds_
 ) -> None:
     async with (
         connect(broker.url, buffer_size=buffer_size) as client,
-        client.subscribe(topic) as sub,
+        client.subscribe(topic, gaps=True) as sub,
         connect(broker.url, outbox_size=2 * N) as publisher,
     ):
         with anyio.fail_after(5):  # every ack comes while the subscriber takes nothing
@@ -142,7 +142,7 @@ async def test_a_subscriber_slower_than_the_history_covers_is_told_exactly_which
     gaps: list[str] = []
     async with (
         connect(broker.url, buffer_size=4, on_gap=lambda _, why: gaps.append(why)) as client,
-        client.subscribe(topic) as sub,
+        client.subscribe(topic, gaps=True) as sub,
         connect(broker.url, outbox_size=N) as publisher,
     ):
         await publish_range(publisher, topic, 1, N)
@@ -156,6 +156,27 @@ async def test_a_subscriber_slower_than_the_history_covers_is_told_exactly_which
         assert gaps[0].startswith(f"messages {lost[0].first}..{lost[0].last} of {topic} will ")
 
 
+async def test_without_gaps_true_a_subscription_yields_messages_alone_and_is_told_otherwise(
+    broker: BrokerProcess, topics: Iterator[int]
+) -> None:
+    topic = f"refill.short.t{next(topics)}"
+    told: list[str] = []
+    async with (
+        connect(broker.url, buffer_size=4, on_gap=lambda _, why: told.append(why)) as client,
+        client.subscribe(topic) as sub,  # code written for messages never meets a Gap
+        connect(broker.url, outbox_size=N) as publisher,
+    ):
+        await publish_range(publisher, topic, 1, N)
+        offsets: list[int] = []
+        with anyio.fail_after(30):
+            while not offsets or offsets[-1] < N:
+                message = await sub.receive()
+                assert message.offset is not None and message.data == message.offset
+                offsets.append(message.offset)
+        assert offsets == sorted(offsets) and offsets[-100:] == [*range(N - 99, N + 1)]
+        assert sub.gaps == len(told) > 0  # the missing ones are counted, logged and told
+
+
 async def test_an_unsubscribe_mid_refill_ends_it_where_it_was(
     broker: BrokerProcess, topic: str
 ) -> None:
@@ -163,7 +184,7 @@ async def test_an_unsubscribe_mid_refill_ends_it_where_it_was(
         connect(broker.url, buffer_size=4) as client,
         connect(broker.url, outbox_size=N) as publisher,
     ):
-        async with client.subscribe(topic) as sub:
+        async with client.subscribe(topic, gaps=True) as sub:
             await publish_range(publisher, topic, 1, N)
             taken = await take_until_refilling(sub)
             # Its position is what it handed over: what was taken, then what waits in the buffer.
@@ -186,7 +207,7 @@ async def test_a_connection_cut_mid_refill_recovers_exactly_without_a_gap_or_a_d
     proxy = await start_proxy(task_group, broker.port)
     async with (
         connect(proxy.url, buffer_size=4, backoff=TINY) as client,
-        client.subscribe(topic) as sub,
+        client.subscribe(topic, gaps=True) as sub,
         connect(broker.url, outbox_size=N) as publisher,
     ):
         await publish_range(publisher, topic, 1, N)
@@ -297,7 +318,7 @@ async def test_a_refill_reads_pages_holds_its_buffer_size_and_tells_what_it_coul
     gave_up = anyio.Event()
     async with (
         connect(await start_fake(task_group, serve), buffer_size=2) as client,
-        client.subscribe(ROOM) as sub,
+        client.subscribe(ROOM, gaps=True) as sub,
     ):
         items = await take(sub, 2505)
         gave_up.set()

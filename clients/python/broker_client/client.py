@@ -246,7 +246,8 @@ class Client:
         *,
         join_leave: Literal[False] = False,
         info: Any = None,
-        refill: Literal[False],
+        refill: bool = True,
+        gaps: Literal[False] = False,
     ) -> AbstractAsyncContextManager[Subscription[Message]]: ...
 
     @overload
@@ -257,16 +258,29 @@ class Client:
         join_leave: Literal[False] = False,
         info: Any = None,
         refill: bool = True,
+        gaps: Literal[True],
     ) -> AbstractAsyncContextManager[Subscription[Message | Gap]]: ...
 
     @overload
     def subscribe(
-        self, pattern: str, *, join_leave: bool, info: Any = None, refill: bool = True
+        self,
+        pattern: str,
+        *,
+        join_leave: bool,
+        info: Any = None,
+        refill: bool = True,
+        gaps: bool = False,
     ) -> AbstractAsyncContextManager[Subscription[Event]]: ...
 
     @asynccontextmanager
     async def subscribe(
-        self, pattern: str, *, join_leave: bool = False, info: Any = None, refill: bool = True
+        self,
+        pattern: str,
+        *,
+        join_leave: bool = False,
+        info: Any = None,
+        refill: bool = True,
+        gaps: bool = False,
     ) -> AsyncIterator[Subscription[Any]]:
         """Subscribe to ``pattern`` for the ``async with`` block; iterate the result.
 
@@ -277,9 +291,11 @@ class Client:
         On a concrete topic that keeps history, with ``refill`` (the default), messages the
         broker dropped for this subscription (a drop policy: it fell behind) are read back
         with ``history`` and yielded in offset order, as if none had been dropped; offsets
-        that will never come (no longer kept, the history lost, a failed read) are yielded as
-        a :class:`Gap`, between the messages around them, and also counted in ``gaps``,
-        logged and given to ``on_gap``. One read at a time, of up to 1000 messages; live
+        that will never come (no longer kept, the history lost, a failed read) are counted
+        in the subscription's ``gaps``, logged and given to the client's ``on_gap``, and with
+        ``gaps=True`` also yielded as a :class:`Gap` between the messages around them (so
+        that code written for messages alone never meets one). One read at a time, of up to
+        1000 messages; live
         messages meanwhile are held up to ``buffer_size``, and read back too past it. A
         wildcard never refills; ``refill=False`` turns it off (the offsets then jump).
 
@@ -300,7 +316,7 @@ class Client:
         elif (refusal := route.refuse(join_leave, info, refill)) is not None:
             raise ValueError(refusal)
         subscription: Subscription[Any] = Subscription(
-            pattern, self.buffer_size, route.recovery, route.refill, join_leave
+            pattern, self.buffer_size, route.recovery, route.refill, join_leave, gaps
         )
         route.subscriptions.append(subscription)
         try:
@@ -723,6 +739,8 @@ class Client:
             while True:
                 while (item := refill.next_item()) is not None:
                     for subscription in list(route.subscriptions):
+                        if isinstance(item, Gap) and not subscription.yields_gaps:
+                            continue  # told by _tell_lost only
                         await subscription._deliver(item)  # waits for room: not the reader
                     refill.handed_over()
                     if isinstance(item, Gap):

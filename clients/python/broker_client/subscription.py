@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 
     from broker_client.refill import Refill
 
-    # What a subscription yields: a plain one, Message or Gap (Message alone with refill=False;
+    # What a subscription yields: a plain one, Message (or Message | Gap with gaps=True;
     # Message is PEP 696's default, so that a bare ``Subscription`` annotation means
     # ``Subscription[Message]``); one with join_leave, Event.
     Item = TypeVar("Item", default=Message)
@@ -95,8 +95,9 @@ class Subscription(Generic[Item]):
     """Messages matching ``pattern``, in order; iterate with ``async for``.
 
     On a concrete topic with history it refills (unless subscribed with ``refill=False``):
-    messages the broker dropped for it are read back and yielded in offset order, and a
-    :class:`Gap` stands for offsets that will never come; ``refills`` counts the reads.
+    messages the broker dropped for it are read back and yielded in offset order; offsets
+    that will never come are counted in ``gaps`` and, if subscribed with ``gaps=True``,
+    yielded as a :class:`Gap`; ``refills`` counts the reads.
 
     ``dropped`` counts messages the broker dropped for this subscription (its ``lag`` notices);
     ``gaps`` counts reconnects after which messages may be missing (recovery failed or was
@@ -119,9 +120,11 @@ class Subscription(Generic[Item]):
         recovery: Recovery,
         refill: Refill,
         join_leave: bool = False,
+        yields_gaps: bool = False,
     ) -> None:
         self.pattern = pattern
         self.join_leave = join_leave
+        self.yields_gaps = yields_gaps  # a refill's Gap is yielded, not only counted
         self.dropped = 0
         self.gaps = 0
         self._recovery = recovery
