@@ -14,8 +14,9 @@ FastAPI): the client is written on anyio, and its WebSocket is trio-websocket un
 websockets under asyncio (:mod:`broker_client.transport`), chosen by the running loop.
 
 On a concrete topic that keeps history, a subscription refills: what the broker dropped for
-it (it fell behind) is read back and yielded in order, and a :class:`Gap` stands for offsets
-that will never come (see :mod:`broker_client.refill`).
+it (it fell behind) is read back and yielded in order; offsets that will never come are
+counted in ``sub.gaps`` and told to ``on_gap``, and with ``subscribe(topic, gaps=True)`` also
+yielded as a :class:`Gap` (see :mod:`broker_client.refill`).
 
 On topics with presence, ``await client.presence(topic)`` (or ``client.members(topic)``)
 says who is subscribed, and ``client.subscribe(topic, join_leave=True)`` also yields
