@@ -27,9 +27,7 @@ shutdown it answers 503 until the broker stops.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,12 +44,14 @@ from broker.io.http import Body, BodyTooLarge, Request, Response, serve_http
 from broker.io.openapi import OPENAPI
 from broker.protocol.codes import CloseCode, ErrorCode
 from broker.protocol.frames import (
+    STRICT_JSON,
     Encoding,
     FrameError,
     HistoryQuery,
     PresenceQuery,
     Pub,
     encode_frame,
+    spells_text,
     validate_frame,
 )
 
@@ -172,32 +172,6 @@ def answer_other_nodes(broker: Broker, nodes: OtherNodes) -> None:
 # --- bodies ------------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _msgpack_int(text: str) -> int:
-    value = int(text)
-    if not -(2**63) <= value < 2**64:
-        raise ValueError(f"integer {text[:30]} is outside what msgpack carries (-2^63..2^64-1)")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:30]} is too large for a double")
-    return value
-
-
-# As strict as the protocol's JSON (docs/protocol.md): what a JSON subscriber could not read
-# back is refused. Unlike a frame, a body may span lines (pretty-printed).
-_JSON = json.JSONDecoder(
-    parse_constant=_reject_constant, parse_int=_msgpack_int, parse_float=_finite_float
-)
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
 def decode_body(body: bytes, encoding: Encoding) -> dict[str, Any]:
     """The map a request's body holds; raises :class:`ApiError` (400) if it holds none."""
     try:
@@ -205,9 +179,9 @@ def decode_body(body: bytes, encoding: Encoding) -> dict[str, Any]:
             value = msgpack.unpackb(body, raw=False, strict_map_key=False)
         else:
             text = body.decode()
-            value = _JSON.decode(text)
-            if _SURROGATE_ESCAPE.search(text):  # JSON escapes can spell a lone surrogate
-                json.dumps(value, ensure_ascii=False).encode()
+            value = STRICT_JSON.decode(text)  # a body may span lines (pretty-printed)
+            if not spells_text(text, value):
+                raise UnicodeError
     except UnicodeError:
         raise ApiError(400, ErrorCode.BAD_REQUEST, "the body is not valid UTF-8 text") from None
     except (ValueError, RecursionError) as exc:  # msgpack's errors are ValueErrors too

@@ -162,20 +162,23 @@ def _decode_json(message: str) -> list[Command | FrameError]:
         if not line.strip():
             continue
         try:
-            value = _JSON_DECODER.decode(line)
+            value = STRICT_JSON.decode(line)
         except (ValueError, RecursionError) as exc:
             rest = sum(len(rest_line) + 1 for rest_line in lines[index:]) - 1
             frames.append(_undecodable(rest, f"invalid JSON: {exc}"))
             return frames
         frame = validate_frame(value, len(line) if line.isascii() else len(line.encode()))
-        if _SURROGATE_ESCAPE.search(line) and not _is_text(value):
-            # JSON escapes can spell a lone surrogate, which no encoder can send on.
+        if not spells_text(line, value):
             frame = FrameError(ErrorCode.BAD_REQUEST, "a lone surrogate is not text", frame.id)
         frames.append(frame)
     return frames
 
 
-def _is_text(value: Any) -> bool:
+def spells_text(json_text: str, value: Any) -> bool:
+    """Whether ``value``, decoded from ``json_text``, holds only text: JSON escapes can spell
+    a lone surrogate, which no encoder can send on."""
+    if not _SURROGATE_ESCAPE.search(json_text):
+        return True
     try:
         json.dumps(value, ensure_ascii=False).encode()
     except UnicodeEncodeError:
@@ -202,7 +205,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_JSON_DECODER = json.JSONDecoder(
+#: The protocol's strict JSON (docs/protocol.md): what a peer could not read back (NaN,
+#: Infinity, 1e999, integers msgpack cannot carry) is refused with a ValueError.
+STRICT_JSON = json.JSONDecoder(
     parse_constant=_reject_constant, parse_int=_msgpack_int, parse_float=_finite_float
 )
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
