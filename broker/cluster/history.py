@@ -96,7 +96,7 @@ return {epoch, latest, ms, redis.call('XRANGE', KEYS[3], '0-' .. ARGV[3], '+')}
 
 
 #: At most this many messages are numbered by one script call: Redis runs nothing else
-#: meanwhile (about 3 us each).
+#: meanwhile (about 4 us a message: bench/cluster.py).
 BATCH = 128
 
 
