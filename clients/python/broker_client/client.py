@@ -295,9 +295,9 @@ class Client:
         in the subscription's ``gaps``, logged and given to the client's ``on_gap``, and with
         ``gaps=True`` also yielded as a :class:`Gap` between the messages around them (so
         that code written for messages alone never meets one). One read at a time, of up to
-        1000 messages; live
-        messages meanwhile are held up to ``buffer_size``, and read back too past it. A
-        wildcard never refills; ``refill=False`` turns it off (the offsets then jump).
+        1000 messages; live messages meanwhile are held up to ``buffer_size``, and read back
+        too past it. A wildcard never refills; ``refill=False`` turns it off (the offsets then
+        jump).
 
         On a presence topic (docs/presence.md) the subscription makes this client a member
         (a concrete topic only), showing ``info`` (any value, at most 1 KiB encoded, else

@@ -2,12 +2,12 @@
 
 The client's reader puts each ``msg`` for this pattern into the buffer (and, for a
 subscription made with ``join_leave=True``, each :class:`~broker_client.presence.Join` and
-:class:`~broker_client.presence.Leave`, in the order they arrived). On a concrete topic with
-history, a refill (:mod:`broker_client.refill`) puts there what the broker dropped, read back,
-and a :class:`Gap` for what it could not. When the buffer is full
+:class:`~broker_client.presence.Leave`, in the order they arrived). When the buffer is full
 the reader waits, so it stops reading the socket, TCP pushes back on the broker, and the
 topic's ``on_full`` policy decides (block, drop with ``lag``, or disconnect). Memory never grows
-without bound. Because one reader serves the whole connection, one full subscription pauses
+without bound. On a concrete topic with history, a refill (:mod:`broker_client.refill`) then
+puts there what the broker dropped, read back (and, with ``gaps=True``, a :class:`Gap` for what
+it could not). Because one reader serves the whole connection, one full subscription pauses
 the others on the same client too (like NATS's per-connection flow control): give a slow
 consumer its own client if the others must not wait.
 """
@@ -46,21 +46,21 @@ Why = Literal["evicted", "history_lost", "read_failed"]
 _WHY: dict[str, str] = {
     "evicted": "the topic no longer keeps them",
     "history_lost": "the topic's history was lost (a new epoch)",
-    "read_failed": "the broker did not answer the history read",
+    "read_failed": "the history read failed",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Offsets ``first`` to ``last`` (both included) of ``topic`` will never come, in the order
-    of the messages around it; a refill found them (see ``refill`` in
-    :meth:`Client.subscribe <broker_client.client.Client.subscribe>`).
+    """Offsets ``first`` to ``last`` (both included) of ``topic`` will never come: a refill
+    found them, and a subscription made with ``gaps=True`` yields this between the messages
+    around them (see :meth:`Client.subscribe <broker_client.client.Client.subscribe>`).
 
     ``why`` is ``"evicted"`` when the topic no longer keeps them (more than its
     ``history_size`` were published since, or they outlived ``history_ttl``),
     ``"history_lost"`` when its history was lost (a new epoch), ``"read_failed"`` when the
-    broker did not answer the ``history`` read (``unavailable`` in a cluster whose Redis is
-    down, or no answer within ``reply_timeout``).
+    broker refused the ``history`` read (``unavailable`` in a cluster whose Redis is down) or
+    did not answer it within ``reply_timeout``.
     """
 
     topic: str
