@@ -771,6 +771,7 @@ async def test_an_error_answer_to_a_publish_nobody_waits_for_is_logged(
         nursery.start_soon(commands.read_loop)
         for _ in range(3):
             assert commands.queue(encode_command("EVAL", "...", 0))
+            await trio.testing.wait_all_tasks_blocked()  # sent: its reply is now awaited
             redis.replies_in.send_nowait(RedisError("OOM command not allowed"))
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
