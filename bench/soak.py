@@ -1245,7 +1245,8 @@ def main(argv: list[str] | None = None) -> int:
             figures = trio.run(drive, args, broker, ledger)
             figures.fds_baseline = baseline
             if broker.alive():
-                figures.fds_end = broker.wait_fds(baseline + FD_SLACK, timeout=30.0)
+                # Waits for the baseline itself: a close still in flight must not count.
+                figures.fds_end = broker.wait_fds(baseline, timeout=30.0)
                 figures.rss_end = broker.status("VmRSS")
                 figures.rss_peak = broker.status("VmHWM")
         finally:
