@@ -397,4 +397,6 @@ async def test_readyz_and_backplane_gauge_report_an_unreachable_redis(
     ready = await get(broker, "/readyz")
     assert ready.status_code == 503
     assert "backplane" in ready.text
-    assert (await scrape(broker))["broker_backplane_up"] == 0
+    metrics = await scrape(broker)
+    assert metrics["broker_backplane_up"] == 0
+    assert metrics["broker_backplane_unwanted_messages_total"] == 0

@@ -56,6 +56,13 @@ class BrokerCollector:
         if status is not None:  # a cluster
             yield _gauge("broker_backplane_up", "1 while the Redis cluster backplane is connected.",
                          1 if status[0] else 0)  # fmt: skip
+            unwanted = getattr(broker.delivery, "unwanted", None)
+            if unwanted is not None:
+                yield _counter("broker_backplane_unwanted_messages",
+                               "Messages this node received from Redis that no local "
+                               "subscription wanted (a glob matching more than its pattern, or "
+                               "one on its way when the last subscriber left).",
+                               unwanted)  # fmt: skip
         yield _gauge("broker_connections", "Client connections open now.", len(broker.connections))
         yield _counter("broker_connections_accepted", "Client connections accepted.",
                        stats.connections_accepted)  # fmt: skip
