@@ -139,10 +139,13 @@ class WebSocket:
 
     __slots__ = (
         "_conn",
+        "_fast",
         "_fd",
+        "_held",
         "_idle",
         "_leftover",
         "_max_message_size",
+        "_need",
         "_partial",
         "_partial_size",
         "_pending",
@@ -184,6 +187,9 @@ class WebSocket:
         self._ping_outstanding = False
         self._partial: list[bytes | bytearray | str] | None = None  # a fragmented message
         self._partial_size = 0
+        self._fast = True  # whole frames are ours to split (see _process)
+        self._held = bytearray()  # the start of a frame a later read completes
+        self._need = 0  # how long _held must grow before it is worth parsing again
         self._sending = False
         self._idle: trio.Event | None = None  # set when a write in progress ends
         self._pending: list[bytes] | None = None  # control frames behind a write
@@ -341,9 +347,85 @@ class WebSocket:
         await self.send_raw(self._conn.send(Ping()), control=True)
 
     async def _process(self, data: bytes | bytearray) -> list[bytes] | list[str]:
+        """The messages ``data`` completes, in order.
+
+        An ordinary frame (a whole message in one frame: FIN, masked, binary or valid UTF-8
+        text, no extension bits, its length in the fewest bytes and within
+        ``max_message_size``) is unmasked here once it is whole; until then its start is
+        held. Every other frame goes through wsproto, which keeps the protocol's state
+        (fragments, control frames, closing, errors): whole, or, if it is not, with
+        everything after it, since wsproto then holds part of a frame.
+        """
+        done: list[bytes | str] = []
+        if not self._fast:
+            await self._through_wsproto(data, done)
+            return done  # type: ignore[return-value]
+        if self._held:
+            self._held += data
+            if len(self._held) < self._need:
+                return done  # type: ignore[return-value]
+            data, self._held = self._held, bytearray()
+        end = len(data)
+        pos = 0
+        while pos < end:
+            first = data[pos]
+            second = data[pos + 1] if end - pos > 1 else 0
+            length = second & 0x7F
+            at = pos + 2 if length < 126 else pos + 4 if length == 126 else pos + 10
+            if at > end:
+                self._held, self._need = bytearray(data[pos:]), at - pos
+                break
+            if length == 126:
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                minimal = length >= 126
+            elif length == 127:
+                length = int.from_bytes(data[pos + 2 : at], "big")
+                minimal = 65536 <= length < 1 << 63
+            else:
+                minimal = True
+            masked = second & 0x80
+            stop = at + 4 + length if masked else at + length
+            if (
+                masked
+                and (first == 0x82 or first == 0x81)
+                and minimal
+                and length <= self._max_message_size
+                and self._partial is None
+                and self._conn.state is _OPEN
+            ):
+                if stop > end:
+                    self._held, self._need = bytearray(data[pos:]), stop - pos
+                    break
+                key = data[at : at + 4]
+                payload = (
+                    int.from_bytes(data[at + 4 : stop], "little")
+                    ^ int.from_bytes((key * ((length >> 2) + 1))[:length], "little")
+                ).to_bytes(length, "little")
+                if first == 0x82:
+                    done.append(payload)
+                    pos = stop
+                    continue
+                try:
+                    done.append(payload.decode())
+                    pos = stop
+                    continue
+                except UnicodeDecodeError:
+                    pass  # wsproto closes with 1007
+            if stop > end:
+                self._fast = False
+                await self._through_wsproto(data[pos:], done)
+                break
+            closed = await self._through_wsproto(data[pos:stop], done)
+            pos = stop
+            if closed or self._too_big:
+                break
+        return done  # type: ignore[return-value]
+
+    async def _through_wsproto(self, data: bytes | bytearray, done: list[bytes | str]) -> bool:
+        """Have wsproto read ``data``, adding the messages it completes to ``done``; True
+        once the peer closed."""
         conn = self._conn
         conn.receive_data(bytes(data) if isinstance(data, bytearray) else data)
-        done: list[bytes | str] = []
         for event in conn.events():
             if isinstance(event, (BytesMessage, TextMessage)):
                 piece: bytes | bytearray | str = event.data
@@ -372,8 +454,8 @@ class WebSocket:
                 self._timer_at = trio.current_time() + self._ping_interval
             elif isinstance(event, CloseConnection):
                 await self._peer_closed(event)
-                break
-        return done  # type: ignore[return-value]
+                return True
+        return False
 
     async def _peer_closed(self, event: CloseConnection) -> None:
         state = self._conn.state

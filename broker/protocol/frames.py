@@ -136,16 +136,23 @@ def decode_batch(message: bytes | str, encoding: Encoding) -> list[Command | Fra
 
 
 def _decode_msgpack(message: bytes) -> list[Command | FrameError]:
+    try:
+        value = _unpackb(message, raw=False, strict_map_key=False)  # one frame: the most common
+    except Exception:  # several frames, or bytes that do not decode: value by value
+        return _decode_msgpack_values(message)
+    return [validate_frame(value, len(message))]
+
+
+def _decode_msgpack_values(message: bytes) -> list[Command | FrameError]:
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(message))
     unpacker.feed(message)
     frames: list[Command | FrameError] = []
     start = 0
-    while True:
+    while start < len(message):
         try:
             value = unpacker.unpack()
         except msgpack.OutOfData:
-            if start < len(message):
-                frames.append(_undecodable(len(message) - start, "truncated msgpack value"))
+            frames.append(_undecodable(len(message) - start, "truncated msgpack value"))
             return frames
         except Exception as exc:  # msgpack raises several types for malformed input
             frames.append(_undecodable(len(message) - start, str(exc) or type(exc).__name__))
@@ -153,6 +160,10 @@ def _decode_msgpack(message: bytes) -> list[Command | FrameError]:
         end = unpacker.tell()
         frames.append(validate_frame(value, end - start))
         start = end
+    return frames
+
+
+_unpackb = msgpack.unpackb
 
 
 def _decode_json(message: str) -> list[Command | FrameError]:
