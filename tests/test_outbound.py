@@ -422,6 +422,15 @@ def test_a_partial_take_and_a_compaction_keep_each_entrys_count() -> None:
     assert queue.statistics()["messages"] == 0
 
 
+def test_a_conflated_message_never_replaces_one_queued_ahead_of_a_join_of_its_topic() -> None:
+    queue = OutboundQueue(2, 1 << 20)
+    assert offer(queue, "s", "t", "old", CONFLATE) is Offer.QUEUED
+    assert events(queue, "s", ["join"], CONFLATE) is Offer.QUEUED  # the queue is full
+    assert offer(queue, "s", "t", "new", CONFLATE) is Offer.QUEUED  # evicts "old", goes last
+    batch = queue.take_batch(EVERYTHING)
+    assert batch.frames == [b"join|s", b"new|s"] and batch.lags == {"s": 1}
+
+
 # --- close and clear -------------------------------------------------------------------------
 
 

@@ -335,6 +335,8 @@ class OutboundQueue:
         ``drop_oldest``. The writer is woken as for :meth:`offer`."""
         if self._closed:
             return Offer.CLOSED
+        if self._latest:  # a later message of the topic must not replace one ahead of these
+            self._latest.pop((sub, topic), None)
         # Queued as the entry's tail: a view is as good as bytes to every reader of _parts
         # (len, b"".join, and b"" + view in join_pairs).
         size, body, tail = len(frames), b"", cast("bytes", frames)
