@@ -308,13 +308,13 @@ class Hub:
             queue = subscription.queue
             while queue.full and not queue.closed:
                 since = queue.full_since if queue.full_since is not None else trio.current_time()
-                with trio.move_on_at(since + self.slow_timeout):
+                with trio.move_on_at(since + self.slow_timeout) as waited:
                     await queue.wait_room()
-                    continue
-                subscription.subscriber.close_slow_consumer(
-                    f"outbound queue full for {self.slow_timeout:g} s (block)"
-                )
-                break
+                if waited.cancelled_caught:
+                    subscription.subscriber.close_slow_consumer(
+                        f"outbound queue full for {self.slow_timeout:g} s (block)"
+                    )
+                    break
 
 
 def _joined(bodies: list[bytes], tail: bytes, separator: bytes) -> tuple[bytes, list[int]]:

@@ -419,7 +419,7 @@ class OutboundQueue:
         kept_parts: list[bytes] = []
         kept_times: list[float | None] = []
         for index, time in enumerate(times):
-            if time is not _GONE:
+            if time != _GONE:
                 renumbered[base + index] = base + len(kept_times)
                 kept_times.append(time)
                 kept_parts += parts[2 * index : 2 * index + 2]
@@ -569,7 +569,7 @@ class OutboundQueue:
             parts = [
                 part
                 for index, time in enumerate(taken_times)
-                if time is not _GONE
+                if time != _GONE
                 for part in parts[2 * index : 2 * index + 2]
             ]
             self._dead -= dead
@@ -593,7 +593,7 @@ class OutboundQueue:
         parts, times, counts = self._parts, self._times, self._counts
         taken = messages = replies = dead = count = 0
         for count, time in enumerate(times):
-            if time is _GONE:
+            if time == _GONE:
                 dead += 1
                 continue
             size = len(parts[2 * count]) + len(parts[2 * count + 1])
@@ -644,6 +644,6 @@ class OutboundQueue:
 def _first_time(times: list[float | None]) -> float | None:
     """The first message's publish time among ``times`` (skipping replies and evictions)."""
     for time in times:
-        if time is not None and time is not _GONE:
+        if time is not None and time != _GONE:
             return time
     return None

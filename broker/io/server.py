@@ -266,6 +266,7 @@ class Broker:
                     await trio.serve_listeners(self._serve_stream, served, handler_nursery=nursery)
 
             await nursery.start(self.delivery.run)
+            nursery.start_soon(self.writes.flush_writes)
             listeners: list[trio.SocketListener] = await nursery.start(listen)
             metrics = self.config.metrics
             if metrics.port is not None:
