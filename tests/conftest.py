@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -25,3 +27,23 @@ def unreachable_url() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield f"ws://127.0.0.1:{sock.getsockname()[1]}/"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test a compiled module older than its source: it is not the code in the tree
+    (``make test`` rebuilds; ``BROKER_PURE_PYTHON=1`` runs the sources instead)."""
+    if os.environ.get("BROKER_PURE_PYTHON"):
+        return
+    root = Path(__file__).parent.parent / "broker"
+    stale = [
+        str(source.relative_to(root.parent))
+        for compiled in root.rglob("*.so")
+        if (source := compiled.with_name(compiled.name.split(".")[0] + ".py")).exists()
+        and source.stat().st_mtime > compiled.stat().st_mtime
+    ]
+    if stale:
+        pytest.exit(
+            f"{', '.join(stale)} changed after it was compiled: rebuild with `make test` (or "
+            "`pip install -e .`), or run the sources with BROKER_PURE_PYTHON=1",
+            returncode=4,
+        )

@@ -80,6 +80,10 @@ _CONFLATE, _DISCONNECT = Policy.CONFLATE, Policy.DISCONNECT
 _QUEUED, _DROPPED, _OVER = Offer.QUEUED, Offer.DROPPED, Offer.OVER
 
 
+#: A queued byte string: the shared join/leave entries of a presence window are handed to a
+#: watcher made during the window as a view of their end (:meth:`OutboundQueue.offer_events`).
+Part = bytes | memoryview
+
 #: ``_times`` entry of an evicted message (its parts are emptied; removed lazily).
 _GONE = float("-inf")
 
@@ -95,7 +99,7 @@ class Batch:
     """
 
     lags: dict[str, int]
-    parts: list[bytes]
+    parts: list[Part]
     messages: int = 0
     oldest: float | None = None
     size: int = 0  # bytes in parts
@@ -106,9 +110,9 @@ class Batch:
         return join_pairs(self.parts)
 
 
-def join_pairs(parts: list[bytes]) -> list[bytes]:
+def join_pairs(parts: list[Part]) -> list[bytes]:
     """``[body, tail, body, tail, ...]`` as ``[body + tail, ...]``: whole frames."""
-    return [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
+    return [cast(bytes, parts[i]) + parts[i + 1] for i in range(0, len(parts), 2)]  # bodies: bytes
 
 
 class QueueOwner(Protocol):
@@ -166,7 +170,7 @@ class OutboundQueue:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_replies = max_replies if max_replies is not None else max_messages
-        self._parts: list[bytes] = []  # body, tail of each queued entry, oldest first
+        self._parts: list[Part] = []  # body, tail of each queued entry, oldest first
         self._times: list[float | None] = []  # per entry: published; None: reply; _GONE
         self._base = 0  # the entry number of _times[0] (numbers only grow)
         self._dead = 0  # evicted entries still in the lists
@@ -281,7 +285,7 @@ class OutboundQueue:
         sub: str,
         topic: str,
         frame: bytes,
-        tail: bytes,
+        tail: Part,
         policy: Policy,
         now: float,
         count: int = 1,
@@ -338,8 +342,8 @@ class OutboundQueue:
         if self._latest:  # a later message of the topic must not replace one ahead of these
             self._latest.pop((sub, topic), None)
         # Queued as the entry's tail: a view is as good as bytes to every reader of _parts
-        # (len, b"".join, and b"" + view in join_pairs).
-        size, body, tail = len(frames), b"", cast("bytes", frames)
+        # (len, b"".join, and b"" + view in join_pairs). Not cast: compiled, a cast checks.
+        size, body, tail = len(frames), b"", frames
         if policy is _BLOCK:
             messages = self._messages
             if messages + count <= 2 * self.max_messages and (
@@ -376,7 +380,7 @@ class OutboundQueue:
         sub: str,
         topic: str,
         frame: bytes,
-        tail: bytes,
+        tail: Part,
         now: float,
         policy: Policy,
         count: int = 1,
@@ -416,7 +420,7 @@ class OutboundQueue:
         """Remove the evicted entries, renumbering the indexed ones."""
         base, times, parts = self._base, self._times, self._parts
         renumbered: dict[int, int] = {}
-        kept_parts: list[bytes] = []
+        kept_parts: list[Part] = []
         kept_times: list[float | None] = []
         for index, time in enumerate(times):
             if time != _GONE:
@@ -511,7 +515,7 @@ class OutboundQueue:
 
     def take_direct(
         self, max_frames: int, max_bytes: int
-    ) -> tuple[list[bytes], int, float | None, int] | None:
+    ) -> tuple[list[Part], int, float | None, int] | None:
         """For a write by someone else than the writer (``Connection.write_held``): if the
         writer is waiting, at most ``max_frames`` frames in at most ``max_bytes`` are queued
         and there is no lag to report, take them all, as :meth:`take_batch` would, as
@@ -531,7 +535,7 @@ class OutboundQueue:
             return None
         return self._take_everything()
 
-    def _take_everything(self) -> tuple[list[bytes], int, float | None, int]:
+    def _take_everything(self) -> tuple[list[Part], int, float | None, int]:
         """Take every entry when none is evicted or indexed: (parts, messages, oldest, size)."""
         times, parts, messages, size = self._times, self._parts, self._messages, self._bytes
         if not messages:
@@ -586,7 +590,7 @@ class OutboundQueue:
         oldest = _first_time(taken_times) if messages else None
         return Batch(lags, parts, messages, oldest, taken)
 
-    def _cut(self, max_bytes: int) -> tuple[list[bytes], int, int, int, int, int]:
+    def _cut(self, max_bytes: int) -> tuple[list[Part], int, int, int, int, int]:
         """How many entries fit in ``max_bytes`` (at least one frame): the taken parts, the
         count of entries, their bytes, the count of messages, of replies and of evicted
         entries among them."""

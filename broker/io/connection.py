@@ -32,7 +32,7 @@ import trio
 from broker.config import ServerConfig
 from broker.core.delivery import Delivery
 from broker.core.hub import Subscription
-from broker.core.outbound import OutboundQueue, join_pairs
+from broker.core.outbound import OutboundQueue, Part, join_pairs
 from broker.core.permissions import ANONYMOUS, Identity
 from broker.core.rules import SessionLimits
 from broker.core.session import Session
@@ -278,9 +278,7 @@ class Connection:
         self.messages_out += messages
         self.stats.count_write(depth, messages, size, oldest)
 
-    def _frames(
-        self, lags: dict[str, int], parts: list[bytes], size: int
-    ) -> tuple[list[bytes], int]:
+    def _frames(self, lags: dict[str, int], parts: list[Part], size: int) -> tuple[list[Part], int]:
         """What to send as one message for ``lags`` and the ``parts`` of ``size`` bytes (see
         :class:`~broker.core.outbound.Batch`), and its size."""
         if not lags and not self._text:
@@ -289,9 +287,9 @@ class Connection:
         frames = [encode_lag(sub, n, encoding) for sub, n in lags.items()]
         size += sum(map(len, frames))
         if self._text:
-            frames = [b"\n".join(frames + join_pairs(parts))]
-            return frames, len(frames[0])
-        return frames + parts, size
+            text = b"\n".join(frames + join_pairs(parts))
+            return [text], len(text)
+        return [*frames, *parts], size
 
     async def _close_when_token_expires(self) -> None:
         left = seconds_left(self.identity)

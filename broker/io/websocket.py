@@ -254,7 +254,7 @@ class WebSocket:
             and self._conn.state is _OPEN
         )
 
-    def send_now(self, parts: Sequence[bytes], text: bool, length: int) -> bool:
+    def send_now(self, parts: Sequence[bytes | memoryview], text: bool, length: int) -> bool:
         """Write the message ``parts`` (``length`` bytes) without waiting, after
         :meth:`can_send_now`. True if it all went out (or the socket is gone); False if the
         socket took only part: the rest is a write in progress until :meth:`finish_send`.
@@ -285,7 +285,7 @@ class WebSocket:
             await self._write(data)
 
     async def send_message(
-        self, parts: Sequence[bytes], text: bool, length: int | None = None
+        self, parts: Sequence[bytes | memoryview], text: bool, length: int | None = None
     ) -> None:
         """Send the concatenation of ``parts`` (``length`` bytes, if known) as one message
         (UTF-8 text if ``text``)."""

@@ -24,8 +24,6 @@ class InvalidTopic(ValueError):
 
 
 def _check_common(name: str, what: str) -> list[str]:
-    if not isinstance(name, str):
-        raise InvalidTopic(f"{what} must be a string")
     ascii_only = name.isascii()
     size = len(name) if ascii_only else len(name.encode("utf-8", "surrogatepass"))
     if size == 0:
@@ -53,9 +51,11 @@ _VALID_TOPICS: set[str] = set()
 _VALID_TOPICS_MAX = 16384
 
 
-def validate_topic(topic: str) -> None:
+def validate_topic(topic: object) -> None:
     """Raise :class:`InvalidTopic` unless ``topic`` is a concrete topic one may publish to."""
-    if type(topic) is str and topic in _VALID_TOPICS:
+    if not isinstance(topic, str):
+        raise InvalidTopic("topic must be a string")
+    if topic in _VALID_TOPICS:
         return
     _check_common(topic, "topic")
     if "*" in topic or ">" in topic:
@@ -65,8 +65,10 @@ def validate_topic(topic: str) -> None:
     _VALID_TOPICS.add(topic)
 
 
-def validate_pattern(pattern: str) -> None:
+def validate_pattern(pattern: object) -> None:
     """Raise :class:`InvalidTopic` unless ``pattern`` is a valid subscription pattern."""
+    if not isinstance(pattern, str):
+        raise InvalidTopic("pattern must be a string")
     segments = _check_common(pattern, "pattern")
     last = len(segments) - 1
     for index, segment in enumerate(segments):
