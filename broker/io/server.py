@@ -28,6 +28,7 @@ from collections.abc import Hashable, Sequence
 
 import trio
 
+from broker import compiled
 from broker.cluster.backplane import RedisBackplane
 from broker.cluster.delivery import ClusterDelivery
 from broker.cluster.history import RedisHistory
@@ -316,6 +317,12 @@ class Broker:
             config.limits.slow_timeout,
         )
         log.info("auth mode: %s", config.auth.mode)
+        log.info(
+            "hot path: %s",
+            "compiled (mypyc)"
+            if compiled()
+            else "pure Python (not compiled: no C compiler at install, or BROKER_PURE_PYTHON)",
+        )
         files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         clients = max(0, files - SPARE_FILES)
         if files != resource.RLIM_INFINITY and clients < config.limits.max_connections:
