@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.protocol import frames
 from broker.protocol.frames import (
     MAX_ID,
     Encoding,
@@ -555,3 +556,51 @@ def test_arbitrary_text_never_raises(junk: str) -> None:
     assert len(undecodable) <= 1
     if undecodable:
         assert decoded[-1] is undecodable[0]
+
+
+# --- the pub fast path ----------------------------------------------------------------------
+
+_DATA = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary(max_size=300),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3)
+    ),
+    max_leaves=80,
+)
+_TOPICS = st.sampled_from(
+    ["a", "chat.room.1", "a.*", "a..b", " x", "é" * 127, "é" * 128]
+) | st.text(max_size=300)
+
+
+def _general(message: bytes) -> list[Any]:
+    """decode_batch of one msgpack message without the pub fast path."""
+    try:
+        value = msgpack.unpackb(message, raw=False, strict_map_key=False)
+    except Exception:
+        return frames._decode_msgpack_values(message)
+    return [frames.validate_frame(value, len(message))]
+
+
+@given(topic=_TOPICS, data=_DATA, extra=st.sampled_from([b"", b"\xc0", b"\xc1", b"\x81"]))
+def test_a_plain_pub_decodes_as_the_general_path_does(topic: str, data: Any, extra: bytes) -> None:
+    message = msgpack.packb({"op": "pub", "topic": topic, "data": data}) + extra
+    assert decode_batch(message, Encoding.MSGPACK) == _general(message)
+
+
+@given(message=st.binary(max_size=40).map(lambda rest: b"\x83\xa2op\xa3pub\xa5topic" + rest))
+def test_any_bytes_after_the_pub_prefix_decode_as_the_general_path_does(message: bytes) -> None:
+    assert decode_batch(message, Encoding.MSGPACK) == _general(message)
+
+
+def test_a_pub_nested_too_deep_is_refused_by_the_fast_path_too() -> None:
+    data: Any = 1
+    for _ in range(frames.MAX_DATA_DEPTH + 1):
+        data = [data]
+    message = msgpack.packb({"op": "pub", "topic": "a", "data": data})
+    [refused] = decode_batch(message, Encoding.MSGPACK)
+    assert isinstance(refused, FrameError) and "deep" in refused.msg

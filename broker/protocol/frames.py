@@ -136,11 +136,59 @@ def decode_batch(message: bytes | str, encoding: Encoding) -> list[Command | Fra
 
 
 def _decode_msgpack(message: bytes) -> list[Command | FrameError]:
+    if message.startswith(_PUB_WITHOUT_ID):
+        pub = _decode_plain_pub(message)
+        if pub is not None:
+            return [pub]
     try:
         value = _unpackb(message, raw=False, strict_map_key=False)  # one frame: the most common
     except Exception:  # several frames, or bytes that do not decode: value by value
         return _decode_msgpack_values(message)
     return [validate_frame(value, len(message))]
+
+
+#: How every client encodes a ``pub`` without ``id``: ``{"op": "pub", "topic": T, "data": D}``.
+_PUB_WITHOUT_ID = b"\x83\xa2op\xa3pub\xa5topic"
+_DATA_KEY = b"\xa4data"
+
+
+def _decode_plain_pub(message: bytes) -> Pub | None:
+    """The :class:`Pub` that ``message`` (starting with :data:`_PUB_WITHOUT_ID`) holds, read
+    without building the map; None for anything not plainly one valid ``pub`` (a topic that is
+    not a valid string of at most 255 bytes, more after ``data``, ``data`` nested too deep...):
+    the general path then decodes it and says what is wrong. Same commands as the general
+    path, without the map and its four strings."""
+    at = len(_PUB_WITHOUT_ID)
+    size = len(message)
+    if size < at + 7:
+        return None
+    header = message[at]
+    if 0xA0 <= header <= 0xBF:  # fixstr
+        start, length = at + 1, header & 0x1F
+    elif header == 0xD9 and size > at + 1:  # str 8
+        start, length = at + 2, message[at + 1]
+    else:
+        return None
+    end = start + length
+    if message[end : end + 5] != _DATA_KEY:
+        return None
+    try:
+        topic = message[start:end].decode()
+        validate_topic(topic)
+    except (UnicodeDecodeError, InvalidTopic):
+        return None
+    value = end + 5
+    kind = message[value] if value < size else -1
+    if kind == 0xC4 and size > value + 1 and message[value + 1] == size - value - 2:  # bin 8
+        data: Any = message[value + 2 :]
+    else:
+        try:
+            data = _unpackb(message[value:], raw=False, strict_map_key=False)
+        except Exception:  # several values, or bytes that do not decode
+            return None
+        if type(data) in _CONTAINERS and not _within_depth(data):
+            return None
+    return Pub(None, topic, data, size)
 
 
 def _decode_msgpack_values(message: bytes) -> list[Command | FrameError]:
