@@ -1,0 +1,297 @@
+"""The sharded engine on a real Redis Cluster (3 masters, 3 replicas, from redis-server):
+delivery across nodes and shards, wildcards below the shard key, per-publisher order,
+recovery on another node, presence, and a master's failover (docs/cluster.md).
+
+One cluster serves the module (it takes about two seconds to make); each test keeps apart
+with its own ``cluster.prefix``. The failover test makes and breaks its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from broker.cluster.delivery import ClusterDelivery
+from broker.cluster.sharded import ShardedBackplane
+from broker.cluster.slots import key_slot
+from broker.config import ClusterConfig, Config
+from broker.core.outbound import Policy
+from broker.core.rules import HistoryLimits, TopicRule
+from broker.io.server import Broker
+from tests.helpers import make_config, start_broker, wait_until
+from tests.redis_cluster import RedisCluster, running_cluster
+from tests.test_cluster import sub_since
+from tests.test_presence import presence, sub
+from tests.wire import connect
+
+HISTORY = TopicRule("chat.>", Policy.BLOCK, HistoryLimits(1000))
+ROOM = TopicRule("room.>", Policy.DROP_OLDEST, presence=True)
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisCluster]:
+    with running_cluster() as cluster:
+        yield cluster
+
+
+def sharded_config(
+    cluster: RedisCluster, node_id: str, prefix: str, topics: tuple[TopicRule, ...], **more: Any
+) -> Config:
+    return make_config().replace(
+        cluster=ClusterConfig(seeds=cluster.seeds, node_id=node_id, prefix=prefix, **more),
+        topics=topics,
+    )
+
+
+def engine(broker: Broker) -> ShardedBackplane:
+    delivery = broker.delivery
+    assert isinstance(delivery, ClusterDelivery)
+    assert isinstance(delivery.backplane, ShardedBackplane)
+    return delivery.backplane
+
+
+def unwanted(broker: Broker) -> int:
+    delivery = broker.delivery
+    assert isinstance(delivery, ClusterDelivery)
+    return delivery.unwanted + engine(broker).stats["stale"]
+
+
+@asynccontextmanager
+async def nodes(
+    cluster: RedisCluster,
+    count: int,
+    topics: tuple[TopicRule, ...] = (HISTORY,),
+    **more: Any,
+) -> AsyncIterator[list[Broker]]:
+    """``count`` brokers in this process on ``cluster``, under a prefix of their own."""
+    prefix = f"t{next(_prefixes)}"
+    async with trio.open_nursery() as nursery:
+        brokers = [
+            await start_broker(nursery, sharded_config(cluster, f"n{i}", prefix, topics, **more))
+            for i in range(count)
+        ]
+        await wait_until(lambda: all(engine(b).connected for b in brokers))
+        yield brokers
+        for broker in brokers:
+            broker.shutdown()
+
+
+def topics_on_every_shard(
+    cluster: RedisCluster, broker: Broker, stem: str, suffix: str = ""
+) -> list[str]:
+    """Topics ``{stem}N{suffix}`` whose shard keys are served by different masters, one per
+    master."""
+    backplane, found = engine(broker), dict[int, str]()
+    for n in range(1000):
+        topic = f"{stem}{n}{suffix}"
+        master = cluster.master_of(backplane.route(topic).base)
+        found.setdefault(master, topic)
+        if len(found) == 3:
+            return list(found.values())
+    raise AssertionError("no topics found on every master")
+
+
+async def test_messages_cross_nodes_on_every_shard_of_a_redis_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    async with (
+        nodes(redis_cluster, 3, topics=()) as (a, b, c),
+        connect(a.url) as sa,
+        connect(b.url) as sb,
+        connect(c.url) as publisher,
+    ):
+        topics = topics_on_every_shard(redis_cluster, a, "plain")
+        assert len({key_slot(engine(a).route(t).base) for t in topics}) == 3
+        for topic in topics:
+            await sa.subscribe(topic)
+            await sb.subscribe(topic)
+        for topic in topics:
+            await publisher.publish(topic, {"on": topic})
+        for client in (sa, sb):
+            for topic in topics:
+                await client.expect("msg", topic=topic, sub=topic, data={"on": topic})
+        # a concrete topic's channel brings only it: nothing unwanted anywhere
+        assert [unwanted(n) for n in (a, b, c)] == [0, 0, 0]
+
+
+async def test_wildcards_below_the_shard_key_cross_nodes_and_others_are_refused(
+    redis_cluster: RedisCluster,
+) -> None:
+    async with (
+        nodes(redis_cluster, 2, topics=(), shard_key_segments=2) as (a, b),
+        connect(a.url, "json") as subscriber,
+        connect(b.url) as publisher,
+    ):
+        await subscriber.subscribe("news.eu.*", id=1)
+        await subscriber.subscribe("news.us.>", id=2)
+        await subscriber.subscribe("news.us.x", id=3)
+        for topic in ("news.eu.a", "news.eu.a.b", "news.us.x", "news.us.y.z", "news.asia.a"):
+            await publisher.publish(topic, topic)
+        await subscriber.expect("msg", topic="news.eu.a", sub="news.eu.*")
+        got = {(f["sub"], f["data"]) for f in [await subscriber.next() for _ in range(3)]}
+        assert got == {
+            ("news.us.>", "news.us.x"),
+            ("news.us.x", "news.us.x"),
+            ("news.us.>", "news.us.y.z"),
+        }
+        await subscriber.publish("end", 0, id=4)  # a local round trip: nothing else came
+        assert subscriber._pending == []
+        # news.eu.a.b came on news.eu's wildcard channel but matches no subscription here
+        assert unwanted(a) == 1
+        for pattern in ("news.*", "news.>", "*.eu.x", ">", "news.*.x"):
+            await subscriber.send({"op": "sub", "id": 9, "topic": pattern})
+            reply = await subscriber.reply(9)
+            assert reply["op"] == "err" and reply["code"] == "not_enabled", reply
+            assert "shard key" in reply["msg"] and "'a.b.>'" in reply["msg"]
+
+
+async def test_one_publishers_messages_arrive_in_order_across_shards_and_nodes(
+    redis_cluster: RedisCluster,
+) -> None:
+    async with (
+        nodes(redis_cluster, 3, shard_key_segments=2) as (a, b, c),
+        connect(a.url) as sa,
+        connect(b.url) as sb,
+        connect(c.url) as publisher,
+    ):
+        plain = topics_on_every_shard(redis_cluster, a, "seq.", ".x")
+        numbered = topics_on_every_shard(redis_cluster, a, "chat.")
+        for topic in plain + numbered:
+            await sa.subscribe(topic)
+        for topic in plain:  # seq.N.x: on seq.N's wildcard channel too
+            await sb.subscribe(topic.removesuffix("x") + ">")
+        values = list(range(200))
+        for value in values:  # without id: queued for Redis in bursts, on three shards
+            for topic in plain + numbered:
+                await publisher.send({"op": "pub", "topic": topic, "data": value})
+        await publisher.publish(plain[0], "end", id=1)
+        for client, wanted in ((sa, plain + numbered), (sb, plain)):
+            seen: dict[str, list[int]] = {topic: [] for topic in wanted}
+            while any(len(seen[t]) < len(values) for t in wanted):
+                frame = await client.expect("msg")
+                if frame["data"] != "end":
+                    seen[frame["topic"]].append(frame["data"])
+            assert all(seen[topic] == values for topic in wanted)
+
+
+async def test_a_client_recovers_on_another_node_from_the_history_on_its_shard(
+    redis_cluster: RedisCluster,
+) -> None:
+    async with nodes(redis_cluster, 2) as (a, b), connect(b.url) as publisher:
+        async with connect(a.url) as first:
+            await first.send({"op": "sub", "id": 1, "topic": "chat.live.x"})
+            ok = await first.reply(1)
+            assert ok["op"] == "ok" and ok["offset"] == 0
+            for n in range(1, 6):
+                await publisher.publish("chat.live.x", n, id=n)
+            for n in range(1, 6):
+                assert (await first.expect("msg", data=n))["offset"] == n
+        for n in range(6, 11):  # missed by the client
+            await publisher.publish("chat.live.x", n, id=n)
+        async with connect(b.url) as again:
+            reply = await sub_since(again, "chat.live.x", ok["epoch"], 5, 1)
+            assert reply["recovered"] is True and reply["offset"] == 10, reply
+            for n in range(6, 11):
+                assert (await again.expect("msg", data=n))["offset"] == n
+            await publisher.publish("chat.live.x", 11, id=11)
+            assert (await again.expect("msg", data=11))["offset"] == 11
+        # the topic's keys share its shard key's slot
+        base = engine(a).route("chat.live.x").base
+        keys = redis_cluster.cli(redis_cluster.master_of(base), "KEYS", base + "*").split()
+        kinds = ("e:chat.live.x", "o:chat.live.x", "h:chat.live.x", "fresh")
+        assert sorted(keys) == sorted(f"{base}:{kind}" for kind in kinds)
+
+
+async def test_presence_is_shared_by_the_nodes_of_a_redis_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    async with nodes(redis_cluster, 2, topics=(ROOM,)) as (a, b), connect(b.url) as watcher:
+        await sub(watcher, "room.1", 1, join_leave=True)
+        own = (await watcher.expect("join"))["member"]
+        async with connect(a.url) as guest:
+            await sub(guest, "room.1", 1, info="from a")
+            joined = (await watcher.expect("join"))["member"]
+            assert joined["info"] == "from a"
+            with trio.fail_after(5):
+                while (await presence(watcher, "room.1", 7))["count"] != 2:  # noqa: ASYNC110 - polls Redis
+                    await trio.sleep(0.01)
+        left = await watcher.expect("leave")
+        assert left["member"] == joined and own != joined
+
+
+async def test_a_master_killed_fails_over_to_its_replica_and_the_node_recovers() -> None:
+    """SIGKILL the master of a topic's shard: the node reports the outage (publishes answer
+    err unavailable) until the replica has taken over, then follows and delivers again, and
+    the topic's history is still there."""
+    with running_cluster() as cluster:
+        async with (
+            nodes(cluster, 2) as (a, b),
+            connect(a.url) as subscriber,
+            connect(b.url) as publisher,
+        ):
+            await subscriber.send({"op": "sub", "id": 1, "topic": "chat.f"})
+            epoch = (await subscriber.reply(1))["epoch"]
+            await publisher.publish("chat.f", 1, id=1)
+            await subscriber.expect("msg", data=1)
+            master = cluster.master_of(engine(a).route("chat.f").base)
+            # the replica must have the history before its master dies
+            replica = next(
+                p
+                for p in cluster.ports
+                if p != master and f"master_port:{master}" in cluster.cli(p, "INFO", "replication")
+            )
+            assert cluster.cli(master, "WAIT", "1", "5000") == "1"
+            cluster.kill(master)
+            await wait_until(lambda: not engine(b).connected)
+            await publisher.send({"op": "pub", "id": 2, "topic": "chat.f", "data": 2})
+            assert (await publisher.reply(2))["code"] == "unavailable"
+            with trio.fail_after(20):
+                await wait_connected(a, b)
+            assert cluster.master_of(engine(a).route("chat.f").base) == replica
+            await publisher.publish("chat.f", 3, id=3)
+            async with connect(a.url) as again:
+                reply = await sub_since(again, "chat.f", epoch, 0, 1)
+                assert reply["recovered"] is True and reply["offset"] == 2, reply
+                assert [(await again.expect("msg"))["data"] for _ in range(2)] == [1, 3]
+            assert engine(a).stats["outages"] >= 1
+
+
+async def wait_connected(*brokers: Broker) -> None:
+    while not all(engine(b).connected for b in brokers):  # noqa: ASYNC110 - no event to wait on
+        await trio.sleep(0.02)
+
+
+def test_the_sharded_config_is_checked_naming_the_key() -> None:
+    from broker.config import ConfigError, config_from_dict
+
+    seeds = ["redis://h:7000", "redis://h:7001"]
+    config = config_from_dict({"cluster": {"seeds": seeds, "shard_key_segments": 2}})
+    assert config.cluster.seeds == tuple(seeds) and config.cluster.shard_key_segments == 2
+    with pytest.raises(ConfigError, match=r"backend .* or seeds .*, not both"):
+        config_from_dict({"cluster": {"seeds": seeds, "backend": "redis://h"}})
+    with pytest.raises(ConfigError, match=r"cluster.seeds: 'redis://h/2': .*database 0 only"):
+        config_from_dict({"cluster": {"seeds": ["redis://h/2"]}})
+    with pytest.raises(ConfigError, match=r"cluster.seeds: 'h:7000' is not a redis:// URL"):
+        config_from_dict({"cluster": {"seeds": ["h:7000"]}})
+    with pytest.raises(ConfigError, match=r"cluster.prefix: .*braces"):
+        config_from_dict({"cluster": {"seeds": seeds, "prefix": "{x}"}})
+    with pytest.raises(ConfigError, match=r"cluster.shard_key_segments: must be greater than 0"):
+        config_from_dict({"cluster": {"seeds": seeds, "shard_key_segments": 0}})
+
+
+def test_a_topics_names_share_the_slot_of_its_shard_key() -> None:
+    from broker.cluster.resp import RedisAddress
+
+    backplane = ShardedBackplane([RedisAddress("h")], "n", "p", shard_key_segments=2)
+    route = backplane.route("a.b.c.d")
+    assert route.base == "{p:a.b}" and route.channel == b"{p:a.b}:m:a.b.c.d"
+    assert route.wildcard == b"{p:a.b}:w"
+    assert backplane.redis_name("a.b.*") == backplane.redis_name("a.b.>") == route.wildcard
+    assert backplane.route("a.b").wildcard == b""  # no wildcard after the key matches it
+    assert key_slot(route.channel) == key_slot(route.wildcard) == key_slot("p:a.b")
