@@ -262,6 +262,53 @@ async def test_a_master_killed_fails_over_to_its_replica_and_the_node_recovers()
             assert engine(a).stats["outages"] >= 1
 
 
+async def test_a_slot_moved_to_another_master_is_followed_there(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Move a history topic's slot between masters under two nodes: a publish while it
+    moves is sent on by ASK, one after it by MOVED; the subscribing node, told by Redis
+    that its subscription went (sunsubscribe), follows the topic on its new master; the
+    history moved with the slot, so a client recovers everything."""
+    cluster = redis_cluster
+    async with (
+        nodes(cluster, 2) as (a, b),
+        connect(a.url) as subscriber,
+        connect(b.url) as publisher,
+    ):
+        topic = "chat.moving"
+        await subscriber.send({"op": "sub", "id": 1, "topic": topic})
+        epoch = (await subscriber.reply(1))["epoch"]
+        await publisher.publish(topic, 1, id=1)
+        await subscriber.expect("msg", data=1)
+        base = engine(a).route(topic).base
+        slot = str(key_slot(base))
+        source = cluster.master_of(base)
+        masters = [p for p in cluster.running if "role:master" in cluster.cli(p, "INFO")]
+        target = next(p for p in masters if p != source)
+        source_id, target_id = (cluster.cli(p, "CLUSTER", "MYID") for p in (source, target))
+        assert cluster.cli(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id) == "OK"
+        assert cluster.cli(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id) == "OK"
+        keys = cluster.cli(source, "CLUSTER", "GETKEYSINSLOT", slot, "100").split()
+        assert len(keys) == 4, keys
+        cluster.cli(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
+        await publisher.publish(topic, 2, id=2)  # the keys are gone from the source: ASK
+        assert engine(b).stats["asked"] >= 1
+        outages = engine(a).stats["outages"]
+        for port in cluster.running:
+            cluster.cli(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        with trio.fail_after(10):  # the subscribing node follows the topic on its new master
+            while not (engine(a).stats["outages"] > outages and engine(a).followed(topic)):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        await publisher.publish(topic, 3, id=3)  # node b still sends it to the source: MOVED
+        assert engine(b).stats["moved"] >= 1
+        frame = await subscriber.expect("msg", data=3)
+        assert frame["offset"] == 3
+        async with connect(a.url) as again:
+            reply = await sub_since(again, topic, epoch, 1, 1)
+            assert reply["recovered"] is True and reply["offset"] == 3, reply
+            assert [(await again.expect("msg"))["data"] for _ in range(2)] == [2, 3]
+
+
 async def wait_connected(*brokers: Broker) -> None:
     while not all(engine(b).connected for b in brokers):  # noqa: ASYNC110 - no event to wait on
         await trio.sleep(0.02)
