@@ -1,6 +1,6 @@
 """The sharded engine on a Redis Cluster: 1, 2 and 3 broker nodes, aggregate deliveries.
 
-    .venv/bin/python bench/sharded.py [--messages 6000] [--topics 6] [--size 100]
+    .venv/bin/python bench/sharded.py [--messages 20000] [--topics 6] [--size 100]
 
 Starts a Redis Cluster of three masters (no replicas) from redis-server on free ports, then,
 for 1, 2 and 3 ``broker serve`` processes on it (``[cluster] seeds``): every node has one
@@ -156,6 +156,32 @@ async def _client(url: str, *, task_status: trio.TaskStatus[WireClient]) -> None
         await trio.sleep_forever()
 
 
+async def measure(
+    used: list[Node], topics: list[str], redis_pids: list[int], args: argparse.Namespace
+) -> None:
+    count = len(used)
+    pids = [node[0].pid for node in used]
+    before_redis = sum(cpu_seconds(pid) for pid in redis_pids)
+    before = [cpu_seconds(pid) for pid in pids]
+    before_unwanted = [unwanted(node) for node in used]
+    rate = await aggregate(used, topics, args)
+    published = count * args.messages
+    redis_us = (sum(cpu_seconds(pid) for pid in redis_pids) - before_redis) / published * 1e6
+    deliveries_per_node = published  # every node delivers every message once
+    node_us = [
+        (cpu_seconds(pid) - old) / deliveries_per_node * 1e6
+        for pid, old in zip(pids, before, strict=True)
+    ]
+    samples = sorted(await latency(used[0][1], used[-1][1], topics[1], args.rounds, args.size))
+    p50 = statistics.median(samples) * 1000
+    p99 = samples[int(len(samples) * 0.99) - 1] * 1000
+    extra = [unwanted(node) - old for node, old in zip(used, before_unwanted, strict=True)]
+    where = "cross" if count > 1 else "same"
+    print(f"{count} node(s): {rate:>9,.0f} deliveries/s  {where}-node p50 {p50:.2f} ms "
+          f"p99 {p99:.2f} ms  Redis {redis_us:.1f} us/msg  node CPU us/delivery "
+          f"{' / '.join(f'{us:.1f}' for us in node_us)}  unwanted {extra}")  # fmt: skip
+
+
 async def main(args: argparse.Namespace) -> None:
     with running_cluster(masters=3, replicas=0) as cluster:
         topics = spread_topics(cluster, args.topics)
@@ -169,27 +195,7 @@ async def main(args: argparse.Namespace) -> None:
                          for i in range(3)]  # fmt: skip
                 try:
                     for count in (1, 2, 3):
-                        used = nodes[:count]
-                        pids = [node[0].pid for node in used]
-                        before_redis = sum(cpu_seconds(pid) for pid in redis_pids)
-                        before = [cpu_seconds(pid) for pid in pids]
-                        before_unwanted = [unwanted(node) for node in used]
-                        rate = await aggregate(used, topics, args)
-                        published = count * args.messages
-                        redis_us = (sum(cpu_seconds(p) for p in redis_pids) - before_redis)
-                        deliveries = count * published
-                        node_us = [(cpu_seconds(pid) - old) / (deliveries / count) * 1e6
-                                   for pid, old in zip(pids, before, strict=True)]  # fmt: skip
-                        samples = sorted(await latency(used[0][1], used[-1][1], topics[1],
-                                                       args.rounds, args.size))  # fmt: skip
-                        p50 = statistics.median(samples) * 1000
-                        p99 = samples[int(len(samples) * 0.99) - 1] * 1000
-                        extra = [unwanted(n) - old for n, old in zip(used, before_unwanted)]
-                        print(f"{count} node(s): {rate:>9,.0f} deliveries/s  "
-                              f"{'cross' if count > 1 else 'same'}-node p50 {p50:.2f} ms "
-                              f"p99 {p99:.2f} ms  Redis {redis_us / published * 1e6:.1f} us/msg  "
-                              f"node CPU us/delivery {' / '.join(f'{u:.1f}' for u in node_us)}  "
-                              f"unwanted {extra}")  # fmt: skip
+                        await measure(nodes[:count], topics, redis_pids, args)
                     rate = await throughput(nodes[1][1], nodes[0][1], topics[2],
                                             args.pairs, args.size)  # fmt: skip
                     print(f"one publisher on n1, one subscriber on n0: {rate:,.0f} msg/s")
@@ -203,7 +209,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--messages", type=int, default=6000)
+    parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--topics", type=int, default=6)
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=300)
