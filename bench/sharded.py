@@ -182,6 +182,22 @@ async def measure(
           f"{' / '.join(f'{us:.1f}' for us in node_us)}  unwanted {extra}")  # fmt: skip
 
 
+async def pair(
+    publisher: Node, subscriber: Node, topic: str, redis_pids: list[int], args: argparse.Namespace
+) -> None:
+    """bench/cluster.py's cross-node case: one publisher, one subscriber on another node."""
+    pids = [publisher[0].pid, subscriber[0].pid]
+    before = [cpu_seconds(pid) for pid in pids]
+    before_redis = sum(cpu_seconds(pid) for pid in redis_pids)
+    rate = await throughput(publisher[1], subscriber[1], topic, args.pairs, args.size)
+    cpu = [
+        (cpu_seconds(pid) - old) / args.pairs * 1e6 for pid, old in zip(pids, before, strict=True)
+    ]
+    redis_us = (sum(cpu_seconds(pid) for pid in redis_pids) - before_redis) / args.pairs * 1e6
+    print(f"one publisher on n1, one subscriber on n0: {rate:,.0f} msg/s  CPU us/msg: "
+          f"pub node {cpu[0]:.1f} / sub node {cpu[1]:.1f} / Redis {redis_us:.1f}")  # fmt: skip
+
+
 async def main(args: argparse.Namespace) -> None:
     with running_cluster(masters=3, replicas=0) as cluster:
         topics = spread_topics(cluster, args.topics)
@@ -196,9 +212,7 @@ async def main(args: argparse.Namespace) -> None:
                 try:
                     for count in (1, 2, 3):
                         await measure(nodes[:count], topics, redis_pids, args)
-                    rate = await throughput(nodes[1][1], nodes[0][1], topics[2],
-                                            args.pairs, args.size)  # fmt: skip
-                    print(f"one publisher on n1, one subscriber on n0: {rate:,.0f} msg/s")
+                    await pair(nodes[1], nodes[0], topics[2], redis_pids, args)
                 finally:
                     for node in nodes:
                         node[0].terminate()

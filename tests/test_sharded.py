@@ -183,7 +183,12 @@ async def test_one_publishers_messages_arrive_in_order_across_shards_and_nodes(
 async def test_a_client_recovers_on_another_node_from_the_history_on_its_shard(
     redis_cluster: RedisCluster,
 ) -> None:
-    async with nodes(redis_cluster, 2) as (a, b), connect(b.url) as publisher:
+    async with (
+        nodes(redis_cluster, 2) as (a, b),
+        connect(b.url) as publisher,
+        connect(a.url) as wild,
+    ):
+        await wild.subscribe("chat.live.>")  # on the key 'chat''s wildcard channel
         async with connect(a.url) as first:
             await first.send({"op": "sub", "id": 1, "topic": "chat.live.x"})
             ok = await first.reply(1)
@@ -192,6 +197,8 @@ async def test_a_client_recovers_on_another_node_from_the_history_on_its_shard(
                 await publisher.publish("chat.live.x", n, id=n)
             for n in range(1, 6):
                 assert (await first.expect("msg", data=n))["offset"] == n
+                frame = await wild.expect("msg", data=n, sub="chat.live.>")
+                assert frame["offset"] == n
         for n in range(6, 11):  # missed by the client
             await publisher.publish("chat.live.x", n, id=n)
         async with connect(b.url) as again:

@@ -437,6 +437,7 @@ class ShardedBackplane(RedisBackplane):
                 self._sent.clear()
                 self._pending.clear()
                 self._owner = list(slots.owner)
+                self._queued_last = None  # a batch queued before cannot take more
                 self._shards = shards
                 for wanted in self._wanted:
                     self._mark_dirty(wanted)
