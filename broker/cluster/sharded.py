@@ -90,6 +90,7 @@ class _Route:
     channel: bytes
     wildcard: bytes
     packed_topic: bytes
+    slot: int
 
 
 class _ShardCommands(_Commands):
@@ -101,7 +102,8 @@ class _ShardCommands(_Commands):
     ) -> None:
         super().__init__(connection, timeout, depth=1024)
         self._backplane = backplane
-        self._commands: deque[list[bytes]] = deque()  # what each waiting entry sent
+        # What each waiting entry sent: one command, or several (answered by the last).
+        self._commands: deque[bytes | list[bytes]] = deque()
         self._replies = 0  # replies read so far to the oldest entry
         self._redirect: Redirect | None = None  # the first its replies said
 
@@ -120,10 +122,13 @@ class _ShardCommands(_Commands):
         async for payload, pending in self._out:
             batch: list[bytes] = []
             while True:
-                commands = payload.commands if isinstance(payload, Several) else None
-                encoded = payload if isinstance(payload, bytes) else payload.encode()
-                batch.append(encoded)
-                sent.append(commands or [encoded])
+                if isinstance(payload, Several):
+                    batch += payload.commands
+                    sent.append(payload.commands)
+                else:
+                    encoded = payload if isinstance(payload, bytes) else payload.encode()
+                    batch.append(encoded)
+                    sent.append(encoded)
                 waiting.append(pending)
                 if len(batch) >= 1024:
                     break
@@ -146,13 +151,17 @@ class _ShardCommands(_Commands):
                     raise ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
                 if isinstance(reply, RedisError) and self._redirect is None:
                     self._redirect = parse_redirect(str(reply))
-                self._replies += 1
-                if self._replies < len(sent[0]):
-                    continue  # one of several commands: the last one's reply answers
-                self._replies = 0
+                head = sent[0]
+                if not isinstance(head, bytes):
+                    self._replies += 1
+                    if self._replies < len(head):
+                        continue  # one of several commands: the last one's reply answers
+                    self._replies = 0
                 commands, pending = sent.popleft(), waiting.popleft()
                 redirect, self._redirect = self._redirect, None
                 if redirect is not None:
+                    if isinstance(commands, bytes):
+                        commands = [commands]
                     self._backplane.redirected(redirect, commands, pending)
                 elif pending is not None:
                     pending.reply = reply
@@ -234,7 +243,8 @@ class ShardedBackplane(RedisBackplane):
             count = self.shard_key_segments
             base = "{" + self._cluster_prefix + ":" + ".".join(segments[:count]) + "}"
             wildcard = (base + ":w").encode() if len(segments) > count else b""
-            route = _Route(base, f"{base}:m:{topic}".encode(), wildcard, msgpack.packb(topic))
+            channel = f"{base}:m:{topic}".encode()
+            route = _Route(base, channel, wildcard, msgpack.packb(topic), key_slot(base))
             if len(self._routes) >= ROUTES_CACHED:
                 self._routes.clear()
             self._routes[topic] = route
@@ -319,24 +329,30 @@ class ShardedBackplane(RedisBackplane):
         return await shard.commands.call(command, wait=wait)
 
     def publish_nowait(self, topic: str, packed: bytes) -> bool:
-        if not self.queue(self._publish_command(topic, packed), self.route(topic).base):
+        route = self.route(topic)
+        shards = self._shards
+        if shards is None or (index := self._owner[route.slot]) < 0:
             return False
+        command = self._publish_command(route, packed)
+        if not shards[index].commands.queue(command):
+            return False
+        self._queued_last = command
         self.stats["published"] += 1
         return True
 
     async def publish(self, topic: str, packed: bytes, *, wait: bool = True) -> None:
-        command = self._publish_command(topic, packed)
-        await self.call(command, wait=wait, key=self.route(topic).base)
+        route = self.route(topic)
+        await self.call(self._publish_command(route, packed), wait=wait, key=route.base)
         self.stats["published"] += 1
 
-    def _publish_command(self, topic: str, packed: bytes) -> Several:  # type: ignore[override]
-        route = self.route(topic)
+    def _publish_command(self, route: _Route, packed: bytes) -> Command:  # type: ignore[override]
+        """``SPUBLISH`` on the topic's channel; and on its key's wildcard channel, if any."""
         envelope = msgpack.packb([self.node_id, self._next_seq(), packed], use_bin_type=True)
-        commands = [encode_command("SPUBLISH", route.channel, envelope)]
-        if route.wildcard:
-            wrapped = b"\x92" + route.packed_topic + msgpack.packb(envelope, use_bin_type=True)
-            commands.append(encode_command("SPUBLISH", route.wildcard, wrapped))
-        return Several(commands)
+        command = encode_command("SPUBLISH", route.channel, envelope)
+        if not route.wildcard:
+            return command
+        wrapped = b"\x92" + route.packed_topic + msgpack.packb(envelope, use_bin_type=True)
+        return Several([command, encode_command("SPUBLISH", route.wildcard, wrapped)])
 
     def redirected(
         self, redirect: Redirect, commands: list[bytes], pending: _Pending | None
