@@ -13,21 +13,23 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
 from broker.cluster.delivery import ClusterDelivery
 from broker.cluster.sharded import ShardedBackplane
 from broker.cluster.slots import key_slot
-from broker.config import ClusterConfig, Config
+from broker.config import ApiConfig, AuthConfig, ClusterConfig, Config
 from broker.core.outbound import Policy
 from broker.core.rules import HistoryLimits, TopicRule
 from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.redis_cluster import RedisCluster, running_cluster
+from tests.test_api import ALICE, BOB, KEY
 from tests.test_cluster import sub_since
 from tests.test_presence import presence, sub
-from tests.wire import connect
+from tests.wire import bearer, connect
 
 HISTORY = TopicRule("chat.>", Policy.BLOCK, HistoryLimits(1000))
 ROOM = TopicRule("room.>", Policy.DROP_OLDEST, presence=True)
@@ -116,8 +118,10 @@ async def test_messages_cross_nodes_on_every_shard_of_a_redis_cluster(
         for client in (sa, sb):
             for topic in topics:
                 await client.expect("msg", topic=topic, sub=topic, data={"on": topic})
-        # a concrete topic's channel brings only it: nothing unwanted anywhere
+        # a concrete topic's channel brings only it: nothing unwanted anywhere, and the
+        # publisher's node, where nobody subscribes, receives nothing at all
         assert [unwanted(n) for n in (a, b, c)] == [0, 0, 0]
+        assert engine(c).stats["received"] == 0 and engine(c).stats["own"] == 0
 
 
 async def test_wildcards_below_the_shard_key_cross_nodes_and_others_are_refused(
@@ -314,6 +318,39 @@ async def test_a_slot_moved_to_another_master_is_followed_there(
             reply = await sub_since(again, topic, epoch, 1, 1)
             assert reply["recovered"] is True and reply["offset"] == 3, reply
             assert [(await again.expect("msg"))["data"] for _ in range(2)] == [2, 3]
+
+
+async def test_the_server_api_reaches_every_node_through_the_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    """``/api/disconnect`` asks every node (a question and its answers on shard channels
+    of the ``{prefix}`` slot)."""
+    prefix = f"t{next(_prefixes)}"
+    async with trio.open_nursery() as nursery:
+        brokers = []
+        for index in range(2):
+            config = sharded_config(redis_cluster, f"n{index}", prefix, (HISTORY,)).replace(
+                auth=AuthConfig(mode="tokens", tokens=(ALICE, BOB)),
+                api=ApiConfig(port=0, keys=(KEY,)),
+            )
+            brokers.append(await start_broker(nursery, config))
+        a, b = brokers
+        await wait_until(lambda: engine(a).connected and engine(b).connected)
+        async with (
+            connect(a.url, extra_headers=bearer("alice-token")) as on_a,
+            connect(b.url, extra_headers=bearer("alice-token")) as on_b,
+            connect(b.url, extra_headers=bearer("bob-token")) as bob,
+            httpx.AsyncClient(
+                base_url=str(a.api_url), headers={"Authorization": f"Bearer {KEY}"}
+            ) as http,
+        ):
+            response = await http.post("/api/disconnect", json={"user": "alice"})
+            assert (response.status_code, response.json()) == (200, {"disconnected": 2})
+            for client in (on_a, on_b):
+                assert await client.expect_close() == 4010
+            await bob.publish("x", 1)
+        for broker in brokers:
+            broker.shutdown()
 
 
 async def wait_connected(*brokers: Broker) -> None:

@@ -276,6 +276,7 @@ class RedisBackplane:
         max_backoff: float = 5.0,
     ) -> None:
         self.address = address
+        self.where = f"Redis at {address}"  # in logs and in why it is down
         self.node_id = node_id
         self.timeout = timeout
         self.min_backoff = min_backoff
@@ -568,15 +569,15 @@ class RedisBackplane:
             task_status.started()
             backoff = self.min_backoff
             while True:
-                why = f"Redis at {self.address}: disconnected"
+                why = f"{self.where}: disconnected"
                 try:
                     await self._serve_connected()
                 except* _FAILURES as group:
                     exc = first_leaf(group)
-                    why = f"Redis at {self.address}: {exc or type(exc).__name__}"
+                    why = f"{self.where}: {exc or type(exc).__name__}"
                 except* Exception as group:  # a bug of ours: this connection's, not the node's
                     log.error("cluster: internal error on the Redis connection", exc_info=group)
-                    why = f"Redis at {self.address}: internal error ({first_leaf(group)!r})"
+                    why = f"{self.where}: internal error ({first_leaf(group)!r})"
                 if self._ever_connected and self.down_since is None:
                     backoff = self.min_backoff  # it was up: start the backoff again
                 self._went_down(why)
@@ -628,13 +629,12 @@ class RedisBackplane:
     def _came_up(self) -> None:
         self._ever_connected = True
         if self.down_since is None:
-            log.info("cluster: node %s connected to Redis at %s", self.node_id, self.address)
+            log.info("cluster: node %s connected to %s", self.node_id, self.where)
         else:
             self._missed()
             log.warning(
-                "cluster: Redis at %s reachable again after %.1f s; resubscribing %d channel(s) "
-                "and glob(s)",
-                self.address,
+                "cluster: %s reachable again after %.1f s; resubscribing %d channel(s) and glob(s)",
+                self.where,
                 trio.current_time() - self.down_since,
                 len(self._wanted),
             )

@@ -220,6 +220,7 @@ class ShardedBackplane(RedisBackplane):
             max_backoff=max_backoff,
         )
         self.seeds = seeds
+        self.where = "Redis Cluster (seeds " + ", ".join(f"{s.host}:{s.port}" for s in seeds) + ")"
         self.shard_key_segments = shard_key_segments
         self._cluster_prefix = prefix
         self._base = "{" + prefix + "}"  # presence, questions: one slot
@@ -430,7 +431,7 @@ class ShardedBackplane(RedisBackplane):
                 why = f"{address}: {slots.uncovered()} slots have no reachable master"
                 continue
             return slots
-        raise ConnectionLost(f"Redis Cluster: {why}")
+        raise ConnectionLost(f"no slot map: {why}")
 
     async def _serve_connected(self) -> None:
         slots = await self._discover()
@@ -469,7 +470,7 @@ class ShardedBackplane(RedisBackplane):
             self._shards = None
             for shard in shards:
                 shard.commands.fail(
-                    f"cluster backplane unavailable (Redis Cluster: {shard.node} lost)"
+                    f"cluster backplane unavailable ({self.where}: {shard.node} lost)"
                 )
             self._wake_waiters()
             for connection in connections:
@@ -485,10 +486,10 @@ class ShardedBackplane(RedisBackplane):
                 reply = await shards[0].commands.call(encode_command("CLUSTER", "SHARDS"))
                 slots = parse_shards(reply)
             except (Unavailable, ValueError) as exc:
-                raise ConnectionLost(f"Redis Cluster: refreshing the slot map: {exc}") from None
+                raise ConnectionLost(f"refreshing the slot map: {exc}") from None
             nodes = [shard.node for shard in shards]
             if set(slots.masters) != set(nodes) or slots.uncovered():
-                raise ConnectionLost("Redis Cluster: its masters changed; connecting again")
+                raise ConnectionLost("its masters changed; connecting again")
             self._owner = [-1 if i < 0 else nodes.index(slots.masters[i]) for i in slots.owner]
 
     async def _sync_shard(self, shard: _Shard) -> None:
