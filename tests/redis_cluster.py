@@ -18,6 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
+
+from broker.cluster.slots import key_slot
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -130,18 +133,35 @@ class RedisCluster:
         )
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    def master_of(self, key: str) -> int:
-        """The port of the master that serves ``key``'s slot."""
-        slot = int(self.cli(self.running[0], "CLUSTER", "KEYSLOT", key))
+    def owners(self) -> list[tuple[int, int, int]]:
+        """Every slot range and the port of its master, as the cluster says now."""
+        ranges = []
         for line in self.cli(self.running[0], "CLUSTER", "NODES").splitlines():
             fields = line.split()
             if "master" not in fields[2] or "fail" in fields[2]:
                 continue
-            for ranges in fields[8:]:
-                low, _, high = ranges.partition("-")
-                if low.isdigit() and int(low) <= slot <= int(high or low):
-                    return int(fields[1].split(":")[1].split("@")[0])
+            port = int(fields[1].split(":")[1].split("@")[0])
+            for text in fields[8:]:
+                low, _, high = text.partition("-")
+                if low.isdigit():
+                    ranges.append((int(low), int(high or low), port))
+        return ranges
+
+    def master_of(self, key: str, owners: list[tuple[int, int, int]] | None = None) -> int:
+        """The port of the master that serves ``key``'s slot (from ``owners`` if given)."""
+        slot = key_slot(key)
+        for low, high, port in owners if owners is not None else self.owners():
+            if low <= slot <= high:
+                return port
         raise LookupError(f"no master serves slot {slot}")
+
+    async def command(self, port: int, *args: str) -> str:
+        """:meth:`cli` from a Trio task, without blocking the brokers running beside it."""
+        return await trio.to_thread.run_sync(self.cli, port, *args)
+
+    async def master(self, key: str) -> int:
+        """:meth:`master_of` from a Trio task."""
+        return await trio.to_thread.run_sync(self.master_of, key)
 
     @property
     def running(self) -> list[int]:

@@ -89,10 +89,10 @@ def topics_on_every_shard(
 ) -> list[str]:
     """Topics ``{stem}N{suffix}`` whose shard keys are served by different masters, one per
     master."""
-    backplane, found = engine(broker), dict[int, str]()
+    backplane, found, owners = engine(broker), dict[int, str](), cluster.owners()
     for n in range(1000):
         topic = f"{stem}{n}{suffix}"
-        master = cluster.master_of(backplane.route(topic).base)
+        master = cluster.master_of(backplane.route(topic).base, owners)
         found.setdefault(master, topic)
         if len(found) == 3:
             return list(found.values())
@@ -214,7 +214,9 @@ async def test_a_client_recovers_on_another_node_from_the_history_on_its_shard(
             assert (await again.expect("msg", data=11))["offset"] == 11
         # the topic's keys share its shard key's slot
         base = engine(a).route("chat.live.x").base
-        keys = redis_cluster.cli(redis_cluster.master_of(base), "KEYS", base + "*").split()
+        keys = (
+            await redis_cluster.command(await redis_cluster.master(base), "KEYS", base + "*")
+        ).split()
         kinds = ("e:chat.live.x", "o:chat.live.x", "h:chat.live.x", "fresh")
         assert sorted(keys) == sorted(f"{base}:{kind}" for kind in kinds)
 
@@ -250,21 +252,23 @@ async def test_a_master_killed_fails_over_to_its_replica_and_the_node_recovers()
             epoch = (await subscriber.reply(1))["epoch"]
             await publisher.publish("chat.f", 1, id=1)
             await subscriber.expect("msg", data=1)
-            master = cluster.master_of(engine(a).route("chat.f").base)
+            master = await cluster.master(engine(a).route("chat.f").base)
             # the replica must have the history before its master dies
-            replica = next(
+            replicas = [
                 p
                 for p in cluster.ports
-                if p != master and f"master_port:{master}" in cluster.cli(p, "INFO", "replication")
-            )
-            assert cluster.cli(master, "WAIT", "1", "5000") == "1"
-            cluster.kill(master)
+                if p != master
+                and f"master_port:{master}" in await cluster.command(p, "INFO", "replication")
+            ]
+            (replica,) = replicas
+            assert await cluster.command(master, "WAIT", "1", "5000") == "1"
+            await trio.to_thread.run_sync(cluster.kill, master)
             await wait_until(lambda: not engine(b).connected)
             await publisher.send({"op": "pub", "id": 2, "topic": "chat.f", "data": 2})
             assert (await publisher.reply(2))["code"] == "unavailable"
             with trio.fail_after(20):
                 await wait_connected(a, b)
-            assert cluster.master_of(engine(a).route("chat.f").base) == replica
+            assert await cluster.master(engine(a).route("chat.f").base) == replica
             await publisher.publish("chat.f", 3, id=3)
             async with connect(a.url) as again:
                 reply = await sub_since(again, "chat.f", epoch, 0, 1)
@@ -293,20 +297,29 @@ async def test_a_slot_moved_to_another_master_is_followed_there(
         await subscriber.expect("msg", data=1)
         base = engine(a).route(topic).base
         slot = str(key_slot(base))
-        source = cluster.master_of(base)
-        masters = [p for p in cluster.running if "role:master" in cluster.cli(p, "INFO")]
+        source = await cluster.master(base)
+        masters = [p for p in cluster.running if "role:master" in await cluster.command(p, "INFO")]
         target = next(p for p in masters if p != source)
-        source_id, target_id = (cluster.cli(p, "CLUSTER", "MYID") for p in (source, target))
-        assert cluster.cli(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id) == "OK"
-        assert cluster.cli(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id) == "OK"
-        keys = cluster.cli(source, "CLUSTER", "GETKEYSINSLOT", slot, "100").split()
+        source_id = await cluster.command(source, "CLUSTER", "MYID")
+        target_id = await cluster.command(target, "CLUSTER", "MYID")
+        assert (
+            await cluster.command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            == "OK"
+        )
+        assert (
+            await cluster.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            == "OK"
+        )
+        keys = (await cluster.command(source, "CLUSTER", "GETKEYSINSLOT", slot, "100")).split()
         assert len(keys) == 4, keys
-        cluster.cli(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
+        await cluster.command(
+            source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys
+        )
         await publisher.publish(topic, 2, id=2)  # the keys are gone from the source: ASK
         assert engine(b).stats["asked"] >= 1
         outages = engine(a).stats["outages"]
         for port in cluster.running:
-            cluster.cli(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            await cluster.command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
         with trio.fail_after(10):  # the subscribing node follows the topic on its new master
             while not (engine(a).stats["outages"] > outages and engine(a).followed(topic)):  # noqa: ASYNC110
                 await trio.sleep(0.01)
