@@ -140,11 +140,16 @@ class HistoryConfig:
 class ClusterConfig:
     """``[cluster]``: share messages with other broker nodes through Redis (docs/cluster.md).
 
-    No ``backend``: the embedded single-node broker. ``node_id`` names this node in Redis
-    and in the logs (random when empty); ``prefix`` starts every Redis channel name.
+    No ``backend`` and no ``seeds``: the embedded single-node broker. ``backend`` names one
+    Redis; ``seeds`` some nodes of a Redis Cluster (the sharded engine,
+    :mod:`broker.cluster.sharded`). ``node_id`` names this node in Redis and in the logs
+    (random when empty); ``prefix`` starts every Redis channel name.
     """
 
     backend: str = ""  # redis://host:port/db
+    seeds: tuple[str, ...] = ()  # redis://host:port of some Redis Cluster nodes
+    # On a Redis Cluster, a topic's first segments that pick its shard; wildcards only after.
+    shard_key_segments: int = 1
     node_id: str = ""
     prefix: str = "broker"
     # Wildcard patterns this node follows in Redis (each costs Redis a match per PUBLISH);
@@ -287,6 +292,22 @@ def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config
 
 
 def _check_cluster(cluster: ClusterConfig) -> None:
+    if cluster.backend and cluster.seeds:
+        raise ConfigError(
+            "cluster: set backend (one Redis) or seeds (a Redis Cluster's nodes), not both"
+        )
+    for seed in cluster.seeds:
+        try:
+            address = RedisAddress.from_url(seed)
+        except ValueError as exc:
+            raise ConfigError(f"cluster.seeds: {exc} (expected redis://host:port)") from None
+        if address.db:
+            raise ConfigError(f"cluster.seeds: {seed!r}: a Redis Cluster has database 0 only")
+    if cluster.seeds and any(char in "{}" for char in cluster.prefix):
+        raise ConfigError(
+            f"cluster.prefix: {cluster.prefix!r} must not contain braces on a Redis Cluster "
+            "(they make its hash tags)"
+        )
     if cluster.backend:
         try:
             RedisAddress.from_url(cluster.backend)

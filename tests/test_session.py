@@ -24,7 +24,7 @@ from broker.core.permissions import ANONYMOUS, Identity, Permissions
 from broker.core.rules import HistoryLimits, PolicyTable, SessionLimits, TopicRule
 from broker.core.session import Session
 from broker.core.stats import BrokerStats
-from broker.protocol.codes import CloseCode
+from broker.protocol.codes import CloseCode, ErrorCode
 from broker.protocol.frames import Encoding
 
 Frame = dict[str, Any]
@@ -265,14 +265,19 @@ async def test_one_subscription_too_many_is_too_many_subs(
     assert summary(await run(setup, sub(patterns[2], id=6))) == [("ok", 6)]  # room again
 
 
-async def test_a_pattern_the_delivery_cannot_follow_is_too_many_subs(
+async def test_a_pattern_the_delivery_cannot_follow_is_refused_with_its_code(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     setup = make_session()
-    refuse = lambda pattern: "no more globs here" if "*" in pattern else None  # noqa: E731
+
+    def refuse(pattern: str) -> tuple[ErrorCode, str] | None:
+        if pattern.startswith(">"):
+            return ErrorCode.NOT_ENABLED, "a wildcard within the shard key"
+        return (ErrorCode.TOO_MANY_SUBS, "no more globs here") if "*" in pattern else None
+
     monkeypatch.setattr(setup.delivery, "refuse_subscribe", refuse)
-    replies = await run(setup, sub("a.*", id=1), sub("a.b", id=2))
-    assert summary(replies) == [err("too_many_subs", 1), ("ok", 2)]
+    replies = await run(setup, sub("a.*", id=1), sub("a.b", id=2), sub(">", id=3))
+    assert summary(replies) == [err("too_many_subs", 1), ("ok", 2), err("not_enabled", 3)]
 
 
 async def test_unsub_drops_the_subscription_and_is_ok_even_when_unknown() -> None:

@@ -64,6 +64,7 @@ from broker.cluster.resp import (
 from broker.core.delivery import Unavailable
 from broker.core.stats import BurstLog
 from broker.exceptiongroups import first_leaf
+from broker.protocol.codes import ErrorCode
 from broker.protocol.frames import Position
 from broker.protocol.topics import is_wildcard
 
@@ -259,6 +260,9 @@ ANSWERS_QUEUED = 1024
 class RedisBackplane:
     """A :class:`~broker.core.backplane.Backplane` over Redis pub/sub (see the module doc)."""
 
+    #: The command that publishes on a channel (SPUBLISH in :mod:`broker.cluster.sharded`).
+    publish_verb = "PUBLISH"
+
     def __init__(
         self,
         address: RedisAddress,
@@ -272,11 +276,13 @@ class RedisBackplane:
         max_backoff: float = 5.0,
     ) -> None:
         self.address = address
+        self.where = f"Redis at {address}"  # in logs and in why it is down
         self.node_id = node_id
         self.timeout = timeout
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.max_patterns = max_patterns
+        self._base = prefix
         self._prefix = f"{prefix}:m:"
         self._ask_channel = f"{prefix}:ask"
         self._answer_prefix = f"{prefix}:answer:"
@@ -333,20 +339,24 @@ class RedisBackplane:
         if self._wanted[name] == 1:
             if is_wildcard(pattern):
                 self._globs.add(name)
-            self._dirty.add(name)
-            self._changed.set()
+            self._mark_dirty(name)
 
-    def refuse_to_follow(self, pattern: str) -> str | None:
+    def refuse_to_follow(self, pattern: str) -> tuple[ErrorCode, str] | None:
         """Why a subscription to ``pattern`` would be one glob too many, if it would."""
         if not is_wildcard(pattern) or len(self._globs) < self.max_patterns:
             return None
         if self.redis_name(pattern) in self._wanted:
             return None
-        return (
+        return ErrorCode.TOO_MANY_SUBS, (
             f"this node already follows {len(self._globs)} wildcard patterns in Redis, its "
             "limit (cluster.max_patterns): subscribe to concrete topics, or to a pattern "
             "already in use"
         )
+
+    def _mark_dirty(self, name: bytes) -> None:
+        """``name``'s Redis subscription may need a change."""
+        self._dirty.add(name)
+        self._changed.set()
 
     def unfollow(self, pattern: str) -> None:
         """Count one local subscription fewer; unsubscribe in Redis when none is left."""
@@ -355,8 +365,7 @@ class RedisBackplane:
         if self._wanted[name] <= 0:
             del self._wanted[name]
             self._globs.discard(name)
-            self._dirty.add(name)
-            self._changed.set()
+            self._mark_dirty(name)
 
     async def wait_followed(self, pattern: str) -> None:
         """Return once Redis confirmed the subscription covering ``pattern`` (or it is down,
@@ -383,8 +392,7 @@ class RedisBackplane:
         name = channel.encode()
         self._listeners[name] = handler
         self._wanted[name] += 1
-        self._dirty.add(name)
-        self._changed.set()
+        self._mark_dirty(name)
 
     async def wait_connected(self) -> None:
         """Return once both connections to Redis are up."""
@@ -416,9 +424,10 @@ class RedisBackplane:
         envelope = msgpack.packb([self.node_id, self._next_seq(), packed], use_bin_type=True)
         return encode_command("PUBLISH", self._prefix + topic, envelope)
 
-    def queue(self, command: Command) -> bool:
+    def queue(self, command: Command, key: str | None = None) -> bool:
         """Queue a command whose reply is ignored on the command connection, in order, if
-        that needs no wait; False if it would, or if Redis is down."""
+        that needs no wait; False if it would, or if Redis is down. ``key``: one of the keys
+        (or the shard channel) it uses, for a sharded engine to route it by (ignored here)."""
         commands = self._commands
         return commands is not None and commands.queue(command)
 
@@ -427,8 +436,9 @@ class RedisBackplane:
         commands = self._commands
         return commands is not None and commands.last is command
 
-    async def call(self, command: Command, *, wait: bool = True) -> Reply:
-        """Run an encoded command on the command connection (see :meth:`_Commands.call`)."""
+    async def call(self, command: Command, *, wait: bool = True, key: str | None = None) -> Reply:
+        """Run an encoded command on the command connection (see :meth:`_Commands.call`);
+        ``key`` as for :meth:`queue`."""
         commands = self._commands
         if commands is None:
             raise Unavailable(self.why_down)
@@ -437,6 +447,20 @@ class RedisBackplane:
     def channel(self, topic: str) -> str:
         """The Redis channel of ``topic``."""
         return self._prefix + topic
+
+    def key_base(self, topic: str) -> str:
+        """What starts the names of ``topic``'s keys (in Redis, by
+        :class:`~broker.cluster.history.RedisHistory`)."""
+        return self._base
+
+    def wildcard_route(self, topic: str) -> tuple[bytes, bytes]:
+        """On a sharded engine, the channel a topic's messages also go on for wildcards, and
+        the topic packed; none here (globs follow the topics' own channels)."""
+        return b"", b""
+
+    def global_base(self) -> str:
+        """What starts the names of the keys that are not a topic's (presence's)."""
+        return self._base
 
     def envelope_head(self, packed: bytes) -> bytes:
         """The start of a message numbered in Redis: a msgpack array of five items, of which
@@ -468,7 +492,8 @@ class RedisBackplane:
         question = self._questions[question_id] = _Question()
         packed = msgpack.packb([self.node_id, question_id, kind, request], use_bin_type=True)
         try:
-            receivers = await self.call(encode_command("PUBLISH", self._ask_channel, packed))
+            command = encode_command(self.publish_verb, self._ask_channel, packed)
+            receivers = await self.call(command, key=self._ask_channel)
             if not isinstance(receivers, int):
                 raise Unavailable(f"unexpected answer from Redis to PUBLISH: {receivers!r:.80}")
             question.receivers = receivers
@@ -521,9 +546,10 @@ class RedisBackplane:
         """Send the answers :meth:`_asked` queued, in order; one Redis cannot take is lost
         (its asker stops waiting after ``timeout``)."""
         async for origin, packed in self._answers_out:
-            command = encode_command("PUBLISH", self._answer_prefix + origin, packed)
+            channel = self._answer_prefix + origin
+            command = encode_command(self.publish_verb, channel, packed)
             with contextlib.suppress(Unavailable):
-                await self.call(command, wait=False)
+                await self.call(command, wait=False, key=channel)
 
     # --- the connection's life ---
 
@@ -543,15 +569,15 @@ class RedisBackplane:
             task_status.started()
             backoff = self.min_backoff
             while True:
-                why = f"Redis at {self.address}: disconnected"
+                why = f"{self.where}: disconnected"
                 try:
                     await self._serve_connected()
                 except* _FAILURES as group:
                     exc = first_leaf(group)
-                    why = f"Redis at {self.address}: {exc or type(exc).__name__}"
+                    why = f"{self.where}: {exc or type(exc).__name__}"
                 except* Exception as group:  # a bug of ours: this connection's, not the node's
                     log.error("cluster: internal error on the Redis connection", exc_info=group)
-                    why = f"Redis at {self.address}: internal error ({first_leaf(group)!r})"
+                    why = f"{self.where}: internal error ({first_leaf(group)!r})"
                 if self._ever_connected and self.down_since is None:
                     backoff = self.min_backoff  # it was up: start the backoff again
                 self._went_down(why)
@@ -603,13 +629,12 @@ class RedisBackplane:
     def _came_up(self) -> None:
         self._ever_connected = True
         if self.down_since is None:
-            log.info("cluster: node %s connected to Redis at %s", self.node_id, self.address)
+            log.info("cluster: node %s connected to %s", self.node_id, self.where)
         else:
             self._missed()
             log.warning(
-                "cluster: Redis at %s reachable again after %.1f s; resubscribing %d channel(s) "
-                "and glob(s)",
-                self.address,
+                "cluster: %s reachable again after %.1f s; resubscribing %d channel(s) and glob(s)",
+                self.where,
                 trio.current_time() - self.down_since,
                 len(self._wanted),
             )

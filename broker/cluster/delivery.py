@@ -36,6 +36,7 @@ from broker.core.hub import UNPACK, Blocked, Hub, Subscription
 from broker.core.presence import Presence
 from broker.core.rules import HistoryLimits
 from broker.core.stats import metrics_clock
+from broker.protocol.codes import ErrorCode
 from broker.protocol.frames import Position, pack_data
 from broker.protocol.topics import is_wildcard
 
@@ -63,8 +64,9 @@ class Backplane(Protocol):
     def unfollow(self, pattern: str) -> None:
         """One local subscription to ``pattern`` fewer; must not block."""
 
-    def refuse_to_follow(self, pattern: str) -> str | None:
-        """Why this node cannot follow one more subscription to ``pattern``, if it cannot."""
+    def refuse_to_follow(self, pattern: str) -> tuple[ErrorCode, str] | None:
+        """Why this node cannot follow one more subscription to ``pattern``, if it cannot:
+        the ``err`` code and message to answer the ``sub`` with."""
 
     async def wait_followed(self, pattern: str) -> None:
         """Return once messages published anywhere on topics matching ``pattern`` reach this
@@ -369,7 +371,7 @@ class ClusterDelivery:
             return read_history(copy, topic, since, limit)
         return read_history(history, topic, since, limit)
 
-    def refuse_subscribe(self, pattern: str) -> str | None:
+    def refuse_subscribe(self, pattern: str) -> tuple[ErrorCode, str] | None:
         """What the backplane says about following one more ``pattern``."""
         return self.backplane.refuse_to_follow(pattern)
 

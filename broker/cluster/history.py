@@ -54,6 +54,16 @@ local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 """
 
+#: How both publish scripts end: trim the stream, make every key expire, answer.
+_PUBLISH_END = """
+redis.call('XTRIM', KEYS[3], 'MAXLEN', ARGV[3])
+local ttl, life = tonumber(ARGV[4]), tonumber(ARGV[6])
+redis.call('PEXPIRE', KEYS[1], math.max(ttl, life))
+redis.call('PEXPIRE', KEYS[2], math.max(ttl, life))
+redis.call('PEXPIRE', KEYS[3], ttl > 0 and ttl or life)
+return {epoch, offset}
+"""
+
 #: KEYS as above; ARGV as above, then size, ttl ms (0: none), channel, the keys' life in ms,
 #: and per message its data and envelope head (a msgpack array of 5 without its last two
 #: items: epoch and offset). Numbers, keeps and publishes the messages in order; returns
@@ -73,14 +83,34 @@ for i = 7, #ARGV, 2 do
   offset = offset + 1
   redis.call('XADD', KEYS[3], '0-' .. offset, 'd', ARGV[i], 't', ms)
   redis.call('PUBLISH', channel, ARGV[i + 1] .. packed_epoch .. cmsgpack.pack(offset))
+end"""
+    + _PUBLISH_END
+)
+
+#: The sharded engine's (:mod:`broker.cluster.sharded`): as :data:`PUBLISH_SCRIPT`, with
+#: SPUBLISH, and two more ARGV before the messages': the topic's shard key channel ('' for
+#: none) and the topic (packed), on which each message also goes as {topic, message}.
+SHARDED_PUBLISH_SCRIPT = (
+    _EPOCH_AND_NOW
+    + """
+if not stored then
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
 end
-redis.call('XTRIM', KEYS[3], 'MAXLEN', ARGV[3])
-local ttl, life = tonumber(ARGV[4]), tonumber(ARGV[6])
-redis.call('PEXPIRE', KEYS[1], math.max(ttl, life))
-redis.call('PEXPIRE', KEYS[2], math.max(ttl, life))
-redis.call('PEXPIRE', KEYS[3], ttl > 0 and ttl or life)
-return {epoch, offset}
-"""
+local channel, packed_epoch = ARGV[5], cmsgpack.pack(epoch)
+local wildcard, packed_topic = ARGV[7], ARGV[8]
+local count = (#ARGV - 8) / 2
+local offset = redis.call('INCRBY', KEYS[2], count) - count
+for i = 9, #ARGV, 2 do
+  offset = offset + 1
+  redis.call('XADD', KEYS[3], '0-' .. offset, 'd', ARGV[i], 't', ms)
+  local message = ARGV[i + 1] .. packed_epoch .. cmsgpack.pack(offset)
+  redis.call('SPUBLISH', channel, message)
+  if wildcard ~= '' then
+    redis.call('SPUBLISH', wildcard, '\\146' .. packed_topic .. cmsgpack.pack(message))
+  end
+end"""
+    + _PUBLISH_END
 )
 
 #: KEYS as above; ARGV as above, then the first offset wanted. Stores nothing.
@@ -118,10 +148,17 @@ class _Publishes:
         self.encoded = True
         limits, history = self.limits, self.history
         ttl = 0 if limits.ttl is None else max(1, int(limits.ttl * 1000))
-        channel = history.backplane.channel(self.topic)
+        backplane = history.backplane
+        channel = backplane.channel(self.topic)
+        if backplane.publish_verb == "PUBLISH":
+            return history.script(
+                PUBLISH_SCRIPT, self.topic, limits.size, ttl, channel, history.meta_ttl_ms,
+                *self.messages,
+            )  # fmt: skip
+        wildcard, packed_topic = backplane.wildcard_route(self.topic)
         return history.script(
-            PUBLISH_SCRIPT, self.topic, limits.size, ttl, channel, history.meta_ttl_ms,
-            *self.messages,
+            SHARDED_PUBLISH_SCRIPT, self.topic, limits.size, ttl, channel,
+            history.meta_ttl_ms, wildcard, packed_topic, *self.messages,
         )  # fmt: skip
 
 
@@ -144,13 +181,10 @@ class RedisHistory:
         self._batch: _Publishes | None = None  # the publishes queued last
 
     def keys(self, topic: str) -> tuple[str, str, str, str]:
-        """The Redis keys of ``topic``: epoch, latest offset, stream; and the fresh epoch."""
-        return (
-            f"{self._prefix}:e:{topic}",
-            f"{self._prefix}:o:{topic}",
-            f"{self._prefix}:h:{topic}",
-            f"{self._prefix}:fresh",
-        )
+        """The Redis keys of ``topic``: epoch, latest offset, stream; and the fresh epoch
+        (on a sharded engine, all four in the slot of the topic's shard key)."""
+        base = self.backplane.key_base(topic)
+        return (f"{base}:e:{topic}", f"{base}:o:{topic}", f"{base}:h:{topic}", f"{base}:fresh")
 
     def script(self, script: str, topic: str, *args: bytes | str | int) -> bytes:
         """``EVAL`` of ``script`` on ``topic``'s keys (see :data:`_EPOCH_AND_NOW`)."""
@@ -174,7 +208,7 @@ class RedisHistory:
             or not backplane.queued_last(batch)
         ):
             batch = _Publishes(self, topic, limits)
-            if not backplane.queue(batch):
+            if not backplane.queue(batch, key=self.backplane.key_base(topic)):
                 return False
             self._batch = batch
         batch.messages += (packed, backplane.envelope_head(packed))
@@ -187,7 +221,7 @@ class RedisHistory:
         without ``wait``). Raises Unavailable."""
         batch = _Publishes(self, topic, limits)
         batch.messages += (packed, self.backplane.envelope_head(packed))
-        reply = await self.backplane.call(batch, wait=wait)
+        reply = await self.backplane.call(batch, wait=wait, key=self.backplane.key_base(topic))
         if not wait:
             return None
         if not (isinstance(reply, list) and len(reply) == 2):
@@ -233,7 +267,7 @@ class RedisHistory:
         if limits is None or self.is_warm(topic):
             return
         command = self.script(LOAD_SCRIPT, topic, 0)
-        reply = await self.backplane.call(command)
+        reply = await self.backplane.call(command, key=self.backplane.key_base(topic))
         # no checkpoint from here to the caller's subscribe (Hub.subscribe's proof)
         if not (isinstance(reply, list) and len(reply) == 4):
             raise Unavailable(f"unexpected answer from Redis: {reply!r:.80}")

@@ -31,7 +31,7 @@ import msgpack
 import trio
 
 from broker.cluster.backplane import RedisBackplane
-from broker.cluster.resp import encode_command
+from broker.cluster.resp import Reply, encode_command
 from broker.core.delivery import Unavailable
 from broker.core.hub import Hub
 from broker.core.presence import LocalPresence, Member, Page
@@ -173,8 +173,7 @@ class RedisPresence(LocalPresence):
 
     async def page(self, topic: str, limit: int, cursor: str | None) -> Page:
         """A page of ``topic``'s members on every node, from Redis."""
-        command = encode_command("EVAL", PAGE, 0, self._prefix, topic, limit, cursor or "")
-        reply = await self._backplane.call(command)
+        reply = await self._eval(PAGE, self._prefix, topic, limit, cursor or "")
         if not (isinstance(reply, list) and len(reply) == 3 and isinstance(reply[0], int)):
             raise Unavailable(f"unexpected answer from Redis: {reply!r:.80}")
         count, packed, next_cursor = reply
@@ -188,6 +187,17 @@ class RedisPresence(LocalPresence):
         """Redis is reachable again after an outage: check at once whether this node's
         members are still there."""
         self._refresh_now.set()
+
+    async def _eval(self, script: str, *args: bytes | str | int) -> Reply:
+        """Run one of the scripts above in Redis. Every key they use starts with the prefix,
+        which on a sharded engine is a hash tag (``{broker}``): so they are all in one slot,
+        which the one key the script declares (the prefix) routes it to; and they publish
+        with the backplane's verb (SPUBLISH there) on a channel of that slot."""
+        verb = self._backplane.publish_verb
+        if verb != "PUBLISH":
+            script = script.replace("'PUBLISH'", f"'{verb}'")
+        command = encode_command("EVAL", script, 1, self._prefix, *args)
+        return await self._backplane.call(command, key=self._prefix)
 
     # --- other nodes' changes ---
 
@@ -234,7 +244,7 @@ class RedisPresence(LocalPresence):
         args: list[bytes | str | int] = [self._prefix, self._backplane.node_id, self._alive_ms]
         for topic, op, member in changes:
             args += (op, topic, member.client, msgpack.packb(member.as_map()))
-        await self._backplane.call(encode_command("EVAL", APPLY, 0, *args))
+        await self._eval(APPLY, *args)
 
     @property
     def _alive_ms(self) -> int:
@@ -250,17 +260,15 @@ class RedisPresence(LocalPresence):
                 continue
             try:
                 await self._refresh()
-                left = await self._backplane.call(encode_command("EVAL", REAP, 0, self._prefix))
+                left = await self._eval(REAP, self._prefix)
                 if isinstance(left, int) and left:
                     log.info("cluster: %d member(s) of vanished node(s) left", left)
             except Unavailable:
                 continue
 
     async def _refresh(self) -> None:
-        command = encode_command(
-            "EVAL", REFRESH, 0, self._prefix, self._backplane.node_id, self._alive_ms
-        )
-        if await self._backplane.call(command) == 0 and self.roster.members:
+        refreshed = await self._eval(REFRESH, self._prefix, self._backplane.node_id, self._alive_ms)
+        if refreshed == 0 and self.roster.members:
             # Expired: this node may have been reaped (or Redis lost its data). Announce
             # every member again; only those Redis no longer had are published.
             log.warning(

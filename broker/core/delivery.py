@@ -27,6 +27,7 @@ import trio
 from broker.core.history import HistoryStore, Replay, Stored
 from broker.core.hub import Blocked, Hub, Subscription
 from broker.core.presence import LocalPresence, Presence
+from broker.protocol.codes import ErrorCode
 from broker.protocol.frames import Encoding, Position, encode_message_body, pack_data, unpack_data
 from broker.protocol.topics import is_wildcard
 
@@ -134,8 +135,9 @@ class Delivery(Protocol):
         """Kept messages of a concrete topic with history (see :func:`read_history`). Raises
         :class:`Unavailable` if its history cannot be read now."""
 
-    def refuse_subscribe(self, pattern: str) -> str | None:
-        """Why this node cannot take one more subscription to ``pattern``, if it cannot."""
+    def refuse_subscribe(self, pattern: str) -> tuple[ErrorCode, str] | None:
+        """Why this node cannot take one more subscription to ``pattern``, if it cannot: the
+        ``err`` code (``too_many_subs``, ``not_enabled``) and message."""
 
     def status(self) -> tuple[bool, str] | None:
         """Whether what it depends on beyond this node is reachable, and why not; ``None``

@@ -356,11 +356,12 @@ class Session:
                 command.id,
             )
         too_many = self._over_subscription_limits(topic)
-        if too_many is None:
-            too_many = self._delivery.refuse_subscribe(topic)
-        if too_many is None:
+        if too_many is not None:
+            return FrameError(ErrorCode.TOO_MANY_SUBS, too_many, command.id)
+        refusal = self._delivery.refuse_subscribe(topic)
+        if refusal is None:
             return None
-        return FrameError(ErrorCode.TOO_MANY_SUBS, too_many, command.id)
+        return FrameError(refusal[0], refusal[1], command.id)
 
     def _over_subscription_limits(self, pattern: str) -> str | None:
         """Why one more subscription to ``pattern`` is too many, if it is."""

@@ -34,6 +34,7 @@ from broker.cluster.delivery import ClusterDelivery
 from broker.cluster.history import RedisHistory
 from broker.cluster.presence import RedisPresence
 from broker.cluster.resp import RedisAddress
+from broker.cluster.sharded import ShardedBackplane
 from broker.config import Config, ConfigError, TlsConfig
 from broker.core.delivery import Delivery, LocalDelivery
 from broker.core.history import MemoryHistory
@@ -155,21 +156,30 @@ def build_delivery(config: Config) -> Delivery:
     hub = Hub(PolicyTable(config.topics), config.limits.slow_timeout)
     history_for = hub.policies.history_for
     cluster = config.cluster
-    if not cluster.backend:
+    backplane: RedisBackplane
+    if cluster.seeds:
+        backplane = ShardedBackplane(
+            [RedisAddress.from_url(seed) for seed in cluster.seeds],
+            cluster.node_id or secrets.token_hex(4),
+            cluster.prefix,
+            shard_key_segments=cluster.shard_key_segments,
+        )
+    elif cluster.backend:
+        backplane = RedisBackplane(
+            RedisAddress.from_url(cluster.backend),
+            cluster.node_id or secrets.token_hex(4),
+            cluster.prefix,
+            max_patterns=cluster.max_patterns,
+        )
+    else:
         return LocalDelivery(hub, MemoryHistory(history_for, config.history.max_bytes))
-    backplane = RedisBackplane(
-        RedisAddress.from_url(cluster.backend),
-        cluster.node_id or secrets.token_hex(4),
-        cluster.prefix,
-        max_patterns=cluster.max_patterns,
-    )
     history = RedisHistory(
         backplane, history_for, cluster.prefix, config.history.max_bytes, cluster.history_meta_ttl
     )
     presence = RedisPresence(
         backplane,
         hub,
-        cluster.prefix,
+        backplane.global_base(),
         cluster.presence_ttl,
         enabled=any(rule.presence for rule in config.topics),
     )
