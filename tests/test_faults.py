@@ -363,6 +363,31 @@ async def test_a_reset_while_a_large_batch_is_written_leaves_the_broker_serving(
         await wait_until(lambda: not queued_for(broker, "big.>"))
 
 
+@pytest.mark.parametrize("passes", [0, 1, 2, 3])
+async def test_subscribers_resetting_while_their_writes_wait_for_the_flush_leave_the_broker_serving(
+    broker: Broker, caplog: pytest.LogCaptureFixture, passes: int
+) -> None:
+    # A reader's writes to idle subscribers wait for DirectWrites.flush_writes, one scheduler
+    # pass later: the subscribers reset in between, or just before, or just after.
+    port = port_of(broker)
+    async with survives(broker, caplog):
+        subscribers = [await upgraded(port) for _ in range(6)]
+        for subscriber in subscribers:
+            await finish_upgrade(subscriber)
+        publisher = await upgraded(port)
+        pubs = b"".join(
+            publisher.ws.send(BytesMessage(msgpack.packb({"op": "pub", "topic": t, "data": n})))
+            for n in range(20)
+            for t in ("mine.a", "mine.b")
+        )
+        write_now(publisher.stream, pubs)
+        for _ in range(passes):
+            await trio.lowlevel.checkpoint()
+        for subscriber in subscribers:
+            reset(subscriber.stream)
+        reset(publisher.stream)
+
+
 # --- 8: mid close handshake ---
 
 
