@@ -70,3 +70,29 @@ def test_refill_bench_runs_and_the_slow_subscriber_gets_everything_or_is_told() 
     for name in ("refill", "block"):  # with history nothing is lost: by refill, or by waiting
         received, published = rows[name][got].split(" / ")
         assert received == published, done.stdout
+
+
+def test_connections_bench_runs_pings_and_delivers_to_every_connection() -> None:
+    # bench/connections.py at 40 connections over two source addresses and two generator
+    # processes: idle through a few ping intervals, then one message to each.
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "connections.py"), "--connections", "40", "--workers", "2",
+         "--per-source", "25", "--ping-interval", "0.2", "--idle", "0.7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    # It exits 1 if a message was lost or duplicated, or a connection failed or was closed.
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = [
+        [cell.strip() for cell in line.strip("| ").split(" | ")]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ")
+    ]
+    row = dict(zip(table[0], table[1], strict=True))
+    assert row["N"] == "40", done.stdout
+    assert row["workers / source addresses"] == "2 / 2", done.stdout
+    assert row["lost"] == "0", done.stdout
+    pings_per_s = row["idle CPU (pings/s, CPU/ping)"].split("(")[1].split("/s")[0]
+    assert float(pings_per_s) > 0, done.stdout  # the generator answered the broker's pings
