@@ -185,6 +185,42 @@ async def test_a_pong_left_unread_while_away_is_not_a_timeout(
     assert await websocket.receive() == [b"later"]
 
 
+async def test_pongs_in_time_keep_the_connection_through_ping_intervals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    websocket, peer = await open_pair(ping_interval=1.0)
+    received: list[bytes | str] = []
+
+    async def read() -> None:
+        received.extend(await websocket.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        for _ in range(3):  # a ping each second; a missed pong would time out the second
+            [ping] = await peer.events()
+            assert isinstance(ping, Ping)
+            await peer.send(ping.response())
+        await peer.send(BytesMessage(b"still here"))
+    assert received == [b"still here"]
+
+
+async def test_a_ping_in_two_reads_and_a_ping_in_a_batch_are_both_answered() -> None:
+    websocket, peer = await open_pair(sockets=True)
+    ping = b"\x89\x82\x01\x02\x03\x04" + bytes((ord("h") ^ 1, ord("i") ^ 2))  # masked "hi"
+    await peer.stream.send_all(ping[:3])
+    await peer.stream.send_all(ping[3:] + ping + b"\x82\x81\x00\x00\x00\x00m")
+    assert await websocket.receive() == [b"m"]
+    assert await peer.events() == [Pong(b"hi"), Pong(b"hi")]
+
+
+async def test_a_control_frame_with_a_16_bit_length_is_a_protocol_error() -> None:
+    websocket, peer = await open_pair()
+    await peer.stream.send_all(b"\x89\xfe\x00\x02\x00\x00\x00\x00hi")
+    with pytest.raises(ConnectionClosed) as closed:
+        await websocket.receive()
+    assert closed.value.code == 1002
+
+
 async def test_aclose_runs_the_closing_handshake_then_closes_the_stream() -> None:
     websocket, peer = await open_pair()
 
