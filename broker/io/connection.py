@@ -9,9 +9,9 @@ A nursery holds two tasks, a reader and a writer (plus a timer if the token expi
   finish at once (a ``block`` subscriber's queue full, a ``sub``, other nodes) is awaited
   there (:meth:`Session.complete`): so a publisher held back stops reading, and TCP pushes
   back on it. Between reads it waits while its client leaves too many replies unread.
-  It also runs the keep-alive (:meth:`WebSocket.receive`): a peer that does not answer a
-  ping within ``ping_timeout`` is closed with 1001; a message over ``max_message_size``
-  closes with 1009.
+  It also ends the keep-alive (:meth:`WebSocket.receive` raises :class:`PingTimeout`): a
+  peer that does not answer a ping within ``ping_timeout`` is closed with 1001; a message
+  over ``max_message_size`` closes with 1009.
 - The **writer** waits for the outbound queue, takes everything in it (up to
   ``max_message_size``) and sends it as one WebSocket message: idle connections get each
   message at once, busy ones get batches, and nothing waits on a timer.

@@ -7,10 +7,13 @@ numbers): no background task and no message channel per connection, so
   the caller executes them all before anything else runs: batches grow under load;
 - :meth:`WebSocket.send_message` writes one message (its header built here, its frames
   joined once) with one ``send_all``, directly from the calling task;
-- the keep-alive lives in :meth:`WebSocket.receive`'s deadline: it pings after
-  ``ping_interval`` and gives up after ``ping_timeout`` without a pong. A connection whose
-  reader is held back (a publish waiting under ``block``) is not reading, so it neither
-  pings nor times out meanwhile.
+- the keep-alive pings after ``ping_interval`` and gives up after ``ping_timeout`` without
+  a pong. On a plain TCP socket one broker-wide :class:`Pinger` task writes every ping
+  itself and wakes a reader only to time it out, so an idle connection's reader sleeps
+  through its pings (it wakes for the pong alone) and waits without a cancel scope;
+  otherwise (TLS, or no pinger) :meth:`WebSocket.receive`'s own deadline pings. Either way
+  a connection whose reader is held back (a publish waiting under ``block``) does not
+  time out meanwhile.
 
 :func:`read_handshake` reads the HTTP upgrade; :meth:`Handshake.accept` or
 :meth:`Handshake.reject` answers it. Pings are answered from :meth:`WebSocket.receive`; a send
@@ -19,6 +22,8 @@ started while another is in progress is appended to it instead of interleaving.
 
 from __future__ import annotations
 
+import heapq
+import math
 import os
 import struct
 from collections.abc import Sequence
@@ -100,9 +105,11 @@ class Handshake:
         max_message_size: int,
         ping_interval: float,
         ping_timeout: float,
+        pinger: Pinger | None = None,
     ) -> WebSocket:
         """Complete the upgrade choosing ``subprotocol``; return the open WebSocket, which
-        reads first what the client sent right behind its request."""
+        reads first what the client sent right behind its request (and is pinged by
+        ``pinger`` if it is on a plain TCP socket)."""
         # The open connection needs none of the request: drop it (~0.9 KiB per connection).
         upgrade, self.upgrade = self.upgrade, _ACCEPTED
         websocket = WebSocket(
@@ -114,6 +121,9 @@ class Handshake:
             upgrade.trailing,
         )
         await websocket.send_raw(accept_response(upgrade, subprotocol))
+        if pinger is not None and websocket._fd >= 0:
+            websocket._pinger = pinger
+            pinger.add(websocket, websocket._timer_at)
         return websocket
 
 
@@ -152,8 +162,11 @@ class WebSocket:
         "_ping_interval",
         "_ping_outstanding",
         "_ping_timeout",
+        "_pinger",
+        "_reading",
         "_sending",
         "_socket",
+        "_timed_out",
         "_timer_at",
         "_too_big",
         "_trailing",
@@ -184,6 +197,9 @@ class WebSocket:
         self._ping_timeout = ping_timeout
         self._timer_at = trio.current_time() + ping_interval
         self._ping_outstanding = False
+        self._pinger: Pinger | None = None  # pings this WebSocket, if set (see Pinger)
+        self._reading = False  # in receive(): a ping timeout counts only then
+        self._timed_out = False  # the pinger found no pong within ping_timeout
         self._partial: list[bytes | bytearray | str] | None = None  # a fragmented message
         self._partial_size = 0
         self._fast = True  # whole frames are ours to split (see _process)
@@ -321,6 +337,12 @@ class WebSocket:
             data: bytes | bytearray | None = self._trailing
             if data:
                 self._trailing = b""
+            elif self._pinger is not None:  # it pings us, and wakes us only to time out
+                self._reading = True
+                try:
+                    data = await self._receive_some()
+                finally:
+                    self._reading = False
             else:
                 data = None
                 with trio.move_on_at(self._timer_at):
@@ -349,6 +371,8 @@ class WebSocket:
                 return await self.stream.receive_some(RECEIVE_SIZE)
             except _STREAM_GONE:
                 return b""
+        if self._timed_out:
+            raise PingTimeout
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
             data = os.read(fd, RECEIVE_SIZE)
@@ -360,13 +384,60 @@ class WebSocket:
             await trio.lowlevel.cancel_shielded_checkpoint()  # a read is a checkpoint
             return data
         while True:
+            if self._timed_out:
+                raise PingTimeout
             try:
                 await trio.lowlevel.wait_readable(fd)
                 return os.read(fd, RECEIVE_SIZE)
             except BlockingIOError:
                 pass
-            except (OSError, *_STREAM_GONE):
+            except _STREAM_GONE:
+                if self._timed_out:  # the pinger's wake-up (Pinger.visit)
+                    raise PingTimeout from None
                 return b""
+            except OSError:
+                return b""
+
+    def _ping_due(self, now: float) -> float | None:
+        """The :class:`Pinger` calls this at ``_timer_at`` (or later): ping, or time out.
+        Returns when to be called next, or ``None`` once the pinger is done with us."""
+        if self._timer_at > now:  # a pong (or the reader's return) moved the timer
+            return self._timer_at
+        if self.closed is not None or self._fd < 0:
+            return None
+        if not self._ping_outstanding:
+            if self._conn is not None and self._conn.state is not _OPEN:
+                return None  # closing
+            self._send_control_now(_PING)
+            self._ping_outstanding = True
+            self._timer_at = now + self._ping_timeout
+            return self._timer_at
+        if not self._reading:  # held back: the timeout counts when it reads again
+            return now + self._ping_timeout
+        self._timed_out = True
+        trio.lowlevel.notify_closing(self._fd)  # wakes the reader: it raises PingTimeout
+        return None
+
+    def _send_control_now(self, data: bytes) -> None:
+        """Write a control frame without waiting: behind the write in progress if there is
+        one (as :meth:`send_raw` does), else at once; what the socket does not take is the
+        rest of a write in progress, which the next send finishes (:meth:`finish_send`)."""
+        if self._sending:
+            if self._pending is None:
+                self._pending = [data]
+            elif len(self._pending) < 4:
+                self._pending.append(data)
+            return
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._gone()
+            return
+        if sent < len(data):
+            self._sending = True
+            self._leftover = memoryview(data)[sent:]
 
     async def _keepalive(self) -> None:
         if self._ping_outstanding:
@@ -475,6 +546,8 @@ class WebSocket:
     def _pong(self) -> None:
         self._ping_outstanding = False
         self._timer_at = trio.current_time() + self._ping_interval
+        if self._pinger is not None:  # the next ping comes before the timeout would have
+            self._pinger.add(self, self._timer_at)
 
     async def _through_wsproto(self, data: bytes | bytearray, done: list[bytes | str]) -> bool:
         """Have wsproto read ``data``, adding the messages it completes to ``done``; True
@@ -515,6 +588,8 @@ class WebSocket:
         conn = self._wsproto()
         state = conn.state
         self.closed = event.code
+        if self._pinger is not None:
+            self._pinger.discard(self)
         try:
             if state is _REMOTE_CLOSING:  # the peer began the closing handshake: answer it
                 await self.send_raw(conn.send(event.response()), control=True)
@@ -536,6 +611,8 @@ class WebSocket:
     def _gone(self) -> None:
         if self.closed is None:
             self.closed = 1006
+        if self._pinger is not None:
+            self._pinger.discard(self)
 
     # --- closing ---
 
@@ -560,5 +637,67 @@ class WebSocket:
                 pass
         if self.closed is None:
             self.closed = code
+        if self._pinger is not None:
+            self._pinger.discard(self)
         self._fd = -1  # the number may soon belong to another socket
         await trio.aclose_forcefully(self.stream)
+
+
+class Pinger:
+    """The keep-alive of every WebSocket on a plain TCP socket, in one task (:meth:`run`).
+
+    Each WebSocket sits in one bucket of a timer wheel (``RESOLUTION`` s per bucket) at
+    its ``_timer_at``. When its bucket comes, :meth:`WebSocket._ping_due` writes a ping
+    without waking its reader, or, ``ping_timeout`` after a ping with no pong, wakes the
+    reader (``notify_closing`` on its socket) to raise :class:`PingTimeout`. A pong only
+    moves the WebSocket's timer; the wheel notices when the old bucket comes. So an idle
+    connection costs one write and one read per ``ping_interval``, and its reader waits
+    without a cancel scope.
+    """
+
+    RESOLUTION = 0.25
+
+    __slots__ = ("_buckets", "_keys", "_where")
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, dict[WebSocket, None]] = {}
+        self._keys: list[int] = []  # a heap of the buckets' keys
+        self._where: dict[WebSocket, int] = {}  # each WebSocket's bucket
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, websocket: WebSocket, at: float) -> None:
+        """Call ``websocket._ping_due`` at ``at`` (a little later: the wheel's resolution)."""
+        self.discard(websocket)
+        key = math.ceil(at / self.RESOLUTION)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = {}
+            heapq.heappush(self._keys, key)
+        bucket[websocket] = None
+        self._where[websocket] = key
+
+    def discard(self, websocket: WebSocket) -> None:
+        """Stop pinging ``websocket`` (it closed)."""
+        key = self._where.pop(websocket, None)
+        if key is not None:
+            del self._buckets[key][websocket]
+
+    def visit(self, now: float) -> float:
+        """Ping or time out every WebSocket due by ``now``; when the next one is due."""
+        keys, buckets = self._keys, self._buckets
+        while keys and keys[0] * self.RESOLUTION <= now:
+            bucket = buckets.pop(heapq.heappop(keys))
+            for websocket in bucket:
+                del self._where[websocket]
+                at = websocket._ping_due(now)
+                if at is not None:
+                    self.add(websocket, at)
+        return keys[0] * self.RESOLUTION if keys else now + self.RESOLUTION
+
+    async def run(self) -> None:
+        """Keep every added WebSocket alive until cancelled."""
+        while True:  # a timer: until the next bucket, at most 1 s
+            now = trio.current_time()
+            await trio.sleep_until(min(self.visit(now), now + 1.0))
