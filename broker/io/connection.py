@@ -32,7 +32,7 @@ import trio
 from broker.config import ServerConfig
 from broker.core.delivery import Delivery
 from broker.core.hub import Subscription
-from broker.core.outbound import OutboundQueue, join_pairs
+from broker.core.outbound import Batch, OutboundQueue, join_pairs
 from broker.core.permissions import ANONYMOUS, Identity
 from broker.core.rules import SessionLimits
 from broker.core.session import Session
@@ -205,6 +205,7 @@ class Connection:
                 while waiting is not None:
                     await session.complete(waiting)
                     waiting = writes.run(session.receive, messages, trio.current_time(), waiting)
+                messages = []  # not kept while idle
                 if queue.closed:
                     return  # closing
                 if queue.replies_full:  # a peer not reading its replies
@@ -224,6 +225,8 @@ class Connection:
         queue = self._queue
         websocket = self.websocket
         max_size = self.server.max_message_size
+        batch: Batch | None = None
+        frames: list[bytes] | None = None
         while True:
             await queue.wait_batch()
             if websocket.sending_rest:
@@ -251,6 +254,7 @@ class Connection:
                 return
             self.messages_out += batch.messages
             self.stats.count_write(depth, batch.messages, size, batch.oldest)
+            batch = frames = None  # not kept while idle
 
     def take_wake_up(self) -> bool:
         """Asked by the queue when its writer is asleep: while a reader runs commands, the

@@ -88,6 +88,8 @@ class Handshake:
     """A client's checked upgrade request on ``stream``, waiting for :meth:`accept` or
     :meth:`reject`."""
 
+    __slots__ = ("stream", "upgrade")
+
     def __init__(self, stream: trio.abc.Stream, upgrade: Upgrade) -> None:
         self.stream = stream
         self.upgrade = upgrade
