@@ -42,6 +42,7 @@ import errno
 import json
 import math
 import os
+import resource
 import select
 import shutil
 import socket
@@ -351,7 +352,7 @@ def fit(wanted: int, hard: int) -> tuple[int, str | None]:
     """How many connections one broker process can hold under the open-files hard limit
     ``hard``, and why ``wanted`` does not fit (None if it does)."""
     most = hard - SPARE_FILES - PUBLISHERS
-    if wanted <= most:
+    if hard == resource.RLIM_INFINITY or wanted <= most:
         return wanted, None
     return most, (
         f"{wanted:_} connections do not fit: the open-files hard limit is {hard:_} "
@@ -423,7 +424,8 @@ def pinned(core: int) -> list[str]:
 
 def run(args: argparse.Namespace, hard: int) -> dict[str, Any]:
     n = args.connections
-    workers_wanted = args.workers or math.ceil(n / (hard - WORKER_SPARE))
+    per_worker = (65536 if hard == resource.RLIM_INFINITY else hard) - WORKER_SPARE
+    workers_wanted = args.workers or math.ceil(n / per_worker)
     shares = [n // workers_wanted + (w < n % workers_wanted) for w in range(workers_wanted)]
     figures: dict[str, Any] = {"n": n, "workers": workers_wanted,
                                "sources": math.ceil(n / args.per_source)}  # fmt: skip

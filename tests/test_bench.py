@@ -6,6 +6,7 @@ only that each scenario prints its line and loses nothing.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,19 @@ def test_connections_bench_runs_pings_and_delivers_to_every_connection() -> None
     assert row["lost"] == "0", done.stdout
     pings_per_s = row["idle CPU (pings/s, CPU/ping)"].split("(")[1].split("/s")[0]
     assert float(pings_per_s) > 0, done.stdout  # the generator answered the broker's pings
+
+
+def test_connections_bench_says_why_when_n_does_not_fit_the_open_files_limit() -> None:
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] == resource.RLIM_INFINITY:
+        pytest.skip("no open-files hard limit here: every N fits")
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "connections.py"), "--connections", "100000000", "--strict"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stdout.splitlines()
+    assert "100_000_000 connections do not fit: the open-files hard limit is" in line, line
+    assert "--strict: not run" in line, line
