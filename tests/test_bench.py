@@ -6,6 +6,7 @@ only that each scenario prints its line and loses nothing.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import subprocess
 import sys
@@ -70,3 +71,45 @@ def test_refill_bench_runs_and_the_slow_subscriber_gets_everything_or_is_told() 
     for name in ("refill", "block"):  # with history nothing is lost: by refill, or by waiting
         received, published = rows[name][got].split(" / ")
         assert received == published, done.stdout
+
+
+def test_connections_bench_runs_pings_and_delivers_to_every_connection() -> None:
+    # bench/connections.py at 40 connections over two source addresses and two generator
+    # processes: idle through a few ping intervals, then one message to each.
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "connections.py"), "--connections", "40", "--workers", "2",
+         "--per-source", "25", "--ping-interval", "0.2", "--idle", "0.7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    # It exits 1 if a message was lost or duplicated, or a connection failed or was closed.
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = [
+        [cell.strip() for cell in line.strip("| ").split(" | ")]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ")
+    ]
+    row = dict(zip(table[0], table[1], strict=True))
+    assert row["N"] == "40", done.stdout
+    assert row["workers / source addresses"] == "2 / 2", done.stdout
+    assert row["lost"] == "0", done.stdout
+    pings_per_s = row["idle CPU (pings/s, CPU/ping)"].split("(")[1].split("/s")[0]
+    assert float(pings_per_s) > 0, done.stdout  # the generator answered the broker's pings
+
+
+def test_connections_bench_says_why_when_n_does_not_fit_the_open_files_limit() -> None:
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] == resource.RLIM_INFINITY:
+        pytest.skip("no open-files hard limit here: every N fits")
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "connections.py"), "--connections", "100000000", "--strict"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stdout.splitlines()
+    assert "100_000_000 connections do not fit: the open-files hard limit is" in line, line
+    assert "--strict: not run" in line, line

@@ -22,6 +22,7 @@ from wsproto.events import (
 from broker.io.websocket import (
     ConnectionClosed,
     MessageTooBig,
+    Pinger,
     PingTimeout,
     WebSocket,
     frame_header,
@@ -47,7 +48,12 @@ class Peer:
 
 
 async def open_pair(
-    subprotocols: list[str] | None = None, *, ping_interval: float = 20.0, sockets: bool = False
+    subprotocols: list[str] | None = None,
+    *,
+    ping_interval: float = 20.0,
+    ping_timeout: float | None = None,
+    sockets: bool = False,
+    pinger: Pinger | None = None,
 ) -> tuple[WebSocket, Peer]:
     server_stream: trio.abc.Stream
     client_stream: trio.abc.Stream
@@ -68,7 +74,8 @@ async def open_pair(
         subprotocols[0] if subprotocols else None,
         max_message_size=1000,
         ping_interval=ping_interval,
-        ping_timeout=ping_interval,
+        ping_timeout=ping_interval if ping_timeout is None else ping_timeout,
+        pinger=pinger,
     )
     [accepted] = await peer.events()
     assert isinstance(accepted, AcceptConnection)
@@ -183,6 +190,103 @@ async def test_a_pong_left_unread_while_away_is_not_a_timeout(
     await peer.send(ping.response(), BytesMessage(b"later"))
     await trio.sleep(10)  # the caller is busy elsewhere, long past the ping timeout
     assert await websocket.receive() == [b"later"]
+
+
+async def test_pongs_in_time_keep_the_connection_through_ping_intervals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    websocket, peer = await open_pair(ping_interval=1.0)
+    received: list[bytes | str] = []
+
+    async def read() -> None:
+        received.extend(await websocket.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        for _ in range(3):  # a ping each second; a missed pong would time out the second
+            [ping] = await peer.events()
+            assert isinstance(ping, Ping)
+            await peer.send(ping.response())
+        await peer.send(BytesMessage(b"still here"))
+    assert received == [b"still here"]
+
+
+async def test_the_pinger_pings_an_idle_socket_and_pongs_in_time_keep_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pinger = Pinger()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pinger.run)
+        websocket, peer = await open_pair(
+            ping_interval=1.0, ping_timeout=5.0, sockets=True, pinger=pinger
+        )
+        received: list[bytes | str] = []
+        done = trio.Event()
+
+        async def read() -> None:
+            received.extend(await websocket.receive())
+            done.set()
+
+        nursery.start_soon(read)
+        for second in (1, 2, 3):  # a ping each second, written by the pinger
+            [ping] = await peer.events()
+            assert isinstance(ping, Ping)
+            assert second <= trio.current_time() < second + 0.5
+            await peer.send(ping.response())  # the reader reads it
+        await peer.send(BytesMessage(b"still here"))
+        await done.wait()
+        assert len(pinger) == 1
+        nursery.cancel_scope.cancel()
+    assert received == [b"still here"]
+
+
+async def test_the_pinger_times_out_a_reader_whose_peer_never_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pinger = Pinger()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pinger.run)
+        websocket, peer = await open_pair(ping_interval=1.0, sockets=True, pinger=pinger)
+        with pytest.raises(PingTimeout):
+            await websocket.receive()
+        assert trio.current_time() < 3  # the ping at 1 s, the timeout 1 s later
+        assert [type(e) for e in await peer.events()] == [Ping]
+        assert len(pinger) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_the_pinger_a_reader_away_past_the_timeout_is_not_timed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pinger = Pinger()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pinger.run)
+        websocket, peer = await open_pair(ping_interval=1.0, sockets=True, pinger=pinger)
+        await peer.send(BytesMessage(b"first"))
+        assert await websocket.receive() == [b"first"]
+        await trio.sleep(10)  # the caller is busy elsewhere, long past the ping timeout
+        [ping] = await peer.events()  # the pinger pinged meanwhile, once
+        assert isinstance(ping, Ping)
+        await peer.send(ping.response(), BytesMessage(b"later"))
+        assert await websocket.receive() == [b"later"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ping_in_two_reads_and_a_ping_in_a_batch_are_both_answered() -> None:
+    websocket, peer = await open_pair(sockets=True)
+    ping = b"\x89\x82\x01\x02\x03\x04" + bytes((ord("h") ^ 1, ord("i") ^ 2))  # masked "hi"
+    await peer.stream.send_all(ping[:3])
+    await peer.stream.send_all(ping[3:] + ping + b"\x82\x81\x00\x00\x00\x00m")
+    assert await websocket.receive() == [b"m"]
+    assert await peer.events() == [Pong(b"hi"), Pong(b"hi")]
+
+
+async def test_a_control_frame_with_a_16_bit_length_is_a_protocol_error() -> None:
+    websocket, peer = await open_pair()
+    await peer.stream.send_all(b"\x89\xfe\x00\x02\x00\x00\x00\x00hi")
+    with pytest.raises(ConnectionClosed) as closed:
+        await websocket.receive()
+    assert closed.value.code == 1002
 
 
 async def test_aclose_runs_the_closing_handshake_then_closes_the_stream() -> None:

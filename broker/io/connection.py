@@ -9,9 +9,9 @@ A nursery holds two tasks, a reader and a writer (plus a timer if the token expi
   finish at once (a ``block`` subscriber's queue full, a ``sub``, other nodes) is awaited
   there (:meth:`Session.complete`): so a publisher held back stops reading, and TCP pushes
   back on it. Between reads it waits while its client leaves too many replies unread.
-  It also runs the keep-alive (:meth:`WebSocket.receive`): a peer that does not answer a
-  ping within ``ping_timeout`` is closed with 1001; a message over ``max_message_size``
-  closes with 1009.
+  It also ends the keep-alive (:meth:`WebSocket.receive` raises :class:`PingTimeout`): a
+  peer that does not answer a ping within ``ping_timeout`` is closed with 1001; a message
+  over ``max_message_size`` closes with 1009.
 - The **writer** waits for the outbound queue, takes everything in it (up to
   ``max_message_size``) and sends it as one WebSocket message: idle connections get each
   message at once, busy ones get batches, and nothing waits on a timer.
@@ -32,7 +32,7 @@ import trio
 from broker.config import ServerConfig
 from broker.core.delivery import Delivery
 from broker.core.hub import Subscription
-from broker.core.outbound import OutboundQueue, Part, join_pairs
+from broker.core.outbound import Batch, OutboundQueue, Part, join_pairs
 from broker.core.permissions import ANONYMOUS, Identity
 from broker.core.rules import SessionLimits
 from broker.core.session import Session
@@ -205,6 +205,7 @@ class Connection:
                 while waiting is not None:
                     await session.complete(waiting)
                     waiting = writes.run(session.receive, messages, trio.current_time(), waiting)
+                messages = []  # not kept while idle
                 if queue.closed:
                     return  # closing
                 if queue.replies_full:  # a peer not reading its replies
@@ -224,6 +225,8 @@ class Connection:
         queue = self._queue
         websocket = self.websocket
         max_size = self.server.max_message_size
+        batch: Batch | None = None
+        frames: list[Part] | None = None
         while True:
             await queue.wait_batch()
             if websocket.sending_rest:
@@ -251,6 +254,7 @@ class Connection:
                 return
             self.messages_out += batch.messages
             self.stats.count_write(depth, batch.messages, size, batch.oldest)
+            batch = frames = None  # not kept while idle
 
     def take_wake_up(self) -> bool:
         """Asked by the queue when its writer is asleep: while a reader runs commands, the

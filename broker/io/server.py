@@ -49,6 +49,7 @@ from broker.io.connection import Connection
 from broker.io.websocket import (
     ConnectionClosed,
     Handshake,
+    Pinger,
     WebSocket,
     peer_address,
     read_handshake,
@@ -194,6 +195,7 @@ class Broker:
         self.delivery = build_delivery(self.config)
         self.hub = self.delivery.hub
         self.writes = DirectWrites()
+        self.pinger = Pinger()  # every plain-TCP client's keep-alive, in one task
         self.authenticator = build_authenticator(self.config.auth)
         self.ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
         self.connections: set[Connection] = set()
@@ -278,6 +280,7 @@ class Broker:
 
             await nursery.start(self.delivery.run)
             nursery.start_soon(self.writes.flush_writes)
+            nursery.start_soon(self.pinger.run)
             listeners: list[trio.SocketListener] = await nursery.start(listen)
             metrics = self.config.metrics
             if metrics.port is not None:
@@ -544,6 +547,7 @@ class Broker:
                     max_message_size=server.max_message_size,
                     ping_interval=server.ping_interval,
                     ping_timeout=server.ping_timeout,
+                    pinger=self.pinger,
                 )
             connection = Connection(
                 websocket, encoding, self.delivery, self.writes, limits, server, peer, identity,
@@ -566,6 +570,7 @@ class Broker:
                     CloseCode.INTERNAL_ERROR, "internal error", server.drain_timeout
                 )
             finally:
+                self.pinger.discard(websocket)  # however it ended
                 self.connections.discard(connection)
                 self._connection_ended.set()
                 log.info(
