@@ -42,8 +42,6 @@ import msgpack
 import trio
 import trio.testing
 from micro_reader import LIMITS, SERVER  # bench/ is the script's directory
-from wsproto import ConnectionType
-from wsproto.connection import Connection as WsConnection
 
 from broker.core.delivery import LocalDelivery
 from broker.core.history import MemoryHistory
@@ -120,8 +118,8 @@ def websocket(stream: trio.abc.Stream) -> WebSocket:
     """An open server-side WebSocket on ``stream`` that never pings (under valgrind a run
     takes longer than the default ping interval)."""
     return WebSocket(
-        stream, WsConnection(ConnectionType.SERVER), Encoding.MSGPACK.value,
-        SERVER.max_message_size, ping_interval=1e9, ping_timeout=1e9,
+        stream, Encoding.MSGPACK.value, SERVER.max_message_size,
+        ping_interval=1e9, ping_timeout=1e9,
     )  # fmt: skip
 
 

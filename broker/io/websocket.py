@@ -276,7 +276,11 @@ class WebSocket:
         :meth:`can_send_now`. True if it all went out (or the socket is gone); False if the
         socket took only part: the rest is a write in progress until :meth:`finish_send`.
         """
-        data = b"".join([frame_header(length, text), *parts])
+        return self._write_now(b"".join([frame_header(length, text), *parts]))
+
+    def _write_now(self, data: bytes) -> bool:
+        """Write ``data`` without waiting. True if it all went out (or the socket is gone);
+        False if the socket took only part: the rest is a write in progress."""
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
@@ -430,16 +434,7 @@ class WebSocket:
             elif len(self._pending) < 4:
                 self._pending.append(data)
             return
-        try:
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._gone()
-            return
-        if sent < len(data):
-            self._sending = True
-            self._leftover = memoryview(data)[sent:]
+        self._write_now(data)
 
     async def _keepalive(self) -> None:
         if self._ping_outstanding:
@@ -501,11 +496,7 @@ class WebSocket:
                 if first == 0x8A:
                     self._pong()
                 else:
-                    key = data[at : at + 4]
-                    payload = (
-                        int.from_bytes(data[at + 4 : stop], "little")
-                        ^ int.from_bytes((key * ((length >> 2) + 1))[:length], "little")
-                    ).to_bytes(length, "little")
+                    payload = _unmasked(data, at, length)
                     await self.send_raw(b"\x8a" + bytes((length,)) + payload, control=True)
                 pos = stop
                 continue
@@ -520,11 +511,7 @@ class WebSocket:
                 if stop > end:
                     self._held, self._need = bytearray(data[pos:]), stop - pos
                     break
-                key = data[at : at + 4]
-                payload = (
-                    int.from_bytes(data[at + 4 : stop], "little")
-                    ^ int.from_bytes((key * ((length >> 2) + 1))[:length], "little")
-                ).to_bytes(length, "little")
+                payload = _unmasked(data, at, length)
                 if first == 0x82:
                     done.append(payload)
                     pos = stop
@@ -643,6 +630,17 @@ class WebSocket:
             self._pinger.discard(self)
         self._fd = -1  # the number may soon belong to another socket
         await trio.aclose_forcefully(self.stream)
+
+
+def _unmasked(data: bytes | bytearray, at: int, length: int) -> bytes:
+    """The ``length`` payload bytes of a masked frame whose key starts at ``at``, unmasked:
+    one XOR of two integers."""
+    key = data[at : at + 4]
+    start = at + 4
+    return (
+        int.from_bytes(data[start : start + length], "little")
+        ^ int.from_bytes((key * ((length >> 2) + 1))[:length], "little")
+    ).to_bytes(length, "little")
 
 
 class Pinger:
