@@ -44,13 +44,21 @@ async def start_node(
 ) -> tuple[trio.Process, str]:
     path = directory / f"{name}.toml"
     cluster = f'[cluster]\nbackend = "{backend}"\nnode_id = "{name}"\n' if backend else ""
-    path.write_text(f'{cluster}[limits]\npublish_rate = 1e9\npublish_burst = 1000000000\n'
-                    f'queue_messages = 100000\nqueue_bytes = 1000000000\n'
+    path.write_text(f'{cluster}[limits]\nqueue_messages = 100000\nqueue_bytes = 1000000000\n'
                     f'[[topics]]\npattern = "hist.>"\nhistory_size = 1000\n')  # fmt: skip
-    command = [sys.executable, "-m", "broker", "serve", "--config", str(path), "--port", "0"]
+    return await serve_node(nursery, path, name, redis=backend is not None)
+
+
+async def serve_node(
+    nursery: trio.Nursery, config: Path, name: str, *, redis: bool
+) -> tuple[trio.Process, str]:
+    """Start ``broker serve --config config`` on a free port; once it listens (and, with
+    ``redis``, is connected to Redis), return it and its URL. Its warnings and errors are
+    shown, prefixed with ``name``, while ``nursery`` runs."""
+    command = [sys.executable, "-m", "broker", "serve", "--config", str(config), "--port", "0"]
     process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
     assert process.stderr is not None
-    buffer, url, connected = b"", "", not backend
+    buffer, url, connected = b"", "", not redis
     with trio.fail_after(20):
         while not (url and connected):
             chunk = await process.stderr.receive_some(4096)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import urllib.request
@@ -36,7 +35,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cluster import cpu_seconds, latency, throughput
+from bench.cluster import cpu_seconds, latency, serve_node, throughput
 from broker.cluster.slots import key_slot
 from tests.redis_cluster import RedisCluster, running_cluster
 from tests.redis_server import free_port
@@ -53,32 +52,9 @@ async def start_node(
     path.write_text(
         f"[cluster]\nseeds = [{', '.join(repr(s).replace(chr(39), chr(34)) for s in seeds)}]\n"
         f'node_id = "{name}"\n[metrics]\nport = {metrics}\n'
-        "[limits]\npublish_rate = 1e9\npublish_burst = 1000000000\n"
-        "queue_messages = 100000\nqueue_bytes = 1000000000\n"
+        "[limits]\nqueue_messages = 100000\nqueue_bytes = 1000000000\n"
     )
-    command = [sys.executable, "-m", "broker", "serve", "--config", str(path), "--port", "0"]
-    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
-    assert process.stderr is not None
-    buffer, url, connected = b"", "", False
-    with trio.fail_after(20):
-        while not (url and connected):
-            chunk = await process.stderr.receive_some(4096)
-            if not chunk:
-                raise RuntimeError(f"{name} exited: {buffer.decode()}")
-            buffer += chunk
-            for line in buffer.decode().splitlines():
-                if "listening on ws://" in line:
-                    url = line.split("listening on ", 1)[1].split(" ", 1)[0]
-                connected = connected or "connected to Redis" in line
-
-    async def drain() -> None:
-        assert process.stderr is not None
-        while chunk := await process.stderr.receive_some(65536):
-            for line in chunk.decode(errors="replace").splitlines():
-                if " WARNING " in line or " ERROR " in line:
-                    print(f"[{name}] {line}", file=sys.stderr)
-
-    nursery.start_soon(drain)
+    process, url = await serve_node(nursery, path, name, redis=True)
     return process, url, metrics
 
 
