@@ -197,16 +197,20 @@ class _Commands:
                     if self.broken.is_set():
                         return  # a late reply to a command failed by fail(): the outage
                     raise ProtocolError(f"a reply nobody asked for: {reply!r:.80}")
-                pending = waiting.popleft()
-                if pending is not None:
-                    pending.reply = reply
-                    pending.done.set()
-                elif isinstance(reply, RedisError):  # its messages are lost: say so
-                    unlogged = self._refusals.first(None, trio.current_time())
-                    if unlogged is not None:
-                        log.warning("cluster: Redis refused publishes without id (%s); "
-                                    "%d more refusals since the last such line", reply,
-                                    unlogged)  # fmt: skip
+                self._answer(waiting.popleft(), reply)
+
+    def _answer(self, pending: _Pending | None, reply: Reply) -> None:
+        """Hand ``reply`` to whoever waits for it; nobody waits for a publish without ``id``,
+        whose refusal is logged (its messages are lost: say so)."""
+        if pending is not None:
+            pending.reply = reply
+            pending.done.set()
+        elif isinstance(reply, RedisError):
+            unlogged = self._refusals.first(None, trio.current_time())
+            if unlogged is not None:
+                log.warning("cluster: Redis refused publishes without id (%s); "
+                            "%d more refusals since the last such line", reply,
+                            unlogged)  # fmt: skip
 
     def fail(self, why: str) -> None:
         """The connection is gone: fail every waiting and queued command with ``why``."""

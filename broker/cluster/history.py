@@ -55,6 +55,14 @@ local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 """
 
 #: How both publish scripts end: trim the stream, make every key expire, answer.
+# A publish to a topic stored nothing yet (or whose keys expired) stores its fresh epoch.
+_STORE_EPOCH = """
+if not stored then
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+local channel, packed_epoch = ARGV[5], cmsgpack.pack(epoch)"""
+
 _PUBLISH_END = """
 redis.call('XTRIM', KEYS[3], 'MAXLEN', ARGV[3])
 local ttl, life = tonumber(ARGV[4]), tonumber(ARGV[6])
@@ -71,12 +79,8 @@ return {epoch, offset}
 #: it stores expires.
 PUBLISH_SCRIPT = (
     _EPOCH_AND_NOW
+    + _STORE_EPOCH
     + """
-if not stored then
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2], KEYS[3])
-end
-local channel, packed_epoch = ARGV[5], cmsgpack.pack(epoch)
 local count = (#ARGV - 6) / 2
 local offset = redis.call('INCRBY', KEYS[2], count) - count
 for i = 7, #ARGV, 2 do
@@ -92,12 +96,8 @@ end"""
 #: none) and the topic (packed), on which each message also goes as {topic, message}.
 SHARDED_PUBLISH_SCRIPT = (
     _EPOCH_AND_NOW
+    + _STORE_EPOCH
     + """
-if not stored then
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2], KEYS[3])
-end
-local channel, packed_epoch = ARGV[5], cmsgpack.pack(epoch)
 local wildcard, packed_topic = ARGV[7], ARGV[8]
 local count = (#ARGV - 8) / 2
 local offset = redis.call('INCRBY', KEYS[2], count) - count

@@ -163,15 +163,8 @@ class _ShardCommands(_Commands):
                     if isinstance(commands, bytes):
                         commands = [commands]
                     self._backplane.redirected(redirect, commands, pending)
-                elif pending is not None:
-                    pending.reply = reply
-                    pending.done.set()
-                elif isinstance(reply, RedisError):
-                    unlogged = self._refusals.first(None, trio.current_time())
-                    if unlogged is not None:
-                        log.warning("cluster: Redis refused publishes without id (%s); "
-                                    "%d more refusals since the last such line", reply,
-                                    unlogged)  # fmt: skip
+                else:
+                    self._answer(pending, reply)
 
     def _fail_waiting(self) -> None:
         super()._fail_waiting()
