@@ -14,7 +14,7 @@ import trio
 from wsproto.events import Ping
 
 from tests.helpers import make_config, start_broker, wait_until
-from tests.rawsocket import RawClient, open_raw
+from tests.rawsocket import RawClient, open_raw, stuck_subscriber
 from tests.wire import connect
 
 PYTHON = [sys.executable, "-m", "broker"]
@@ -205,3 +205,50 @@ async def test_the_disconnect_log_counts_the_subscriptions_the_client_held(
         await client.subscribe("b", id=2)
     await wait_until(lambda: not broker.connections)
     assert any("subs=2 " in record.getMessage() for record in caplog.records)
+
+
+def connection_tasks() -> int:
+    """The tasks serving connections: each one's own (trio's ``_run_handler``) and those it
+    started."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, nurseries = 0, list(root.child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            if task.name.endswith("._run_handler"):
+                count += 1 + sum(len(n.child_tasks) for n in task.child_nurseries)
+            else:
+                nurseries += task.child_nurseries
+    return count
+
+
+async def test_an_idle_connection_is_one_task_and_a_writer_runs_only_while_needed(
+    nursery: trio.Nursery,
+) -> None:
+    # Memory per idle connection (issue 22): the reader is the connection's task; a writer
+    # is started only while a direct write cannot do, and ends when nothing is queued.
+    broker = await start_broker(nursery, make_config())
+    assert broker.port is not None
+    stuck = await stuck_subscriber(broker.port, "big")  # tiny receive buffer, not reading
+    async with connect(broker.url) as subscriber, connect(broker.url) as publisher:
+        await subscriber.subscribe("small")
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection_tasks() == 3
+        for n in range(200):
+            await publisher.send({"op": "pub", "topic": "small", "data": n})
+        received: list[int] = []
+        while len(received) < 200:
+            received += [frame["data"] for frame in await subscriber.receive_batch()]
+        assert received == list(range(200))
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection_tasks() == 3
+        await publisher.publish("big", b"x" * 1_000_000)  # more than the socket takes
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection_tasks() == 4  # a writer waits to send the rest
+        with trio.fail_after(5):
+            frames: list[dict[str, object]] = []
+            while not frames:
+                frames, _ = await stuck.read_frames()
+        assert frames[0]["data"] == b"x" * 1_000_000
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection_tasks() == 3  # it ended with the queue empty

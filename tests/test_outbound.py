@@ -682,6 +682,9 @@ class Owner:
         self.asked += 1
         return self.takes
 
+    def start_writer(self) -> None:
+        raise AssertionError("a parked writer is rescheduled, not started")
+
 
 async def test_a_wake_up_the_owner_takes_leaves_the_writer_asleep(nursery: trio.Nursery) -> None:
     queue = OutboundQueue(10, 1000)
@@ -696,7 +699,7 @@ async def test_a_wake_up_the_owner_takes_leaves_the_writer_asleep(nursery: trio.
     assert not woken.is_set()  # written for it: the writer sleeps on
     offer(queue, "s", "t", "o", BLOCK)
     assert owner.asked == 2  # done with the first: asked again
-    queue.wake_writer(kick=True)  # e.g. to finish a partial write
+    queue.wake_writer()  # e.g. to finish a partial write
     await woken.wait()
 
 

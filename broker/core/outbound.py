@@ -29,11 +29,14 @@ and never dropped. Join and leave frames arrive a window at a time
 by every queue it is offered to, counted as its number of frames against the bound and in
 ``lag``. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
 
-The writer waits in :meth:`~OutboundQueue.wait_batch`. When something arrives for a waiting
-writer, the queue first asks its :attr:`~OutboundQueue.owner` (whoever owns the socket):
-an owner that takes the wake-up (:meth:`QueueOwner.take_wake_up` answers True) has taken
-charge of the write (it will :meth:`~OutboundQueue.take_direct` or
-:meth:`~OutboundQueue.wake_writer`), and the queue asks it nothing more until then.
+The writer is idle either parked in :meth:`~OutboundQueue.wait_batch` or, for an
+:attr:`~OutboundQueue.owner` that starts one on demand, not running at all: it ended with
+:meth:`~OutboundQueue.writer_done`, and the queue asks the owner for a new one
+(:meth:`QueueOwner.start_writer`) when there is something to write. Before waking an idle
+writer the queue asks the owner (whoever owns the socket) to take the wake-up: an owner that
+takes it (:meth:`QueueOwner.take_wake_up` answers True) has taken charge of the write (it
+will :meth:`~OutboundQueue.take_direct` or :meth:`~OutboundQueue.wake_writer`), and the
+queue asks it nothing more until then.
 
 For observability each message carries the time it was published (``now``, read once per
 publish by the hub from :func:`~broker.core.stats.metrics_clock`), so the age of the oldest queued
@@ -116,11 +119,16 @@ def join_pairs(parts: list[Part]) -> list[bytes]:
 
 
 class QueueOwner(Protocol):
-    """Who writes what a queue holds, asked first when its sleeping writer would be woken."""
+    """Who writes what a queue holds, asked first when its idle writer would be woken."""
 
     def take_wake_up(self) -> bool:
         """True to write for the writer (then :meth:`OutboundQueue.take_direct` or
         :meth:`OutboundQueue.wake_writer`); False to let the queue wake it."""
+        ...
+
+    def start_writer(self) -> None:
+        """Start a writer: the last one ended with :meth:`OutboundQueue.writer_done`, and
+        there is something to write."""
         ...
 
 
@@ -142,7 +150,7 @@ class OutboundQueue:
         "_dead",
         "_evictable",
         "_handed_off",
-        "_kicked",
+        "_idle",
         "_lags",
         "_latest",
         "_messages",
@@ -184,12 +192,12 @@ class OutboundQueue:
         self._counts: dict[int, int] = {}  # entry number -> frames, for entries of several
         self._lags: dict[str, int] = {}
         self._closed = False
-        # Created by a waiter, set and dropped by the next wake-up: an idle queue holds none.
-        # The writer, while it waits for something to send (parked without a trio.Event: an
-        # idle connection's writer waits all its life, and an Event costs ~0.3 KiB).
+        # The writer is idle: parked in wait_batch (_writer, without a trio.Event, which
+        # costs ~0.3 KiB), or ended (writer_done): the owner starts a new one.
+        self._idle = False
         self._writer: trio.lowlevel.Task | None = None
+        # Created by a waiter, set and dropped by the next wake-up: an idle queue holds none.
         self._room: trio.Event | None = None  # publishers wait for the writer to take a batch
-        self._kicked = False  # wait_batch returns even with nothing queued
         # Asked first when something arrives for the waiting writer (see the module doc);
         # _handed_off: it took charge, and is not asked again until it is done.
         self.owner: QueueOwner | None = None
@@ -272,7 +280,7 @@ class OutboundQueue:
                 self._times.append(now)
                 self._messages = messages + 1
                 self._bytes += size
-                if self._writer is not None and not self._handed_off:
+                if self._idle and not self._handed_off:
                     self._wake_writer()
             else:
                 self._append(sub, topic, frame, tail, now, policy)
@@ -447,28 +455,33 @@ class OutboundQueue:
     # --- waiting ---
 
     def _wake_writer(self) -> None:
-        writer = self._writer
-        if writer is not None and not self._handed_off:
+        if self._idle and not self._handed_off:
             owner = self.owner
             if owner is not None and owner.take_wake_up():
                 self._handed_off = True
                 return
-            self._writer = None
-            trio.lowlevel.reschedule(writer)
+            self._resume_writer()
 
-    @property
-    def writer_waiting(self) -> bool:
-        """Whether the writer is in :meth:`wait_batch` and has not been woken."""
-        return self._writer is not None
-
-    def wake_writer(self, *, kick: bool = False) -> None:
-        """Wake the waiting writer now; with ``kick``, even with nothing queued."""
-        self._handed_off = False
-        self._kicked = self._kicked or kick
+    def _resume_writer(self) -> None:
+        self._idle = False
         writer = self._writer
         if writer is not None:
             self._writer = None
             trio.lowlevel.reschedule(writer)
+        elif self.owner is not None:
+            self.owner.start_writer()
+
+    def wake_writer(self) -> None:
+        """Wake the idle writer now (or have the owner start one), even with nothing queued
+        (say, to finish a partial write)."""
+        self._handed_off = False
+        if self._idle:
+            self._resume_writer()
+
+    def writer_done(self) -> None:
+        """The owner's writer ends, having found nothing to write: the next frame (or
+        :meth:`wake_writer`) asks the owner for another (:meth:`QueueOwner.start_writer`)."""
+        self._idle = True
 
     def _wake_publishers(self) -> None:
         room = self._room
@@ -505,15 +518,22 @@ class OutboundQueue:
         while self._replies >= self.max_replies and not self._closed:
             await self._wait_room_event()
 
+    @property
+    def pending(self) -> bool:
+        """Whether there is something to write: frames or lag counts."""
+        return bool(self._messages or self._replies or self._lags)
+
     async def wait_batch(self) -> None:
-        """Wait until there is something to write, or the queue is closed."""
-        while not (self._messages or self._replies or self._lags or self._closed or self._kicked):
+        """Wait until there is something to write, or the queue is closed, or
+        :meth:`wake_writer` (for a writer that waits parked; see the module doc)."""
+        if not (self.pending or self._closed):
+            self._idle = True
             self._writer = trio.lowlevel.current_task()  # woken by trio.lowlevel.reschedule
             await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
-        self._kicked = False
 
     def _abort_wait(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._writer = None  # cancelled: nobody may reschedule it now
+        self._idle = False
         return trio.lowlevel.Abort.SUCCEEDED
 
     # --- consumer ---
@@ -522,14 +542,14 @@ class OutboundQueue:
         self, max_frames: int, max_bytes: int
     ) -> tuple[list[Part], int, float | None, int] | None:
         """For a write by someone else than the writer (``Connection.write_held``): if the
-        writer is waiting, at most ``max_frames`` frames in at most ``max_bytes`` are queued
+        writer is idle, at most ``max_frames`` frames in at most ``max_bytes`` are queued
         and there is no lag to report, take them all, as :meth:`take_batch` would, as
         ``(parts, messages, oldest, size)`` (no :class:`Batch` built). Otherwise take nothing
         and answer ``None``. Either way the writer's wake-up is no longer handed off."""
         self._handed_off = False
         times = self._times
         if (
-            self._writer is None
+            not self._idle
             or not times
             or len(times) > max_frames
             or self._bytes > max_bytes

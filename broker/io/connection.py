@@ -1,6 +1,8 @@
 """One client connection: the I/O around its :class:`~broker.core.session.Session`.
 
-A nursery holds two tasks, a reader and a writer (plus a timer if the token expires):
+The connection's task reads; a writer task runs beside it, in the connection's nursery, only
+while a direct write cannot do (an idle connection is one waiting task; a timer task
+closes it with 4003 when the client's token expires):
 
 - The **reader** takes every WebSocket message one socket read completed and has the
   session execute their frames, in order, before anything else runs
@@ -12,15 +14,18 @@ A nursery holds two tasks, a reader and a writer (plus a timer if the token expi
   It also ends the keep-alive (:meth:`WebSocket.receive` raises :class:`PingTimeout`): a
   peer that does not answer a ping within ``ping_timeout`` is closed with 1001; a message
   over ``max_message_size`` closes with 1009.
-- The **writer** waits for the outbound queue, takes everything in it (up to
-  ``max_message_size``) and sends it as one WebSocket message: idle connections get each
+- Most writes are direct: the reader that queued the messages writes them
+  (:meth:`Connection.write_held`). When it cannot (a write the socket did not take whole, a
+  long queue, lag counts, TLS, a message from elsewhere) the queue has a **writer** started
+  (:meth:`Connection.start_writer`): it takes everything queued (up to
+  ``max_message_size``) and sends it as one WebSocket message, again while more is queued,
+  and ends when nothing is (:meth:`OutboundQueue.writer_done`). Idle connections get each
   message at once, busy ones get batches, and nothing waits on a timer.
-- When the client's token expires, the connection is closed with 4003.
 
-Closing is a request (:meth:`Connection.close`): the writer flushes or discards what is
-queued, sends the close frame, and the nursery ends. Whatever ends it, the session's
-subscriptions are dropped on the way out. This module and :mod:`broker.io.writes` are the
-only ones that write to a client's socket.
+Closing is a request (:meth:`Connection.close`): a writer flushes or discards what is
+queued and ends the nursery (the reader with it), and the close frame is sent. Whatever ends
+it, the session's subscriptions are dropped on the way out. This module and
+:mod:`broker.io.writes` are the only ones that write to a client's socket.
 """
 
 from __future__ import annotations
@@ -59,8 +64,8 @@ class Connection:
 
     __slots__ = (
         "_encoding",
+        "_nursery",
         "_queue",
-        "_scope",
         "_text",
         "close_code",
         "close_reason",
@@ -104,7 +109,7 @@ class Connection:
         self.messages_out = 0
         self.close_code: int | None = None
         self.close_reason = ""
-        self._scope: trio.CancelScope | None = None  # the reader's and writer's, while they run
+        self._nursery: trio.Nursery | None = None  # the writers', while one may start
 
     @property
     def queue(self) -> OutboundQueue:
@@ -156,9 +161,9 @@ class Connection:
         self.close_code, self.close_reason = code, reason
         if not flush:
             self._queue.clear()
-        self._queue.close()
-        if self._scope is not None:  # the flush (or a write in progress) gets drain_timeout
-            self._scope.deadline = trio.current_time() + self.server.drain_timeout
+        self._queue.close()  # a writer flushes, then ends the nursery (an idle one is started)
+        if self._nursery is not None:  # the flush (or a write in progress) gets drain_timeout
+            self._nursery.cancel_scope.deadline = trio.current_time() + self.server.drain_timeout
 
     def close_slow_consumer(self, why: str) -> None:
         """Close with 4002, discarding what is queued (the hub asks, through the session)."""
@@ -171,19 +176,23 @@ class Connection:
     # --- the connection's life ---
 
     async def serve(self) -> None:
-        """Run the reader and writer until the connection ends, then clean up."""
+        """Read (and write, see the module doc) until the connection ends, then clean up."""
         try:
             async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
-                if self.close_code is not None:
-                    self._scope.deadline = trio.current_time() + self.server.drain_timeout
-                nursery.start_soon(self._read_loop)
+                self._nursery = nursery
+                nursery.start_soon(self._write_loop, nursery)  # what is queued yet
                 if seconds_left(self.identity) is not None:
                     nursery.start_soon(self._close_when_token_expires)
-                await self._write_loop()
-                nursery.cancel_scope.cancel()
+                try:
+                    if self.close_code is None:
+                        await self._read_loop()
+                    else:  # closed before it started
+                        nursery.cancel_scope.deadline = (
+                            trio.current_time() + self.server.drain_timeout
+                        )
+                finally:
+                    self._nursery = None  # closing: the writer at work ends the nursery
         finally:
-            self._scope = None
             self.session.end()
             self._queue.close()
             self._queue.clear()
@@ -218,22 +227,38 @@ class Connection:
                      self.server.ping_timeout)  # fmt: skip
             self.close(CloseCode.GOING_AWAY, "ping timeout", flush=False)
         except ConnectionClosed as exc:
-            if self.close_code is None:
-                self.close(exc.code, f"closed by peer ({exc.code})", flush=False)
+            self._lost(exc)
 
-    async def _write_loop(self) -> None:
+    def _lost(self, closed: ConnectionClosed) -> None:
+        """The peer closed, or the socket is gone: end the connection, discarding the queue."""
+        if self.close_code is None:
+            self.close(closed.code, f"closed by peer ({closed.code})", flush=False)
+
+    def start_writer(self) -> None:
+        """Asked by the queue: start a writer (not once the reader is done)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._write_loop, self._nursery)
+
+    async def _write_loop(self, nursery: trio.Nursery) -> None:
+        """Write until nothing is queued; once the queue is closed, flush it and end
+        ``nursery`` (the connection's)."""
         queue = self._queue
         websocket = self.websocket
         max_size = self.server.max_message_size
         batch: Batch | None = None
         frames: list[Part] | None = None
         while True:
-            await queue.wait_batch()
             if websocket.sending_rest:
                 try:
                     await websocket.finish_send()
-                except ConnectionClosed:
+                except ConnectionClosed as exc:
+                    self._lost(exc)
+                    break
+            if not queue.pending:
+                if not queue.closed:
+                    queue.writer_done()  # the next frame starts another (start_writer)
                     return
+                break  # closed, and flushed or discarded
             # While the queue keeps growing, let its producers run once more: under load the
             # batch grows (fewer, bigger writes); when idle this costs one scheduler pass.
             for _ in range(4):
@@ -244,26 +269,26 @@ class Connection:
             depth = len(queue)
             batch = queue.take_batch(max_size)
             if not batch.parts and not batch.lags:
-                if queue.closed:
-                    return  # closed, and flushed or discarded
-                continue  # woken to finish a direct write only
+                continue  # discarded meanwhile (closed)
             frames, size = self._frames(batch.lags, batch.parts, batch.size)
             try:
                 await websocket.send_message(frames, self._text, size)
-            except ConnectionClosed:
-                return
+            except ConnectionClosed as exc:
+                self._lost(exc)
+                break
             self.messages_out += batch.messages
             self.stats.count_write(depth, batch.messages, size, batch.oldest)
-            batch = frames = None  # not kept while idle
+            batch = frames = None  # not kept while waiting
+        nursery.cancel_scope.cancel()  # the reader and the token's timer
 
     def take_wake_up(self) -> bool:
-        """Asked by the queue when its writer is asleep: while a reader runs commands, the
+        """Asked by the queue when no writer runs: while a reader runs commands, the
         reader writes for us at its end (:meth:`DirectWrites.take`)."""
         return self.writes.take(self)
 
     def write_held(self) -> None:
-        """Write the queue directly if the writer is still asleep, the queue is short and the
-        socket takes it without waiting; otherwise leave it to the writer (woken if asleep),
+        """Write the queue directly if still no writer runs, the queue is short and the socket
+        takes it without waiting; otherwise leave it to a writer (started if none runs),
         which also reports lags and finishes a partial write."""
         queue = self._queue
         websocket = self.websocket
@@ -278,7 +303,7 @@ class Connection:
         if self._text:  # a binary message is the parts as they are (see _frames)
             parts, size = self._frames({}, parts, size)
         if not websocket.send_now(parts, self._text, size):
-            queue.wake_writer(kick=True)  # the socket took part: the writer sends the rest
+            queue.wake_writer()  # the socket took part: a writer sends the rest
         self.messages_out += messages
         self.stats.count_write(depth, messages, size, oldest)
 

@@ -1,11 +1,11 @@
 """Direct writes: a reader writes to idle subscribers itself, once, at the end of what it ran.
 
-Waking a connection's writer task for every message costs a task switch per subscriber per
-publish. Instead, while a reader runs the commands of one read (:meth:`DirectWrites.run`),
-each subscriber queue that gets data for a writer asleep hands its wake-up here
-(:meth:`DirectWrites.take`, asked by the queue through its owner); when the run ends, each of them
-is written once, by the reader, if its socket takes it without waiting (see
-:meth:`broker.io.connection.Connection.write_held`), else its writer is woken. While
+Waking (or starting) a connection's writer task for every message costs a task switch per
+subscriber per publish. Instead, while a reader runs the commands of one read
+(:meth:`DirectWrites.run`), each subscriber queue that gets data while no writer runs hands
+its wake-up here (:meth:`DirectWrites.take`, asked by the queue through its owner); when the
+run ends, each of them is written once, by the reader, if its socket takes it without waiting (see
+:meth:`broker.io.connection.Connection.write_held`), else its writer is started. While
 :meth:`DirectWrites.flush_writes` runs (the server runs it), those writes wait for it instead:
 it makes them once per scheduler pass, so a subscriber that several readers gave messages in
 one pass gets one write (small-topics, 4 publishers: 0.04-0.07 writes per routed message
