@@ -363,7 +363,9 @@ class WebSocket:
             messages = await self._process(data)
             if messages:
                 return messages
-            drained = len(data) < RECEIVE_SIZE
+            # Nothing held: the read ended between frames (a pong), not inside a message
+            # whose rest is likely there already.
+            drained = len(data) < RECEIVE_SIZE and not self._held and self._partial is None
 
     async def _receive_some(self, drained: bool = False) -> bytes | bytearray:
         """One read from the socket: ``b""`` once the peer or the socket is gone.
@@ -372,8 +374,9 @@ class WebSocket:
         nothing yet, as ``SocketStream.receive_some`` does under its conflict detector and
         error translation: an idle connection waits here with three fewer coroutine frames
         and context managers (~1.5 KiB per connection), and a read costs fewer calls. After
-        a read that took all there was (``drained``: a pong, say) it waits first: the read
-        would fail (an idle connection's pong cost two reads, one failing, ~10 % of its CPU).
+        a read that took all there was and ended between frames (``drained``: a pong, say)
+        it waits first: the read would fail (an idle connection's pong cost two reads, one
+        failing, ~10 % of its CPU).
         """
         fd = self._fd
         if fd < 0:
