@@ -78,6 +78,16 @@ class StandInWebSocket:
         self.writes += 1
 
 
+def start_writer(nursery: trio.Nursery, connection: Connection) -> None:
+    """Give ``connection`` its writer in ``nursery``, as ``Connection.serve`` does (before
+    178a585 a writer task for its whole life; since, one started only when needed)."""
+    if hasattr(connection, "start_writer"):
+        connection._nursery = nursery
+        nursery.start_soon(connection._write_loop, nursery)
+    else:
+        nursery.start_soon(connection._write_loop)
+
+
 async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int) -> float:
     """CPU seconds per delivery of executing ``reads`` reads; prints writes per delivery."""
     hub = Hub(PolicyTable([]), slow_timeout=5.0)
@@ -107,7 +117,7 @@ async def run(subscribers: int, one_topic: bool, pubs_per_read: int, reads: int)
     publisher = connection(publisher_ws, "pub")
     async with trio.open_nursery() as nursery:
         for connection in connections:
-            nursery.start_soon(connection._write_loop)
+            start_writer(nursery, connection)
         await trio.testing.wait_all_tasks_blocked()
         gc.freeze()  # as `broker serve` does once it has loaded (broker/operations/cli.py)
         start = time.process_time()

@@ -41,7 +41,7 @@ import time
 import msgpack
 import trio
 import trio.testing
-from micro_reader import LIMITS, SERVER  # bench/ is the script's directory
+from micro_reader import LIMITS, SERVER, start_writer  # bench/ is the script's directory
 
 from broker.core.delivery import LocalDelivery
 from broker.core.history import MemoryHistory
@@ -161,7 +161,7 @@ async def run(reads: list[bytes], stage: str, routed: int, publishers: int) -> f
     if stage == "full":
         async with trio.open_nursery() as nursery:
             for subscriber in subscribers:
-                nursery.start_soon(subscriber._write_loop)
+                start_writer(nursery, subscriber)
             flush_writes = getattr(writes, "flush_writes", None)  # as the server runs it, if any
             if flush_writes is not None:
                 nursery.start_soon(flush_writes)
