@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from broker.config import AuthConfig, TokenGrant
 from broker.io.server import Broker
+from broker.operations.cli import parse_args
 from broker_client import Client, connect
 from tests.helpers import make_config, start_broker, wait_until
 
@@ -142,6 +144,22 @@ async def test_bad_json_data_is_a_usage_error(broker_url: str) -> None:
     result = await run("pub", "x", "{", "--json", "--url", broker_url)
     assert result.returncode == 2
     assert result.stderr.decode().startswith("broker: --json: '{' is not JSON")
+
+
+def test_a_commands_flags_may_come_between_its_arguments() -> None:
+    args = parse_args(["pub", "room.a", "--json", '{"a": 1}', "--count", "2"])
+    assert (args.command, args.topic, args.data, args.json, args.count) == (
+        "pub", "room.a", '{"a": 1}', True, 2,
+    )  # fmt: skip
+    assert parse_args(["pub", "--json", "room.a", "1"]).data == "1"
+    assert parse_args(["pub", "room.a", "--json"]).data is None  # stdin lines
+
+
+def test_an_unknown_flag_is_still_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["pub", "room.a", "--jsn", "1"])
+    assert exited.value.code == 2
+    assert "broker pub: error: unrecognized arguments: --jsn 1" in capsys.readouterr().err
 
 
 async def test_help_explains_pub_and_sub() -> None:

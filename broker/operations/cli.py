@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``broker``'s command line (``sys.argv`` by default). A command's flags may also come
+    between its arguments (``broker pub TOPIC --json DATA``), which argparse alone refuses
+    when an optional argument follows the flag."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        words = list(sys.argv[1:] if argv is None else argv)
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = commands.choices[args.command]
+        rest = words[words.index(args.command) + 1 :]
+        args = command.parse_intermixed_args(rest, argparse.Namespace(command=args.command))
+    return args
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config file named by ``--config`` and apply the flags over it."""
     config = load_config(args.config)
@@ -107,7 +122,7 @@ def raise_open_file_limit() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``broker`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "stats":
         return run_stats(args)
     if args.command != "serve":
