@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -25,8 +27,10 @@ from broker.io.websocket import (
     Pinger,
     PingTimeout,
     WebSocket,
+    _unmasked,
     frame_header,
     read_handshake,
+    xor_mask,
 )
 from broker.protocol.handshake import BadHandshake
 
@@ -331,3 +335,11 @@ async def test_messages_read_with_a_message_over_the_limit_are_returned_before_i
     assert await websocket.receive() == [b"small"]
     with pytest.raises(MessageTooBig):
         await websocket.receive()
+
+
+@given(st.binary(max_size=300), st.binary(min_size=4, max_size=4))
+def test_unmasking_is_the_xor_with_the_repeated_key(data: bytes, key: bytes) -> None:
+    expected = bytes(byte ^ key[i % 4] for i, byte in enumerate(data))
+    assert xor_mask(data, key) == expected
+    frame = b"\x82\xff" + key + data  # what the broker unmasks with (websockets' C loop)
+    assert _unmasked(frame, 2, len(data)) == _unmasked(bytearray(frame), 2, len(data)) == expected

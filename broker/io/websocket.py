@@ -641,14 +641,25 @@ class WebSocket:
 
 
 def _unmasked(data: bytes | bytearray, at: int, length: int) -> bytes:
-    """The ``length`` payload bytes of a masked frame whose key starts at ``at``, unmasked:
-    one XOR of two integers."""
-    key = data[at : at + 4]
+    """The ``length`` payload bytes of a masked frame whose key starts at ``at``, unmasked."""
     start = at + 4
+    return apply_mask(data[start : start + length], data[at:start])
+
+
+def xor_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
+    """``data`` XOR the 4-byte ``mask`` repeated: one XOR of two integers (what the broker
+    unmasks with when websockets is built without its C extension)."""
+    length = len(data)
     return (
-        int.from_bytes(data[start : start + length], "little")
-        ^ int.from_bytes((key * ((length >> 2) + 1))[:length], "little")
+        int.from_bytes(data, "little")
+        ^ int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
     ).to_bytes(length, "little")
+
+
+try:  # websockets' C loop (websockets is a dependency: the Python client's asyncio transport)
+    from websockets.speedups import apply_mask  # 0.16 us for 90 bytes, 0.31 for 4 KiB
+except ImportError:  # pragma: no cover  (websockets built without its C extension)
+    apply_mask = xor_mask  # 0.54 us for 90 bytes, 7.1 for 4 KiB
 
 
 class Pinger:
