@@ -643,7 +643,10 @@ class WebSocket:
 def _unmasked(data: bytes | bytearray, at: int, length: int) -> bytes:
     """The ``length`` payload bytes of a masked frame whose key starts at ``at``, unmasked."""
     start = at + 4
-    return apply_mask(data[start : start + length], data[at:start])
+    # Typed here: where websockets is not installed (the compile's build environment),
+    # mypy sees apply_mask as Any.
+    payload: bytes = apply_mask(data[start : start + length], data[at:start])
+    return payload
 
 
 def xor_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
