@@ -388,6 +388,25 @@ async def test_subscribers_resetting_while_their_writes_wait_for_the_flush_leave
         reset(publisher.stream)
 
 
+@pytest.mark.parametrize("passes", [0, 1, 2, 3])
+async def test_a_reset_around_the_start_of_a_writer_for_a_partial_write_leaves_the_broker_serving(
+    broker: Broker, caplog: pytest.LogCaptureFixture, passes: int
+) -> None:
+    # The publisher's reader writes to the idle subscriber itself; its socket takes part of
+    # the message, and a writer task is started to send the rest (Connection.start_writer):
+    # the subscriber resets before that task runs, as it starts, or while it waits.
+    port = port_of(broker)
+    async with survives(broker, caplog):
+        raw = await stuck_subscriber(port, "big.>")  # tiny receive buffer, never reads
+        publisher = await upgraded(port)
+        pub = {"op": "pub", "topic": "big.data", "data": BIG + BIG[:30_000]}  # its socket: less
+        write_now(publisher.stream, publisher.ws.send(BytesMessage(msgpack.packb(pub))))
+        for _ in range(passes):
+            await trio.lowlevel.checkpoint()
+        reset(raw.stream)
+        reset(publisher.stream)
+
+
 # --- 8: mid close handshake ---
 
 
