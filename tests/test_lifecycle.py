@@ -242,13 +242,15 @@ async def test_an_idle_connection_is_one_task_and_a_writer_runs_only_while_neede
         assert received == list(range(200))
         await trio.testing.wait_all_tasks_blocked()
         assert connection_tasks() == 3
-        await publisher.publish("big", b"x" * 1_000_000)  # more than the socket takes
+        big = b"x" * 900_000
+        for n in range(6):  # 5.4 MB: more than the socket buffers can hold (4 MiB at most)
+            await publisher.publish("big", big, id=n + 1)
         await trio.testing.wait_all_tasks_blocked()
         assert connection_tasks() == 4  # a writer waits to send the rest
-        with trio.fail_after(5):
-            frames: list[dict[str, object]] = []
-            while not frames:
-                frames, _ = await stuck.read_frames()
-        assert frames[0]["data"] == b"x" * 1_000_000
+        frames: list[dict[str, object]] = []
+        with trio.fail_after(10):
+            while len(frames) < 6:
+                frames += (await stuck.read_frames())[0]
+        assert [frame["data"] for frame in frames] == [big] * 6
         await trio.testing.wait_all_tasks_blocked()
         assert connection_tasks() == 3  # it ended with the queue empty
