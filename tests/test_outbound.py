@@ -486,38 +486,35 @@ async def wait_in_background(
     ],
     ids=["message", "reply", "close"],
 )
-async def test_wait_batch_wakes_when_there_is_something_to_write(
+def test_a_writer_is_started_when_there_is_something_to_write(
     make_readable: Callable[[OutboundQueue], object],
 ) -> None:
     queue = OutboundQueue(1, 1000)
-    async with trio.open_nursery() as nursery:
-        done = await wait_in_background(nursery, queue.wait_batch)
-        assert not done.is_set()
-        make_readable(queue)
-        await trio.testing.wait_all_tasks_blocked()
-        assert done.is_set()
+    owner = queue.owner = Owner(takes=False)
+    queue.writer_done()  # no writer runs
+    assert owner.started == 0
+    make_readable(queue)
+    assert owner.started == 1
 
 
-async def test_wait_batch_waits_again_after_everything_is_taken() -> None:
+def test_a_writer_is_started_again_after_the_last_one_ended() -> None:
     queue = OutboundQueue(10, 1000)
-    offer(queue, "s", "t", "m", BLOCK)
-    await queue.wait_batch()  # returns at once
+    owner = queue.owner = Owner(takes=False)
+    offer(queue, "s", "t", "m", BLOCK)  # a writer runs (started by its connection)
     take_all(queue)
-    async with trio.open_nursery() as nursery:
-        done = await wait_in_background(nursery, queue.wait_batch)
-        assert not done.is_set()
-        queue.put_reply(b"ok")
-        await trio.testing.wait_all_tasks_blocked()
-        assert done.is_set()
+    offer(queue, "s", "t", "n", BLOCK)
+    assert owner.started == 0  # it runs still: nobody starts another
+    take_all(queue)
+    queue.writer_done()
+    queue.put_reply(b"ok")
+    assert owner.started == 1
 
 
-async def test_wait_batch_returns_at_once_when_a_partial_take_left_frames() -> None:
+def test_a_partial_take_leaves_something_to_write() -> None:
     queue = OutboundQueue(10, 1000)
     fill(queue, "s", "t", 3, BLOCK)
     queue.take_batch(1)
-    with trio.move_on_after(0) as scope:  # no wait: would be cancelled if it blocked
-        await queue.wait_batch()
-    assert not scope.cancelled_caught
+    assert queue.pending  # the writer goes on rather than ending
 
 
 async def test_wait_room_waits_until_a_batch_is_taken(autojump_clock: trio.abc.Clock) -> None:
@@ -673,39 +670,38 @@ test_queue_machine = QueueMachine.TestCase
 
 
 class Owner:
-    """Takes every wake-up (``takes``) or none, and counts the asks."""
+    """Takes every wake-up (``takes``) or none; counts the asks and the writers started."""
 
     def __init__(self, takes: bool) -> None:
-        self.takes, self.asked = takes, 0
+        self.takes, self.asked, self.started = takes, 0, 0
 
     def take_wake_up(self) -> bool:
         self.asked += 1
         return self.takes
 
     def start_writer(self) -> None:
-        raise AssertionError("a parked writer is rescheduled, not started")
+        self.started += 1
 
 
-async def test_a_wake_up_the_owner_takes_leaves_the_writer_asleep(nursery: trio.Nursery) -> None:
+def test_a_wake_up_the_owner_takes_starts_no_writer() -> None:
     queue = OutboundQueue(10, 1000)
     owner = queue.owner = Owner(takes=True)
-    woken = await wait_in_background(nursery, queue.wait_batch)  # the writer
+    queue.writer_done()  # no writer runs
     offer(queue, "s", "t", "m", BLOCK)
     offer(queue, "s", "t", "n", BLOCK)
     assert owner.asked == 1  # asked once, until it is done
     taken = queue.take_direct(8, 1000)
     assert taken is not None and taken[1] == 2
-    await trio.testing.wait_all_tasks_blocked()
-    assert not woken.is_set()  # written for it: the writer sleeps on
+    assert owner.started == 0  # written for it: no writer
     offer(queue, "s", "t", "o", BLOCK)
     assert owner.asked == 2  # done with the first: asked again
     queue.wake_writer()  # e.g. to finish a partial write
-    await woken.wait()
+    assert owner.started == 1
 
 
-async def test_an_owner_that_declines_lets_the_writer_wake(nursery: trio.Nursery) -> None:
+def test_an_owner_that_declines_has_a_writer_started() -> None:
     queue = OutboundQueue(10, 1000)
-    queue.owner = Owner(takes=False)
-    woken = await wait_in_background(nursery, queue.wait_batch)
+    owner = queue.owner = Owner(takes=False)
+    queue.writer_done()
     offer(queue, "s", "t", "m", BLOCK)
-    await woken.wait()
+    assert owner.started == 1

@@ -274,16 +274,22 @@ async def test_a_join_storm_reaches_a_watcher_in_one_write_per_window(
     hub.add(Subscription(watcher, "room.1", join_leave=True))
     woken = 0
 
-    async def writer() -> None:
-        nonlocal woken
-        while True:
-            await watcher.queue.wait_batch()
+    class Writer:
+        """The watcher's connection: a writer started takes everything queued, then ends."""
+
+        def take_wake_up(self) -> bool:
+            return False
+
+        def start_writer(self) -> None:
+            nonlocal woken
             woken += 1
             frames = watcher.received()
             assert len(frames) == 500 and {f["op"] for f in frames} == {"join"}
+            watcher.queue.writer_done()
 
+    watcher.queue.owner = Writer()
+    watcher.queue.writer_done()  # no writer runs
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
         nursery.start_soon(hub.write_announcements)
         await trio.testing.wait_all_tasks_blocked()
         for n in range(500):  # 500 joins in less than a window

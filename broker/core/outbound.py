@@ -27,13 +27,12 @@ its replies. A recovery's replay (:meth:`OutboundQueue.put_replay`) is queued pa
 and never dropped. Join and leave frames arrive a window at a time
 (:meth:`OutboundQueue.offer_events`): one entry holding many frames, encoded once and shared
 by every queue it is offered to, counted as its number of frames against the bound and in
-``lag``. Pure logic plus :class:`trio.Event` wake-ups; no I/O.
+``lag``. Pure logic plus :class:`trio.Event` wake-ups for publishers; no I/O.
 
-The writer is idle either parked in :meth:`~OutboundQueue.wait_batch` or, for an
-:attr:`~OutboundQueue.owner` that starts one on demand, not running at all: it ended with
-:meth:`~OutboundQueue.writer_done`, and the queue asks the owner for a new one
-(:meth:`QueueOwner.start_writer`) when there is something to write. Before waking an idle
-writer the queue asks the owner (whoever owns the socket) to take the wake-up: an owner that
+The writer is a task the queue's :attr:`~OutboundQueue.owner` (whoever owns the socket)
+starts when there is something to write (:meth:`QueueOwner.start_writer`), and that ends
+with :meth:`~OutboundQueue.writer_done` when nothing is left: an idle queue has no writer
+waiting. Before starting one the queue asks the owner to take the wake-up: an owner that
 takes it (:meth:`QueueOwner.take_wake_up` answers True) has taken charge of the write (it
 will :meth:`~OutboundQueue.take_direct` or :meth:`~OutboundQueue.wake_writer`), and the
 queue asks it nothing more until then.
@@ -119,7 +118,7 @@ def join_pairs(parts: list[Part]) -> list[bytes]:
 
 
 class QueueOwner(Protocol):
-    """Who writes what a queue holds, asked first when its idle writer would be woken."""
+    """Who writes what a queue holds: starts its writer, and is asked first."""
 
     def take_wake_up(self) -> bool:
         """True to write for the writer (then :meth:`OutboundQueue.take_direct` or
@@ -158,7 +157,6 @@ class OutboundQueue:
         "_replies",
         "_room",
         "_times",
-        "_writer",
         "dropped_total",
         "drops",
         "full_since",
@@ -192,13 +190,11 @@ class OutboundQueue:
         self._counts: dict[int, int] = {}  # entry number -> frames, for entries of several
         self._lags: dict[str, int] = {}
         self._closed = False
-        # The writer is idle: parked in wait_batch (_writer, without a trio.Event, which
-        # costs ~0.3 KiB), or ended (writer_done): the owner starts a new one.
+        # No writer runs (it ended with writer_done): the next frame has the owner start one.
         self._idle = False
-        self._writer: trio.lowlevel.Task | None = None
         # Created by a waiter, set and dropped by the next wake-up: an idle queue holds none.
         self._room: trio.Event | None = None  # publishers wait for the writer to take a batch
-        # Asked first when something arrives for the waiting writer (see the module doc);
+        # Starts the writer, and is asked first when something arrives (see the module doc);
         # _handed_off: it took charge, and is not asked again until it is done.
         self.owner: QueueOwner | None = None
         self._handed_off = False
@@ -464,22 +460,18 @@ class OutboundQueue:
 
     def _resume_writer(self) -> None:
         self._idle = False
-        writer = self._writer
-        if writer is not None:
-            self._writer = None
-            trio.lowlevel.reschedule(writer)
-        elif self.owner is not None:
+        if self.owner is not None:
             self.owner.start_writer()
 
     def wake_writer(self) -> None:
-        """Wake the idle writer now (or have the owner start one), even with nothing queued
-        (say, to finish a partial write)."""
+        """Have the owner start a writer now if none runs, even with nothing queued (say, to
+        finish a partial write)."""
         self._handed_off = False
         if self._idle:
             self._resume_writer()
 
     def writer_done(self) -> None:
-        """The owner's writer ends, having found nothing to write: the next frame (or
+        """The writer ends, having found nothing to write: the next frame (or
         :meth:`wake_writer`) asks the owner for another (:meth:`QueueOwner.start_writer`)."""
         self._idle = True
 
@@ -523,26 +515,13 @@ class OutboundQueue:
         """Whether there is something to write: frames or lag counts."""
         return bool(self._messages or self._replies or self._lags)
 
-    async def wait_batch(self) -> None:
-        """Wait until there is something to write, or the queue is closed, or
-        :meth:`wake_writer` (for a writer that waits parked; see the module doc)."""
-        if not (self.pending or self._closed):
-            self._idle = True
-            self._writer = trio.lowlevel.current_task()  # woken by trio.lowlevel.reschedule
-            await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
-
-    def _abort_wait(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._writer = None  # cancelled: nobody may reschedule it now
-        self._idle = False
-        return trio.lowlevel.Abort.SUCCEEDED
-
     # --- consumer ---
 
     def take_direct(
         self, max_frames: int, max_bytes: int
     ) -> tuple[list[Part], int, float | None, int] | None:
-        """For a write by someone else than the writer (``Connection.write_held``): if the
-        writer is idle, at most ``max_frames`` frames in at most ``max_bytes`` are queued
+        """For a write by someone else than the writer (``Connection.write_held``): if
+        no writer runs, at most ``max_frames`` frames in at most ``max_bytes`` are queued
         and there is no lag to report, take them all, as :meth:`take_batch` would, as
         ``(parts, messages, oldest, size)`` (no :class:`Batch` built). Otherwise take nothing
         and answer ``None``. Either way the writer's wake-up is no longer handed off."""
