@@ -223,10 +223,7 @@ class WebSocket:
         """
         while self._sending:
             if control:
-                if self._pending is None:
-                    self._pending = [data]
-                elif len(self._pending) < 4:
-                    self._pending.append(data)
+                self._hold_control(data)
                 return
             if self._idle is None:
                 self._idle = trio.Event()
@@ -437,12 +434,17 @@ class WebSocket:
         one (as :meth:`send_raw` does), else at once; what the socket does not take is the
         rest of a write in progress, which the next send finishes (:meth:`finish_send`)."""
         if self._sending:
-            if self._pending is None:
-                self._pending = [data]
-            elif len(self._pending) < 4:
-                self._pending.append(data)
+            self._hold_control(data)
             return
         self._write_now(data)
+
+    def _hold_control(self, data: bytes) -> None:
+        """Queue a control frame behind the write in progress (at most 4: a peer flooding
+        pings but not reading gets no more)."""
+        if self._pending is None:
+            self._pending = [data]
+        elif len(self._pending) < 4:
+            self._pending.append(data)
 
     async def _keepalive(self) -> None:
         if self._ping_outstanding:
