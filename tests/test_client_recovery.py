@@ -59,24 +59,40 @@ async def proxy(broker: BrokerProcess, task_group: anyio.abc.TaskGroup) -> Proxy
 # --- the pure part ---
 
 
-def take(recovery: Recovery, offset: int | None) -> bool:
-    """What the client's reader does with a ``msg``: deliver it if new; True if delivered."""
-    if not recovery.is_new(offset):
-        return False
+def take(recovery: Recovery, offset: int | None) -> str | None:
+    """What the client's reader does with a ``msg`` (a refill aside): learn whether the
+    topic's numbering started again (returned: why messages may be missing), deliver it."""
+    why = recovery.restarted(offset)
     recovery.delivered(offset)
-    return True
+    return why
 
 
-def test_recovery_remembers_the_last_offset_and_skips_what_was_delivered() -> None:
+def test_recovery_remembers_the_last_offset_delivered() -> None:
     recovery = Recovery(TOPIC)
     assert recovery.since() is None and recovery.position is None
     recovery.subscribed({"op": "ok", "epoch": "e1", "offset": 4})
-    assert [take(recovery, n) for n in (5, 6, 6, 3, 7)] == [True, True, False, False, True]
+    assert [take(recovery, n) for n in (5, 6, 7)] == [None, None, None]
     assert recovery.since() == {"epoch": "e1", "offset": 7}
     assert recovery.resubscribed({"epoch": "e1", "offset": 9, "recovered": True}) is None
     assert recovery.recovered is True
-    assert [take(recovery, n) for n in (7, 8, 9)] == [False, True, True]  # the replay
+    assert [take(recovery, n) for n in (8, 9)] == [None, None]  # the replay
     assert recovery.position == Position("e1", 9)
+
+
+def test_an_offset_that_goes_back_is_a_new_numbering_told_and_then_learned() -> None:
+    recovery = Recovery(TOPIC)
+    recovery.subscribed({"epoch": "e1", "offset": 4})
+    assert take(recovery, 5) is None and take(recovery, 6) is None
+    why = take(recovery, 1)  # the topic was evicted whole, then published to again
+    assert why == (
+        "the topic's history was lost (its offsets started again at 1): what was published "
+        "after offset 6 of its old epoch may be missing"
+    )
+    assert recovery.renumbered and recovery.position is None and recovery.since() is None
+    assert take(recovery, 2) is None  # told once
+    recovery.adopt("e2")  # a history read named the new epoch
+    assert not recovery.renumbered and recovery.since() == {"epoch": "e2", "offset": 2}
+    assert recovery.restarted(3, seen=3) is not None  # behind what a refill holds
 
 
 def test_recovery_after_eviction_keeps_its_offset_so_the_kept_tail_is_delivered() -> None:
@@ -84,7 +100,7 @@ def test_recovery_after_eviction_keeps_its_offset_so_the_kept_tail_is_delivered(
     recovery.subscribed({"epoch": "e1", "offset": 2})
     why = recovery.resubscribed({"epoch": "e1", "offset": 50, "recovered": False})
     assert why == "messages after offset 2 were no longer kept" and recovery.recovered is False
-    assert take(recovery, 46) and recovery.position == Position("e1", 46)
+    assert take(recovery, 46) is None and recovery.position == Position("e1", 46)
 
 
 @pytest.mark.parametrize(
@@ -100,14 +116,16 @@ def test_recovery_restarts_from_the_latest_offset_when_its_own_is_void(
     recovery = Recovery(TOPIC)
     recovery.subscribed({"epoch": "e1", "offset": 8})
     assert why in (recovery.resubscribed(reply) or "")
-    assert take(recovery, int(str(reply["offset"])) + 1)  # the next one is new, not a repeat
+    latest = int(str(reply["offset"]))
+    assert take(recovery, latest + 1) is None  # the next one is new, not a restart
+    assert recovery.position == Position(str(reply["epoch"]), latest + 1)
 
 
 def test_an_unanswered_resubscription_forgets_the_position_rather_than_skip_messages() -> None:
     recovery = Recovery(TOPIC)
     recovery.subscribed({"epoch": "e1", "offset": 8})
     assert recovery.forget("no answer") == "no answer" and recovery.recovered is False
-    assert take(recovery, 1) and recovery.since() is None  # a new epoch's first message
+    assert take(recovery, 1) is None and recovery.since() is None  # a new epoch's first
 
 
 def test_a_wildcard_never_asks_for_since_and_reports_a_possible_loss_at_each_reconnect() -> None:
@@ -115,7 +133,7 @@ def test_a_wildcard_never_asks_for_since_and_reports_a_possible_loss_at_each_rec
     recovery.subscribed({"op": "ok"})
     assert "wildcard" in (recovery.resubscribed({"op": "ok"}) or "")
     assert recovery.recovered is False
-    assert take(recovery, 5) and take(recovery, 5)  # offsets of different topics
+    assert take(recovery, 5) is None and take(recovery, 5) is None  # of different topics
     assert recovery.since() is None
     assert "wildcard" in (recovery.resubscribed({"op": "ok"}) or "")
 
@@ -123,7 +141,7 @@ def test_a_wildcard_never_asks_for_since_and_reports_a_possible_loss_at_each_rec
 def test_a_topic_without_history_is_told_at_each_reconnect_what_it_missed() -> None:
     recovery = Recovery("news.a")
     recovery.subscribed({"op": "ok"})
-    assert take(recovery, None) and recovery.since() is None
+    assert take(recovery, None) is None and recovery.since() is None
     assert "keeps no history" in (recovery.resubscribed({"op": "ok"}) or "")
     assert recovery.recovered is False
     history_lost = Recovery(TOPIC)
@@ -235,6 +253,65 @@ async def test_evicted_messages_are_a_gap_and_the_kept_tail_is_still_delivered(
         assert sub.recovered is False and sub.gaps == 1
         with anyio.fail_after(5):
             assert [(await sub.receive()).offset for _ in range(5)] == [17, 18, 19, 20, 21]
+
+
+@pytest.fixture(scope="module")
+def evicting_broker() -> Iterator[BrokerProcess]:
+    """A broker whose history holds ~4 KB: a topic published to least recently is evicted
+    whole, and starts a new epoch (offsets from 1 again) when published to next."""
+    with BrokerProcess(history(size=5) + "[history]\nmax_bytes = 4000\n") as process:
+        yield process
+
+
+async def test_a_topic_evicted_whole_while_subscribed_is_told_and_its_new_epoch_recovers(
+    evicting_broker: BrokerProcess, topic: str, task_group: anyio.abc.TaskGroup
+) -> None:
+    proxy = await start_proxy(task_group, evicting_broker.port)
+    told: list[str] = []
+    async with (
+        connect(proxy.url, backoff=TINY, on_gap=lambda _, why: told.append(why)) as client,
+        client.subscribe(topic) as sub,
+        connect(evicting_broker.url) as publisher,
+    ):
+        for n in range(5):
+            await publisher.publish(topic, f"old{n}")
+        with anyio.fail_after(5):
+            assert [(await sub.receive()).offset for _ in range(5)] == [1, 2, 3, 4, 5]
+        old = sub.position
+        for other in range(5):  # published later: ours is the least recently published
+            for _ in range(5):
+                await publisher.publish(f"{topic}.other{other}", "x" * 100)
+        for n in range(7):
+            await publisher.publish(topic, f"new{n}")
+        with anyio.fail_after(5):
+            fresh = [await sub.receive() for _ in range(7)]
+        assert [(m.data, m.offset) for m in fresh] == [(f"new{n}", n + 1) for n in range(7)]
+        assert told == [
+            "the topic's history was lost (its offsets started again at 1): what was "
+            "published after offset 5 of its old epoch may be missing"
+        ]
+        await wait_until(lambda: sub.position is not None)  # a history read named the epoch
+        assert sub.position is not None and old is not None
+        assert sub.position.epoch != old.epoch and sub.position.offset == 7
+
+        proxy.down()
+        await wait_until(lambda: not client.connected)
+        await publisher.publish(topic, "new7")
+        await publisher.publish(topic, "new8")
+        proxy.up()
+        await wait_until(lambda: client.reconnects == 1)
+        with anyio.fail_after(5):
+            assert [(await sub.receive()).data for _ in range(2)] == ["new7", "new8"]
+        assert sub.recovered is True and len(told) == 1
+
+
+async def test_a_client_closed_by_a_cancelled_scope_mid_subscribe_closes_cleanly(
+    broker: BrokerProcess, topic: str
+) -> None:
+    with anyio.move_on_after(0.2) as scope:  # its aclose runs cancelled
+        async with connect(broker.url) as client, client.subscribe(topic):
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught and not client.connected
 
 
 async def test_a_reconnect_is_never_silent_for_what_cannot_recover(

@@ -22,7 +22,7 @@ import anyio.abc
 import pytest
 
 from broker.pytest_plugin import BrokerProcess
-from broker_client import Client, Gap, Message, Subscription, connect
+from broker_client import Client, Gap, Message, Position, Subscription, connect
 from broker_client.codec import Encoding, decode, encode
 from broker_client.recovery import Recovery
 from broker_client.refill import Read, Refill
@@ -407,3 +407,58 @@ def test_a_refilled_message_count_never_passes_the_cap() -> None:
     refill.answered(Read("e", 0, 1), {"epoch": "e", "offset": 99, "messages": kept(1, 1)})
     assert [m.offset for m in handed_over(refill) if isinstance(m, Message)] == [1, 2, 3, 4]
     assert refill.next_read() == Read("e", 4, 99)  # the rest, past the cap, is read back
+
+
+def test_a_jump_after_a_resubscription_that_replayed_nothing_is_refilled() -> None:
+    new_epoch = Recovery(ROOM)
+    new_epoch.subscribed({"epoch": "e", "offset": 3})
+    assert "new epoch" in (new_epoch.resubscribed({"epoch": "f", "offset": 0, "recovered": False})
+                           or "")  # fmt: skip
+    refill = Refill(ROOM, new_epoch, 10)
+    assert refill.take(message(4)) and refill.next_read() == Read("f", 0, 3)  # 1..3 dropped
+    expired = Recovery(ROOM)  # the same epoch, every message after ours expired: none replayed
+    expired.subscribed({"epoch": "e", "offset": 3})
+    expired.resubscribed({"epoch": "e", "offset": 9, "recovered": False})
+    refill = Refill(ROOM, expired, 10)
+    assert refill.take(message(12)) and refill.next_read() == Read("e", 9, 11)  # 4..9 were told
+
+
+def test_an_offset_that_goes_back_starts_a_refill_that_learns_the_new_epoch() -> None:
+    refill = refill_after(6)
+    recovery = refill._recovery
+    assert recovery.restarted(3, refill.highest) is not None  # told by the client
+    assert refill.take(message(3)) and handed_over(refill) == []
+    read = refill.next_read()
+    assert read == Read(None, 0, 2) and "since" not in read.frame(ROOM)  # from the oldest kept
+    refill.answered(read, {"epoch": "f", "offset": 3, "messages": kept(2, 3)})
+    assert handed_over(refill) == [Gap(ROOM, 1, 1, "evicted"), message(2), message(3)]
+    assert refill.next_read() is None and recovery.position == Position("f", 3)
+    # Starting again at 1: nothing is missing, but the read still names the epoch.
+    refill = refill_after(6)
+    assert refill._recovery.restarted(1) and refill.take(message(1))
+    assert handed_over(refill) == [message(1)]
+    read = refill.next_read()
+    assert read == Read(None, 1, 1) and read.frame(ROOM)["limit"] == 1
+    refill.answered(read, {"epoch": "f", "offset": 1, "messages": kept(1, 1)})
+    assert handed_over(refill) == [] and refill.next_read() is None
+    assert refill._recovery.position == Position("f", 1)
+
+
+def test_an_offset_that_goes_back_while_refilling_ends_the_old_numbering_with_a_gap() -> None:
+    refill = refill_after(4)
+    assert refill.take(message(7)) and refill.take(message(8))
+    assert refill._recovery.restarted(2, refill.highest) is not None
+    assert refill.take(message(2))
+    assert handed_over(refill) == [Gap(ROOM, 5, 6, "history_lost"), message(7), message(8)]
+    read = refill.next_read()
+    assert read == Read(None, 0, 1)
+    refill.answered(read, {"epoch": "f", "offset": 2, "messages": []})  # nothing kept: no gap
+    assert refill.next_read() == Read("f", 0, 1)  # asked again, of the epoch now known
+    refill.answered(Read("f", 0, 1), {"epoch": "f", "offset": 2, "messages": []})
+    assert handed_over(refill) == [Gap(ROOM, 1, 1, "evicted"), message(2)]
+    # A read of an unknown epoch that fails gives up learning it: no read after.
+    refill = refill_after(4)
+    assert refill._recovery.restarted(1) and refill.take(message(1))
+    handed_over(refill)
+    refill.failed()
+    assert refill.next_read() is None and not refill.active

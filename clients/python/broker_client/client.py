@@ -382,7 +382,8 @@ class Client:
         self._closing = True
         if self._tasks is not None:
             with anyio.move_on_after(self.reply_timeout):
-                await self._outbox.wait_flushed()
+                await self._outbox.wait_flushed(lambda: self._tasks is None)
+        if self._tasks is not None:  # (the connection may have ended meanwhile)
             self._tasks.cancel_scope.cancel()  # run() then closes the WebSocket and returns
             with anyio.move_on_after(self.connect_timeout):
                 await self._stopped.wait()
@@ -574,6 +575,7 @@ class Client:
                 tasks.cancel_scope.cancel()
         finally:
             self._tasks = None
+            self._outbox.wake()  # aclose no longer waits for a flush
             for route in self._routes.values():  # a resubscription's since brings the rest
                 route.stop_refill()
 
@@ -690,8 +692,10 @@ class Client:
         if op == "msg":
             pattern, offset = str(frame.get("sub")), frame.get("offset")
             route = self._routes.get(pattern)
-            if route is None or not route.recovery.is_new(offset):
-                return  # no longer subscribed, or a replayed message already delivered
+            if route is None:
+                return  # no longer subscribed
+            # An offset that goes back: the topic's numbering started again (a new epoch).
+            self._tell_gap(route, route.recovery.restarted(offset, route.refill.highest))
             message = Message(frame.get("topic", ""), frame.get("data"), pattern,
                               offset if isinstance(offset, int) else None)  # fmt: skip
             refilling = route.refill.active

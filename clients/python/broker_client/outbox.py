@@ -101,10 +101,15 @@ class Outbox:
         self._in_flight = 0
         self._notify()
 
-    async def wait_flushed(self) -> None:
-        """Wait until nothing is queued or being written."""
-        while self._items or self._in_flight:
+    async def wait_flushed(self, gone: Callable[[], bool]) -> None:
+        """Wait until nothing is queued or being written, or ``gone()`` (the connection that
+        would write it ended: checked at each change and each :meth:`wake`)."""
+        while (self._items or self._in_flight) and not gone():
             await self._wait()
+
+    def wake(self) -> None:
+        """Make :meth:`wait_flushed` check ``gone()`` again."""
+        self._notify()
 
     async def _wait(self) -> None:
         """Wait for the next change (a frame queued or taken, a batch written)."""

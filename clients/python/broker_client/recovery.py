@@ -2,9 +2,11 @@
 
 On a concrete topic that keeps history the broker's ``ok`` names the topic's ``epoch`` and
 latest ``offset``, and each ``msg`` carries its ``offset``. A :class:`Recovery` remembers the
-last offset delivered, gives the ``since`` to resubscribe with after a reconnect, drops
-replayed messages already delivered (a safety net: the broker replays only what is newer),
-and reads the broker's answer: did the reconnect lose messages, and why.
+last offset delivered, gives the ``since`` to resubscribe with after a reconnect, and reads
+the broker's answer: did the reconnect lose messages, and why. Offsets only grow, by 1 per
+message, and the broker replays only what is newer, so a live offset that is not above the
+last one means the topic's numbering started again (its history was lost: a new epoch, which
+``msg`` does not name): :meth:`Recovery.restarted` tells it, and the epoch is learned anew.
 
 A reconnect is never silent: a subscription that cannot recover (a topic that keeps no
 history, or a wildcard: a position belongs to one topic, and the broker refuses ``since`` on a
@@ -36,17 +38,19 @@ class Recovery:
     ``position`` is the last message delivered (``None`` until the broker named an epoch);
     ``recovered`` is the answer of the last resubscription: ``True`` nothing was missed,
     ``False`` messages may be missing, ``None`` nothing to recover (no history, no reconnect).
-    ``loss_reported`` is true from a resubscription that reported a loss until the next
-    message: its offset may jump over what was reported (the kept tail replayed after an
-    eviction), which is no news.
+    ``renumbered``: the topic's offsets started again, and its new epoch is not known yet.
     """
 
     def __init__(self, pattern: str) -> None:
         self.concrete = is_concrete(pattern)
         self.recovered: bool | None = None
-        self.loss_reported = False
+        self.renumbered = False
         self._epoch: str | None = None
         self._offset = 0
+        # From a resubscription that told messages after _offset were no longer kept, until
+        # the next message: the topic's latest offset then. The kept tail replayed next may
+        # jump up to it, which is no news.
+        self._told_until = 0
 
     @property
     def position(self) -> Position | None:
@@ -59,14 +63,40 @@ class Recovery:
             return None
         return {"epoch": self._epoch, "offset": self._offset}
 
-    def is_new(self, offset: object) -> bool:
-        """``False`` for a replayed message that was already delivered."""
-        return not (
-            self.concrete
-            and self._epoch is not None
-            and isinstance(offset, int)
-            and offset <= self._offset
+    def missing_after(self, offset: int) -> int | None:
+        """The offset after which messages before ``offset`` (a live one) are missing and
+        untold, or ``None``: it follows on from the last delivered, or jumps no further than
+        a resubscription told (or the epoch is not known)."""
+        if self._epoch is None:
+            return None
+        last = max(self._offset, self._told_until)
+        return last if offset > last + 1 else None
+
+    def restarted(self, offset: object, seen: int = 0) -> str | None:
+        """Why messages may be missing if a live ``offset`` is not above the last delivered
+        (nor above ``seen``, the highest a refill holds): the topic's numbering started again.
+        The epoch is then unknown (:attr:`renumbered`) until a ``history`` read
+        (:meth:`adopt`) or the next resubscription names it."""
+        if not (self.concrete and self._epoch is not None and isinstance(offset, int)):
+            return None
+        last = max(self._offset, seen)
+        if offset > last:
+            return None
+        self.renumber()
+        return (
+            f"the topic's history was lost (its offsets started again at {offset}): what was "
+            f"published after offset {last} of its old epoch may be missing"
         )
+
+    def renumber(self) -> None:
+        """The topic's offsets started again: forget the epoch until :meth:`adopt`."""
+        self._epoch, self._offset, self._told_until = None, 0, 0
+        self.renumbered = True
+
+    def adopt(self, epoch: str) -> None:
+        """After :meth:`renumber`: the new numbering's epoch, named by a ``history`` answer."""
+        if self.renumbered:
+            self._epoch, self.renumbered = epoch, False
 
     def delivered(self, offset: object) -> None:
         """A message reached the subscriptions: it is the last one seen (call it after, not
@@ -74,7 +104,7 @@ class Recovery:
         """
         if isinstance(offset, int) and self.concrete:
             self._offset = offset
-        self.loss_reported = False
+        self._told_until = 0
 
     def subscribed(self, reply: Mapping[str, object]) -> None:
         """Take the ``ok`` of the first ``sub``."""
@@ -87,15 +117,17 @@ class Recovery:
             self.recovered = False
         elif "recovered" in reply:
             self.recovered = True
+        kept_epoch = reply.get("recovered") is False and reply.get("epoch") == self._epoch
         self._take_position(reply)
-        self.loss_reported = why is not None
+        latest = reply.get("offset")
+        self._told_until = latest if kept_epoch and isinstance(latest, int) else 0
         return why
 
     def forget(self, why: str) -> str:
         """The position is unknown (the resubscription went unanswered): deliver every offset
         from now on, and resubscribe without ``since`` next time. Returns ``why``.
         """
-        self._epoch, self.recovered = None, False
+        self._epoch, self.recovered, self._told_until = None, False, 0
         return why
 
     def _loss(self, reply: Mapping[str, object]) -> str | None:
@@ -130,3 +162,4 @@ class Recovery:
             return
         if epoch != self._epoch or latest < self._offset:
             self._epoch, self._offset = epoch, latest
+        self.renumbered = False

@@ -11,6 +11,11 @@ history was lost, or the read failed) become a :class:`~broker_client.subscripti
 between the messages around them. So every offset is handed over exactly once, as a message
 or inside a gap, and the refill holds at most the cap plus one answer, however far behind.
 
+A live offset that goes back means the topic's numbering started again (a new epoch, which
+``msg`` does not name): what was missing of the old numbering is a gap (``history_lost``), and
+a refill in the new one reads without ``since`` (from the oldest kept), which names the new
+epoch and brings the new numbering's earlier messages.
+
 The client feeds it (sans-IO): :meth:`Refill.take` each live message, then, in a task of its
 own while the refill is :attr:`~Refill.active`, hands over each :meth:`~Refill.next_item`,
 makes each :meth:`~Refill.next_read` and gives the answer to :meth:`~Refill.answered`. The
@@ -38,15 +43,17 @@ class Read:
     """One ``history`` read: the kept messages after offset ``after`` of ``epoch``, for the
     missing offsets up to ``end``."""
 
-    epoch: str
+    epoch: str | None  # None: not known yet (the numbering started again); read from the oldest
     after: int
     end: int
 
     def frame(self, topic: str) -> dict[str, Any]:
         """The ``history`` frame (without ``id``) for ``topic``."""
-        since = {"epoch": self.epoch, "offset": self.after}
-        limit = min(MAX_READ, self.end - self.after)
-        return {"op": "history", "topic": topic, "since": since, "limit": limit}
+        limit = max(1, min(MAX_READ, self.end - self.after))
+        frame: dict[str, Any] = {"op": "history", "topic": topic, "limit": limit}
+        if self.epoch is not None:
+            frame["since"] = {"epoch": self.epoch, "offset": self.after}
+        return frame
 
 
 class Refill:
@@ -64,7 +71,7 @@ class Refill:
         self._cap = cap
         self._held: deque[tuple[int, Message]] | None = None  # held live; None: not refilling
         self._ready: deque[Message | Gap] = deque()  # to hand over, in offset order
-        self._epoch = ""
+        self._epoch: str | None = ""
         self._last = 0  # the offset of the last item handed over or ready
         self._highest = 0  # the highest offset seen live while refilling
 
@@ -79,31 +86,45 @@ class Refill:
         """True from a jump until every offset up to the highest seen is handed over."""
         return self._held is not None
 
+    @property
+    def highest(self) -> int:
+        """The highest offset seen while refilling (0 when not)."""
+        return self._highest if self._held is not None else 0
+
     def take(self, message: Message) -> bool:
-        """A live message (new: see :meth:`Recovery.is_new`). ``True`` if the refill takes it:
-        it starts one (the offset jumped) or holds it, or leaves it to a read (past the cap,
-        or an offset it already has); ``False``: hand it over now.
+        """A live message. ``True`` if the refill takes it: it starts one (the offset jumped,
+        or the numbering started again) or holds it, or leaves it to a read (past the cap);
+        ``False``: hand it over now. Call :meth:`Recovery.restarted` with :attr:`highest`
+        first.
         """
         offset = message.offset
-        if offset is None:
+        if offset is None or not self.wanted:
             return False
+        recovery = self._recovery
         if self._held is None:
-            position = self._recovery.position
-            if (
-                not self.wanted
-                or position is None
-                or offset <= position.offset + 1
-                or self._recovery.loss_reported  # a resubscription already told this jump
-            ):
+            if recovery.renumbered:  # read the new epoch's name and earlier messages
+                self._start(message, None, 0)
+                return True
+            after, position = recovery.missing_after(offset), recovery.position
+            if after is None or position is None:
                 return False
-            self._held = deque([(offset, message)])
-            self._epoch, self._last, self._highest = position.epoch, position.offset, offset
+            self._start(message, position.epoch, after)
             return True
-        if offset > self._highest:
+        if offset <= self._highest:  # the numbering started again while refilling
+            self._give_up("history_lost")
+            self._start(message, None, 0)
+        else:
             self._highest = offset
             if len(self._held) < self._cap:
                 self._held.append((offset, message))
         return True
+
+    def _start(self, message: Message, epoch: str | None, after: int) -> None:
+        """Refill from offset ``after`` of ``epoch`` up to ``message``, which is held."""
+        offset = message.offset
+        assert offset is not None
+        self._held = deque([(offset, message)])
+        self._epoch, self._last, self._highest = epoch, after, offset
 
     def next_item(self) -> Message | Gap | None:
         """The next message or gap to hand over, if one is ready (then call
@@ -126,7 +147,7 @@ class Refill:
             return None
         if self._held:
             end = self._held[0][0] - 1
-        elif self._highest > self._last:
+        elif self._highest > self._last or self._epoch is None:  # or the epoch to learn
             end = self._highest
         else:
             self.stop()
@@ -139,7 +160,11 @@ class Refill:
         offsets it does not have (evicted), or for all that remain if the epoch changed."""
         if self._held is None:
             return
-        if reply.get("epoch") != read.epoch:
+        epoch = reply.get("epoch")
+        if read.epoch is None and isinstance(epoch, str):  # the new numbering's name
+            self._epoch = epoch
+            self._recovery.adopt(epoch)
+        elif epoch != read.epoch or epoch is None:
             self._give_up("history_lost")
             return
         before = self._last
@@ -151,7 +176,9 @@ class Refill:
             if offset > read.end:
                 break
             self._pass(offset, Message(self.topic, entry.get("data"), self.topic, offset))
-        if self._last == before:  # none of the missing ones: none is kept any more
+        # None of the missing ones: none is kept any more (a read that only learned the
+        # epoch, from the oldest kept, may have brought none: the next asks from our offset).
+        if self._last == before < read.end and read.epoch is not None:
             self._lose(read.end, "evicted")
 
     def failed(self) -> None:
@@ -170,6 +197,8 @@ class Refill:
         """No more reads for what is missing now: the held messages are ready, and the
         offsets between and after them are gaps."""
         held, self._held = self._held or deque(), deque()
+        if self._epoch is None:  # nor learn the epoch: the next resubscription names it
+            self._epoch = ""
         for offset, message in held:
             self._pass(offset, message, why)
         if self._highest > self._last:
