@@ -109,6 +109,36 @@ async def test_publish_nowait_messages_arrive_in_order(broker: BrokerProcess) ->
         assert [(await next_message(sub)).data for _ in range(100)] == list(range(100))
 
 
+async def test_a_burst_of_publish_nowait_fits_the_brokers_message_size(
+    broker: BrokerProcess,
+) -> None:
+    """1.2 MB queued at once goes in batches within the broker's 1 MiB max_message_size
+    (one batch of it all would be closed with 1009, and lost)."""
+    async with (
+        connect(broker.url) as publisher,
+        connect(broker.url) as subscriber,
+        subscriber.subscribe("burst") as sub,
+    ):
+        for n in range(600):
+            publisher.publish_nowait("burst", f"{n:04}" + "x" * 2000)
+        await publisher.publish("burst", "last")
+        got = [(await next_message(sub)).data[:4] for _ in range(601)]
+        assert got == [f"{n:04}" for n in range(600)] + ["last"]
+        assert publisher.reconnects == 0 and publisher.connected
+
+
+async def test_a_frame_over_max_message_size_raises_too_large_and_the_connection_stays(
+    client: Client,
+) -> None:
+    big = b"x" * (1024 * 1024)
+    with pytest.raises(TooLarge, match=r"over max_message_size \(1048576\)"):
+        await client.publish("big", big)
+    with pytest.raises(TooLarge):
+        client.publish_nowait("big", big)
+    await client.publish("big", "small")  # the same connection
+    assert client.reconnects == 0
+
+
 async def test_publish_nowait_is_flushed_when_the_client_closes(client: Client) -> None:
     async with client.subscribe("last.words") as sub:
         async with connect(client.url) as short_lived:

@@ -50,6 +50,7 @@ from broker_client.errors import (
     Forbidden,
     Overloaded,
     ReplyTimeout,
+    TooLarge,
     Unauthorized,
     error_from_frame,
 )
@@ -77,7 +78,8 @@ from broker_client.transport import (
 
 log = logging.getLogger("broker_client")
 
-MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: The largest WebSocket message taken from the broker (it sends up to its max_message_size).
+MAX_RECEIVE_SIZE = 16 * 1024 * 1024
 #: Closes that reconnecting as it is would not change: the token expired (4003), the server
 #: API disconnected this user (4010).
 FINAL_CLOSES = frozenset({CloseCode.FORBIDDEN, 4010})
@@ -161,6 +163,7 @@ class Client:
         connect_timeout: float = 10.0,
         buffer_size: int = 100,
         outbox_size: int = 1000,
+        max_message_size: int = 1024 * 1024,
         on_reconnect: Callable[[Client], None] | None = None,
         on_gap: Callable[[Subscription[Any], str], None] | None = None,
         ping_interval: float | None = 20.0,
@@ -186,6 +189,7 @@ class Client:
         self.reply_timeout = reply_timeout
         self.connect_timeout = connect_timeout
         self.buffer_size = buffer_size
+        self.max_message_size = max_message_size
         self.on_reconnect = on_reconnect
         self.on_gap = on_gap
         self.ping_interval = ping_interval
@@ -236,8 +240,7 @@ class Client:
         refusal by the broker is only logged.
         """
         self._check_open()
-        frame = {"op": "pub", "topic": topic, "data": data}
-        self._outbox.put_nowait(codec.encode(frame, self.encoding))
+        self._outbox.put_nowait(self._encode({"op": "pub", "topic": topic, "data": data}))
 
     @overload
     def subscribe(
@@ -402,7 +405,7 @@ class Client:
         self._check_open()
         self._next_id += 1
         frame["id"] = frame_id = self._next_id
-        encoded = codec.encode(frame, self.encoding)
+        encoded = self._encode(frame)
         pending = Pending(on_ok)
         self._pending[frame_id] = pending
         try:
@@ -421,6 +424,19 @@ class Client:
         if pending.reply.get("op") == "err":
             raise error_from_frame(pending.reply.get("code"), pending.reply.get("msg"))
         return pending.reply
+
+    def _encode(self, frame: dict[str, Any]) -> bytes:
+        """``frame`` encoded; raises :class:`TooLarge` if it would not fit in the one
+        WebSocket message the broker takes (it would close the connection with 1009)."""
+        encoded = codec.encode(frame, self.encoding)
+        if len(encoded) > self.max_message_size:
+            raise TooLarge(
+                f"the {frame['op']} frame is {len(encoded)} bytes encoded, over "
+                f"max_message_size ({self.max_message_size}): the broker would close the "
+                "connection (1009). Set max_message_size to the broker's "
+                "server.max_message_size (1 MiB by default) if it is larger"
+            )
+        return encoded
 
     async def _subscribe(self, route: _Route) -> None:
         while True:
@@ -529,7 +545,7 @@ class Client:
                 headers=[("Authorization", f"Bearer {token}")] if token else [],
                 ssl_context=self._ssl_context,
                 connect_timeout=self.connect_timeout,
-                max_message_size=MAX_MESSAGE_SIZE,
+                max_message_size=MAX_RECEIVE_SIZE,
             )
         )
 
@@ -646,7 +662,7 @@ class Client:
 
     async def _write_loop(self, transport: Transport, scope: anyio.CancelScope) -> None:
         while True:
-            batch = await self._outbox.take_batch(MAX_MESSAGE_SIZE)
+            batch = await self._outbox.take_batch(self.max_message_size)
             for _, pending in batch:
                 if pending is not None:
                     pending.written = True
@@ -857,6 +873,7 @@ async def connect(
     connect_timeout: float = 10.0,
     buffer_size: int = 100,
     outbox_size: int = 1000,
+    max_message_size: int = 1024 * 1024,
     on_reconnect: Callable[[Client], None] | None = None,
     on_gap: Callable[[Subscription[Any], str], None] | None = None,
     ping_interval: float | None = 20.0,
@@ -869,9 +886,13 @@ async def connect(
     next when one is unreachable or refuses with 503. ``encoding`` is ``"msgpack"`` (default)
     or ``"json"``. ``token`` is sent as ``Authorization: Bearer``; a function (sync or async)
     returning a token is called before every connection. ``buffer_size`` bounds each
-    subscription's buffer, ``outbox_size`` the frames waiting to be sent. With ``reconnect``
-    (default) a dropped connection is retried for ever with ``backoff`` delays (never sooner
-    than a 503's ``Retry-After``), and subscriptions resume where they were on topics with
+    subscription's buffer, ``outbox_size`` the frames waiting to be sent.
+    ``max_message_size`` is the broker's ``server.max_message_size``: what the client sends in
+    one WebSocket message (a batch of frames) stays within it, and a publish whose frame alone
+    exceeds it raises :class:`TooLarge` instead of getting the connection closed (1009).
+    With ``reconnect`` (default) a dropped connection is retried for ever with ``backoff``
+    delays (never sooner than a 503's ``Retry-After``), and subscriptions resume where they
+    were on topics with
     history; ``on_gap(subscription, why)`` is called when they cannot, after every
     reconnect for those that keep no history, and for each :class:`Gap` a refill finds (see
     :meth:`Client.subscribe`). A refusal that waiting would not change (HTTP
@@ -887,7 +908,8 @@ async def connect(
     client = Client(
         url, token=token, encoding=encoding, reconnect=reconnect, backoff=backoff,
         reply_timeout=reply_timeout, connect_timeout=connect_timeout, buffer_size=buffer_size,
-        outbox_size=outbox_size, on_reconnect=on_reconnect, on_gap=on_gap,
+        outbox_size=outbox_size, max_message_size=max_message_size, on_reconnect=on_reconnect,
+        on_gap=on_gap,
         ping_interval=ping_interval, ssl_context=ssl_context, ca_file=ca_file,
     )  # fmt: skip
     try:
