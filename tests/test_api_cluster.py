@@ -83,7 +83,8 @@ async def test_info_lists_every_node(redis: RedisServer) -> None:
         await wait_until(lambda: backplane(a).connected and backplane(b).connected)
         await bob.subscribe("x.*")
         info = (await http.get("/api/info")).json()
-        assert [node["node"] for node in info["nodes"]] == ["n0", "n1"]
+        assert [node["node"] for node in info["nodes"]] == [a.node_id, b.node_id]
+        assert a.node_id.startswith("n0-")  # the configured name, then what makes it unique
         assert [node["connections"] for node in info["nodes"]] == [0, 1]
         assert (info["connections"], info["subscriptions"]) == (1, 1)
 

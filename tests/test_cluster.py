@@ -109,6 +109,21 @@ async def test_a_message_published_on_one_node_reaches_subscribers_on_every_node
             await client.expect("msg", topic="chat.room", sub="chat.room", data={"text": "hi"})
 
 
+async def test_nodes_given_one_node_id_by_a_shared_config_still_deliver_to_each_other(
+    redis: RedisServer,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = [await start_broker(nursery, cluster_config(redis, "eu-1")) for _ in range(2)]
+        await wait_until(lambda: backplane(a).connected and backplane(b).connected)
+        async with connect(a.url) as subscriber, connect(b.url) as publisher:
+            await subscriber.subscribe("news.a")  # no history: only the backplane carries it
+            await publisher.publish("news.a", "from b", id=1)
+            await subscriber.expect("msg", topic="news.a", data="from b")
+        assert a.node_id.startswith("eu-1-") and a.node_id != b.node_id
+        a.shutdown()
+        b.shutdown()
+
+
 async def test_wildcards_match_across_nodes_like_on_one(redis: RedisServer) -> None:
     async with (
         nodes(redis, 2) as (a, b),
@@ -448,7 +463,7 @@ async def test_a_node_that_lost_redis_for_a_while_recovers_clients_exactly(
         clients = await redis.command("CLIENT", "LIST")
         assert isinstance(clients, bytes)
         for line in clients.decode().splitlines():
-            if "name=broker-n0 " in line:
+            if f"name=broker-{a.node_id} " in line:
                 await redis.command("CLIENT", "KILL", "ID", line.split()[0].split("=")[1])
         await wait_until(lambda: not backplane(a).connected)
         for n in range(5):

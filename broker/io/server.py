@@ -152,6 +152,14 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+def unique_node_id(name: str) -> str:
+    """This process's id among the nodes: ``name`` (``[cluster] node_id``, for logs and
+    Redis' CLIENT LIST) and a random suffix. Each node skips what carries its own id, so two
+    nodes given one name by a shared config must still differ."""
+    suffix = secrets.token_hex(4)
+    return f"{name}-{suffix}" if name else suffix
+
+
 def build_delivery(config: Config) -> Delivery:
     """The delivery the config asks for: through Redis with ``[cluster]``, else one node."""
     hub = Hub(PolicyTable(config.topics), config.limits.slow_timeout)
@@ -161,14 +169,14 @@ def build_delivery(config: Config) -> Delivery:
     if cluster.seeds:
         backplane = ShardedBackplane(
             [RedisAddress.from_url(seed) for seed in cluster.seeds],
-            cluster.node_id or secrets.token_hex(4),
+            unique_node_id(cluster.node_id),
             cluster.prefix,
             shard_key_segments=cluster.shard_key_segments,
         )
     elif cluster.backend:
         backplane = RedisBackplane(
             RedisAddress.from_url(cluster.backend),
-            cluster.node_id or secrets.token_hex(4),
+            unique_node_id(cluster.node_id),
             cluster.prefix,
             max_patterns=cluster.max_patterns,
         )
