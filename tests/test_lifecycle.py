@@ -96,6 +96,11 @@ async def test_daemon_serves_and_exits_0_on_sigterm_closing_clients_with_1001() 
     try:
         async with connect(url) as client:
             await client.subscribe("chat.*")
+            process.send_signal(signal.SIGHUP)  # no reload: logged, and served through
+            assert process.stderr is not None
+            with trio.fail_after(10):
+                while b"received SIGHUP" not in log:
+                    log += await process.stderr.receive_some()
             await client.publish("chat.a", "hi", id=2)
             await client.expect("msg", data="hi")
             process.send_signal(signal.SIGTERM)

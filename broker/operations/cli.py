@@ -88,11 +88,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 async def run_until_signalled(broker: Broker) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal stops at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully; a second signal stops at once.
+    SIGHUP (a reload, to systemd and to NATS users; a closed terminal) is logged and served
+    through: the broker has no config reload, and dying at once would drop every client."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.serve)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.warning(
+                        "received SIGHUP: the broker does not reload its config (restart it to "
+                        "apply a change); still serving"
+                    )
+                    continue
                 if broker.shutting_down:
                     log.warning("second %s: stopping without draining", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
