@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from broker.cluster.delivery import ClusterDelivery
+from broker.cluster.resp import ConnectionLost, RedisAddress
 from broker.cluster.sharded import ShardedBackplane
 from broker.cluster.slots import key_slot
 from broker.config import ApiConfig, AuthConfig, ClusterConfig, Config
@@ -26,6 +27,7 @@ from broker.core.rules import HistoryLimits, TopicRule
 from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
 from tests.redis_cluster import RedisCluster, running_cluster
+from tests.redis_server import running_redis
 from tests.test_api import ALICE, BOB, KEY
 from tests.test_cluster import sub_since
 from tests.test_presence import presence, sub
@@ -404,3 +406,10 @@ def test_a_topics_names_share_the_slot_of_its_shard_key() -> None:
     assert backplane.redis_name("a.b.*") == backplane.redis_name("a.b.>") == route.wildcard
     assert backplane.route("a.b").wildcard == b""  # no wildcard after the key matches it
     assert key_slot(route.channel) == key_slot(route.wildcard) == key_slot("p:a.b")
+
+
+async def test_seeds_naming_a_redis_without_cluster_mode_say_to_use_backend() -> None:
+    async with running_redis() as redis:
+        engine = ShardedBackplane([RedisAddress.from_url(redis.url)], "n0", "t")
+        with pytest.raises(ConnectionLost, match=r"for one Redis, set cluster.backend instead"):
+            await engine._discover()

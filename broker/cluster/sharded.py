@@ -417,6 +417,11 @@ class ShardedBackplane(RedisBackplane):
                 trio.TooSlowError,
             ) as exc:
                 why = f"{address}: CLUSTER SHARDS: {exc or type(exc).__name__}"
+                if "cluster support disabled" in str(exc):
+                    why += (
+                        " (cluster.seeds is for a Redis Cluster; for one Redis, set "
+                        "cluster.backend instead)"
+                    )
                 continue
             finally:
                 await trio.aclose_forcefully(connection)  # type: ignore[arg-type]
