@@ -494,6 +494,12 @@ def _build_topics(raw: Any) -> tuple[TopicRule, ...]:
             validate_pattern(pattern)
         except InvalidTopic as exc:
             raise ConfigError(f"{where}.pattern: {exc}") from None
+        first = next((i for i, rule in enumerate(rules) if rule.pattern == pattern), None)
+        if first is not None:  # the first rule a topic matches applies: this one never would
+            raise ConfigError(
+                f"{where}.pattern: {pattern!r} is topics[{first}]'s pattern already; "
+                "this rule would never apply (merge the two)"
+            )
         on_full = table.get("on_full", Policy.BLOCK.value)
         try:
             policy = Policy(on_full)

@@ -134,7 +134,7 @@ def test_values_are_read_and_integers_allowed_for_seconds(tmp_path: Path) -> Non
 
 
 def test_every_policy_name_is_accepted() -> None:
-    rules = [{"pattern": "t", "on_full": policy.value} for policy in Policy]
+    rules = [{"pattern": f"t{i}", "on_full": policy.value} for i, policy in enumerate(Policy)]
     assert [rule.on_full for rule in config_from_dict({"topics": rules}).topics] == list(Policy)
 
 
@@ -219,6 +219,14 @@ def test_out_of_range_value_is_named(raw: dict[str, Any], expected: str) -> None
 def test_bad_topic_pattern_is_named(pattern: str) -> None:
     message = error_of({"topics": [{"pattern": "ok.>"}, {"pattern": pattern}]})
     assert message.startswith("topics[1].pattern: ")
+
+
+def test_a_pattern_given_twice_is_refused_since_its_second_rule_never_applies() -> None:
+    message = error_of({"topics": [{"pattern": "a.>"}, {"pattern": "b"}, {"pattern": "a.>"}]})
+    assert message == (
+        "topics[2].pattern: 'a.>' is topics[0]'s pattern already; this rule would never apply "
+        "(merge the two)"
+    )
 
 
 @pytest.mark.parametrize("table", [{}, {"pattern": 5}, {"on_full": "block"}])
