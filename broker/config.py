@@ -480,7 +480,7 @@ def _build_topics(raw: Any) -> tuple[TopicRule, ...]:
     if not isinstance(raw, list):
         raise ConfigError("topics: expected an array of tables ([[topics]])")
     policies = ", ".join(policy.value for policy in Policy)
-    rules = []
+    rules: list[TopicRule] = []
     for index, table in enumerate(raw):
         where = f"topics[{index}]"
         if not isinstance(table, dict):
