@@ -64,10 +64,11 @@ lint: $(VENV)/.installed-test $(JS)/node_modules/.installed
 	@if command -v npm >/dev/null; then echo "tsc (JS client, chat page)"; npm --prefix $(JS) run --silent check; fi
 
 ## chat: the broker (config/chat.toml: rooms keep history and presence) plus a static server for the chat page
+## (ARGS="--port 9000" adds flags, which override the file; ARGS="--config other.toml" replaces it: the last --config wins)
 chat: $(VENV)/.installed-run
 	@echo "chat: open http://127.0.0.1:8000/examples/chat/ in two tabs (Ctrl-C stops both)"
 	$(BIN)/python -m http.server --bind 127.0.0.1 8000 & trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
-	  $(BIN)/broker serve $(or $(ARGS),--config config/chat.toml)
+	  $(BIN)/broker serve --config config/chat.toml $(ARGS)
 
 ## bench: install the Node load generator and run the benchmarks (ARGS="--compare --repeat 3")
 bench: $(VENV)/.installed-run bench/loadgen/node_modules $(JS)/node_modules/.installed $(BIN)/py-spy

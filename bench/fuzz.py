@@ -6,6 +6,10 @@ attack on a real broker. Not run in CI.
     .venv/bin/python bench/fuzz.py --minutes 10 --seed 7
     .venv/bin/python bench/fuzz.py --only live --minutes 1 --attackers 16
 
+It needs the test dependencies (Hypothesis, pytest: both halves use tests/test_fuzz.py), which
+``make run`` does not install: run ``make test`` once, or ``.venv/bin/pip install -e '.[test]'``.
+Without them it says so in one line and exits with status 2.
+
 For ``--minutes`` overall, two things run side by side (one per core):
 
 - **properties** (a child process): every Hypothesis property of tests/test_fuzz.py (the
@@ -37,6 +41,7 @@ import argparse
 import base64
 import contextlib
 import functools
+import importlib
 import json
 import logging
 import math
@@ -760,6 +765,17 @@ def close_code(answer: bytes) -> str:
 # --- main --------------------------------------------------------------------------------------
 
 
+def missing_test_dependencies() -> list[str]:
+    """The modules tests/test_fuzz.py needs that only the test extra installs, if absent."""
+    missing = []
+    for name in ("hypothesis", "pytest"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            missing.append(name)
+    return missing
+
+
 def main() -> int:
     """Parse the options, run, print the summary; the exit status."""
     parser = argparse.ArgumentParser(
@@ -779,6 +795,13 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--verbose", action="store_true", help="print every warning and more")
     args = parser.parse_args()
+    if missing := missing_test_dependencies():
+        print(
+            f"bench/fuzz.py: needs the test dependencies ({', '.join(missing)} missing): run "
+            "`make test` once, or `.venv/bin/pip install -e '.[test]'`",
+            file=sys.stderr,
+        )
+        return 2
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
 
     if args.only == "properties" and args.json:  # the child of a full run

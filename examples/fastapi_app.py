@@ -4,6 +4,9 @@ Run a broker (``make run``), then this app::
 
     BROKER_URL=ws://127.0.0.1:8765/ uvicorn fastapi_app:app --app-dir examples
 
+It needs FastAPI 0.135 or later (``fastapi.sse``, for the Server-Sent Events below) and
+uvicorn, which ``make test`` installs (``make run`` does not).
+
 - ``POST /orders`` with ``{"item": "tea", "quantity": 2}`` publishes the order to
   ``orders.created`` and answers 201 once the broker has queued it for every subscriber (502
   in the broker's words if it refused, or is out of reach).

@@ -16,7 +16,7 @@ by Flask's threads, keeps its connections to the broker open) and answers 201 on
 has queued the order for every subscriber. No event loop, no WebSocket in the view.
 
 Settings come from the environment: ``BROKER_API_KEY`` (required), ``BROKER_API``
-(default ``http://127.0.0.1:8766``), ``BROKER_URL`` (what the page connects to, default
+(default ``http://127.0.0.1:8767``), ``BROKER_URL`` (what the page connects to, default
 ``ws://127.0.0.1:8765/``) and ``PORT`` (default 5000; 0 picks a free one).
 """
 
@@ -87,7 +87,7 @@ def create_app(api: Api, broker_url: str) -> Flask:
 
 def main() -> None:
     """Serve the app until ^C; print its URL first."""
-    api = Api(os.environ.get("BROKER_API", "http://127.0.0.1:8766"))
+    api = Api(os.environ.get("BROKER_API", "http://127.0.0.1:8767"))
     app = create_app(api, os.environ.get("BROKER_URL", "ws://127.0.0.1:8765/"))
     server = make_server("127.0.0.1", int(os.environ.get("PORT", "5000")), app, threaded=True)
     print(f"orders page on http://127.0.0.1:{server.port}/", flush=True)

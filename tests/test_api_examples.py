@@ -121,7 +121,7 @@ def one_liner() -> str:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl: `make test` installs it")
 async def test_the_curl_one_liner_of_the_docs_publishes(broker_process: BrokerProcess) -> None:
     assert broker_process.api_url is not None
-    command = one_liner().replace("http://127.0.0.1:8766", broker_process.api_url)
+    command = one_liner().replace("http://127.0.0.1:8767", broker_process.api_url)
     async with connect(broker_process.url, "json") as subscriber:
         await subscriber.subscribe("orders.created")
         with trio.fail_after(20):

@@ -75,7 +75,7 @@ def add_client_commands(commands: Any) -> None:
     pub.add_argument("--json", action="store_true", help="parse DATA (or each line) as JSON")
     pub.add_argument("--count", type=int, default=1, metavar="N", help="publish DATA N times")
     pub.add_argument("--api", metavar="URL",
-                     help="the server API's URL (http://127.0.0.1:8766, [api] in the broker's "
+                     help="the server API's URL (http://127.0.0.1:8767, [api] in the broker's "
                      "config), instead of --url")  # fmt: skip
     pub.add_argument("--api-key", metavar="KEY",
                      help=f"one of the server API's keys (default: ${KEY_VARIABLE})")  # fmt: skip

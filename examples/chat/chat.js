@@ -91,7 +91,8 @@ async function joinRoom(room) {
       void messages.unsubscribe().catch(() => {}); // so that joining again starts afresh
       throw error;
     }
-    // A broker run with another config (`make chat ARGS=...`) may keep no presence here.
+    // A broker run with another config (`make run`, or `make chat ARGS="--config other.toml"`)
+    // may keep no presence here.
     addPerson({ client: "", user: null, info: { name: me.name, id: me.id } });
     showEvent(`⚠ This broker keeps no presence for #${room}: "Here now" shows only you.`);
   }

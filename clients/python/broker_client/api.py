@@ -15,7 +15,7 @@ time. Each error's ``status`` is the HTTP status.
 
     from broker_client.api import Api
 
-    api = Api("http://127.0.0.1:8766", key=os.environ["BROKER_API_KEY"])
+    api = Api("http://127.0.0.1:8767", key=os.environ["BROKER_API_KEY"])
     api.publish("orders.created", {"id": 7})   # once queued for every subscriber
 
 The key defaults to the ``BROKER_API_KEY`` environment variable. Bodies are msgpack by
