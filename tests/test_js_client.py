@@ -1,13 +1,16 @@
 """The JavaScript client's own tests (``clients/js/test``), run by Node against real brokers.
 
-Node gets four brokers and a dead address: ``BROKER_URL``, whose ``history.>`` topics keep
+Node gets five brokers and a dead address: ``BROKER_URL``, whose ``history.>`` topics keep
 history (``history.small.>`` only the last 3 messages) and whose ``presence.>`` topics have
 presence; ``TOKENS_BROKER_URL``, in tokens mode with
 one token (``js-token``, allowed ``js.>``); ``CAPPED_BROKER_URL``, which takes one connection per
 IP address (the next handshake gets 503 with ``Retry-After``); ``REFILL_BROKER_URL``, whose
 ``refill.>`` topics are ``drop_oldest`` with 10 000 messages of history (``refill.short.>`` 100)
 behind outbound queues of 16 messages, so a subscriber that stops reading loses messages at
-once; and ``UNREACHABLE_URL``, a port bound but not listening, so connecting is refused at once.
+once; ``EVICTING_BROKER_URL``, whose history holds 4000 bytes in all (``[history] max_bytes``)
+and whose ``evict.>`` topics keep their last 5 messages, so a topic published to least recently
+is evicted whole and starts a new epoch; and ``UNREACHABLE_URL``, a port bound but not
+listening, so connecting is refused at once.
 ``clients/js/test/helpers.js`` names the same settings.
 """
 
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from broker.config import AuthConfig, Config, TokenGrant
+from broker.config import AuthConfig, Config, HistoryConfig, TokenGrant
 from broker.core.outbound import Policy
 from broker.core.rules import HistoryLimits, TopicRule
 from tests.helpers import make_config, start_broker
@@ -63,6 +66,13 @@ async def test_js_client_suite_passes_against_the_broker(
             )
         ),
     )
+    evicting = await start_broker(
+        nursery,
+        make_config().replace(
+            topics=(TopicRule("evict.>", Policy.BLOCK, HistoryLimits(5)),),
+            history=HistoryConfig(max_bytes=4000),
+        ),
+    )
     test_files = sorted(str(path) for path in (JS_CLIENT / "test").glob("*.test.js"))
     # Bound without listen(): the port stays ours, and a connection to it is refused.
     with socket.socket() as unreachable, trio.fail_after(120):
@@ -73,6 +83,7 @@ async def test_js_client_suite_passes_against_the_broker(
             "TOKENS_BROKER_URL": tokens.url,
             "CAPPED_BROKER_URL": capped.url,
             "REFILL_BROKER_URL": refill.url,
+            "EVICTING_BROKER_URL": evicting.url,
             "UNREACHABLE_URL": f"ws://127.0.0.1:{unreachable.getsockname()[1]}/",
         }
         result = await trio.run_process(

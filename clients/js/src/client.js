@@ -85,7 +85,9 @@
  * - `"evicted"`: messages were missed and the oldest of them are gone (more were published than
  *   the topic keeps, or they outlived its `history_ttl`); the kept ones follow.
  * - `"history_lost"`: the topic's history was lost (a new epoch: a broker restart, say); nothing
- *   is replayed, and whatever was published before it is gone.
+ *   is replayed, and whatever was published before it is gone. Also when the client had
+ *   forgotten the epoch (its offsets started again while subscribed, see {@link HistoryLost},
+ *   and it could not learn the new one), so the resubscribe could not ask with `since`.
  * - `"no_history"`: the topic keeps no history: whatever was published meanwhile is gone.
  * - `"wildcard"`: a pattern cannot recover: whatever was published meanwhile is gone.
  * @typedef {object} Missed
@@ -127,7 +129,8 @@
  *   state change; `disconnected`, and `closed` unless by {@link Client#close}, say why
  * @property {(error: Error) => void} [onError] errors no promise reports: the {@link Refused}
  *   that ended the client, an `err` without `id`, a subscription the broker refused again after
- *   a reconnect, an undecodable message, a refill's failed read and (without `onGap`) its gaps
+ *   a reconnect, an undecodable message, a refill's failed read and (without `onGap`) its gaps,
+ *   and a {@link HistoryLost}: a topic's history lost while subscribed
  */
 
 /**
@@ -191,6 +194,35 @@ export class NotAnswered extends Error {
     this.name = "NotAnswered";
     this.reason = reason;
     this.disconnection = disconnection;
+  }
+}
+
+/**
+ * A subscribed topic's history was lost while the client was subscribed (evicted whole by the
+ * broker's `[history] max_bytes`, or, in a cluster, its Redis keys expired), and its offsets
+ * started again at 1 in a new epoch. A `msg` does not name its epoch: an offset not above the
+ * last one seen is the only sign. What was published after offset `after` of the old epoch may
+ * be missing (how much, if any, cannot be known). Given to `onError`, once per restart; the
+ * messages go on in the new numbering: with refill (the default) its earlier offsets first,
+ * read with `history` (the ones no longer kept go to `onGap` as `"evicted"`), which also learns
+ * the new epoch, so that a reconnect recovers exactly again.
+ */
+export class HistoryLost extends Error {
+  /**
+   * @param {string} topic the subscription's topic
+   * @param {number} after the last offset seen of the old epoch
+   * @param {number} offset the offset, of the new numbering, that showed it
+   */
+  constructor(topic, after, offset) {
+    super(
+      `the history of ${topic} was lost while subscribed (its offsets started ` +
+        `again: ${offset} came after ${after}): what was published after offset ${after} of its ` +
+        "old epoch may be missing",
+    );
+    this.name = "HistoryLost";
+    this.topic = topic;
+    this.after = after;
+    this.offset = offset;
   }
 }
 
@@ -377,6 +409,12 @@ function toMember(value) {
  * hold are read from history in turn. Offsets the topic no longer keeps go to `onGap`. A
  * refill ends with the subscription or the connection: the resubscribe's `since` (the last
  * offset handed over) then replays the rest.
+ *
+ * A live offset not above the last one seen (nor above the highest a refill holds) means the
+ * topic's numbering started again: its history was lost, and a new epoch began, which `msg`
+ * does not name. The subscription tells {@link HistoryLost} to `onError`, forgets the epoch,
+ * and (refilling) learns the new one with a `history` read without `since`, which also brings
+ * the new numbering's earlier messages; without refill the next resubscribe sends no `since`.
  */
 export class Subscription {
   /**
@@ -411,6 +449,12 @@ export class Subscription {
     this._highest = 0;
     /** The id of the refill's `history` read in flight; 0 when none. */
     this._reading = 0;
+    /** The topic's offsets started again (a new epoch), and `epoch` is not known yet. */
+    this._renumbered = false;
+    /** From an `ok` saying messages after `offset` were evicted (same epoch), until the next
+     * message: the topic's latest offset then. Up to it, a jump is what the broker no longer
+     * keeps (the replay starts at the oldest kept): a gap to name, not to read. */
+    this._toldUntil = 0;
     /** True until `unsubscribe()`, a refusal by the broker, or `close()`. */
     this.active = true;
     /** True once the broker has accepted it (on some connection). */
@@ -427,7 +471,8 @@ export class Subscription {
     this._firstAnswer.catch(() => {}); // subscribe() returns it: a caller that ignores it chose to
   }
 
-  /** @returns {Position | undefined} where to resume from, if the topic keeps history */
+  /** @returns {Position | undefined} where to resume from, if the topic keeps history (and
+   * its epoch is known: not while learning the new one after its offsets started again) */
   get position() {
     if (this.epoch === undefined || this.offset === undefined) return undefined;
     return { epoch: this.epoch, offset: this.offset };
@@ -475,12 +520,62 @@ export class Subscription {
     const offset = message.offset;
     if (typeof offset !== "number" || !isConcrete(this.pattern)) {
       this.onMessage(message);
-    } else if (this._held !== null) {
+      return;
+    }
+    const last = Math.max(this.offset ?? 0, this._highest);
+    if ((this.epoch !== undefined || this._held !== null) && offset <= last) {
+      this._restarted(message, offset, last);
+      return;
+    }
+    const told = Math.min(offset - 1, this._toldUntil);
+    this._toldUntil = 0;
+    if (this._held === null && told > (this.offset ?? told) && this._refills()) {
+      this._lost(told, "evicted"); // the resubscribe's ok said so, and the replay starts after
+      if (!this.active) return;
+    }
+    if (this._held !== null) {
       this._hold(message, offset);
     } else if (this.offset !== undefined && offset > this.offset + 1 && this._refills()) {
-      this._held = [message];
-      this._highest = offset;
-      this._read();
+      this._refill(message, offset);
+    } else {
+      this.offset = offset;
+      this.onMessage(message);
+    }
+  }
+
+  /**
+   * Refill from the last offset handed over up to `message`, which is held meanwhile.
+   * @param {Message} message
+   * @param {number} offset
+   */
+  _refill(message, offset) {
+    this._held = [message];
+    this._highest = offset;
+    this._read();
+  }
+
+  /**
+   * A live `offset` not above `last` (the last seen, or the highest a refill holds): the
+   * topic's numbering started again, in a new epoch that `msg` does not name. What the refill
+   * did not read of the old numbering is lost (`history_lost`); the user is told what may be
+   * missing after it ({@link HistoryLost}); the epoch is forgotten, then learned with a
+   * `history` read without `since` that also brings the new numbering's earlier messages
+   * (refilling), or by the next resubscribe, which sends no `since` (without refill).
+   * @param {Message} message
+   * @param {number} offset
+   * @param {number} last
+   */
+  _restarted(message, offset, last) {
+    if (this._held !== null) this._giveUp("history_lost");
+    if (!this.active) return;
+    this.epoch = undefined;
+    this.offset = 0;
+    this._renumbered = true;
+    this._toldUntil = 0;
+    this.client._report(new HistoryLost(this.pattern, last, offset));
+    if (!this.active) return;
+    if (this.options.refill !== false) {
+      this._refill(message, offset);
     } else {
       this.offset = offset;
       this.onMessage(message);
@@ -494,18 +589,12 @@ export class Subscription {
 
   /**
    * While refilling: hold `message`, or leave it to the refill's reads when the buffer is full.
-   * An offset that goes back means the topic's numbering started again (a new epoch, which
-   * the client is not told live): the refill ends, and it goes on from there.
+   * (An offset that goes back is a new numbering: {@link Subscription#_restarted}.)
    * @param {Message} message
    * @param {number} offset
    */
   _hold(message, offset) {
     const held = /** @type {Message[]} */ (this._held);
-    if (offset <= this._highest) {
-      this._giveUp("history_lost");
-      if (this.active) this._deliver(message);
-      return;
-    }
     this._highest = offset;
     if (held.length < (this.options.bufferSize ?? 1000)) held.push(message);
   }
@@ -515,20 +604,27 @@ export class Subscription {
     return /** @type {number} */ (this.offset);
   }
 
-  /** Read the next missing offsets: up to the first held message, or the highest seen. */
+  /**
+   * Read the next missing offsets: up to the first held message, or the highest seen. While
+   * the epoch is not known (the numbering started again), without `since`: from the oldest
+   * kept, which names the epoch.
+   */
   _read() {
     const held = /** @type {Message[]} */ (this._held);
     const after = this._last;
     const end = held.length > 0 ? /** @type {number} */ (held[0].offset) - 1 : this._highest;
+    const epoch = this.epoch;
     const id = (this._reading = this.client._nextId++);
     this.refills += 1;
     this.client._expect(
       id,
-      (reply) => this._reading === id && this._filled(reply, end),
+      (reply) => this._reading === id && this._filled(reply, end, epoch),
       (error) => this._reading === id && this._readFailed(error),
     );
-    const since = { epoch: this.epoch, offset: after };
-    this.client._send([{ op: "history", id, topic: this.pattern, since, limit: Math.min(MAX_PAGE, end - after) }]);
+    /** @type {Frame} */
+    const frame = { op: "history", id, topic: this.pattern, limit: Math.max(1, Math.min(MAX_PAGE, end - after)) };
+    if (epoch !== undefined) frame.since = { epoch, offset: after };
+    this.client._send([frame]);
   }
 
   /**
@@ -536,10 +632,14 @@ export class Subscription {
    * skipped is gone), then the held messages that follow on; read again if anything is missing.
    * @param {Frame} reply
    * @param {number} end
+   * @param {string | undefined} asked the epoch the read named; undefined: it read to learn it
    */
-  _filled(reply, end) {
+  _filled(reply, end, asked) {
     this._reading = 0;
-    if (reply.epoch !== this.epoch) {
+    if (asked === undefined && typeof reply.epoch === "string") {
+      this.epoch = reply.epoch; // the new numbering's
+      this._renumbered = false;
+    } else if (asked === undefined || reply.epoch !== asked) {
       this._giveUp("history_lost");
       return;
     }
@@ -548,8 +648,12 @@ export class Subscription {
       if (offset > end || !this.refilling) break;
       if (offset > this._last) this._pass({ topic: this.pattern, sub: this.pattern, data, offset });
     }
-    // An answer without one of the missing messages: none of them is kept any more.
-    if (this.refilling && this._last === before) this._lost(end, "evicted");
+    // An answer without one of the missing messages: none of them is kept any more. (A read
+    // that learnt the epoch read from the oldest kept, so it may have brought none of them:
+    // the next one asks after our offset.)
+    if (this.refilling && this._last === before && before < end && asked !== undefined) {
+      this._lost(end, "evicted");
+    }
     const held = this._held ?? [];
     let taken = 0;
     while (this.refilling && taken < held.length && held[taken].offset === this._last + 1) {
@@ -631,14 +735,21 @@ export class Subscription {
    */
   _accept(reply) {
     const askedEpoch = this.epoch;
+    // The offsets started again and the epoch was not learnt: the sub had no `since`.
+    const renumbered = this._renumbered;
+    this._renumbered = false;
     this._skipping = false;
     if (typeof reply.recovered === "boolean") this.recovered = reply.recovered;
+    else if (renumbered && typeof reply.epoch === "string") this.recovered = false;
+    this._toldUntil = 0;
     if (typeof reply.epoch === "string" && typeof reply.offset === "number") {
       // A new epoch voids the old offsets: go on from its latest, as does an offset beyond the
       // latest. Otherwise keep the offset of what was received: the replay follows from there.
-      const newEpoch = this.epoch !== undefined && this.epoch !== reply.epoch;
+      const newEpoch = renumbered || (this.epoch !== undefined && this.epoch !== reply.epoch);
       if (newEpoch || this.offset === undefined || this.offset > reply.offset) {
         this.offset = reply.offset;
+      } else if (reply.recovered === false) {
+        this._toldUntil = reply.offset; // evicted: the replay starts at the oldest kept
       }
       this.epoch = reply.epoch;
     } else {
@@ -650,7 +761,7 @@ export class Subscription {
       this._resolve(this);
       return;
     }
-    const missed = this._missed(reply, askedEpoch);
+    const missed = this._missed(reply, askedEpoch, renumbered);
     this.client._safely(() => this.options.onResubscribe?.(this, missed));
   }
 
@@ -658,13 +769,15 @@ export class Subscription {
    * What a resubscribe's `ok` says may be missing: nothing if the history replayed it all.
    * @param {Frame} reply
    * @param {string | undefined} askedEpoch the epoch its `since` named
+   * @param {boolean} renumbered it had no `since`: the epoch was forgotten (a new numbering)
    * @returns {Missed | undefined}
    */
-  _missed(reply, askedEpoch) {
+  _missed(reply, askedEpoch, renumbered) {
     if (reply.recovered === true) return undefined;
     /** @type {Missed["why"]} */
     let why = "no_history";
     if (!isConcrete(this.pattern)) why = "wildcard";
+    else if (renumbered && typeof reply.epoch === "string") why = "history_lost";
     else if (reply.recovered === false && typeof reply.epoch === "string") {
       why = reply.epoch === askedEpoch ? "evicted" : "history_lost";
     }

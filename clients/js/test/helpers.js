@@ -32,6 +32,15 @@ export const REFILL_BROKER_URL = process.env.REFILL_BROKER_URL;
 export const needsRefillBroker = {
   skip: REFILL_BROKER_URL ? false : "REFILL_BROKER_URL is not set (run through pytest)",
 };
+/**
+ * A broker whose history holds 4000 bytes in all (`[history] max_bytes`) and whose `evict.`
+ * topics keep their last 5 messages: the topic published to least recently is evicted whole,
+ * and its next message starts a new epoch, from offset 1 again.
+ */
+export const EVICTING_BROKER_URL = process.env.EVICTING_BROKER_URL;
+export const needsEvictingBroker = {
+  skip: EVICTING_BROKER_URL ? false : "EVICTING_BROKER_URL is not set (run through pytest)",
+};
 /** A port where nothing listens: connecting is refused at once. */
 export const UNREACHABLE_URL = process.env.UNREACHABLE_URL;
 export const needsFailover = {

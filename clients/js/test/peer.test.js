@@ -10,7 +10,7 @@ import { test } from "node:test";
 
 import { WebSocketServer } from "ws";
 
-import { NotAnswered, Refused, jsonCodec } from "../src/client.js";
+import { HistoryLost, NotAnswered, Refused, jsonCodec } from "../src/client.js";
 import { Inbox, eventually, makeClient } from "./helpers.js";
 
 const range = (/** @type {number} */ from, /** @type {number} */ to) =>
@@ -141,6 +141,180 @@ test("a refill reads pages of at most 1000, holds bufferSize, and tells what it 
       2506, "2507..2507 history_lost", 2508, 2509,
     ]);
     assert.deepEqual([subscription.refills, subscription.refilling, subscription.offset], [5, false, 2509]);
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+/**
+ * A `msg` frame of `topic`, and `history` answer entries.
+ * @param {string} topic
+ */
+const frames = (topic) => ({
+  msg: (/** @type {number} */ offset, /** @type {unknown} */ data) => ({ op: "msg", topic, sub: topic, data, offset }),
+  /** @param {number} from @param {number} to @param {string} prefix */
+  kept: (from, to, prefix) => range(from, to + 1).map((offset) => ({ offset, data: `${prefix}${offset}` })),
+});
+
+/**
+ * What an application got, in order: messages' data, gaps, and the losses told to `onError`.
+ * @param {Array<unknown>} seen
+ */
+const recorder = (seen) => ({
+  onMessage: (/** @type {import("../src/client.js").Message} */ message) => seen.push(message.data),
+  onGap: (/** @type {import("../src/client.js").Gap} */ { from, to, why }) => seen.push(`${from}..${to} ${why}`),
+  onError: (/** @type {Error} */ error) =>
+    seen.push(error instanceof HistoryLost ? `${error.topic} lost after ${error.after} (${error.offset})` : error.message),
+});
+
+test("an offset that goes back is a new numbering: told once, its earlier offsets read from the oldest kept, its epoch learnt", async () => {
+  const peer = await scriptedPeer();
+  /** @type {unknown[]} */
+  const seen = [];
+  const { onMessage, onGap, onError } = recorder(seen);
+  const client = makeClient(peer.url, { onError });
+  const { msg, kept } = frames("room.n");
+  try {
+    const connection = await peer.connections.next();
+    const subscribing = client.subscribe("room.n", onMessage, { onGap });
+    const sub = await connection.frames.next();
+    connection.send({ op: "ok", id: sub.id, epoch: "e1", offset: 0 }, msg(1, "a1"), msg(2, "a2"), msg(3, "a3"));
+    const subscription = await subscribing;
+    // Its history was evicted whole, then published to again (b1, b2 dropped for this client).
+    connection.send(msg(3, "b3"), msg(4, "b4"));
+    const learn = await connection.frames.next(); // without since: from the oldest kept
+    assert.deepEqual(learn, { op: "history", id: learn.id, topic: "room.n", limit: 2 });
+    assert.equal(subscription.position, undefined);
+    connection.send({ op: "ok", id: learn.id, epoch: "e2", offset: 4, messages: kept(2, 4, "b") });
+    await eventually(() => seen.at(-1) === "b4", () => `the last seen is ${seen.at(-1)}`);
+    assert.deepEqual(subscription.position, { epoch: "e2", offset: 4 });
+
+    // Again (a third epoch), and this time the oldest kept is past what is missing: the read
+    // that learns the epoch brings none of it, and says nothing of it; the next one, with
+    // since, finds it gone.
+    connection.send(msg(2, "c2"));
+    const learnAgain = await connection.frames.next();
+    assert.deepEqual(learnAgain, { op: "history", id: learnAgain.id, topic: "room.n", limit: 1 });
+    connection.send({ op: "ok", id: learnAgain.id, epoch: "e3", offset: 2, messages: kept(2, 2, "c") });
+    const since = await connection.frames.next();
+    assert.deepEqual(since, { op: "history", id: since.id, topic: "room.n", since: { epoch: "e3", offset: 0 }, limit: 1 });
+    connection.send({ op: "ok", id: since.id, epoch: "e3", offset: 2, messages: kept(2, 2, "c"), recovered: false });
+    connection.send(msg(3, "c3"));
+    await eventually(() => seen.at(-1) === "c3", () => `the last seen is ${seen.at(-1)}`);
+    assert.deepEqual(seen, [
+      "a1", "a2", "a3",
+      "room.n lost after 3 (3)", "1..1 evicted", "b2", "b3", "b4",
+      "room.n lost after 4 (2)", "1..1 evicted", "c2", "c3",
+    ]);
+    assert.deepEqual([subscription.refills, subscription.refilling], [3, false]);
+
+    connection.drop(); // the reconnect asks in the epoch learnt
+    const second = await peer.connections.next();
+    assert.deepEqual((await second.frames.next()).since, { epoch: "e3", offset: 3 });
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("a failed read for a new numbering's epoch is not read again, nor is one without refill: the resubscribe has no since", async () => {
+  const peer = await scriptedPeer();
+  /** @type {unknown[]} */
+  const seen = [];
+  const { onMessage, onGap, onError } = recorder(seen);
+  const client = makeClient(peer.url, { onError });
+  /** @param {import("../src/client.js").Subscription} subscription @param {import("../src/client.js").Missed} [missed] */
+  const onResubscribe = (subscription, missed) => seen.push(`${subscription.pattern}: ${subscription.recovered} ${missed?.why}`);
+  const f = frames("room.f");
+  const o = frames("room.o");
+  try {
+    const connection = await peer.connections.next();
+    const subscribing = Promise.all([
+      client.subscribe("room.f", onMessage, { onGap, onResubscribe }),
+      client.subscribe("room.o", onMessage, { onGap, onResubscribe, refill: false }),
+    ]);
+    const subs = [await connection.frames.next(), await connection.frames.next()];
+    connection.send(...subs.map((sub) => ({ op: "ok", id: sub.id, epoch: "e1", offset: 5 })));
+    const [refilled, plain] = await subscribing;
+    connection.send(f.msg(1, "f1"));
+    const learn = await connection.frames.next();
+    assert.deepEqual(learn, { op: "history", id: learn.id, topic: "room.f", limit: 1 });
+    connection.send({ op: "err", id: learn.id, code: "unavailable", msg: "the cluster backplane is unreachable" });
+    connection.send(f.msg(2, "f2"), f.msg(4, "f4"), o.msg(2, "o2"), o.msg(4, "o4"));
+    const published = client.publish("room.x", 0);
+    const next = await connection.frames.next(); // no other read: the publish comes next
+    assert.deepEqual([next.op, next.topic], ["pub", "room.x"]);
+    connection.send({ op: "ok", id: next.id });
+    await published;
+    assert.deepEqual(seen, [
+      "room.f lost after 5 (1)",
+      "reading the history of room.f failed: unavailable: the cluster backplane is unreachable",
+      "f1", "f2", "f4",
+      "room.o lost after 5 (2)", "o2", "o4",
+    ]);
+    assert.deepEqual([refilled.position, plain.position, refilled.refills, plain.refills], [undefined, undefined, 1, 0]);
+
+    connection.drop();
+    const second = await peer.connections.next();
+    const resubs = [await second.frames.next(), await second.frames.next()];
+    assert.deepEqual(resubs.map((frame) => [frame.topic, frame.since]), [["room.f", undefined], ["room.o", undefined]]);
+    second.send(...resubs.map((sub) => ({ op: "ok", id: sub.id, epoch: "e2", offset: 7 })));
+    await eventually(() => seen.length === 10, () => `${seen.length} of 10 seen`);
+    assert.deepEqual(seen.slice(8), ["room.f: false history_lost", "room.o: false history_lost"]);
+    assert.deepEqual([refilled.position, plain.position], [{ epoch: "e2", offset: 7 }, { epoch: "e2", offset: 7 }]);
+  } finally {
+    await client.close();
+    peer.close();
+  }
+});
+
+test("after a resubscribe that says the oldest were evicted, the jump to the kept tail is a gap named without a read", async () => {
+  const peer = await scriptedPeer();
+  /** @type {unknown[]} */
+  const seen = [];
+  const { onMessage, onGap, onError } = recorder(seen);
+  const client = makeClient(peer.url, { onError });
+  const { msg, kept } = frames("room.e");
+  try {
+    const first = await peer.connections.next();
+    const subscribing = client.subscribe("room.e", onMessage, {
+      onGap,
+      onResubscribe: (subscription, missed) => seen.push(`${subscription.recovered} ${missed?.why}`),
+    });
+    const sub = await first.frames.next();
+    first.send({ op: "ok", id: sub.id, epoch: "e", offset: 0 }, msg(1, 1), msg(2, 2));
+    const subscription = await subscribing;
+    await eventually(() => seen.length === 2, () => `${seen.length} of 2 seen`);
+
+    first.drop();
+    const second = await peer.connections.next();
+    const again = await second.frames.next();
+    assert.deepEqual(again.since, { epoch: "e", offset: 2 });
+    // 3..45 are gone: the replay starts at the oldest kept, 46; then 51 and 52 are dropped live.
+    second.send({ op: "ok", id: again.id, epoch: "e", offset: 50, recovered: false }, ...range(46, 51).map((n) => msg(n, n)));
+    second.send(msg(53, 53));
+    const read = await second.frames.next(); // the first read is for the live drop
+    assert.deepEqual([read.op, read.since, read.limit], ["history", { epoch: "e", offset: 50 }, 2]);
+    second.send({ op: "ok", id: read.id, epoch: "e", offset: 53, messages: kept(51, 53, "") });
+    await eventually(() => seen.at(-1) === 53, () => `the last seen is ${seen.at(-1)}`);
+
+    second.drop();
+    const third = await peer.connections.next();
+    const resub = await third.frames.next();
+    assert.deepEqual(resub.since, { epoch: "e", offset: 53 });
+    // Nothing kept after 53 (outlived history_ttl, say): no replay; 61 and 62 dropped live.
+    third.send({ op: "ok", id: resub.id, epoch: "e", offset: 60, recovered: false }, msg(63, 63));
+    const read2 = await third.frames.next();
+    assert.deepEqual([read2.op, read2.since, read2.limit], ["history", { epoch: "e", offset: 60 }, 2]);
+    third.send({ op: "ok", id: read2.id, epoch: "e", offset: 63, messages: kept(61, 63, "") });
+    await eventually(() => seen.at(-1) === 63, () => `the last seen is ${seen.at(-1)}`);
+    assert.deepEqual(seen, [
+      1, 2,
+      "false evicted", "3..45 evicted", ...range(46, 51), "51", "52", 53,
+      "false evicted", "54..60 evicted", "61", "62", 63,
+    ]);
+    assert.equal(subscription.refills, 2);
   } finally {
     await client.close();
     peer.close();
