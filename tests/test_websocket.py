@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import trio
 import trio.testing
@@ -343,3 +346,91 @@ def test_unmasking_is_the_xor_with_the_repeated_key(data: bytes, key: bytes) -> 
     assert xor_mask(data, key) == expected
     frame = b"\x82\xff" + key + data  # what the broker unmasks with (websockets' C loop)
     assert _unmasked(frame, 2, len(data)) == _unmasked(bytearray(frame), 2, len(data)) == expected
+
+
+def fill_send_buffer(websocket: WebSocket) -> int:
+    """Write empty binary frames to ``websocket``'s socket until it takes no more, as writes
+    that each went out whole would: the socket is full, and no write is in progress. Returns
+    how many frames went out."""
+    sock = websocket.stream.socket  # type: ignore[attr-defined]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    frames = 0
+    while True:
+        try:
+            sent = os.write(sock.fileno(), b"\x82\x00")
+        except BlockingIOError:
+            return frames
+        assert sent == 2
+        frames += 1
+
+
+async def test_a_ping_a_full_socket_takes_part_of_is_finished_by_the_owner_writer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pinger = Pinger()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pinger.run)
+        websocket, peer = await open_pair(
+            ping_interval=1.0, ping_timeout=5.0, sockets=True, pinger=pinger
+        )
+        left = trio.Event()
+        websocket.wake_writer = left.set  # as a Connection's queue starts its writer
+        frames = fill_send_buffer(websocket)
+        await left.wait()  # the pinger's ping found the socket full
+        assert websocket.sending_rest
+        # Another send (a writer already at work) writes the ping's rest first, then its own;
+        # the peer, reading again, gets every frame whole, the ping among them.
+        nursery.start_soon(websocket.send_message, [b"after"], False)
+        events: list[Event] = []
+        with trio.fail_after(10):  # the ping's rest left to no one: a send waits for ever
+            while BytesMessage(b"after") not in events:
+                events += await peer.events()
+        assert events.count(BytesMessage(b"")) == frames
+        assert events[frames:] == [Ping(b""), BytesMessage(b"after")]
+        await peer.send(Pong(b""), BytesMessage(b"alive"))
+        assert await websocket.receive() == [b"alive"]  # its pong came: no ping timeout
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_cut_off_mid_frame_is_followed_by_no_close_frame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    websocket, peer = await open_pair(sockets=True)
+    message = bytes(1 << 20)  # more than the socket pair buffers: the write waits
+    with trio.move_on_after(1):
+        await websocket.send_message([message], False)
+    assert websocket.closed == 1006  # part of the frame is out: the stream is unusable
+    await websocket.aclose(1001, "going", 5.0)  # closes TCP at once, writing nothing more
+    assert trio.current_time() < 2
+    received = bytearray()
+    while data := await peer.stream.receive_some():
+        received += data
+    whole = frame_header(len(message), text=False) + message
+    assert 0 < len(received) < len(whole)
+    assert received == whole[: len(received)]
+
+
+async def test_behind_a_write_a_ping_flood_gets_4_pongs_and_our_ping_still_goes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pinger = Pinger()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pinger.run)
+        websocket, peer = await open_pair(
+            ping_interval=1.0, ping_timeout=5.0, sockets=True, pinger=pinger
+        )
+        frames = fill_send_buffer(websocket)
+        nursery.start_soon(websocket.send_message, [b"stuck"], False)  # a write in progress
+        await peer.send(*(Ping(b"%d" % n) for n in range(6)))  # a peer flooding pings
+        nursery.start_soon(websocket.receive)  # reads them: the pongs wait behind the write
+        await trio.sleep(1.5)  # the pinger's ping is due at 1 s: it waits behind it too
+        events: list[Event] = []
+        with trio.fail_after(10):
+            while Ping(b"") not in events:
+                events += await peer.events()
+        assert events[frames:] == [
+            BytesMessage(b"stuck"),
+            *(Pong(b"%d" % n) for n in range(4)),
+            Ping(b""),  # it is timed: dropped, a live client would time out
+        ]
+        nursery.cancel_scope.cancel()

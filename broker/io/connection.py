@@ -102,6 +102,7 @@ class Connection:
             limits.queue_messages, limits.queue_bytes, drops=self.stats.drops
         )
         self._queue.owner = self
+        websocket.wake_writer = self._queue.wake_writer  # to finish a ping's partial write
         self.session = Session(
             self, delivery, identity, limits, self.stats, peer, trio.current_time()
         )

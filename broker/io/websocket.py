@@ -26,7 +26,7 @@ import heapq
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 from wsproto import ConnectionType
@@ -146,7 +146,10 @@ async def read_handshake(stream: trio.abc.Stream) -> Handshake:
 class WebSocket:
     """An open server-side WebSocket on ``stream`` (see the module doc).
 
-    ``closed`` is ``None`` while open, then the close code that ended it.
+    ``closed`` is ``None`` while open, then the close code that ended it (1006 also once a
+    write was cut off in the middle of a frame: no frame, not even a close, may follow it).
+    ``wake_writer``, if set, is called when the :class:`Pinger`'s ping leaves the rest of a
+    write (the socket took part of it): the owner has :meth:`finish_send` run.
     """
 
     __slots__ = (
@@ -175,6 +178,7 @@ class WebSocket:
         "closed",
         "stream",
         "subprotocol",
+        "wake_writer",
     )
 
     def __init__(
@@ -211,6 +215,7 @@ class WebSocket:
         self._idle: trio.Event | None = None  # set when a write in progress ends
         self._pending: list[bytes] | None = None  # control frames behind a write
         self._leftover: memoryview | None = None  # the unsent rest of a send_now
+        self.wake_writer: Callable[[], None] | None = None
 
     # --- sending ---
 
@@ -225,6 +230,9 @@ class WebSocket:
             if control:
                 self._hold_control(data)
                 return
+            if self._leftover is not None:  # no task is writing it (a ping's rest, say)
+                await self.finish_send()
+                continue
             if self._idle is None:
                 self._idle = trio.Event()
             await self._idle.wait()
@@ -242,6 +250,9 @@ class WebSocket:
         except (OSError, *_STREAM_GONE):
             self._gone()
             raise ConnectionClosed(1006) from None
+        except trio.Cancelled:
+            self._gone()  # a frame may be cut short: nothing may follow it (not even a close)
+            raise
         finally:
             self._sending = False
             if self._idle is not None:
@@ -435,15 +446,15 @@ class WebSocket:
         rest of a write in progress, which the next send finishes (:meth:`finish_send`)."""
         if self._sending:
             self._hold_control(data)
-            return
-        self._write_now(data)
+        elif not self._write_now(data) and self.wake_writer is not None:
+            self.wake_writer()  # the socket took part: the rest waits for a writer
 
     def _hold_control(self, data: bytes) -> None:
-        """Queue a control frame behind the write in progress (at most 4: a peer flooding
-        pings but not reading gets no more)."""
+        """Queue a control frame behind the write in progress (at most 4 pongs: a peer
+        flooding pings but not reading gets no more; our own ping always, as it is timed)."""
         if self._pending is None:
             self._pending = [data]
-        elif len(self._pending) < 4:
+        elif len(self._pending) < 4 or data == _PING:
             self._pending.append(data)
 
     async def _keepalive(self) -> None:
@@ -623,7 +634,7 @@ class WebSocket:
         conn = self._wsproto()
         with trio.move_on_after(timeout):
             try:
-                if conn.state is _OPEN:
+                if conn.state is _OPEN and self.closed is None:
                     await self.send_raw(conn.send(CloseConnection(code, reason)))
                     while conn.state is not ConnectionState.CLOSED:
                         data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -673,10 +684,9 @@ class Pinger:
     Each WebSocket sits in one bucket of a timer wheel (``RESOLUTION`` s per bucket) at
     its ``_timer_at``. When its bucket comes, :meth:`WebSocket._ping_due` writes a ping
     without waking its reader, or, ``ping_timeout`` after a ping with no pong, wakes the
-    reader (``notify_closing`` on its socket) to raise :class:`PingTimeout`. A pong only
-    moves the WebSocket's timer; the wheel notices when the old bucket comes. So an idle
-    connection costs one write and one read per ``ping_interval``, and its reader waits
-    without a cancel scope.
+    reader (``notify_closing`` on its socket) to raise :class:`PingTimeout`. A pong moves
+    the WebSocket to the bucket of its next ping. So an idle connection costs one write and
+    one read per ``ping_interval``, and its reader waits without a cancel scope.
     """
 
     RESOLUTION = 0.25
