@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import trio
 from broker.config import AuthConfig, TokenGrant
 from broker.io.server import Broker
 from broker.operations.cli import parse_args
+from broker.operations.cli_client import _parse_json
 from broker_client import Client, connect
 from tests.helpers import make_config, start_broker, wait_until
 
@@ -112,7 +114,7 @@ async def test_a_refused_connection_is_told_in_the_brokers_words_with_its_exit_s
         f"broker: cannot connect to {capped.url}: the broker refused with HTTP 503: "
         "too many connections from 127.0.0.1 (max_connections_per_ip 1)"
     )
-    assert all(line.startswith(f"connecting to {capped.url} failed: ") for line in retries)
+    assert all(line.startswith(f"broker: connecting to {capped.url} failed: ") for line in retries)
     refused = await run("pub", "a", "1", "--url", guarded.url)
     assert refused.returncode == 4
     assert refused.stderr.decode().strip().endswith("HTTP 401: a token is required")
@@ -144,6 +146,91 @@ async def test_bad_json_data_is_a_usage_error(broker_url: str) -> None:
     result = await run("pub", "x", "{", "--json", "--url", broker_url)
     assert result.returncode == 2
     assert result.stderr.decode().startswith("broker: --json: '{' is not JSON")
+
+
+async def test_json_data_the_broker_cannot_carry_is_a_usage_error(broker_url: str) -> None:
+    result = await run("pub", "x", "99999999999999999999999", "--json", "--url", broker_url)
+    assert result.returncode == 2  # msgpack's OverflowError was a traceback
+    assert result.stderr.decode().splitlines() == [
+        "broker: --json: 99999999999999999999999 is outside what the broker carries (finite "
+        "numbers; integers from -2**63 to 2**64-1)"
+    ]
+    assert _parse_json('{"n": [1, -9223372036854775808, 18446744073709551615]}', "--json")
+    for text in ("NaN", "[1, -Infinity]", '{"big": 1e999}', "-9223372036854775809"):
+        with pytest.raises(ValueError, match=r"^--json: "):
+            _parse_json(text, "--json")  # NaN went out as null to JSON subscribers
+
+
+async def test_a_ca_file_that_is_missing_or_not_pem_is_a_usage_error(
+    broker_url: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.pem"
+    result = await run("pub", "x", "1", "--url", broker_url, "--ca-file", str(missing))
+    assert (result.returncode, result.stderr.decode()) == (
+        2, f"broker: --ca-file {missing}: no such file\n",
+    )  # fmt: skip
+    (not_pem := tmp_path / "not.pem").write_text("hello")
+    result = await run("sub", "x", "--url", broker_url, "--ca-file", str(not_pem))
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith(f"broker: --ca-file {not_pem}: not a readable PEM")
+
+
+async def serve_http(nursery: trio.Nursery, body: bytes, content_type: str) -> str:
+    """A one-page HTTP server on a free port (what a mistyped --url may point to); its URL."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        request = b""
+        with trio.move_on_after(5):
+            while b"\r\n\r\n" not in request and (chunk := await stream.receive_some()):
+                request += chunk
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            await stream.send_all(head.encode() + body)
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), answer, 0)
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_a_url_that_is_not_a_broker_is_told_so_in_one_line(nursery: trio.Nursery) -> None:
+    page = await serve_http(nursery, b"<html>\n<h1>Directory listing</h1>\n</html>\n", "text/html")
+    result = await run("pub", "x", "1", "--url", f"ws://{page}/")
+    assert result.returncode == 6
+    assert result.stderr.decode().splitlines() == [  # not the whole page, 40 lines of it
+        f"broker: cannot connect to ws://{page}/: it answered HTTP 200 instead of accepting a "
+        "WebSocket: is it the broker's URL (not a web page, the metrics or the API port)? It "
+        "said: <html>"
+    ]
+    other = await serve_http(nursery, b'{"status": "ok"}', "application/json")
+    result = await run("stats", "--url", f"http://{other}")
+    assert result.returncode == 1  # a KeyError traceback before
+    assert result.stderr.decode() == (
+        f"broker: http://{other}/connz?sort=queue&limit=10 is not a broker's /connz: is --url "
+        "the broker's [metrics] listener (docs/metrics.md)?\n"
+    )
+
+
+async def test_a_sub_over_the_brokers_max_message_size_ends_instead_of_looping(
+    nursery: trio.Nursery,
+) -> None:
+    broker = await start_broker(nursery, make_config(server={"max_message_size": 2000}))
+    result = await run("sub", "a." + "b" * 3000, "--url", broker.url)
+    assert result.returncode == 1  # it reconnected and resubscribed 12 times a second, for ever
+    assert result.stderr.decode().splitlines()[-1] == (
+        "broker: too_large: the broker closed the connection with close code 1009: Exceeded "
+        "maximum message size: 2000 bytes: this client sent a WebSocket message over the "
+        "broker's server.max_message_size (a subscription or a frame too big, or "
+        "max_message_size set higher than the broker's)"
+    )
+
+
+def test_an_unknown_flag_before_the_command_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--bogus", "pub", "room.a", "1"])  # it was dropped, and the command ran
+    assert exited.value.code == 2
+    assert "broker: error: unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_a_commands_flags_may_come_between_its_arguments() -> None:

@@ -64,6 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         words = list(sys.argv[1:] if argv is None else argv)
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         command = commands.choices[args.command]
+        before = words[: words.index(args.command)]  # only -h and --version go there
+        if unknown := [word for word in extra if word in before]:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         rest = words[words.index(args.command) + 1 :]
         args = command.parse_intermixed_args(rest, argparse.Namespace(command=args.command))
     return args

@@ -18,7 +18,10 @@ import base64
 import dataclasses
 import functools
 import json
+import logging
+import math
 import os
+import ssl
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -49,7 +52,7 @@ EXIT_STATUSES = {
     3: "cannot connect: no URL reachable, timed out, or TLS failed",
     4: "refused: not allowed (HTTP 401 or 403 at the handshake; close 4003 or 4010)",
     5: "refused: busy or shutting down (HTTP 503, retried until --connect-timeout)",
-    6: "refused for another reason (HTTP 400...)",
+    6: "refused for another reason (HTTP 400...), or not a broker (a web page...)",
     130: "interrupted (^C)",
 }
 EPILOG = "exit status:\n" + "\n".join(
@@ -159,6 +162,7 @@ def run_client_command(args: argparse.Namespace) -> int:
     """Run ``pub``, ``sub`` or ``presence``; returns the exit status."""
     command = {"pub": publish_command, "sub": subscribe_command,
                "presence": presence_command}[args.command]  # fmt: skip
+    _log_as_broker_lines()
     try:
         trio.run(command, args)
     except ClientError as exc:
@@ -203,6 +207,7 @@ async def _publish_through_api(
         raise ValueError("give --url (a WebSocket) or --api (the server API), not both")
     if not (args.api_key or os.environ.get(KEY_VARIABLE)):
         raise ValueError(f"--api needs a key: --api-key KEY, or ${KEY_VARIABLE}")
+    _check_ca_file(args.ca_file)
     async with AsyncApi(
         args.api,
         args.api_key,
@@ -276,7 +281,32 @@ def exit_status(error: ClientError) -> int:
     return 1
 
 
+def _log_as_broker_lines() -> None:
+    """The client library's warnings (a lost connection, a reconnect) as ``broker: ...`` lines
+    on stderr, like the command's own errors (not Python's bare fallback)."""
+    library = logging.getLogger("broker_client")
+    if not library.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("broker: %(message)s"))
+        library.addHandler(handler)
+        library.setLevel(logging.WARNING)
+        library.propagate = False
+
+
+def _check_ca_file(path: str | None) -> None:
+    """Refuse a ``--ca-file`` that cannot be read or holds no PEM certificate (exit 2)."""
+    if path is None:
+        return
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise ValueError(f"--ca-file {path}: no such file") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"--ca-file {path}: not a readable PEM certificate ({exc})") from None
+
+
 def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
+    _check_ca_file(args.ca_file)
     return connect(
         args.url or [DEFAULT_URL],
         token=args.token,
@@ -287,10 +317,37 @@ def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
 
 
 def _parse_json(text: str, flag: str) -> Any:
+    """``text`` as strict JSON whose numbers msgpack carries; :class:`ValueError` naming ``flag``
+    otherwise (``NaN``, ``1e999``, an integer over 64 bits)."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:  # a JSONDecodeError, or NaN/Infinity
         raise ValueError(f"{flag}: {text!r} is not JSON: {exc}") from None
+    if (bad := _unencodable_number(value)) is not None:
+        raise ValueError(
+            f"{flag}: {bad} is outside what the broker carries (finite numbers; integers "
+            "from -2**63 to 2**64-1)"
+        )
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed (JSON has no NaN or Infinity)")
+
+
+def _unencodable_number(value: Any) -> str | None:
+    """The first number in ``value`` that msgpack (or strict JSON) cannot carry, if any."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if -(1 << 63) <= value < 1 << 64 else str(value)
+    if isinstance(value, float):
+        return None if math.isfinite(value) else repr(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        if (bad := _unencodable_number(item)) is not None:
+            return bad
+    return None
 
 
 def _dumps(value: Any) -> str:

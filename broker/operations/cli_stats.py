@@ -61,6 +61,13 @@ def run_stats(args: argparse.Namespace) -> int:
                 "(docs/metrics.md).",
                 file=sys.stderr,
             )
+        if getattr(exc, "code", None) == 426:  # an HTTPError from the WebSocket port
+            print("broker: that is the broker's WebSocket port; `broker stats` reads its "
+                  "[metrics] listener (docs/metrics.md)", file=sys.stderr)  # fmt: skip
+        return 1
+    if not (isinstance(report, dict) and {"connections", "sort", "top"} <= report.keys()):
+        print(f"broker: {url} is not a broker's /connz: is --url the broker's [metrics] "
+              "listener (docs/metrics.md)?", file=sys.stderr)  # fmt: skip
         return 1
     if args.json:
         print(json.dumps(report, indent=2))

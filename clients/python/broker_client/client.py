@@ -83,6 +83,8 @@ MAX_RECEIVE_SIZE = 16 * 1024 * 1024
 #: Closes that reconnecting as it is would not change: the token expired (4003), the server
 #: API disconnected this user (4010).
 FINAL_CLOSES = frozenset({CloseCode.FORBIDDEN, 4010})
+#: The HTTP statuses the broker refuses a WebSocket handshake with (docs/protocol.md).
+BROKER_REFUSALS = frozenset({400, 401, 403, 503})
 
 Token = str | Callable[[], str | Awaitable[str]] | None
 """A bearer token, or a function returning a fresh one (called before every connection)."""
@@ -568,6 +570,15 @@ class Client:
             return CannotConnect(f"cannot connect to {self.url}: {exc}")
         status = exc.status
         body = exc.body.decode("utf-8", "replace").strip()
+        if status not in BROKER_REFUSALS:  # a web server, say, or the metrics listener
+            first = body.splitlines()[0][:200] if body else ""
+            return CannotConnect(
+                f"cannot connect to {self.url}: it answered HTTP {status} instead of accepting "
+                "a WebSocket: is it the broker's URL (not a web page, the metrics or the API "
+                "port)?" + (f" It said: {first}" if first else ""),
+                status=status,
+                reason=body,
+            )
         said = f"HTTP {status}: {body}" if body else f"HTTP {status}"
         message = f"cannot connect to {self.url}: the broker refused with {said}"
         if status in (401, 403):
@@ -815,11 +826,21 @@ class Client:
             detail = "no close frame"
         self._dead_peer = False
         why = f"connection to {self.url} lost ({detail})"
+        too_big = None
+        if code == CloseCode.TOO_BIG and not self._closing:  # a reconnect would send it again
+            too_big = TooLarge(
+                f"the broker closed the connection with {detail}: this client sent a "
+                "WebSocket message over the broker's server.max_message_size (a subscription "
+                "or a frame too big, or max_message_size set higher than the broker's)"
+            )
+            too_big.close_code, too_big.close_reason = code, said
         for pending in list(self._pending.values()):
-            if pending.written:
-                pending.resolve(None, ConnectionLost(why, code, said))
+            if pending.written:  # with what was written, the frame the broker refused
+                pending.resolve(None, too_big or ConnectionLost(why, code, said))
         if self._closing:
             return Closed("the client is closed")
+        if too_big is not None:
+            return too_big
         if code in FINAL_CLOSES and not (callable(self._token) and self.reconnect):
             error = Forbidden(f"the broker closed the connection with {detail}")
             error.close_code, error.close_reason = code, said
@@ -898,7 +919,8 @@ async def connect(
     :meth:`Client.subscribe`). A refusal that waiting would not change (HTTP
     400, 401, 403 at the handshake; close 4003 or 4010) ends the client with
     :class:`Unauthorized`, :class:`Forbidden` or :class:`CannotConnect`, in the broker's
-    words, unless ``token`` is a function (it is then asked for a fresh token). A ping every
+    words, unless ``token`` is a function (it is then asked for a fresh token); a close 1009
+    (this client sent a message over the broker's limit) with :class:`TooLarge`. A ping every
     ``ping_interval`` seconds (``None``: never) unanswered for as long again counts as a
     drop. ``wss://`` URLs verify the broker's certificate against ``ca_file`` (PEM) or
     ``ssl_context``, by default the system's CAs. Raises :class:`CannotConnect` if the first
