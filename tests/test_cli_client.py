@@ -233,6 +233,19 @@ def test_an_unknown_flag_before_the_command_is_a_usage_error(
     assert "broker: error: unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
+def test_a_connect_timeout_that_is_no_duration_is_a_usage_error(
+    seconds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["pub", "room.a", "1", "--connect-timeout", seconds])
+    assert exited.value.code == 2  # '0' failed every handshake, exit 3; the others said `seconds`
+    assert (
+        f"argument --connect-timeout: must be a number of seconds above 0, got '{seconds}'"
+        in capsys.readouterr().err
+    )
+
+
 def test_a_commands_flags_may_come_between_its_arguments() -> None:
     args = parse_args(["pub", "room.a", "--json", '{"a": 1}', "--count", "2"])
     assert (args.command, args.topic, args.data, args.json, args.count) == (

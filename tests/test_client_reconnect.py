@@ -19,6 +19,7 @@ from broker_client import (
     ConnectionLost,
     Forbidden,
     Message,
+    ReplyTimeout,
     connect,
 )
 from broker_client.codec import Encoding, decode, encode
@@ -126,6 +127,20 @@ async def test_publish_during_the_outage_is_sent_after_reconnecting(
             broker.start()  # on the same port
         with anyio.fail_after(5):
             assert [(await sub.receive()).data for _ in range(2)] == [1, 2]
+
+
+async def test_a_reply_that_times_out_during_an_outage_says_why(broker: BrokerProcess) -> None:
+    backoff = Backoff(base=0.01, max=0.05)
+    async with connect(broker.url, backoff=backoff, reply_timeout=0.5) as client:
+        broker.terminate()  # it closes its clients with 1001, then stops listening
+        await broker.wait_stopped()
+        await wait_until(lambda: not client.connected)
+        with pytest.raises(ReplyTimeout) as timed_out:
+            await client.publish("jobs", 1)  # it said "no reply within 0.5 s", nothing more
+    assert str(timed_out.value).startswith(
+        f"no reply to pub 'jobs' within 0.5 s: not connected (connection to {broker.url} lost "
+        "(close code 1001: server shutting down); then connecting to "
+    )
 
 
 async def test_reconnect_off_ends_the_async_for_with_connection_lost(

@@ -11,8 +11,10 @@ import trio
 import trustme
 from cryptography.hazmat.primitives import serialization
 
+import broker_client
 from broker.config import ConfigError, TlsConfig, config_from_dict
 from broker.io.server import Broker
+from broker_client import CannotConnect
 from tests.helpers import make_config, start_broker
 from tests.rawsocket import open_tcp
 from tests.wire import connect
@@ -94,11 +96,24 @@ def test_tls_needs_both_cert_and_key() -> None:
 
 
 def test_unreadable_tls_files_are_a_config_error(tmp_path: Path, tls: TlsConfig) -> None:
-    missing = TlsConfig(cert=str(tmp_path / "missing.pem"), key=tls.key)
-    mismatched = TlsConfig(cert=tls.cert, key=tls.cert)
-    for config in (missing, mismatched):
-        with pytest.raises(ConfigError, match=re.escape("tls:")):
+    missing = str(tmp_path / "missing.pem")
+    for config, said in (
+        (TlsConfig(cert=missing, key=tls.key), f"tls.cert: {missing}: no such file"),
+        (TlsConfig(cert=tls.cert, key=missing), f"tls.key: {missing}: no such file"),
+        (TlsConfig(cert=tls.cert, key=tls.cert), f"tls: cannot load cert {tls.cert} and key"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(said)):
             Broker(make_config().replace(tls=config))
+
+
+async def test_a_ws_url_to_a_tls_broker_is_told_to_use_wss(
+    nursery: trio.Nursery, tls: TlsConfig
+) -> None:
+    broker = await start_broker(nursery, make_config().replace(tls=tls))
+    plain = broker.url.replace("wss://", "ws://")
+    with pytest.raises(CannotConnect, match=re.escape("if the broker serves TLS, the URL is wss")):
+        async with broker_client.connect(plain, reconnect=False):
+            pass
 
 
 def test_an_encrypted_key_is_a_config_error_not_a_pass_phrase_prompt(

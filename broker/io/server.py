@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
 import resource
 import secrets
 import socket
@@ -145,10 +146,16 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
             "give it an unencrypted key (openssl pkey -in KEY -out PLAIN_KEY)"
         )
 
+    for key, path in (("tls.cert", tls.cert), ("tls.key", tls.key)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key}: {path}: no such file")
     try:
         context.load_cert_chain(tls.cert, tls.key, password=no_pass_phrase)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls: cannot load cert {tls.cert} and key {tls.key}: {exc}") from None
+        raise ConfigError(
+            f"tls: cannot load cert {tls.cert} and key {tls.key} (a PEM certificate chain and "
+            f"its PEM private key): {exc}"
+        ) from None
     return context
 
 

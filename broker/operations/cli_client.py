@@ -145,10 +145,11 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--connect-timeout",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
-        help="how long a busy broker (HTTP 503) is retried before giving up (default 10)",
+        help="how long the WebSocket handshake may take, and a busy broker (HTTP 503) is "
+        "retried, before giving up (default 10)",
     )
     parser.add_argument("--encoding", choices=("msgpack", "json"), default="msgpack",
                         help="wire encoding (default msgpack)")  # fmt: skip
@@ -156,6 +157,17 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ca-file", metavar="PEM", help="trust this CA for wss:// (default: the system's CAs)"
     )
+
+
+def _seconds(text: str) -> float:
+    """A ``--connect-timeout``: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
 
 
 def run_client_command(args: argparse.Namespace) -> int:

@@ -207,6 +207,10 @@ class Client:
         self._closing = False
         self._error: BaseException | None = None
         self._started = False
+        # While reconnecting: why the last connection ended, and the last attempt's failure
+        # (a reply that times out meanwhile says so).
+        self._lost_why: str | None = None
+        self._connect_failure: str | None = None
         self._tasks: anyio.abc.TaskGroup | None = None  # the connection's, while it serves
         self._stalls = 0  # times the reader waited on a full subscription buffer
         self._stalled = False
@@ -420,8 +424,10 @@ class Client:
         if pending.error is not None:
             raise pending.error
         if pending.reply is None:
+            offline = [why for why in (self._lost_why, self._connect_failure) if why]
             raise ReplyTimeout(
                 f"no reply to {frame['op']} {frame['topic']!r} within {self.reply_timeout} s"
+                + (f": not connected ({'; then '.join(offline)})" if offline else "")
             )
         if pending.reply.get("op") == "err":
             raise error_from_frame(pending.reply.get("code"), pending.reply.get("msg"))
@@ -484,6 +490,7 @@ class Client:
             try:
                 async with await self._open() as transport:
                     self._transport = transport
+                    self._lost_why = self._connect_failure = None
                     attempt, token_refused = 0, False
                     endpoints.connected()
                     reconnected = self._started
@@ -506,6 +513,7 @@ class Client:
                     continue
                 retry_after = getattr(error, "retry_after", None)
                 failed_url = self.url
+                self._connect_failure = f"connecting to {failed_url} failed: {error}"
                 if endpoints.failed(anyio.current_time(), retry_after):
                     log.warning("connecting to %s failed: %s; trying %s", failed_url, error,
                                 self.url)  # fmt: skip
@@ -848,6 +856,7 @@ class Client:
         if not self.reconnect:
             return ConnectionLost(why, code, said)
         log.warning("%s; reconnecting", why)
+        self._lost_why = why
         return None
 
     def _finish(self, error: BaseException) -> None:

@@ -112,6 +112,14 @@ def open_transport(handshake: Handshake) -> AbstractAsyncContextManager[Transpor
     return open_asyncio_transport(handshake)
 
 
+def closed_during_handshake(handshake: Handshake) -> str:
+    """Why there is no connection when the server closed before answering the upgrade: over
+    ``ws://``, most often a ``wss://`` broker that took the request for a bad TLS hello."""
+    if handshake.ssl_context is None:
+        return "closed during the handshake (if the broker serves TLS, the URL is wss://)"
+    return "closed during the handshake"
+
+
 def tls_reason(exc: BaseException | None) -> str:
     """What broke a TLS handshake, given the TLS error (or what caused it): a certificate the
     client does not trust, most often."""

@@ -25,6 +25,7 @@ from broker_client.transport import (
     Refused,
     TransportClosed,
     Unreachable,
+    closed_during_handshake,
     tls_reason,
 )
 
@@ -103,7 +104,7 @@ async def open_asyncio_transport(handshake: Handshake) -> AsyncIterator[AsyncioT
         raise Unreachable(_os_reason(exc)) from None
     except InvalidHandshake as exc:  # a response that is not HTTP, or none at all
         closed = isinstance(exc.__cause__, EOFError)
-        raise Unreachable("closed during the handshake" if closed else str(exc)) from None
+        raise Unreachable(closed_during_handshake(handshake) if closed else str(exc)) from None
     try:
         yield AsyncioTransport(websocket)
     finally:

@@ -30,6 +30,7 @@ from broker_client.transport import (
     Refused,
     TransportClosed,
     Unreachable,
+    closed_during_handshake,
     tls_reason,
 )
 
@@ -95,7 +96,7 @@ async def open_trio_transport(handshake: Handshake) -> AsyncIterator[TrioTranspo
                     )
             if websocket is None:  # the reader returned: the peer closed
                 await trio.aclose_forcefully(stream)
-                raise Unreachable("closed during the handshake")
+                raise Unreachable(closed_during_handshake(handshake))
             try:
                 yield TrioTransport(websocket)
             finally:
