@@ -210,6 +210,18 @@ async def test_a_url_that_is_not_a_broker_is_told_so_in_one_line(nursery: trio.N
     )
 
 
+async def test_pub_api_pointed_at_the_websocket_port_says_it_is_not_the_api(
+    broker_url: str,
+) -> None:
+    api = broker_url.replace("ws://", "http://").rstrip("/")
+    result = await run("pub", "x", "1", "--api", api, "--api-key", "k")
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"broker: unknown: {api}/api/publish is not the broker's server API (HTTP 405: a "
+        "WebSocket upgrade is a GET): is the URL its [api] listener (docs/api.md)?"
+    ]
+
+
 async def test_a_sub_over_the_brokers_max_message_size_ends_instead_of_looping(
     nursery: trio.Nursery,
 ) -> None:

@@ -136,8 +136,16 @@ class _Calls:
         error = value.get("error") if isinstance(value, dict) else None
         if isinstance(error, Mapping):
             code, message = str(error.get("code")), str(error.get("message"))
-        else:
-            code, message = "unknown", f"HTTP {response.status_code}: {response.text[:200]}"
+        else:  # not the broker's API: its WebSocket port (405), a web server...
+            first = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
+            code, message = (
+                "unknown",
+                (
+                    f"{response.request.url} is not the broker's server API (HTTP "
+                    f"{response.status_code}{': ' + first if first else ''}): is the URL its [api] "
+                    "listener (docs/api.md)?"
+                ),
+            )
         exception: BrokerError
         if response.status_code == 401:
             exception = Unauthorized(message)
