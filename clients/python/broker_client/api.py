@@ -137,14 +137,14 @@ class _Calls:
         if isinstance(error, Mapping):
             code, message = str(error.get("code")), str(error.get("message"))
         else:  # not the broker's API: its WebSocket port (405), a web server...
-            first = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
-            code, message = (
-                "unknown",
-                (
-                    f"{response.request.url} is not the broker's server API (HTTP "
-                    f"{response.status_code}{': ' + first if first else ''}): is the URL its [api] "
-                    "listener (docs/api.md)?"
-                ),
+            text = response.text.strip()
+            said = f"HTTP {response.status_code}"
+            if text:
+                said += f": {text.splitlines()[0][:200]}"
+            code = "unknown"
+            message = (
+                f"{response.request.url} is not the broker's server API ({said}): is the URL its "
+                "[api] listener (docs/api.md)?"
             )
         exception: BrokerError
         if response.status_code == 401:
