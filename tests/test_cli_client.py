@@ -117,7 +117,10 @@ async def test_a_refused_connection_is_told_in_the_brokers_words_with_its_exit_s
     assert all(line.startswith(f"broker: connecting to {capped.url} failed: ") for line in retries)
     refused = await run("pub", "a", "1", "--url", guarded.url)
     assert refused.returncode == 4
-    assert refused.stderr.decode().strip().endswith("HTTP 401: a token is required")
+    assert refused.stderr.decode().splitlines() == [  # one line: not the library's too
+        f"broker: unauthorized: cannot connect to {guarded.url}: the broker refused with HTTP 401: "
+        "a token is required"
+    ]
     assert "exit status:" in (await run("sub", "--help")).stdout.decode()
 
 
@@ -161,18 +164,16 @@ async def test_json_data_the_broker_cannot_carry_is_a_usage_error(broker_url: st
             _parse_json(text, "--json")  # NaN went out as null to JSON subscribers
 
 
-async def test_a_ca_file_that_is_missing_or_not_pem_is_a_usage_error(
-    broker_url: str, tmp_path: Path
-) -> None:
-    missing = tmp_path / "missing.pem"
-    result = await run("pub", "x", "1", "--url", broker_url, "--ca-file", str(missing))
+async def test_a_ca_file_that_is_missing_or_not_pem_is_a_usage_error(tmp_path: Path) -> None:
+    missing, url = tmp_path / "missing.pem", "wss://127.0.0.1:1"  # refused before connecting
+    result = await run("pub", "x", "1", "--url", url, "--ca-file", str(missing))
     assert (result.returncode, result.stderr.decode()) == (
-        2, f"broker: --ca-file {missing}: no such file\n",
+        2, f"broker: CA file {missing}: no such file\n",
     )  # fmt: skip
     (not_pem := tmp_path / "not.pem").write_text("hello")
-    result = await run("sub", "x", "--url", broker_url, "--ca-file", str(not_pem))
+    result = await run("sub", "x", "--url", url, "--ca-file", str(not_pem))
     assert result.returncode == 2
-    assert result.stderr.decode().startswith(f"broker: --ca-file {not_pem}: not a readable PEM")
+    assert result.stderr.decode().startswith(f"broker: CA file {not_pem}: not a readable PEM")
 
 
 async def serve_http(nursery: trio.Nursery, body: bytes, content_type: str) -> str:
@@ -228,12 +229,12 @@ async def test_a_sub_over_the_brokers_max_message_size_ends_instead_of_looping(
     broker = await start_broker(nursery, make_config(server={"max_message_size": 2000}))
     result = await run("sub", "a." + "b" * 3000, "--url", broker.url)
     assert result.returncode == 1  # it reconnected and resubscribed 12 times a second, for ever
-    assert result.stderr.decode().splitlines()[-1] == (
+    assert result.stderr.decode().splitlines() == [
         "broker: too_large: the broker closed the connection with close code 1009: Exceeded "
         "maximum message size: 2000 bytes: this client sent a WebSocket message over the "
         "broker's server.max_message_size (a subscription or a frame too big, or "
         "max_message_size set higher than the broker's)"
-    )
+    ]
 
 
 def test_an_unknown_flag_before_the_command_is_a_usage_error(
@@ -256,6 +257,23 @@ def test_a_connect_timeout_that_is_no_duration_is_a_usage_error(
         f"argument --connect-timeout: must be a number of seconds above 0, got '{seconds}'"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "wanted"),
+    [
+        ("--timeout", "0", "a number of seconds above 0"),  # it printed EINPROGRESS
+        ("--limit", "-3", "a whole number, 0 or more"),  # it was taken as 0
+        ("--limit", "ten", "a whole number, 0 or more"),
+    ],
+)
+def test_a_stats_limit_or_timeout_out_of_range_is_a_usage_error(
+    flag: str, value: str, wanted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["stats", flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}: must be {wanted}, got '{value}'" in capsys.readouterr().err
 
 
 def test_a_commands_flags_may_come_between_its_arguments() -> None:

@@ -30,6 +30,7 @@ from broker_client import (
     Unauthorized,
     connect,
 )
+from broker_client.api import AsyncApi
 from tests.anyio_helpers import METRICS, wait_for_subscriptions, wait_until
 from tests.anyio_proxy import start_proxy
 from tests.fake_server import Request, start_fake
@@ -117,6 +118,16 @@ async def test_tls_options_need_a_wss_url_and_only_one_of_them() -> None:
     with pytest.raises(ValueError, match="not both"):
         async with connect("wss://x", ca_file="ca.pem", ssl_context=ssl.create_default_context()):
             pass  # pragma: no cover
+
+
+async def test_a_ca_file_missing_or_not_pem_is_a_value_error_naming_it(tmp_path: Path) -> None:
+    missing, not_pem = tmp_path / "missing.pem", tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    with pytest.raises(ValueError, match=f"^CA file {missing}: no such file$"):
+        async with connect("wss://127.0.0.1:1", ca_file=str(missing)):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match=f"^CA file {not_pem}: not a readable PEM certificate"):
+        AsyncApi("https://127.0.0.1:1", "key", ca_file=str(not_pem))  # it was a bare SSLError
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])  # the CLI's own

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import ssl
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -29,6 +28,7 @@ from typing import Any
 
 import trio
 
+from broker.operations.argtypes import seconds
 from broker_client import (
     CannotConnect,
     Client,
@@ -145,7 +145,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--connect-timeout",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="how long the WebSocket handshake may take, and a busy broker (HTTP 503) is "
@@ -157,17 +157,6 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ca-file", metavar="PEM", help="trust this CA for wss:// (default: the system's CAs)"
     )
-
-
-def _seconds(text: str) -> float:
-    """A ``--connect-timeout``: a finite number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
-    return value
 
 
 def run_client_command(args: argparse.Namespace) -> int:
@@ -219,7 +208,6 @@ async def _publish_through_api(
         raise ValueError("give --url (a WebSocket) or --api (the server API), not both")
     if not (args.api_key or os.environ.get(KEY_VARIABLE)):
         raise ValueError(f"--api needs a key: --api-key KEY, or ${KEY_VARIABLE}")
-    _check_ca_file(args.ca_file)
     async with AsyncApi(
         args.api,
         args.api_key,
@@ -295,30 +283,19 @@ def exit_status(error: ClientError) -> int:
 
 def _log_as_broker_lines() -> None:
     """The client library's warnings (a lost connection, a reconnect) as ``broker: ...`` lines
-    on stderr, like the command's own errors (not Python's bare fallback)."""
+    on stderr, like the command's own errors (not Python's bare fallback). The error that
+    ends the client is left out: the command prints it once, with its exit status."""
     library = logging.getLogger("broker_client")
     if not library.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("broker: %(message)s"))
+        handler.addFilter(lambda record: record.levelno < logging.ERROR or bool(record.exc_info))
         library.addHandler(handler)
         library.setLevel(logging.WARNING)
         library.propagate = False
 
 
-def _check_ca_file(path: str | None) -> None:
-    """Refuse a ``--ca-file`` that cannot be read or holds no PEM certificate (exit 2)."""
-    if path is None:
-        return
-    try:
-        ssl.create_default_context(cafile=path)
-    except FileNotFoundError:
-        raise ValueError(f"--ca-file {path}: no such file") from None
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"--ca-file {path}: not a readable PEM certificate ({exc})") from None
-
-
 def _connect(args: argparse.Namespace) -> AbstractAsyncContextManager[Client]:
-    _check_ca_file(args.ca_file)
     return connect(
         args.url or [DEFAULT_URL],
         token=args.token,

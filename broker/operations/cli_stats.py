@@ -18,6 +18,7 @@ import urllib.request
 from typing import Any
 
 from broker.core.stats import SortKey, format_subscriptions
+from broker.operations.argtypes import count, seconds
 
 DEFAULT_URL = "http://127.0.0.1:8766"
 COLUMNS = ("PEER", "SUBJECT", "QUEUED", "BYTES", "DROPPED", "OLDEST", "SUBSCRIPTIONS")
@@ -36,16 +37,16 @@ def add_stats_command(commands: Any) -> None:
                        help=f"the broker's metrics listener (default {DEFAULT_URL})")  # fmt: skip
     stats.add_argument("--sort", choices=list(SortKey), default="queue",
                        help="rank by queue depth, drops or oldest age (default queue)")  # fmt: skip
-    stats.add_argument("--limit", type=int, default=10, metavar="N",
+    stats.add_argument("--limit", type=count, default=10, metavar="N",
                        help="show the top N connections (default 10)")  # fmt: skip
     stats.add_argument("--json", action="store_true", help="print /connz's JSON as it is")
-    stats.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+    stats.add_argument("--timeout", type=seconds, default=5.0, metavar="SECONDS",
                        help="give up on the broker after this long (default 5)")  # fmt: skip
 
 
 def run_stats(args: argparse.Namespace) -> int:
     """Run ``broker stats``; returns the exit status."""
-    url = f"{args.url.rstrip('/')}/connz?sort={args.sort}&limit={max(args.limit, 0)}"
+    url = f"{args.url.rstrip('/')}/connz?sort={args.sort}&limit={args.limit}"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             body = response.read()

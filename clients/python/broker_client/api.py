@@ -42,9 +42,11 @@ from broker_client.errors import (
     ReplyTimeout,
     Unauthorized,
     error_from_frame,
+    first_line,
 )
 from broker_client.presence import MAX_PAGE, Member, Presence, presence_from_reply
 from broker_client.recovery import Position
+from broker_client.transport import verifying_context
 
 __all__ = ["Api", "AsyncApi", "History", "Info", "KeptMessage", "Node"]
 
@@ -137,10 +139,9 @@ class _Calls:
         if isinstance(error, Mapping):
             code, message = str(error.get("code")), str(error.get("message"))
         else:  # not the broker's API: its WebSocket port (405), a web server...
-            text = response.text.strip()
             said = f"HTTP {response.status_code}"
-            if text:
-                said += f": {text.splitlines()[0][:200]}"
+            if text := first_line(response.text):
+                said += f": {text}"
             code = "unknown"
             message = (
                 f"{response.request.url} is not the broker's server API ({said}): is the URL its "
@@ -167,7 +168,7 @@ def _decode(response: httpx.Response) -> Any:
 
 
 def _verify(ca_file: str | None) -> ssl.SSLContext | bool:
-    return True if ca_file is None else ssl.create_default_context(cafile=ca_file)
+    return True if ca_file is None else verifying_context(ca_file)
 
 
 def _transport_error(error: httpx.TransportError, url: str) -> Exception:

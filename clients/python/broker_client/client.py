@@ -53,6 +53,7 @@ from broker_client.errors import (
     TooLarge,
     Unauthorized,
     error_from_frame,
+    first_line,
 )
 from broker_client.outbox import Item, Outbox, Pending
 from broker_client.presence import (
@@ -74,6 +75,7 @@ from broker_client.transport import (
     TransportClosed,
     Unreachable,
     open_transport,
+    verifying_context,
 )
 
 log = logging.getLogger("broker_client")
@@ -183,7 +185,7 @@ class Client:
         if ssl_context is not None and ca_file is not None:
             raise ValueError("give ssl_context or ca_file, not both")
         if tls and ssl_context is None:
-            ssl_context = ssl.create_default_context(cafile=ca_file)
+            ssl_context = verifying_context(ca_file)
         self._ssl_context = ssl_context
         self.encoding = Encoding(f"pubsub.v1.{encoding}")
         self.reconnect = reconnect
@@ -579,7 +581,7 @@ class Client:
         status = exc.status
         body = exc.body.decode("utf-8", "replace").strip()
         if status not in BROKER_REFUSALS:  # a web server, say, or the metrics listener
-            first = body.splitlines()[0][:200] if body else ""
+            first = first_line(body)
             return CannotConnect(
                 f"cannot connect to {self.url}: it answered HTTP {status} instead of accepting "
                 "a WebSocket: is it the broker's URL (not a web page, the metrics or the API "

@@ -122,6 +122,12 @@ def error_from_frame(code: object, message: object) -> BrokerError:
     return ERRORS_BY_CODE.get(code, BrokerError)(message, code)
 
 
+def first_line(text: str) -> str:
+    """The first line of an answer from something that is not the broker (a web page, a
+    proxy), at most 200 characters: enough to recognise it, not its whole HTML."""
+    return text.strip().partition("\n")[0][:200]
+
+
 class CannotConnect(ClientError):
     """The first connection to the broker failed: unreachable, timed out, TLS, or refused by
     the broker, then with its HTTP ``status``, its ``reason`` (the response's body) and its

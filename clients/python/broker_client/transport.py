@@ -112,6 +112,17 @@ def open_transport(handshake: Handshake) -> AbstractAsyncContextManager[Transpor
     return open_asyncio_transport(handshake)
 
 
+def verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    """A TLS context that verifies servers against the CAs in ``ca_file`` (PEM), or the
+    system's; :class:`ValueError` saying why when ``ca_file`` is missing or holds no CA."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError:
+        raise ValueError(f"CA file {ca_file}: no such file") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"CA file {ca_file}: not a readable PEM certificate ({exc})") from None
+
+
 def closed_during_handshake(handshake: Handshake) -> str:
     """Why there is no connection when the server closed before answering the upgrade: over
     ``ws://``, most often a ``wss://`` broker that took the request for a bad TLS hello."""
