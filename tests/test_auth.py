@@ -166,6 +166,12 @@ async def test_an_invalid_jwt_is_refused_with_401(nursery: trio.Nursery, token: 
     assert (await rejection(broker.url, extra_headers=bearer(token))).status_code == 401
 
 
+async def test_an_expired_jwt_is_told_as_expired(nursery: trio.Nursery) -> None:
+    broker = await start_with_auth(nursery, jwt_auth())
+    refused = await rejection(broker.url, extra_headers=bearer(make_jwt(exp=time.time() - 60)))
+    assert (refused.status_code, refused.body) == (401, b"token expired\n")  # not PyJWT's words
+
+
 async def test_a_jwt_for_some_audience_is_refused_when_the_broker_names_none(
     nursery: trio.Nursery,
 ) -> None:

@@ -117,7 +117,11 @@ async def test_history_needs_the_subscribe_permission(nursery: trio.Nursery) -> 
     )
     async with connect(broker.url, extra_headers=bearer("t-pub")) as client:
         await client.publish("chat.p", 1, id=1)
-        assert (await history(client, "chat.p", 2))["code"] == "forbidden"
+        refused = await history(client, "chat.p", 2)
+        assert (refused["code"], refused["msg"]) == (
+            "forbidden",
+            "not allowed to subscribe to 'chat.p', which reading its history needs",
+        )
 
 
 async def test_history_on_another_node_reads_it_from_redis(

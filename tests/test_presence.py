@@ -250,7 +250,11 @@ async def test_presence_needs_the_subscribe_permission_and_shows_the_token(
         joined = (await ada.expect("join"))["member"]
         assert joined["user"] == "ada" and joined["info"] == {"role": "admin"}  # the token's
     async with connect(broker.url, extra_headers=bearer("t-bob")) as bob:
-        assert (await presence(bob, "room.1", 1))["code"] == "forbidden"
+        refused = await presence(bob, "room.1", 1)
+        assert (refused["code"], refused["msg"]) == (
+            "forbidden",
+            "not allowed to subscribe to 'room.1', which reading its presence needs",
+        )
 
 
 async def test_join_and_leave_cost_nothing_where_nobody_asked(nursery: trio.Nursery) -> None:

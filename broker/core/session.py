@@ -420,8 +420,11 @@ class Session:
         subscribe permission, and a topic that offers what is asked."""
         topic = command.topic
         if not self.identity.permissions.may_subscribe(topic):
+            asked = "presence" if isinstance(command, PresenceQuery) else "history"
             return FrameError(
-                ErrorCode.FORBIDDEN, f"not allowed to subscribe to {topic!r}", command.id
+                ErrorCode.FORBIDDEN,
+                f"not allowed to subscribe to {topic!r}, which reading its {asked} needs",
+                command.id,
             )
         rule = self._delivery.hub.policies.rule_for(topic)
         if isinstance(command, PresenceQuery) and not rule.presence:

@@ -114,6 +114,8 @@ class JwtAuth:
                 issuer=config.issuer or None,
                 options={"require": ["exp"]},
             )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(401, "token expired") from None  # as a close 4003 says it
         except jwt.PyJWTError as exc:
             raise AuthError(401, f"invalid token: {exc}") from None
         except Exception as exc:  # the token is the peer's: whatever PyJWT chokes on is bad
