@@ -22,11 +22,18 @@ async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
 
 
 @pytest.fixture
-def unreachable_url() -> Iterator[str]:
-    """A port bound but not listening: connecting to it is refused at once."""
+def unreachable_port() -> Iterator[int]:
+    """A port on 127.0.0.1 bound but not listening for the whole test: connecting to it is
+    refused at once, and nothing else can take it meanwhile."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        yield f"ws://127.0.0.1:{sock.getsockname()[1]}/"
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def unreachable_url(unreachable_port: int) -> str:
+    """A ``ws://`` URL on :func:`unreachable_port`."""
+    return f"ws://127.0.0.1:{unreachable_port}/"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

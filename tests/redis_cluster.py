@@ -9,7 +9,6 @@ keeps apart from the others with its own ``cluster.prefix``. A test that breaks 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ import pytest
 import trio
 
 from broker.cluster.slots import key_slot
+from tests.redis_server import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -30,29 +30,13 @@ REDIS_CLI = shutil.which("redis-cli")
 NODE_TIMEOUT_MS = 500
 
 
-def free_cluster_port() -> int:
-    """A free port whose cluster bus port (10000 above it) was free too a moment ago."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port > 55535:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-
-
 class RedisCluster:
     """``masters`` masters, each with ``replicas`` replicas, on 127.0.0.1."""
 
     def __init__(self, masters: int = 3, replicas: int = 1) -> None:
         self.ports: list[int] = []
         while len(self.ports) < masters * (1 + replicas):
-            port = free_cluster_port()
+            port = free_port(10000)
             taken = {*self.ports, *(p + 10000 for p in self.ports)}
             if port not in taken and port + 10000 not in taken:
                 self.ports.append(port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -16,12 +17,29 @@ from broker.cluster.resp import ConnectionLost, RedisAddress, RedisConnection
 REDIS_SERVER = shutil.which("redis-server")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+def free_port(*also: int) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, with the ports ``also`` above it.
+
+    It is below the kernel's ephemeral range, which port 0 and every outgoing connection take
+    from, so no test's client socket can take it before the server binds it, nor while it is
+    restarted.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+        ephemeral = int(ranges.read().split()[0])
+    top = ephemeral - max(also, default=0)
+    for _ in range(1000):
+        port = _ports.randrange(10000, top)
+        try:
+            for offset in (0, *also):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
         return port
+    raise AssertionError(f"no free port between 10000 and {top}")
+
+
+_ports = random.Random()
 
 
 class RedisServer:

@@ -15,7 +15,7 @@ from broker.core.outbound import Policy
 from broker.core.rules import TopicRule
 from broker.io.server import Broker
 from tests.helpers import make_config, start_broker, wait_until
-from tests.redis_server import RedisServer, free_port, running_redis
+from tests.redis_server import RedisServer, running_redis
 from tests.test_api import ALICE, BOB, KEY
 from tests.test_cluster import HISTORY, backplane
 from tests.wire import bearer, connect
@@ -128,9 +128,9 @@ async def test_racing_publishes_each_answer_their_own_offset(redis: RedisServer)
         assert {m["data"]: m["offset"] for m in history["messages"]} == answers
 
 
-async def test_with_redis_unreachable_the_api_answers_503() -> None:
+async def test_with_redis_unreachable_the_api_answers_503(unreachable_port: int) -> None:
     async with (
-        api_nodes(f"redis://127.0.0.1:{free_port()}/0", 1) as (node,),
+        api_nodes(f"redis://127.0.0.1:{unreachable_port}/0", 1) as (node,),
         connect(node.url, extra_headers=bearer("alice-token")) as alice,
         api_client(node) as http,
     ):

@@ -385,13 +385,10 @@ async def test_two_brokers_in_one_process_keep_their_own_metrics(
 
 
 async def test_readyz_and_backplane_gauge_report_an_unreachable_redis(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, unreachable_port: int
 ) -> None:
-    with socket.socket() as closed:  # a port nobody listens on
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
     config = with_metrics(make_config()).replace(
-        cluster=ClusterConfig(backend=f"redis://127.0.0.1:{port}/0")
+        cluster=ClusterConfig(backend=f"redis://127.0.0.1:{unreachable_port}/0")
     )
     broker = await start_broker(nursery, config)
     ready = await get(broker, "/readyz")

@@ -155,8 +155,9 @@ async def test_wildcards_below_the_shard_key_cross_nodes_and_others_are_refused(
         }
         await subscriber.publish("end", 0, id=4)  # a local round trip: nothing else came
         assert subscriber._pending == []
-        # news.eu.a.b came on news.eu's wildcard channel but matches no subscription here
-        assert unwanted(a) == 1
+        # news.eu.a.b comes on news.eu's wildcard channel but matches no subscription here
+        # (its shard's connection may bring it after the round trip on the others)
+        await wait_until(lambda: unwanted(a) == 1)
         for pattern in ("news.*", "news.>", "*.eu.x", ">", "news.*.x"):
             await subscriber.send({"op": "sub", "id": 9, "topic": pattern})
             reply = await subscriber.reply(9)
