@@ -125,7 +125,7 @@ def error_from_frame(code: object, message: object) -> BrokerError:
 def first_line(text: str) -> str:
     """The first line of an answer from something that is not the broker (a web page, a
     proxy), at most 200 characters: enough to recognise it, not its whole HTML."""
-    return text.strip().partition("\n")[0][:200]
+    return (text.strip().splitlines() or [""])[0][:200]
 
 
 class CannotConnect(ClientError):
