@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import msgpack
 import trio
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -209,13 +209,6 @@ def start(
         if ready(line):
             return process, lines
     raise SystemExit("the server did not start:\n" + "".join(lines))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def main() -> None:

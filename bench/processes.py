@@ -1,28 +1,44 @@
 """What the benchmark scripts share to run servers as real processes: a free port, waiting
 until one listens, stopping one, the open-files limit, and a process's RSS and CPU from /proc.
 
-Imported by the scripts next to it (``bench/presence.py``, ``bench/refill.py``,
-``bench/connections.py``), which Python runs with ``bench/`` first on ``sys.path``.
+Imported by the scripts next to it (``bench/run``, ``bench/presence.py``, ``bench/refill.py``,
+``bench/connections.py``, ``bench/soak.py``, ``bench/api.py``), which Python runs with
+``bench/`` first on ``sys.path``.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import resource
 import signal
 import socket
 import subprocess
 import time
+from typing import Any
 
 
 def free_port() -> int:
-    """A TCP port nothing on 127.0.0.1 listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port nothing on 127.0.0.1 listens on right now, below the kernel's ephemeral
+    range: no outgoing connection takes it before the server binds it, and probing it before
+    then cannot connect the probe to itself (a TCP self-connect, which looks like a listener)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+        ephemeral = int(ranges.read().split()[0])
+    for _ in range(1000):
+        port = _ports.randrange(10000, ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 10000 and {ephemeral}")
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+_ports = random.Random()
+
+
+def wait_listening(port: int, proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
     """Return once something accepts on ``port``; raise if ``proc`` exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -75,6 +75,7 @@ from typing import Any, Final
 
 import msgpack
 import trio
+from processes import free_port, wait_listening
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -942,13 +943,6 @@ class Client:
 # --- the broker process ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class BrokerProcess:
     """The broker under test, as a subprocess with its log in a file."""
 
@@ -967,18 +961,9 @@ class BrokerProcess:
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
 
-    def wait_listening(self, timeout: float = 15.0) -> None:
+    def wait_listening(self) -> None:
         """Return once the broker accepts TCP connections (raise if it exits or is too slow)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the broker exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nothing listening on port {self.port} after {timeout} s")
+        wait_listening(self.port, self.proc)
 
     def fds(self) -> int:
         """How many file descriptors the broker has open."""

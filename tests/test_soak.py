@@ -55,6 +55,8 @@ def test_a_short_soak_loses_duplicates_and_reorders_nothing() -> None:
 
 def load_soak() -> ModuleType:
     """bench/soak.py as a module (bench/ is not a package)."""
+    if str(SOAK.parent) not in sys.path:  # it imports bench/processes.py, as when run
+        sys.path.append(str(SOAK.parent))
     spec = importlib.util.spec_from_file_location("soak", SOAK)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
