@@ -38,8 +38,8 @@ async def test_peer_that_answers_pings_stays_connected(nursery: trio.Nursery) ->
     raw = await open_raw(broker.port)
     assert isinstance(raw, RawClient)
     pings = 0
-    with trio.fail_after(5):
-        while pings < 5:
+    with trio.fail_after(10):  # the pinger's wheel turns every 0.25 s: about 0.6 s a ping
+        while pings < 3:  # well past ping_timeout, answered each time
             for event in await raw.events():
                 if isinstance(event, Ping):
                     pings += 1
